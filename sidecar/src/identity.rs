@@ -1,0 +1,202 @@
+//! Identifiers: session ids (keyed without their route suffix), node identities
+//! with a generation, and jvmRoutes.
+//!
+//! Invariants: a `SessionId` never contains the `.route` suffix, is non-empty,
+//! at most `SessionId::MAX_LEN` bytes of printable ASCII; a `NodeId` names one
+//! life of one member, so a restarted member (new generation) is a new node.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why an id from the outside was refused. Nothing was changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdError {
+    /// The id is empty once its route suffix is removed.
+    #[error("session id is empty")]
+    Empty,
+    /// The id is longer than the limit.
+    #[error("session id is longer than {max} bytes")]
+    TooLong { max: usize },
+    /// The id contains a byte outside printable ASCII or one of `/ ? # % .` in the key part.
+    #[error("session id contains a character that is not allowed")]
+    BadChar,
+    /// A jvmRoute does not match `^[a-z][a-z0-9]{0,15}$`.
+    #[error("jvmRoute {0:?} must match ^[a-z][a-z0-9]{{0,15}}$")]
+    BadRoute(String),
+}
+
+/// A session key: the part of a session id before the first `.`
+/// (`ABC.node1` and `ABC.node2` are the same session `ABC`).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionId(String);
+
+impl SessionId {
+    pub const MAX_LEN: usize = 256;
+
+    /// Parses an id as an app sends it, stripping a route suffix.
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        let key = raw.split_once('.').map_or(raw, |(k, _)| k);
+        if key.is_empty() {
+            return Err(IdError::Empty);
+        }
+        if key.len() > Self::MAX_LEN {
+            return Err(IdError::TooLong { max: Self::MAX_LEN });
+        }
+        if !key
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && !matches!(b, b'/' | b'?' | b'#' | b'%'))
+        {
+            return Err(IdError::BadChar);
+        }
+        Ok(SessionId(key.to_owned()))
+    }
+
+    /// A fresh random id: 32 hex characters (128 bits) from the OS generator.
+    pub fn random() -> Self {
+        let mut b = [0u8; 16];
+        fill_random(&mut b);
+        SessionId(hex(&b).to_ascii_uppercase())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A short, stable tag for logs: never the id itself.
+    pub fn short(&self) -> String {
+        format!("{:08x}", (fnv1a(self.0.as_bytes()) >> 32) as u32)
+    }
+}
+
+// Debug prints only the short tag, so a stray `{:?}` cannot leak an id into logs.
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId(~{})", self.short())
+    }
+}
+
+/// A jvmRoute: the suffix a load balancer uses for stickiness.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JvmRoute(String);
+
+impl JvmRoute {
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        let b = raw.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 16
+            && b[0].is_ascii_lowercase()
+            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if ok {
+            Ok(JvmRoute(raw.to_owned()))
+        } else {
+            Err(IdError::BadRoute(raw.to_owned()))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JvmRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One life of a member: its name and the generation it started with.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId {
+    pub name: String,
+    pub generation: Generation,
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.name, self.generation.0)
+    }
+}
+
+/// Start time of a member's process in microseconds since the epoch; a restart
+/// gets a larger one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    pub fn now() -> Self {
+        let us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        Generation(us)
+    }
+}
+
+/// 64-bit FNV-1a: a stable hash used for digests and log tags (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+pub fn fill_random(buf: &mut [u8]) {
+    // The OS generator failing is not recoverable in any useful way; fall back to
+    // time-derived bytes rather than panicking in a network path.
+    if getrandom::getrandom(buf).is_err() {
+        let mut x = Generation::now().0 | 1;
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[(b >> 4) as usize] as char);
+        s.push(D[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_suffix_is_stripped() {
+        let a = SessionId::parse("ABC.node1").unwrap();
+        let b = SessionId::parse("ABC.node2").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "ABC");
+        assert_eq!(SessionId::parse(".node1"), Err(IdError::Empty));
+        assert_eq!(SessionId::parse("a/b"), Err(IdError::BadChar));
+        assert_eq!(SessionId::parse("a b"), Err(IdError::BadChar));
+        assert!(SessionId::parse(&"x".repeat(257)).is_err());
+        assert!(SessionId::parse("spring:session:1").is_ok());
+    }
+
+    #[test]
+    fn debug_never_shows_the_id() {
+        let id = SessionId::parse("SECRETSESSION").unwrap();
+        assert!(!format!("{id:?}").contains("SECRET"));
+        assert_eq!(id.short().len(), 8);
+    }
+
+    #[test]
+    fn routes() {
+        assert!(JvmRoute::parse("node1").is_ok());
+        assert!(JvmRoute::parse("a").is_ok());
+        assert!(JvmRoute::parse("Node1").is_err());
+        assert!(JvmRoute::parse("1node").is_err());
+        assert!(JvmRoute::parse("").is_err());
+        assert!(JvmRoute::parse("abcdefghijklmnopq").is_err());
+        assert!(JvmRoute::parse("abcdefghijklmnop").is_ok());
+    }
+}

@@ -1,0 +1,10 @@
+//! sessionmesh sidecar: holds HTTP sessions, replicates them to its peers over
+//! TCP, detects failed peers, transfers state to joining members, and serves the
+//! local app over HTTP/JSON.
+
+pub mod core;
+pub mod detector;
+pub mod hlc;
+pub mod identity;
+pub mod store;
+pub mod wire;

@@ -1,0 +1,715 @@
+//! The session store: sessions keyed by `SessionId`, per-attribute
+//! last-writer-wins by HLC, invalidation tombstones, absolute-time expiry.
+//!
+//! It is a state-based CRDT: `apply` (a delta) and `merge` (a full state) are
+//! commutative, associative and idempotent, so replicas converge whatever the
+//! order in which deltas, transfer chunks and anti-entropy repairs arrive.
+//! Invariants:
+//! - an invalidated id stays a tombstone until garbage-collected; nothing
+//!   written under it afterwards is accepted;
+//! - a delta or state whose absolute expiry has passed never creates a session
+//!   (a late replica cannot resurrect an expired session);
+//! - `payload_bytes` is the sum of id, attribute name and value lengths of live sessions.
+
+use crate::hlc::Hlc;
+use crate::identity::{fnv1a, SessionId};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// Store limits, checked on local writes only (a peer already checked them).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_attr_bytes: usize,
+    pub max_session_bytes: usize,
+    pub max_sessions: usize,
+    pub max_attr_name: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_attr_bytes: 1 << 20, max_session_bytes: 1 << 20, max_sessions: 10_000_000, max_attr_name: 1024 }
+    }
+}
+
+/// Why a local write was refused. In every case the store was not changed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// No live session with that id (never existed, expired, or was invalidated).
+    #[error("session not found")]
+    NotFound,
+    /// The id was invalidated; it can never be used again.
+    #[error("session was invalidated")]
+    Invalidated,
+    /// Create of an id that already exists.
+    #[error("session already exists")]
+    Exists,
+    /// An attribute value is larger than `max_attr_bytes`.
+    #[error("attribute of {size} bytes exceeds the limit of {max} bytes")]
+    AttrTooLarge { size: usize, max: usize },
+    /// The session would be larger than `max_session_bytes`.
+    #[error("session of {size} bytes would exceed the limit of {max} bytes")]
+    SessionTooLarge { size: usize, max: usize },
+    /// The store already holds `max_sessions` sessions.
+    #[error("the store is full ({max} sessions)")]
+    Full { max: usize },
+    /// An attribute name is empty or too long.
+    #[error("attribute name must be 1..={max} bytes")]
+    BadName { max: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    /// `None` marks a removed attribute (kept so an older set cannot revive it).
+    pub value: Option<Bytes>,
+    pub hlc: Hlc,
+    /// Wall-clock ms when a removal was recorded, for garbage collection.
+    pub removed_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub created_ms: u64,
+    pub last_accessed_ms: u64,
+    /// 0 means the session never expires.
+    pub max_inactive_ms: u64,
+    pub meta_hlc: Hlc,
+    pub attrs: BTreeMap<String, Attr>,
+}
+
+impl Session {
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        (self.max_inactive_ms > 0).then(|| self.last_accessed_ms.saturating_add(self.max_inactive_ms))
+    }
+    pub fn payload_bytes(&self) -> usize {
+        self.attrs.iter().map(|(k, a)| k.len() + a.value.as_ref().map_or(0, |v| v.len())).sum()
+    }
+    pub fn live_attrs(&self) -> impl Iterator<Item = (&String, &Bytes)> {
+        self.attrs.iter().filter_map(|(k, a)| a.value.as_ref().map(|v| (k, v)))
+    }
+    fn version(&self) -> Hlc {
+        self.attrs.values().map(|a| a.hlc).max().unwrap_or_default().max(self.meta_hlc)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    Live(Session),
+    Tombstone { hlc: Hlc, at_ms: u64 },
+}
+
+/// A whole entry as it travels in transfer chunks and anti-entropy repairs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    pub id: SessionId,
+    pub entry: Entry,
+}
+
+/// One change to one session. The header makes every delta self-sufficient:
+/// a delta for an unknown session creates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub id: SessionId,
+    pub hlc: Hlc,
+    pub created_ms: u64,
+    pub last_accessed_ms: u64,
+    pub max_inactive_ms: u64,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Create,
+    Set { name: String, value: Bytes },
+    Remove { name: String },
+    /// The header's `last_accessed_ms` is the new access time.
+    Touch,
+    /// The header's `max_inactive_ms` is the new interval (last writer wins).
+    MaxInactive,
+    Invalidate,
+    Rename { to: SessionId },
+}
+
+impl Delta {
+    /// Approximate encoded size, for queue accounting.
+    pub fn size_hint(&self) -> usize {
+        64 + self.id.as_str().len()
+            + self
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Set { name, value } => 8 + name.len() + value.len(),
+                    Op::Remove { name } => 4 + name.len(),
+                    Op::Rename { to } => 4 + to.as_str().len(),
+                    _ => 2,
+                })
+                .sum::<usize>()
+    }
+}
+
+/// What applying a delta did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    /// Ignored: tombstoned id, already expired, or older than what is stored.
+    Ignored,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    entries: BTreeMap<SessionId, Entry>,
+    live: usize,
+    payload: usize,
+    pub limits: Limits,
+}
+
+pub const BUCKETS: usize = 256;
+
+impl Store {
+    pub fn new(limits: Limits) -> Self {
+        Store { limits, ..Default::default() }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live
+    }
+    pub fn tombstone_count(&self) -> usize {
+        self.entries.len() - self.live
+    }
+    pub fn payload_bytes(&self) -> usize {
+        self.payload
+    }
+
+    /// A live, unexpired session. Expiry is judged with `grace_ms` of slack,
+    /// because replicas see coalesced touches late.
+    pub fn get(&self, id: &SessionId, now_ms: u64, grace_ms: u64) -> Result<&Session, StoreError> {
+        match self.entries.get(id) {
+            Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms) => Ok(s),
+            Some(Entry::Tombstone { .. }) => Err(StoreError::Invalidated),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    /// Drops an expired session so its id can be created afresh.
+    pub fn remove_if_expired(&mut self, id: &SessionId, now_ms: u64, grace_ms: u64) {
+        if let Some(Entry::Live(s)) = self.entries.get(id) {
+            if expired(s, now_ms, grace_ms) {
+                if let Some(Entry::Live(s)) = self.entries.remove(id) {
+                    self.remove_live_accounting(id, &s);
+                }
+            }
+        }
+    }
+
+    /// Checks a local delta against the limits and the current state before it
+    /// is stamped and applied. Nothing is changed.
+    pub fn check_local(&self, d: &Delta, now_ms: u64, grace_ms: u64) -> Result<(), StoreError> {
+        let creating = d.ops.iter().any(|o| matches!(o, Op::Create));
+        let current = match self.entries.get(&d.id) {
+            Some(Entry::Tombstone { .. }) => return Err(StoreError::Invalidated),
+            Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms) => {
+                if creating {
+                    return Err(StoreError::Exists);
+                }
+                Some(s)
+            }
+            _ if creating => {
+                if self.live >= self.limits.max_sessions {
+                    return Err(StoreError::Full { max: self.limits.max_sessions });
+                }
+                None
+            }
+            _ => return Err(StoreError::NotFound),
+        };
+        let mut size: i64 = current.map_or(0, |s| s.payload_bytes()) as i64;
+        for op in &d.ops {
+            match op {
+                Op::Set { name, value } => {
+                    if name.is_empty() || name.len() > self.limits.max_attr_name {
+                        return Err(StoreError::BadName { max: self.limits.max_attr_name });
+                    }
+                    if value.len() > self.limits.max_attr_bytes {
+                        return Err(StoreError::AttrTooLarge { size: value.len(), max: self.limits.max_attr_bytes });
+                    }
+                    let old = current.and_then(|s| s.attrs.get(name)).and_then(|a| a.value.as_ref());
+                    size += (name.len() + value.len()) as i64 - old.map_or(0, |v| (name.len() + v.len()) as i64);
+                }
+                Op::Remove { name } => {
+                    let old = current.and_then(|s| s.attrs.get(name)).and_then(|a| a.value.as_ref());
+                    size -= old.map_or(0, |v| (name.len() + v.len()) as i64);
+                }
+                Op::Rename { to } => {
+                    if self.entries.contains_key(to) {
+                        return Err(StoreError::Exists);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if size > self.limits.max_session_bytes as i64 {
+            return Err(StoreError::SessionTooLarge { size: size as usize, max: self.limits.max_session_bytes });
+        }
+        Ok(())
+    }
+
+    /// Applies a delta, local or remote.
+    pub fn apply(&mut self, d: &Delta, now_ms: u64) -> Applied {
+        let mut changed = false;
+        match self.entries.get(&d.id) {
+            Some(Entry::Tombstone { .. }) => return Applied::Ignored,
+            Some(Entry::Live(_)) => {}
+            None => {
+                let fresh = Session {
+                    created_ms: d.created_ms,
+                    last_accessed_ms: d.last_accessed_ms,
+                    max_inactive_ms: d.max_inactive_ms,
+                    meta_hlc: Hlc::default(),
+                    attrs: BTreeMap::new(),
+                };
+                if expired(&fresh, now_ms, 0) {
+                    return Applied::Ignored;
+                }
+                self.insert_live(d.id.clone(), fresh);
+                changed = true;
+            }
+        }
+        let id = d.id.clone();
+        for op in &d.ops {
+            let Some(Entry::Live(s)) = self.entries.get_mut(&id) else { break };
+            let before = s.payload_bytes();
+            match op {
+                Op::Create => {}
+                Op::Set { name, value } => {
+                    let newer = s.attrs.get(name).map_or(true, |a| a.hlc < d.hlc);
+                    if newer {
+                        s.attrs.insert(name.clone(), Attr { value: Some(value.clone()), hlc: d.hlc, removed_at_ms: 0 });
+                        changed = true;
+                    }
+                }
+                Op::Remove { name } => {
+                    let newer = s.attrs.get(name).map_or(true, |a| a.hlc < d.hlc);
+                    if newer {
+                        s.attrs.insert(name.clone(), Attr { value: None, hlc: d.hlc, removed_at_ms: now_ms });
+                        changed = true;
+                    }
+                }
+                Op::Touch => {}
+                Op::MaxInactive => {
+                    if s.meta_hlc < d.hlc {
+                        s.meta_hlc = d.hlc;
+                        s.max_inactive_ms = d.max_inactive_ms;
+                        changed = true;
+                    }
+                }
+                Op::Invalidate => {
+                    self.tombstone(&id, d.hlc, now_ms);
+                    return Applied::Changed;
+                }
+                Op::Rename { to } => {
+                    self.rename(&id, to, d.hlc, now_ms);
+                    return Applied::Changed;
+                }
+            }
+            let after = s.payload_bytes();
+            if d.last_accessed_ms > s.last_accessed_ms {
+                s.last_accessed_ms = d.last_accessed_ms;
+                changed = true;
+            }
+            s.created_ms = s.created_ms.min(d.created_ms);
+            self.payload = self.payload + after - before;
+        }
+        if changed {
+            Applied::Changed
+        } else {
+            Applied::Ignored
+        }
+    }
+
+    fn insert_live(&mut self, id: SessionId, s: Session) {
+        self.payload += id.as_str().len() + s.payload_bytes();
+        self.live += 1;
+        self.entries.insert(id, Entry::Live(s));
+    }
+
+    fn remove_live_accounting(&mut self, id: &SessionId, s: &Session) {
+        self.payload -= id.as_str().len() + s.payload_bytes();
+        self.live -= 1;
+    }
+
+    fn tombstone(&mut self, id: &SessionId, hlc: Hlc, now_ms: u64) {
+        match self.entries.insert(id.clone(), Entry::Tombstone { hlc, at_ms: now_ms }) {
+            Some(Entry::Live(s)) => self.remove_live_accounting(id, &s),
+            Some(Entry::Tombstone { hlc: old, at_ms }) if old > hlc => {
+                self.entries.insert(id.clone(), Entry::Tombstone { hlc: old, at_ms });
+            }
+            _ => {}
+        }
+    }
+
+    fn rename(&mut self, from: &SessionId, to: &SessionId, hlc: Hlc, now_ms: u64) {
+        let moved = match self.entries.get(from) {
+            Some(Entry::Live(s)) => Some(s.clone()),
+            _ => None,
+        };
+        self.tombstone(from, hlc, now_ms);
+        if let Some(s) = moved {
+            self.merge(SessionState { id: to.clone(), entry: Entry::Live(s) }, now_ms);
+        }
+    }
+
+    /// Joins a full state into the store (transfer, anti-entropy).
+    pub fn merge(&mut self, st: SessionState, now_ms: u64) -> Applied {
+        let SessionState { id, entry } = st;
+        match (self.entries.get_mut(&id), entry) {
+            (Some(Entry::Tombstone { hlc, .. }), Entry::Tombstone { hlc: other, .. }) => {
+                if other > *hlc {
+                    *hlc = other;
+                    return Applied::Changed;
+                }
+                Applied::Ignored
+            }
+            (Some(Entry::Tombstone { .. }), Entry::Live(_)) => Applied::Ignored,
+            (_, Entry::Tombstone { hlc, .. }) => {
+                self.tombstone(&id, hlc, now_ms);
+                Applied::Changed
+            }
+            (None, Entry::Live(s)) => {
+                if expired(&s, now_ms, 0) {
+                    return Applied::Ignored;
+                }
+                self.insert_live(id, s);
+                Applied::Changed
+            }
+            (Some(Entry::Live(mine)), Entry::Live(theirs)) => {
+                let before = mine.payload_bytes();
+                let mut changed = false;
+                for (name, a) in theirs.attrs {
+                    match mine.attrs.get(&name) {
+                        Some(cur) if cur.hlc >= a.hlc => {}
+                        _ => {
+                            mine.attrs.insert(name, a);
+                            changed = true;
+                        }
+                    }
+                }
+                if theirs.meta_hlc > mine.meta_hlc {
+                    mine.meta_hlc = theirs.meta_hlc;
+                    mine.max_inactive_ms = theirs.max_inactive_ms;
+                    changed = true;
+                }
+                if theirs.last_accessed_ms > mine.last_accessed_ms {
+                    mine.last_accessed_ms = theirs.last_accessed_ms;
+                    changed = true;
+                }
+                mine.created_ms = mine.created_ms.min(theirs.created_ms);
+                let after = mine.payload_bytes();
+                self.payload = self.payload + after - before;
+                if changed {
+                    Applied::Changed
+                } else {
+                    Applied::Ignored
+                }
+            }
+        }
+    }
+
+    /// Removes expired sessions, and tombstones and removed-attribute markers
+    /// older than `tombstone_ttl_ms`. Returns how many sessions expired.
+    pub fn sweep(&mut self, now_ms: u64, grace_ms: u64, tombstone_ttl_ms: u64) -> usize {
+        let mut expired_ids = Vec::new();
+        let mut dead_tombs = Vec::new();
+        for (id, e) in self.entries.iter_mut() {
+            match e {
+                Entry::Live(s) => {
+                    if expired(s, now_ms, grace_ms) {
+                        expired_ids.push(id.clone());
+                    } else {
+                        s.attrs.retain(|_, a| a.value.is_some() || a.removed_at_ms.saturating_add(tombstone_ttl_ms) > now_ms);
+                    }
+                }
+                Entry::Tombstone { at_ms, .. } => {
+                    if at_ms.saturating_add(tombstone_ttl_ms) <= now_ms {
+                        dead_tombs.push(id.clone());
+                    }
+                }
+            }
+        }
+        for id in &expired_ids {
+            if let Some(Entry::Live(s)) = self.entries.remove(id) {
+                self.remove_live_accounting(id, &s);
+            }
+        }
+        for id in dead_tombs {
+            self.entries.remove(&id);
+        }
+        expired_ids.len()
+    }
+
+    /// Live session ids after `cursor`, in order.
+    pub fn list(&self, cursor: Option<&SessionId>, limit: usize, now_ms: u64, grace_ms: u64) -> Vec<SessionId> {
+        self.range_after(cursor)
+            .filter(|(_, e)| matches!(e, Entry::Live(s) if !expired(s, now_ms, grace_ms)))
+            .take(limit)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn range_after(&self, cursor: Option<&SessionId>) -> std::collections::btree_map::Range<'_, SessionId, Entry> {
+        match cursor {
+            Some(c) => self.entries.range((Bound::Excluded(c.clone()), Bound::Unbounded)),
+            None => self.entries.range::<SessionId, _>(..),
+        }
+    }
+
+    /// Up to `max_bytes` of entries after `cursor`, and the cursor to continue
+    /// from (`None` when this chunk reaches the end).
+    pub fn chunk_after(&self, cursor: Option<&SessionId>, max_bytes: usize) -> (Vec<SessionState>, Option<SessionId>) {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut iter = self.range_after(cursor).peekable();
+        while let Some((id, e)) = iter.next() {
+            bytes += 64
+                + id.as_str().len()
+                + match e {
+                    Entry::Live(s) => s.payload_bytes() + s.attrs.len() * 24,
+                    Entry::Tombstone { .. } => 0,
+                };
+            out.push(SessionState { id: id.clone(), entry: e.clone() });
+            if bytes >= max_bytes {
+                return (out, iter.peek().map(|_| id.clone()));
+            }
+        }
+        (out, None)
+    }
+
+    pub fn state(&self, id: &SessionId) -> Option<SessionState> {
+        self.entries.get(id).map(|e| SessionState { id: id.clone(), entry: e.clone() })
+    }
+
+    /// Digest of every bucket: a wrapping sum of entry hashes (order-free).
+    pub fn bucket_digest(&self) -> Vec<u64> {
+        let mut b = vec![0u64; BUCKETS];
+        for (id, e) in &self.entries {
+            b[bucket_of(id)] = b[bucket_of(id)].wrapping_add(entry_hash(id, e));
+        }
+        b
+    }
+
+    /// (id, hash) of every entry in the given buckets.
+    pub fn bucket_entries(&self, buckets: &[u16], max: usize) -> Vec<(SessionId, u64)> {
+        let mut want = [false; BUCKETS];
+        for b in buckets {
+            if let Some(w) = want.get_mut(*b as usize) {
+                *w = true;
+            }
+        }
+        self.entries
+            .iter()
+            .filter(|(id, _)| want[bucket_of(id)])
+            .take(max)
+            .map(|(id, e)| (id.clone(), entry_hash(id, e)))
+            .collect()
+    }
+
+    pub fn entry_hash_of(&self, id: &SessionId) -> Option<u64> {
+        self.entries.get(id).map(|e| entry_hash(id, e))
+    }
+
+    /// Hash of the whole store's replicated content (tests use it to check convergence).
+    pub fn fingerprint(&self) -> u64 {
+        self.entries.iter().fold(0u64, |acc, (id, e)| acc.wrapping_add(entry_hash(id, e)))
+    }
+
+    pub fn version_of(&self, id: &SessionId) -> Option<Hlc> {
+        match self.entries.get(id) {
+            Some(Entry::Live(s)) => Some(s.version()),
+            Some(Entry::Tombstone { hlc, .. }) => Some(*hlc),
+            None => None,
+        }
+    }
+}
+
+pub fn expired(s: &Session, now_ms: u64, grace_ms: u64) -> bool {
+    s.expires_at_ms().is_some_and(|t| t.saturating_add(grace_ms) <= now_ms)
+}
+
+pub fn bucket_of(id: &SessionId) -> usize {
+    (fnv1a(id.as_str().as_bytes()) % BUCKETS as u64) as usize
+}
+
+/// Stable hash of an entry's replicated content. Access time is left out: touches
+/// are coalesced and may legitimately differ for a moment.
+fn entry_hash(id: &SessionId, e: &Entry) -> u64 {
+    let mut buf = Vec::with_capacity(64);
+    buf.extend_from_slice(id.as_str().as_bytes());
+    match e {
+        Entry::Tombstone { hlc, .. } => {
+            buf.push(0xff);
+            push_hlc(&mut buf, hlc);
+        }
+        Entry::Live(s) => {
+            buf.push(1);
+            buf.extend_from_slice(&s.max_inactive_ms.to_le_bytes());
+            push_hlc(&mut buf, &s.meta_hlc);
+            for (k, a) in &s.attrs {
+                buf.extend_from_slice(k.as_bytes());
+                buf.push(a.value.is_some() as u8);
+                push_hlc(&mut buf, &a.hlc);
+            }
+        }
+    }
+    fnv1a(&buf)
+}
+
+fn push_hlc(buf: &mut Vec<u8>, h: &Hlc) {
+    buf.extend_from_slice(&h.wall_ms.to_le_bytes());
+    buf.extend_from_slice(&h.logical.to_le_bytes());
+    buf.extend_from_slice(&h.node.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+    fn h(w: u64, n: u32) -> Hlc {
+        Hlc { wall_ms: w, logical: 0, node: n }
+    }
+    fn delta(i: &str, hlc: Hlc, ops: Vec<Op>) -> Delta {
+        Delta { id: id(i), hlc, created_ms: 1000, last_accessed_ms: hlc.wall_ms, max_inactive_ms: 60_000, ops }
+    }
+    fn set(n: &str, v: &str) -> Op {
+        Op::Set { name: n.into(), value: Bytes::from(v.to_owned()) }
+    }
+    fn val(st: &Store, i: &str, n: &str) -> Option<Bytes> {
+        st.get(&id(i), 2000, 0).ok().and_then(|s| s.attrs.get(n)).and_then(|a| a.value.clone())
+    }
+
+    #[test]
+    fn delta_for_unknown_session_creates_it() {
+        let mut st = Store::default();
+        assert_eq!(st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500), Applied::Changed);
+        assert_eq!(val(&st, "A", "x").as_deref(), Some(&b"1"[..]));
+        assert_eq!(st.live_count(), 1);
+    }
+
+    #[test]
+    fn last_writer_wins_per_attribute_in_any_order() {
+        let d1 = delta("A", h(1500, 1), vec![set("x", "old"), set("y", "y1")]);
+        let d2 = delta("A", h(1600, 2), vec![set("x", "new")]);
+        for order in [[&d1, &d2], [&d2, &d1]] {
+            let mut st = Store::default();
+            for d in order {
+                st.apply(d, 1700);
+            }
+            assert_eq!(val(&st, "A", "x").as_deref(), Some(&b"new"[..]));
+            assert_eq!(val(&st, "A", "y").as_deref(), Some(&b"y1"[..]));
+        }
+    }
+
+    #[test]
+    fn removal_is_not_undone_by_an_older_set() {
+        let mut st = Store::default();
+        st.apply(&delta("A", h(1600, 1), vec![Op::Remove { name: "x".into() }]), 1600);
+        st.apply(&delta("A", h(1500, 2), vec![set("x", "stale")]), 1600);
+        assert_eq!(val(&st, "A", "x"), None);
+    }
+
+    #[test]
+    fn invalidation_is_final_and_gc_removes_it() {
+        let mut st = Store::default();
+        st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500);
+        st.apply(&delta("A", h(1600, 1), vec![Op::Invalidate]), 1600);
+        assert_eq!(st.get(&id("A"), 1600, 0).unwrap_err(), StoreError::Invalidated);
+        assert_eq!(st.apply(&delta("A", h(1700, 2), vec![set("x", "2")]), 1700), Applied::Ignored);
+        assert_eq!(st.live_count(), 0);
+        assert_eq!(st.payload_bytes(), 0);
+        st.sweep(1600 + 10_000, 0, 10_000);
+        assert_eq!(st.tombstone_count(), 0);
+    }
+
+    #[test]
+    fn expired_state_is_never_resurrected() {
+        let mut st = Store::default();
+        let d = delta("A", h(1500, 1), vec![set("x", "1")]);
+        assert_eq!(st.apply(&d, 1500 + 60_000), Applied::Ignored);
+        assert_eq!(st.live_count(), 0);
+        st.apply(&d, 1500);
+        assert_eq!(st.sweep(1500 + 60_000, 0, 1), 1);
+        let state = SessionState {
+            id: id("A"),
+            entry: Entry::Live(Session {
+                created_ms: 1000,
+                last_accessed_ms: 1500,
+                max_inactive_ms: 60_000,
+                meta_hlc: Hlc::default(),
+                attrs: BTreeMap::new(),
+            }),
+        };
+        assert_eq!(st.merge(state, 1500 + 60_000), Applied::Ignored);
+    }
+
+    #[test]
+    fn rename_moves_attributes_and_tombstones_old_id() {
+        let mut st = Store::default();
+        st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500);
+        st.apply(&delta("A", h(1600, 1), vec![Op::Rename { to: id("B") }]), 1600);
+        assert_eq!(val(&st, "B", "x").as_deref(), Some(&b"1"[..]));
+        assert_eq!(st.get(&id("A"), 1600, 0).unwrap_err(), StoreError::Invalidated);
+        assert_eq!(st.live_count(), 1);
+    }
+
+    #[test]
+    fn limits_are_checked_before_anything_changes() {
+        let mut st = Store::new(Limits { max_attr_bytes: 4, max_session_bytes: 10, max_sessions: 1, max_attr_name: 8 });
+        let big = delta("A", h(1500, 1), vec![Op::Create, set("x", "12345")]);
+        assert!(matches!(st.check_local(&big, 1500, 0), Err(StoreError::AttrTooLarge { size: 5, max: 4 })));
+        let ok = delta("A", h(1500, 1), vec![Op::Create, set("x", "1234")]);
+        st.check_local(&ok, 1500, 0).unwrap();
+        st.apply(&ok, 1500);
+        let grow = delta("A", h(1600, 1), vec![set("y", "1234"), set("z", "1234")]);
+        assert!(matches!(st.check_local(&grow, 1600, 0), Err(StoreError::SessionTooLarge { .. })));
+        let other = delta("B", h(1600, 1), vec![Op::Create]);
+        assert_eq!(st.check_local(&other, 1600, 0), Err(StoreError::Full { max: 1 }));
+        assert_eq!(st.check_local(&delta("C", h(1, 1), vec![set("a", "b")]), 1600, 0), Err(StoreError::NotFound));
+    }
+
+    #[test]
+    fn chunks_cover_everything_once() {
+        let mut st = Store::default();
+        for i in 0..100 {
+            st.apply(&delta(&format!("S{i:03}"), h(1500, 1), vec![set("x", "0123456789")]), 1500);
+        }
+        let mut cursor = None;
+        let mut seen = 0;
+        loop {
+            let (chunk, next) = st.chunk_after(cursor.as_ref(), 300);
+            seen += chunk.len();
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, 100);
+    }
+
+    #[test]
+    fn digests_agree_after_merge() {
+        let mut a = Store::default();
+        let mut b = Store::default();
+        a.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500);
+        b.apply(&delta("B", h(1500, 2), vec![set("y", "1")]), 1500);
+        assert_ne!(a.bucket_digest(), b.bucket_digest());
+        for st in [a.state(&id("A")).unwrap()] {
+            b.merge(st, 1500);
+        }
+        for st in [b.state(&id("B")).unwrap()] {
+            a.merge(st, 1500);
+        }
+        assert_eq!(a.bucket_digest(), b.bucket_digest());
+        assert_eq!(a.fingerprint(), b.fingerprint());
+    }
+}

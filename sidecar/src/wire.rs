@@ -1,0 +1,264 @@
+//! Wire format between sidecars: length-delimited frames
+//! `magic "SMSH" | version u8 | type u8 | length u32 BE | payload`, payload
+//! encoded with postcard.
+//!
+//! Invariants: a length is checked against the caller's maximum before any
+//! allocation; a partial frame is `Ok(None)`; nothing decoded here can panic.
+
+use crate::hlc::Hlc;
+use crate::identity::{NodeId, SessionId};
+use crate::store::{Delta, SessionState};
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 4] = b"SMSH";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 10;
+/// Frames before authentication are small; this bounds what an unauthenticated
+/// peer can make us allocate.
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Handshake = 1,
+    Peer = 2,
+}
+
+/// Why a byte stream could not be decoded. The connection must be closed; no
+/// state was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("bad magic {0:02x?}: not a sessionmesh peer")]
+    BadMagic([u8; 4]),
+    #[error("unsupported protocol version {0} (this member speaks {VERSION})")]
+    Version(u8),
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("unexpected frame type {got:?}, expected {want:?}")]
+    UnexpectedType { got: FrameType, want: FrameType },
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed payload: {0}")]
+    Payload(#[from] postcard::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Handshake {
+    /// Dialer -> listener.
+    Hello { cluster: String, from: NodeId, to: String, nonce: [u8; 32], probe: bool },
+    /// Listener -> dialer: its identity and its nonce. No proof yet, so a peer
+    /// without the secret learns nothing it can attack offline.
+    Challenge { from: NodeId, nonce: [u8; 32] },
+    /// Dialer proves it holds the secret.
+    Auth { proof: [u8; 32] },
+    /// Listener accepts and proves it holds the secret too.
+    Welcome { proof: [u8; 32], ready: bool },
+    Reject { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    Heartbeat { ready: bool },
+    /// Deltas numbered `first_seq..` in the sender's stream to this receiver.
+    Deltas { first_seq: u64, deltas: Vec<Delta> },
+    /// Cumulative: every delta up to `upto` is applied.
+    Ack { upto: u64 },
+    /// Asks the receiver to probe `target` on the sender's behalf.
+    PingReq { target: String },
+    PingResp { target: String, alive: bool },
+    TransferPull { transfer: u64, cursor: Option<SessionId>, max_bytes: u32 },
+    /// `next == None` ends the transfer.
+    TransferChunk { transfer: u64, states: Vec<SessionState>, next: Option<SessionId>, total: u64 },
+    AeDigest { round: u64, buckets: Vec<u64> },
+    AeDetail { round: u64, buckets: Vec<u16>, entries: Vec<(SessionId, u64)> },
+    AePull { ids: Vec<SessionId> },
+    AeStates { states: Vec<SessionState> },
+    /// The sender is leaving on purpose; mark it `left` at once.
+    Leave,
+    /// The sender's clock, so receivers keep their HLC ahead of it.
+    Clock { hlc: Hlc },
+}
+
+impl PeerMsg {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerMsg::Heartbeat { .. } => "heartbeat",
+            PeerMsg::Deltas { .. } => "deltas",
+            PeerMsg::Ack { .. } => "ack",
+            PeerMsg::PingReq { .. } => "ping_req",
+            PeerMsg::PingResp { .. } => "ping_resp",
+            PeerMsg::TransferPull { .. } => "transfer_pull",
+            PeerMsg::TransferChunk { .. } => "transfer_chunk",
+            PeerMsg::AeDigest { .. } => "ae_digest",
+            PeerMsg::AeDetail { .. } => "ae_detail",
+            PeerMsg::AePull { .. } => "ae_pull",
+            PeerMsg::AeStates { .. } => "ae_states",
+            PeerMsg::Leave => "leave",
+            PeerMsg::Clock { .. } => "clock",
+        }
+    }
+}
+
+/// Appends one frame to `out`.
+pub fn encode<T: Serialize>(ty: FrameType, msg: &T, out: &mut BytesMut) -> Result<(), WireError> {
+    let start = out.len();
+    out.put_slice(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(ty as u8);
+    out.put_u32(0);
+    let payload = postcard::to_extend(msg, std::mem::take(out))?;
+    *out = payload;
+    let len = out.len() - start - HEADER_LEN;
+    out[start + 6..start + 10].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+pub fn encode_vec<T: Serialize>(ty: FrameType, msg: &T) -> Result<BytesMut, WireError> {
+    let mut b = BytesMut::new();
+    encode(ty, msg, &mut b)?;
+    Ok(b)
+}
+
+/// Splits one whole frame off `buf`: `Ok(None)` until it is all there.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(FrameType, BytesMut)>, WireError> {
+    if buf.len() < HEADER_LEN {
+        // Reject garbage as soon as the magic is visibly wrong.
+        let n = buf.len().min(4);
+        if buf[..n] != MAGIC[..n] {
+            let mut m = [0u8; 4];
+            m[..n].copy_from_slice(&buf[..n]);
+            return Err(WireError::BadMagic(m));
+        }
+        return Ok(None);
+    }
+    let mut m = [0u8; 4];
+    m.copy_from_slice(&buf[..4]);
+    if &m != MAGIC {
+        return Err(WireError::BadMagic(m));
+    }
+    if buf[4] != VERSION {
+        return Err(WireError::Version(buf[4]));
+    }
+    let ty = match buf[5] {
+        1 => FrameType::Handshake,
+        2 => FrameType::Peer,
+        t => return Err(WireError::UnknownType(t)),
+    };
+    let len = u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]) as usize;
+    if len > max {
+        return Err(WireError::TooLarge { len, max });
+    }
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    Ok(Some((ty, buf.split_to(len))))
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(want: FrameType, ty: FrameType, payload: &[u8]) -> Result<T, WireError> {
+    if ty != want {
+        return Err(WireError::UnexpectedType { got: ty, want });
+    }
+    Ok(postcard::from_bytes(payload)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Op;
+    use proptest::prelude::*;
+
+    fn roundtrip(msg: &PeerMsg) -> PeerMsg {
+        let mut b = encode_vec(FrameType::Peer, msg).unwrap();
+        let (ty, payload) = split_frame(&mut b, 1 << 20).unwrap().unwrap();
+        assert!(b.is_empty());
+        decode(FrameType::Peer, ty, &payload).unwrap()
+    }
+
+    #[test]
+    fn partial_frames_wait_and_garbage_is_refused() {
+        let whole = encode_vec(FrameType::Peer, &PeerMsg::Leave).unwrap();
+        for cut in 0..whole.len() {
+            let mut b = BytesMut::from(&whole[..cut]);
+            assert!(split_frame(&mut b, 1024).unwrap().is_none(), "cut at {cut}");
+        }
+        let mut g = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert!(matches!(split_frame(&mut g, 1024), Err(WireError::BadMagic(_))));
+        let mut g = BytesMut::from(&b"SM"[..]);
+        assert!(split_frame(&mut g, 1024).unwrap().is_none());
+        let mut g = BytesMut::from(&b"SX"[..]);
+        assert!(split_frame(&mut g, 1024).is_err());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocation() {
+        let mut b = BytesMut::new();
+        b.put_slice(MAGIC);
+        b.put_u8(VERSION);
+        b.put_u8(2);
+        b.put_u32(u32::MAX);
+        let cap = b.capacity();
+        assert!(matches!(split_frame(&mut b, 1 << 20), Err(WireError::TooLarge { .. })));
+        assert_eq!(b.capacity(), cap);
+    }
+
+    #[test]
+    fn wrong_version_and_type() {
+        let mut b = encode_vec(FrameType::Peer, &PeerMsg::Leave).unwrap();
+        b[4] = 9;
+        assert!(matches!(split_frame(&mut b, 1024), Err(WireError::Version(9))));
+        let mut b = encode_vec(FrameType::Peer, &PeerMsg::Leave).unwrap();
+        let (ty, p) = split_frame(&mut b, 1024).unwrap().unwrap();
+        assert!(decode::<Handshake>(FrameType::Handshake, ty, &p).is_err());
+    }
+
+    fn arb_delta() -> impl Strategy<Value = Delta> {
+        (
+            "[A-Za-z0-9]{1,40}",
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(("[a-z]{1,10}", prop::collection::vec(any::<u8>(), 0..64)), 0..5),
+        )
+            .prop_map(|(id, w, n, attrs)| Delta {
+                id: SessionId::parse(&id).unwrap(),
+                hlc: Hlc { wall_ms: w, logical: n, node: n ^ 7 },
+                created_ms: w / 2,
+                last_accessed_ms: w,
+                max_inactive_ms: 1800_000,
+                ops: attrs
+                    .into_iter()
+                    .map(|(name, v)| Op::Set { name, value: v.into() })
+                    .chain([Op::Touch, Op::Remove { name: "r".into() }])
+                    .collect(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn deltas_roundtrip(first_seq in any::<u64>(), deltas in prop::collection::vec(arb_delta(), 0..8)) {
+            let msg = PeerMsg::Deltas { first_seq, deltas };
+            prop_assert_eq!(roundtrip(&msg), msg);
+        }
+
+        #[test]
+        fn decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let mut b = BytesMut::from(&bytes[..]);
+            if let Ok(Some((ty, p))) = split_frame(&mut b, 1024) {
+                let _ = decode::<PeerMsg>(FrameType::Peer, ty, &p);
+                let _ = decode::<Handshake>(FrameType::Handshake, ty, &p);
+            }
+        }
+
+        #[test]
+        fn payload_corruption_is_an_error_not_a_panic(seq in any::<u64>(), flip in 0usize..64, byte in any::<u8>()) {
+            let mut b = encode_vec(FrameType::Peer, &PeerMsg::Ack { upto: seq }).unwrap();
+            let i = HEADER_LEN + flip % (b.len() - HEADER_LEN);
+            b[i] = byte;
+            if let Ok(Some((ty, p))) = split_frame(&mut b, 1024) {
+                let _ = decode::<PeerMsg>(FrameType::Peer, ty, &p);
+            }
+        }
+    }
+}
