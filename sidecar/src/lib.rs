@@ -6,5 +6,6 @@ pub mod core;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
+pub mod sim;
 pub mod store;
 pub mod wire;
