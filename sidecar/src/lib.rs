@@ -6,6 +6,8 @@ pub mod core;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
+pub mod membership;
 pub mod sim;
 pub mod store;
+pub mod transport;
 pub mod wire;

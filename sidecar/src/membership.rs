@@ -1,0 +1,137 @@
+//! Static membership: the YAML member file and its validation.
+//!
+//! ```yaml
+//! cluster: shop
+//! members:
+//!   - name: node1
+//!     address: 127.0.0.1:4001
+//!     jvmRoute: node1
+//! ```
+//! Invariants of a valid file: names, addresses and jvmRoutes are unique;
+//! jvmRoutes match `^[a-z][a-z0-9]{0,15}$`. Errors name the offending field
+//! (`members[2].address: ...`), and a bad file never replaces a good one.
+
+use crate::identity::JvmRoute;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MemberFile {
+    pub cluster: String,
+    pub members: Vec<MemberSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MemberSpec {
+    pub name: String,
+    /// Replication address:port (the Receiver of Tomcat's server.xml).
+    pub address: SocketAddr,
+    pub jvm_route: String,
+}
+
+/// A member file that could not be used. Nothing was changed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{file}: {field}: {message}")]
+pub struct MemberFileError {
+    pub file: String,
+    /// The offending field, as a path (`members[1].address`), or `.` for the file.
+    pub field: String,
+    pub message: String,
+}
+
+impl MemberFile {
+    pub fn parse(text: &str, file: &str) -> Result<Self, MemberFileError> {
+        let err = |field: String, message: String| MemberFileError { file: file.to_owned(), field, message };
+        let de = serde_yaml::Deserializer::from_str(text);
+        let mf: MemberFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let mut message = e.into_inner().to_string();
+            // serde_yaml prefixes the path itself; keep the message short.
+            if let Some(rest) = message.strip_prefix(&format!("{field}: ")) {
+                message = rest.to_owned();
+            }
+            err(if field.is_empty() { ".".into() } else { field }, message)
+        })?;
+        if mf.cluster.is_empty() {
+            return Err(err("cluster".into(), "must not be empty".into()));
+        }
+        if mf.members.is_empty() {
+            return Err(err("members".into(), "must list at least one member".into()));
+        }
+        let (mut names, mut addrs, mut routes) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for (i, m) in mf.members.iter().enumerate() {
+            if m.name.is_empty() || m.name.len() > 253 || m.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(format!("members[{i}].name"), format!("{:?} is not a valid member name", m.name)));
+            }
+            if let Err(e) = JvmRoute::parse(&m.jvm_route) {
+                return Err(err(format!("members[{i}].jvmRoute"), e.to_string()));
+            }
+            if m.address.port() == 0 {
+                return Err(err(format!("members[{i}].address"), "port 0 is not a receiver port".into()));
+            }
+            if !names.insert(&m.name) {
+                return Err(err(format!("members[{i}].name"), format!("duplicate member name {:?}", m.name)));
+            }
+            if !addrs.insert(m.address) {
+                return Err(err(
+                    format!("members[{i}].address"),
+                    format!("{} is already used by another member: every member needs its own receiver port", m.address),
+                ));
+            }
+            if !routes.insert(&m.jvm_route) {
+                return Err(err(format!("members[{i}].jvmRoute"), format!("duplicate jvmRoute {:?}", m.jvm_route)));
+            }
+        }
+        Ok(mf)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, MemberFileError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| MemberFileError { file: file.clone(), field: ".".into(), message: e.to_string() })?;
+        Self::parse(&text, &file)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&MemberSpec> {
+        self.members.iter().find(|m| m.name == name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "cluster: shop\nmembers:\n  - name: node1\n    address: 127.0.0.1:4001\n    jvmRoute: node1\n  - name: node2\n    address: 127.0.0.1:4002\n    jvmRoute: node2\n";
+
+    #[test]
+    fn parses_a_good_file() {
+        let mf = MemberFile::parse(GOOD, "m.yaml").unwrap();
+        assert_eq!(mf.members.len(), 2);
+        assert_eq!(mf.get("node2").unwrap().address.port(), 4002);
+    }
+
+    fn field_of(text: &str) -> String {
+        MemberFile::parse(text, "m.yaml").unwrap_err().field
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of(&GOOD.replace("127.0.0.1:4002", "localhost-4002")), "members[1].address");
+        assert_eq!(field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: Node-2")), "members[1].jvmRoute");
+        assert_eq!(field_of(&GOOD.replace("4002", "4001")), "members[1].address");
+        assert_eq!(field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: node1")), "members[1].jvmRoute");
+        assert_eq!(field_of(&GOOD.replace("name: node2", "name: node1")), "members[1].name");
+        assert_eq!(field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: node2\n    colour: red")), "members[1].colour");
+        assert_eq!(field_of("cluster: x\nmembers: []\n"), "members");
+        let e = MemberFile::parse(&GOOD.replace("4002", "4001"), "m.yaml").unwrap_err();
+        assert!(e.to_string().contains("receiver port"), "{e}");
+    }
+}

@@ -1,0 +1,283 @@
+//! TCP transport between sidecars: the authenticated handshake, frame I/O, and
+//! the direct liveness probe.
+//!
+//! Handshake (both sides prove they hold the cluster secret, HMAC-SHA256 over
+//! both nonces and both identities; the listener proves itself only after the
+//! dialer did, so a peer without the secret learns nothing):
+//! `Hello -> Challenge -> Auth -> Welcome | Reject`. Until it completes, frames
+//! are limited to `MAX_HANDSHAKE_FRAME` bytes and the peer gets no data.
+
+use crate::identity::{fill_random, NodeId};
+use crate::wire::{self, FrameType, Handshake, PeerMsg, WireError, MAX_HANDSHAKE_FRAME};
+use bytes::BytesMut;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Why a connection failed. Connection-scoped: the connection is closed and
+/// no member state was changed by the transport itself.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("timed out")]
+    Timeout,
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("peer refused us: {0}")]
+    Rejected(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// Counters shared by every connection, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub frame_errors: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Security {
+    pub cluster: String,
+    pub me: NodeId,
+    pub secret: Arc<Vec<u8>>,
+    pub max_frame: usize,
+    pub handshake_timeout: Duration,
+    pub stats: Arc<IoStats>,
+}
+
+/// Reads one frame, `Ok(None)` on a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    stats: &IoStats,
+) -> Result<Option<(FrameType, BytesMut)>, TransportError> {
+    loop {
+        if let Some(f) = wire::split_frame(buf, max)? {
+            return Ok(Some(f));
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        let n = r.read_buf(buf).await?;
+        if n == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(TransportError::Closed) };
+        }
+        stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+async fn send_hs<W: AsyncWrite + Unpin>(w: &mut W, m: &Handshake, stats: &IoStats) -> Result<(), TransportError> {
+    let b = wire::encode_vec(FrameType::Handshake, m)?;
+    w.write_all(&b).await?;
+    stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, stats: &IoStats) -> Result<Handshake, TransportError> {
+    match read_frame(r, buf, MAX_HANDSHAKE_FRAME, stats).await? {
+        Some((ty, p)) => Ok(wire::decode(FrameType::Handshake, ty, &p)?),
+        None => Err(TransportError::Closed),
+    }
+}
+
+fn proof(secret: &[u8], label: &str, cluster: &str, nc: &[u8; 32], ns: &[u8; 32], client: &NodeId, server: &NodeId) -> Hmac<Sha256> {
+    // A key of any length is accepted by HMAC.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| {
+        <Hmac<Sha256> as Mac>::new_from_slice(&[0u8; 32]).unwrap_or_else(|_| unreachable_hmac())
+    });
+    for part in [label.as_bytes(), cluster.as_bytes(), &nc[..], &ns[..], client.to_string().as_bytes(), server.to_string().as_bytes()] {
+        mac.update(&(part.len() as u32).to_be_bytes());
+        mac.update(part);
+    }
+    mac
+}
+
+#[allow(clippy::panic)]
+fn unreachable_hmac() -> Hmac<Sha256> {
+    panic!("HMAC accepts keys of any length")
+}
+
+/// Dialer side. Returns the authenticated peer and whether it is ready.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    sec: &Security,
+    to: &str,
+    probe: bool,
+) -> Result<(NodeId, bool), TransportError> {
+    let fut = async {
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut nc = [0u8; 32];
+        fill_random(&mut nc);
+        send_hs(s, &Handshake::Hello { cluster: sec.cluster.clone(), from: sec.me.clone(), to: to.to_owned(), nonce: nc, probe }, &sec.stats)
+            .await?;
+        let (server, ns) = match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Challenge { from, nonce } => (from, nonce),
+            Handshake::Reject { reason } => return Err(TransportError::Rejected(reason)),
+            other => return Err(TransportError::Protocol(format!("expected Challenge, got {other:?}"))),
+        };
+        if server.name != to {
+            return Err(TransportError::Protocol(format!(
+                "expected member {to:?} at this address but {:?} answered (check the member file's addresses)",
+                server.name
+            )));
+        }
+        let p = proof(&sec.secret, "sessionmesh client", &sec.cluster, &nc, &ns, &sec.me, &server).finalize().into_bytes();
+        let mut pb = [0u8; 32];
+        pb.copy_from_slice(&p);
+        send_hs(s, &Handshake::Auth { proof: pb }, &sec.stats).await?;
+        match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Welcome { proof: sp, ready } => {
+                proof(&sec.secret, "sessionmesh server", &sec.cluster, &nc, &ns, &sec.me, &server)
+                    .verify_slice(&sp)
+                    .map_err(|_| TransportError::Auth(format!("{} does not hold the cluster secret", server.name)))?;
+                if !buf.is_empty() {
+                    return Err(TransportError::Protocol("data after Welcome".into()));
+                }
+                Ok((server, ready))
+            }
+            Handshake::Reject { reason } => Err(TransportError::Rejected(reason)),
+            other => Err(TransportError::Protocol(format!("expected Welcome, got {other:?}"))),
+        }
+    };
+    tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Timeout)?
+}
+
+/// Listener side. `known` says whether a member name belongs to the cluster.
+/// Returns the authenticated peer and whether it only came to probe us.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    sec: &Security,
+    ready: bool,
+    known: impl Fn(&str) -> bool,
+) -> Result<(NodeId, bool, BytesMut), TransportError> {
+    let fut = async {
+        let mut buf = BytesMut::with_capacity(1024);
+        let (client, nc, probe) = match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Hello { cluster, from, to, nonce, probe } => {
+                if cluster != sec.cluster {
+                    let reason = format!("cluster mismatch: this member is in {:?}", sec.cluster);
+                    send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+                    return Err(TransportError::Rejected(reason));
+                }
+                if to != sec.me.name {
+                    let reason = format!("this is member {:?}, not {to:?}", sec.me.name);
+                    send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+                    return Err(TransportError::Rejected(reason));
+                }
+                if !known(&from.name) {
+                    let reason = format!("{:?} is not a member of this cluster", from.name);
+                    send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+                    return Err(TransportError::Rejected(reason));
+                }
+                (from, nonce, probe)
+            }
+            other => return Err(TransportError::Protocol(format!("expected Hello, got {}", hs_name(&other)))),
+        };
+        let mut ns = [0u8; 32];
+        fill_random(&mut ns);
+        send_hs(s, &Handshake::Challenge { from: sec.me.clone(), nonce: ns }, &sec.stats).await?;
+        let cp = match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Auth { proof } => proof,
+            other => return Err(TransportError::Protocol(format!("expected Auth, got {}", hs_name(&other)))),
+        };
+        if proof(&sec.secret, "sessionmesh client", &sec.cluster, &nc, &ns, &client, &sec.me).verify_slice(&cp).is_err() {
+            sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            send_hs(s, &Handshake::Reject { reason: "authentication failed".into() }, &sec.stats).await?;
+            return Err(TransportError::Auth(format!("{} does not hold the cluster secret", client.name)));
+        }
+        let p = proof(&sec.secret, "sessionmesh server", &sec.cluster, &nc, &ns, &client, &sec.me).finalize().into_bytes();
+        let mut pb = [0u8; 32];
+        pb.copy_from_slice(&p);
+        send_hs(s, &Handshake::Welcome { proof: pb, ready }, &sec.stats).await?;
+        Ok((client, probe, buf))
+    };
+    tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Timeout)?
+}
+
+fn hs_name(h: &Handshake) -> &'static str {
+    match h {
+        Handshake::Hello { .. } => "Hello",
+        Handshake::Challenge { .. } => "Challenge",
+        Handshake::Auth { .. } => "Auth",
+        Handshake::Welcome { .. } => "Welcome",
+        Handshake::Reject { .. } => "Reject",
+    }
+}
+
+/// Dials and authenticates. A probe proves the member's process answers, not
+/// just that its kernel accepts connections.
+pub async fn dial(addr: SocketAddr, sec: &Security, to: &str, probe: bool, timeout: Duration) -> Result<(TcpStream, NodeId, bool), TransportError> {
+    let mut s = tokio::time::timeout(timeout, TcpStream::connect(addr)).await.map_err(|_| TransportError::Timeout)??;
+    s.set_nodelay(true)?;
+    let (peer, ready) = client_handshake(&mut s, sec, to, probe).await?;
+    Ok((s, peer, ready))
+}
+
+pub async fn probe(addr: SocketAddr, sec: &Security, to: &str, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, dial(addr, sec, to, true, timeout)).await.is_ok_and(|r| r.is_ok())
+}
+
+pub fn encode_peer(msg: &PeerMsg, out: &mut BytesMut) -> Result<(), WireError> {
+    wire::encode(FrameType::Peer, msg, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Generation;
+
+    fn sec(name: &str, secret: &str) -> Security {
+        Security {
+            cluster: "c".into(),
+            me: NodeId { name: name.into(), generation: Generation(1) },
+            secret: Arc::new(secret.as_bytes().to_vec()),
+            max_frame: 1 << 20,
+            handshake_timeout: Duration::from_secs(2),
+            stats: Arc::new(IoStats::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_succeeds_with_the_same_secret() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let (sa, sb) = (sec("a", "s3cret"), sec("b", "s3cret"));
+        let (c, s) = tokio::join!(client_handshake(&mut a, &sa, "b", false), server_handshake(&mut b, &sb, true, |_| true));
+        let (peer, ready) = c.unwrap();
+        assert_eq!(peer.name, "b");
+        assert!(ready);
+        assert_eq!(s.unwrap().0.name, "a");
+    }
+
+    #[tokio::test]
+    async fn wrong_secret_is_refused_on_both_sides() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let (sa, sb) = (sec("a", "wrong"), sec("b", "s3cret"));
+        let (c, s) = tokio::join!(client_handshake(&mut a, &sa, "b", false), server_handshake(&mut b, &sb, true, |_| true));
+        assert!(matches!(c, Err(TransportError::Rejected(_))), "{c:?}");
+        assert!(matches!(s, Err(TransportError::Auth(_))));
+        assert_eq!(sb.stats.auth_failures.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn wrong_member_at_address_is_named() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let (sa, sb) = (sec("a", "k"), sec("b", "k"));
+        let (c, _) = tokio::join!(client_handshake(&mut a, &sa, "x", false), server_handshake(&mut b, &sb, true, |_| true));
+        let e = c.unwrap_err().to_string();
+        assert!(e.contains("not \"x\""), "{e}");
+    }
+}
