@@ -199,6 +199,7 @@ struct Transfer {
 
 /// Per-member view for `/v1/cluster`.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MemberView {
     pub name: String,
     pub generation: Option<u64>,

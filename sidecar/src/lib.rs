@@ -2,11 +2,15 @@
 //! TCP, detects failed peers, transfers state to joining members, and serves the
 //! local app over HTTP/JSON.
 
+pub mod api;
+pub mod client;
 pub mod core;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
+pub mod localcluster;
 pub mod membership;
+pub mod node;
 pub mod sim;
 pub mod store;
 pub mod transport;

@@ -1,1 +1,198 @@
-fn main() {}
+//! `sessionmesh-sidecar`: `run` a member, or run the `demo`.
+
+use clap::{Args, Parser, Subcommand};
+use sessionmesh_sidecar::core::{CoreConfig, SendMode};
+use sessionmesh_sidecar::detector::DetectorConfig;
+use sessionmesh_sidecar::node::{self, NodeConfig};
+use sessionmesh_sidecar::store::Limits;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "sessionmesh-sidecar", version, about = "Replicated HTTP session store for the app next to it")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one member of a cluster.
+    Run(Box<RunArgs>),
+    /// Start a 3-member cluster on loopback, SIGKILL the member holding a session, show it survive.
+    Demo,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Static member file (YAML), hot-reloaded.
+    #[arg(long, env = "SESSIONMESH_MEMBERS_FILE")]
+    members: PathBuf,
+    /// This member's name in the member file.
+    #[arg(long, env = "SESSIONMESH_MEMBER")]
+    member: String,
+    /// Local HTTP API address (keep it on loopback).
+    #[arg(long, env = "SESSIONMESH_HTTP", default_value = "127.0.0.1:7070")]
+    http: SocketAddr,
+    /// Bind address for replication, if it differs from the member's address (e.g. 0.0.0.0:4000).
+    #[arg(long, env = "SESSIONMESH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// File holding the cluster secret.
+    #[arg(long, env = "SESSIONMESH_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+    /// The cluster secret itself (prefer --secret-file).
+    #[arg(long, env = "SESSIONMESH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// async: a write returns after the local apply; sync: after every live member acknowledged it.
+    #[arg(long, env = "SESSIONMESH_SEND", default_value = "async")]
+    send: SendMode,
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval_ms: u64,
+    /// Silence after which a member is suspected.
+    #[arg(long, default_value_t = 500)]
+    suspect_after_ms: u64,
+    /// How long probes may take before a suspect is declared dead.
+    #[arg(long, default_value_t = 300)]
+    probe_timeout_ms: u64,
+    /// Members asked to probe a suspect on our behalf.
+    #[arg(long, default_value_t = 2)]
+    indirect_probes: usize,
+    /// How long a write may wait for acknowledgements or queue space.
+    #[arg(long, default_value_t = 2000)]
+    write_timeout_ms: u64,
+    /// Unacknowledged bytes per peer above which writes wait.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_queue_bytes: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    transfer_chunk_bytes: usize,
+    #[arg(long, default_value_t = 3000)]
+    transfer_stall_ms: u64,
+    #[arg(long, default_value_t = 1500)]
+    startup_wait_ms: u64,
+    #[arg(long, default_value_t = 5000)]
+    anti_entropy_interval_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    touch_flush_ms: u64,
+    #[arg(long, default_value_t = 600_000)]
+    tombstone_ttl_ms: u64,
+    #[arg(long, default_value_t = 1800)]
+    max_inactive_seconds: u64,
+    #[arg(long, default_value_t = 1 << 20)]
+    max_attr_bytes: usize,
+    #[arg(long, default_value_t = 1 << 20)]
+    max_session_bytes: usize,
+    #[arg(long, default_value_t = 10_000_000)]
+    max_sessions: usize,
+    #[arg(long, default_value_t = 64 << 20)]
+    max_frame_bytes: usize,
+    #[arg(long, default_value_t = 1000)]
+    reload_interval_ms: u64,
+    #[arg(long, default_value_t = 5000)]
+    leave_timeout_ms: u64,
+    #[arg(long, default_value_t = 200)]
+    connect_timeout_ms: u64,
+    /// text or json
+    #[arg(long, env = "SESSIONMESH_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.cmd {
+        Cmd::Run(a) => {
+            init_logs(&a.log_format);
+            rt.block_on(run(*a))
+        }
+        Cmd::Demo => rt.block_on(demo::run()),
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let secret = match (&a.secret_file, &a.secret) {
+        (Some(f), _) => std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read --secret-file {}: {e}", f.display()))?,
+        (None, Some(s)) => s.as_bytes().to_vec(),
+        (None, None) => anyhow::bail!("a cluster secret is required: --secret-file or SESSIONMESH_SECRET"),
+    };
+    let secret: Vec<u8> = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+    if secret.len() < 16 {
+        anyhow::bail!("the cluster secret must be at least 16 bytes");
+    }
+    if !a.http.ip().is_loopback() {
+        tracing::warn!(http = %a.http, "the local API is not on loopback: anyone who can reach it can read sessions");
+    }
+    let core = CoreConfig {
+        cluster: String::new(),
+        send: a.send,
+        heartbeat_interval_ms: a.heartbeat_interval_ms,
+        detector: DetectorConfig { suspect_after_ms: a.suspect_after_ms, probe_timeout_ms: a.probe_timeout_ms, indirect_probes: a.indirect_probes },
+        write_timeout_ms: a.write_timeout_ms,
+        max_queue_bytes: a.max_queue_bytes,
+        transfer_chunk_bytes: a.transfer_chunk_bytes,
+        transfer_stall_ms: a.transfer_stall_ms,
+        startup_wait_ms: a.startup_wait_ms,
+        anti_entropy_interval_ms: a.anti_entropy_interval_ms.max(100),
+        touch_flush_ms: a.touch_flush_ms,
+        sweep_interval_ms: 1000,
+        tombstone_ttl_ms: a.tombstone_ttl_ms,
+        default_max_inactive_ms: a.max_inactive_seconds * 1000,
+        limits: Limits { max_attr_bytes: a.max_attr_bytes, max_session_bytes: a.max_session_bytes, max_sessions: a.max_sessions, max_attr_name: 1024 },
+        max_frame_bytes: a.max_frame_bytes,
+    };
+    let cfg = NodeConfig {
+        core,
+        member: a.member,
+        members_file: a.members,
+        secret,
+        listen: a.listen,
+        reload_interval: Duration::from_millis(a.reload_interval_ms.max(50)),
+        leave_timeout: Duration::from_millis(a.leave_timeout_ms),
+        connect_timeout: Duration::from_millis(a.connect_timeout_ms),
+        tick: Duration::from_millis(10),
+    };
+    let shutdown = CancellationToken::new();
+    let started = match node::start(cfg, shutdown.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return Err(e);
+        }
+    };
+    let http = tokio::net::TcpListener::bind(a.http)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", a.http))?;
+    let http_addr = http.local_addr()?;
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "member": started.handle.me.name, "http": http_addr.to_string(), "replication": started.replication_addr.to_string()})
+    );
+    tracing::info!(http = %http_addr, "local API listening");
+    let api_stop = CancellationToken::new();
+    let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), api_stop.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: leaving the cluster"),
+        _ = int.recv() => tracing::info!("SIGINT: leaving the cluster"),
+    }
+    shutdown.cancel();
+    let _ = started.done.await;
+    api_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! The local HTTP/JSON API for the app (see docs/openapi.yaml), the probes,
+//! `/v1/cluster` and `/metrics`.
+//!
+//! Errors are JSON `{"error": code, "message": text}` with a status that says
+//! whether anything changed (4xx: nothing; 504: applied locally, replication
+//! not confirmed in time). Bodies are read with a size limit before parsing.
+
+use crate::core::{SendMode, WriteError};
+use crate::identity::SessionId;
+use crate::node::{Command, Handle, Status};
+use crate::store::{Op, Session, StoreError};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves the API until `shutdown`; open connections finish their request.
+pub async fn serve(listener: TcpListener, handle: Handle, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let _ = stream.set_nodelay(true);
+        let handle = handle.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(req, &handle).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "http connection error"); } }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn err(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Resp {
+    let mut r = json_resp(status, &json!({"error": code, "message": message.to_string()}));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn no_content() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+fn write_err(e: WriteError) -> Resp {
+    match &e {
+        WriteError::Store(s) => match s {
+            StoreError::NotFound => err(StatusCode::NOT_FOUND, "not_found", &e),
+            StoreError::Invalidated => err(StatusCode::GONE, "invalidated", &e),
+            StoreError::Exists => err(StatusCode::CONFLICT, "exists", &e),
+            StoreError::AttrTooLarge { .. } | StoreError::SessionTooLarge { .. } => err(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e),
+            StoreError::Full { .. } => err(StatusCode::INSUFFICIENT_STORAGE, "store_full", &e),
+            StoreError::BadName { .. } => err(StatusCode::BAD_REQUEST, "bad_attribute_name", &e),
+        },
+        WriteError::NotReady => err(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e),
+        WriteError::Leaving => err(StatusCode::SERVICE_UNAVAILABLE, "leaving", &e),
+        WriteError::Timeout(_) => err(StatusCode::GATEWAY_TIMEOUT, "replication_timeout", &e),
+    }
+}
+
+fn unavailable() -> Resp {
+    err(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the member is shutting down")
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (pct_decode(&k.replace('+', " ")), pct_decode(&v.replace('+', " "))),
+            None => (pct_decode(&p.replace('+', " ")), String::new()),
+        })
+        .collect()
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hexv = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hexv(b[i + 1]), hexv(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn send_mode(q: &BTreeMap<String, String>) -> Result<Option<SendMode>, Resp> {
+    match q.get("send").map(String::as_str) {
+        None => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|e: String| err(StatusCode::BAD_REQUEST, "bad_request", e)),
+    }
+}
+
+async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Err(err(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body exceeds {max} bytes")))
+            } else {
+                Err(err(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read body: {e}")))
+            }
+        }
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, Resp> {
+    if b.is_empty() {
+        return serde_json::from_slice(b"{}").map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", e));
+    }
+    serde_json::from_slice(b).map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("malformed JSON: {e}")))
+}
+
+fn sid(raw: &str) -> Result<SessionId, Resp> {
+    SessionId::parse(&pct_decode(raw)).map_err(|e| err(StatusCode::BAD_REQUEST, "bad_session_id", e))
+}
+
+fn session_json(id: &SessionId, s: &Session, route: &str) -> Value {
+    let attrs: Map<String, Value> = s.live_attrs().map(|(k, v)| (k.clone(), Value::String(B64.encode(v)))).collect();
+    json!({
+        "id": id.as_str(),
+        "routedId": format!("{}.{}", id.as_str(), route),
+        "createdMs": s.created_ms,
+        "lastAccessedMs": s.last_accessed_ms,
+        "maxInactiveSeconds": s.max_inactive_ms / 1000,
+        "expiresAtMs": s.expires_at_ms(),
+        "attributes": attrs,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CreateBody {
+    id: Option<String>,
+    max_inactive_seconds: Option<u64>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PatchBody {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+    max_inactive_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RenameBody {
+    new_id: String,
+}
+
+fn decode_attrs(m: BTreeMap<String, String>) -> Result<Vec<Op>, Resp> {
+    m.into_iter()
+        .map(|(name, v)| {
+            B64.decode(v.as_bytes())
+                .map(|value| Op::Set { name: name.clone(), value: value.into() })
+                .map_err(|e| err(StatusCode::BAD_REQUEST, "bad_base64", format!("attribute {name:?} is not valid base64: {e}")))
+        })
+        .collect()
+}
+
+fn max_inactive(secs: Option<u64>) -> Result<Option<u64>, Resp> {
+    match secs {
+        Some(s) if s > 10 * 365 * 24 * 3600 => Err(err(StatusCode::BAD_REQUEST, "bad_request", "maxInactiveSeconds is too large")),
+        Some(s) => Ok(Some(s * 1000)),
+        None => Ok(None),
+    }
+}
+
+async fn write(h: &Handle, id: SessionId, ops: Vec<Op>, mi: Option<u64>, mode: Option<SendMode>) -> Result<(), Resp> {
+    match h.call(|reply| Command::Write { id, ops, max_inactive_ms: mi, mode, reply }).await {
+        None => Err(unavailable()),
+        Some(Err(e)) => Err(write_err(e)),
+        Some(Ok(())) => Ok(()),
+    }
+}
+
+async fn read(h: &Handle, id: SessionId, touch: bool) -> Result<Session, Resp> {
+    match h.call(|reply| Command::Read { id, touch, reply }).await {
+        None => Err(unavailable()),
+        Some(r) => r.map_err(write_err),
+    }
+}
+
+async fn route(req: Request<Incoming>, h: &Handle) -> Resp {
+    match handle(req, h).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
+    let path = req.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let q = query(&req);
+    let max_body = h.limits.max_session_bytes / 3 * 4 + 64 * 1024;
+    match (&method, parts.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(json_resp(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, ["readyz"]) => {
+            let ready = h.ready.load(Ordering::Relaxed);
+            let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            Ok(json_resp(code, &json!({"ready": ready})))
+        }
+        (&Method::GET, ["v1", "cluster"]) => {
+            let st = h.call(|reply| Command::Status { reply }).await.ok_or_else(unavailable)?;
+            Ok(json_resp(StatusCode::OK, &serde_json::to_value(&st).unwrap_or(Value::Null)))
+        }
+        (&Method::GET, ["metrics"]) => {
+            let st = h.call(|reply| Command::Status { reply }).await.ok_or_else(unavailable)?;
+            let mut r = Response::new(Full::new(Bytes::from(metrics_text(&st, h))));
+            r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            Ok(r)
+        }
+        (&Method::POST, ["v1", "sessions"]) => {
+            let mode = send_mode(&q)?;
+            let b: CreateBody = parse_json(&body(req, max_body).await?)?;
+            let id = match b.id {
+                Some(raw) => sid(&raw)?,
+                None => SessionId::random(),
+            };
+            let mut ops = vec![Op::Create];
+            ops.extend(decode_attrs(b.attributes)?);
+            let mi = max_inactive(b.max_inactive_seconds)?;
+            write(h, id.clone(), ops, mi, mode).await?;
+            let s = read(h, id.clone(), false).await?;
+            Ok(json_resp(StatusCode::CREATED, &session_json(&id, &s, &h.jvm_route)))
+        }
+        (&Method::GET, ["v1", "sessions"]) => {
+            let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000usize).min(10_000);
+            let cursor = match q.get("cursor") {
+                Some(c) if !c.is_empty() => Some(sid(c)?),
+                _ => None,
+            };
+            let (ids, count) = h.call(|reply| Command::List { cursor, limit, reply }).await.ok_or_else(unavailable)?;
+            let next = if ids.len() == limit { ids.last().map(|i| i.as_str().to_owned()) } else { None };
+            let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+            Ok(json_resp(StatusCode::OK, &json!({"count": count, "ids": ids, "next": next})))
+        }
+        (&Method::GET, ["v1", "sessions", id]) => {
+            let id = sid(id)?;
+            let touch = q.get("touch").map_or(true, |t| t != "false");
+            let s = read(h, id.clone(), touch).await?;
+            Ok(json_resp(StatusCode::OK, &session_json(&id, &s, &h.jvm_route)))
+        }
+        (&Method::PATCH, ["v1", "sessions", id]) => {
+            let id = sid(id)?;
+            let mode = send_mode(&q)?;
+            let b: PatchBody = parse_json(&body(req, max_body).await?)?;
+            let mut ops = decode_attrs(b.set)?;
+            ops.extend(b.remove.into_iter().map(|name| Op::Remove { name }));
+            ops.push(Op::Touch);
+            write(h, id, ops, max_inactive(b.max_inactive_seconds)?, mode).await?;
+            Ok(no_content())
+        }
+        (&Method::DELETE, ["v1", "sessions", id]) => {
+            let id = sid(id)?;
+            write(h, id, vec![Op::Invalidate], None, send_mode(&q)?).await?;
+            Ok(no_content())
+        }
+        (&Method::POST, ["v1", "sessions", id, "touch"]) => {
+            let id = sid(id)?;
+            read(h, id, true).await?;
+            Ok(no_content())
+        }
+        (&Method::POST, ["v1", "sessions", id, "rename"]) => {
+            let id = sid(id)?;
+            let mode = send_mode(&q)?;
+            let b: RenameBody = parse_json(&body(req, 64 * 1024).await?)?;
+            let to = sid(&b.new_id)?;
+            if to == id {
+                return Ok(json_resp(StatusCode::OK, &json!({"id": to.as_str()})));
+            }
+            write(h, id, vec![Op::Rename { to: to.clone() }], None, mode).await?;
+            Ok(json_resp(StatusCode::OK, &json!({"id": to.as_str(), "routedId": format!("{}.{}", to.as_str(), h.jvm_route)})))
+        }
+        (&Method::GET, ["v1", "sessions", id, "attributes", name]) => {
+            let id = sid(id)?;
+            let name = pct_decode(name);
+            let s = read(h, id, q.get("touch").map_or(true, |t| t != "false")).await?;
+            match s.attrs.get(&name).and_then(|a| a.value.clone()) {
+                Some(v) => {
+                    let mut r = Response::new(Full::new(v));
+                    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+                    Ok(r)
+                }
+                None => Err(err(StatusCode::NOT_FOUND, "no_such_attribute", "attribute not found")),
+            }
+        }
+        (&Method::PUT, ["v1", "sessions", id, "attributes", name]) => {
+            let id = sid(id)?;
+            let name = pct_decode(name);
+            let mode = send_mode(&q)?;
+            let value = body(req, h.limits.max_attr_bytes + 1).await?;
+            write(h, id, vec![Op::Set { name, value }], None, mode).await?;
+            Ok(no_content())
+        }
+        (&Method::DELETE, ["v1", "sessions", id, "attributes", name]) => {
+            let id = sid(id)?;
+            let name = pct_decode(name);
+            write(h, id, vec![Op::Remove { name }], None, send_mode(&q)?).await?;
+            Ok(no_content())
+        }
+        (_, ["healthz"] | ["readyz"] | ["metrics"] | ["v1", "cluster"] | ["v1", "sessions", ..]) => {
+            Err(err(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")))
+        }
+        _ => Err(err(StatusCode::NOT_FOUND, "no_route", format!("no such endpoint: {path}"))),
+    }
+}
+
+fn metrics_text(st: &Status, h: &Handle) -> String {
+    let mut s = String::with_capacity(4096);
+    let mut g = |name: &str, kind: &str, help: &str, v: f64| {
+        let _ = writeln!(s, "# HELP sessionmesh_{name} {help}\n# TYPE sessionmesh_{name} {kind}\nsessionmesh_{name} {v}");
+    };
+    let ready = h.ready.load(Ordering::Relaxed);
+    g("ready", "gauge", "1 when this member serves traffic (state transfer complete).", ready as u8 as f64);
+    g("sessions", "gauge", "Live sessions held by this member.", st.sessions as f64);
+    g("tombstones", "gauge", "Invalidation tombstones not yet garbage-collected.", st.tombstones as f64);
+    g("session_payload_bytes", "gauge", "Sum of id, attribute name and value bytes of live sessions.", st.payload_bytes as f64);
+    g("queue_deltas", "gauge", "Deltas waiting for acknowledgement, all peers.", st.queue.0 as f64);
+    g("queue_bytes", "gauge", "Bytes of deltas waiting for acknowledgement, all peers.", st.queue.1 as f64);
+    g("bytes_received_total", "counter", "Bytes read from peer connections.", h.io.bytes_in.load(Ordering::Relaxed) as f64);
+    g("bytes_sent_total", "counter", "Bytes written to peer connections.", h.io.bytes_out.load(Ordering::Relaxed) as f64);
+    g("frame_errors_total", "counter", "Peer connections closed for bad frames or failed handshakes.", h.io.frame_errors.load(Ordering::Relaxed) as f64);
+    g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
+    let t = &st.stats;
+    g("deltas_applied_total", "counter", "Deltas from peers applied to the store.", t.deltas_applied as f64);
+    g("deltas_sent_total", "counter", "Deltas sent to peers (resends included).", t.deltas_sent as f64);
+    g("delta_seq_gaps_total", "counter", "Gaps seen in a peer's delta stream (repaired by anti-entropy).", t.seq_gaps as f64);
+    g("detections_total", "counter", "Members this member declared dead.", t.detections as f64);
+    g("transfer_sessions_received", "gauge", "Entries received by state transfer.", t.transfer_sessions as f64);
+    g("transfer_sessions_total", "gauge", "Entries the transfer source reported holding.", t.transfer_total as f64);
+    g("transfer_duration_seconds", "gauge", "Duration of the completed state transfer.", t.transfer_ms as f64 / 1000.0);
+    g("transfer_retries_total", "counter", "State transfers moved to another member.", t.transfer_retries as f64);
+    g("anti_entropy_rounds_total", "counter", "Anti-entropy digest exchanges started.", t.ae_rounds as f64);
+    g("anti_entropy_repairs_total", "counter", "Entries repaired by anti-entropy.", t.ae_repairs as f64);
+    g("write_timeouts_total", "counter", "Writes whose replication was not acknowledged in time.", t.write_timeouts as f64);
+    g("queue_overflows_total", "counter", "Peer backlogs dropped past the hard bound.", t.queue_overflows as f64);
+    g("sessions_expired_total", "counter", "Sessions removed by expiry.", t.expired as f64);
+    let _ = writeln!(s, "# HELP sessionmesh_members Members by state as this member sees them (itself excluded).\n# TYPE sessionmesh_members gauge");
+    for (state, n) in &st.states {
+        let _ = writeln!(s, "sessionmesh_members{{state=\"{}\"}} {n}", state.as_str());
+    }
+    s
+}

@@ -1,0 +1,264 @@
+//! Runs sidecar processes on loopback from a generated member file: the demo,
+//! the bench harness and the process-level tests all use it.
+//!
+//! Ports come from binding `127.0.0.1:0`; each sidecar reports its HTTP port
+//! on its first stdout line. Children are killed when the cluster is dropped.
+
+use crate::client::Client;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct LocalNode {
+    pub name: String,
+    pub route: String,
+    pub replication: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub cluster: String,
+    pub nodes: Vec<LocalNode>,
+    pub secret_file: PathBuf,
+    pub args: Vec<String>,
+    /// Members written to the member file (a node can exist before it is listed).
+    pub listed: Vec<bool>,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    /// `n` members named node1..nodeN, all listed; none started.
+    pub fn new(bin: &Path, n: usize, args: &[&str]) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "sessionmesh-{}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            crate::node::now_ms() % 100_000
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let secret_file = dir.join("secret");
+        let mut key = [0u8; 24];
+        crate::identity::fill_random(&mut key);
+        std::fs::write(&secret_file, crate::identity::hex(&key))?;
+        let mut c = LocalCluster {
+            dir,
+            bin: bin.to_owned(),
+            cluster: "local".into(),
+            nodes: Vec::new(),
+            secret_file,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            listed: Vec::new(),
+        };
+        for _ in 0..n {
+            c.add_node(true)?;
+        }
+        c.write_members()?;
+        Ok(c)
+    }
+
+    /// Adds node(N+1); `listed` puts it into the member file on the next write.
+    pub fn add_node(&mut self, listed: bool) -> anyhow::Result<usize> {
+        let i = self.nodes.len();
+        let name = format!("node{}", i + 1);
+        let port = free_port()?;
+        self.nodes.push(LocalNode {
+            route: name.clone(),
+            log: self.dir.join(format!("{name}.log")),
+            name,
+            replication: SocketAddr::from(([127, 0, 0, 1], port)),
+            http: None,
+            child: None,
+        });
+        self.listed.push(listed);
+        Ok(i)
+    }
+
+    pub fn members_file(&self) -> PathBuf {
+        self.dir.join("members.yaml")
+    }
+
+    pub fn members_yaml(&self) -> String {
+        let mut s = format!("cluster: {}\nmembers:\n", self.cluster);
+        for (n, listed) in self.nodes.iter().zip(&self.listed) {
+            if *listed {
+                s.push_str(&format!("  - name: {}\n    address: {}\n    jvmRoute: {}\n", n.name, n.replication, n.route));
+            }
+        }
+        s
+    }
+
+    /// Writes atomically (rename), as a config management tool would.
+    pub fn write_members(&self) -> anyhow::Result<()> {
+        self.write_members_text(&self.members_yaml())
+    }
+
+    pub fn write_members_text(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join("members.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.members_file())?;
+        Ok(())
+    }
+
+    /// Starts node `i` and waits until it reports its HTTP address.
+    pub fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        self.start_with(i, &[])
+    }
+
+    pub fn start_with(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--members")
+            .arg(self.members_file())
+            .arg("--member")
+            .arg(&self.nodes[i].name)
+            .arg("--http")
+            .arg("127.0.0.1:0")
+            .arg("--secret-file")
+            .arg(&self.secret_file)
+            .args(&self.args)
+            .args(extra)
+            .env_remove("SESSIONMESH_SECRET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{} did not start: {}", self.nodes[i].name, self.log_tail(i, 20));
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        let http: SocketAddr = v["http"].as_str().unwrap_or_default().parse()?;
+        self.nodes[i].http = Some(http);
+        self.nodes[i].child = Some(child);
+        Ok(())
+    }
+
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(self.nodes[i].http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9))))
+    }
+
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; waits up to `within` for the exit. Returns the exit status code.
+    pub fn terminate(&mut self, i: usize, within: Duration) -> Option<i32> {
+        let mut c = self.nodes[i].child.take()?;
+        // SAFETY-free: libc::kill has no memory-safety preconditions.
+        signal(c.id(), libc::SIGTERM);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.nodes[i].child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, i: usize, n: usize) -> String {
+        let t = self.log_text(i);
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Polls node `i`'s `/readyz` until 200 or the deadline.
+    pub async fn wait_ready(&self, i: usize, within: Duration) -> bool {
+        let mut c = self.client(i);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if c.get("/readyz").await.is_ok_and(|r| r.status == 200) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: i32) {
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) takes plain integers and has no memory-safety requirements.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Re-evaluates `cond` every 5 ms until it holds or `within` passes.
+pub async fn wait_for<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        if std::env::var_os("SESSIONMESH_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

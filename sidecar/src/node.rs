@@ -1,0 +1,629 @@
+//! The runtime: the only place that owns sockets, tasks and the clock.
+//!
+//! One task owns the `Core` and is fed by two channels (commands from the local
+//! API, events from the network). Every peer has an outbound task that dials,
+//! authenticates, and writes what the core sends it; a listener accepts
+//! inbound connections and feeds their frames to the core. The member file is
+//! polled and hot-reloaded. Shutdown is a `CancellationToken`: the member
+//! stops serving, flushes its replication queues (bounded), announces its
+//! leave, and returns.
+
+use crate::core::{Core, CoreConfig, MemberView, Output, Phase, SendMode, Stats, WriteError};
+use crate::detector::MemberState;
+use crate::identity::{NodeId, SessionId};
+use crate::membership::{MemberFile, MemberSpec};
+use crate::store::{Op, Session};
+use crate::transport::{self, IoStats, Security};
+use crate::wire::{self, FrameType, PeerMsg};
+use bytes::BytesMut;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub core: CoreConfig,
+    pub member: String,
+    pub members_file: PathBuf,
+    pub secret: Vec<u8>,
+    /// Bind address for replication; defaults to the member's own address.
+    pub listen: Option<SocketAddr>,
+    pub reload_interval: Duration,
+    pub leave_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub tick: Duration,
+}
+
+pub enum Command {
+    Read { id: SessionId, touch: bool, reply: oneshot::Sender<Result<Session, WriteError>> },
+    Write { id: SessionId, ops: Vec<Op>, max_inactive_ms: Option<u64>, mode: Option<SendMode>, reply: oneshot::Sender<Result<(), WriteError>> },
+    List { cursor: Option<SessionId>, limit: usize, reply: oneshot::Sender<(Vec<SessionId>, usize)> },
+    Status { reply: oneshot::Sender<Status> },
+}
+
+/// What `/v1/cluster` and `/metrics` show.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub cluster: String,
+    pub me: MeView,
+    pub members: Vec<MemberView>,
+    #[serde(skip)]
+    pub stats: Stats,
+    #[serde(skip)]
+    pub sessions: usize,
+    #[serde(skip)]
+    pub tombstones: usize,
+    #[serde(skip)]
+    pub payload_bytes: usize,
+    #[serde(skip)]
+    pub queue: (usize, usize),
+    #[serde(skip)]
+    pub states: Vec<(MemberState, usize)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeView {
+    pub name: String,
+    pub generation: u64,
+    pub jvm_route: String,
+    pub address: String,
+    pub phase: Phase,
+}
+
+enum IoEvent {
+    Msg { from: NodeId, msg: PeerMsg },
+    OutboundUp { peer: NodeId, ready: bool },
+    OutboundDown { peer: String },
+    InboundClosed { peer: NodeId },
+    Probe { target: String, for_peer: Option<String>, ok: bool },
+    Members(MemberFile),
+}
+
+/// What the local API holds: a way to reach the core task, and flags it can
+/// read without asking.
+#[derive(Clone)]
+pub struct Handle {
+    pub cmd_tx: mpsc::Sender<Command>,
+    pub ready: Arc<AtomicBool>,
+    pub io: Arc<IoStats>,
+    pub me: NodeId,
+    pub jvm_route: String,
+    pub limits: crate::store::Limits,
+    pub default_max_inactive_ms: u64,
+}
+
+impl Handle {
+    pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd_tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+struct PeerLink {
+    addr: SocketAddr,
+    tx: mpsc::UnboundedSender<PeerMsg>,
+    cancel: CancellationToken,
+}
+
+/// A started member: its handle, and where it listens.
+pub struct Started {
+    pub handle: Handle,
+    pub replication_addr: SocketAddr,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the replication port and starts every task. The returned
+/// `done` finishes after `shutdown` is cancelled and the member has left.
+pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
+    let mf = MemberFile::load(&cfg.members_file).map_err(|e| anyhow::anyhow!("member file: {e}"))?;
+    let Some(me_spec) = mf.get(&cfg.member).cloned() else {
+        anyhow::bail!(
+            "member {:?} is not in {} (members: {})",
+            cfg.member,
+            cfg.members_file.display(),
+            mf.names().join(", ")
+        );
+    };
+    let listen = cfg.listen.unwrap_or(me_spec.address);
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind the replication port {listen} for member {:?}: {e}. Every member on a host needs its own receiver port; \
+             refusing to start rather than run without replication",
+            cfg.member
+        )
+    })?;
+    let replication_addr = listener.local_addr()?;
+    let me = NodeId { name: cfg.member.clone(), generation: crate::identity::Generation::now() };
+    let mut core_cfg = cfg.core.clone();
+    core_cfg.cluster = mf.cluster.clone();
+    let io = Arc::new(IoStats::default());
+    let sec = Security {
+        cluster: mf.cluster.clone(),
+        me: me.clone(),
+        secret: Arc::new(cfg.secret.clone()),
+        max_frame: core_cfg.max_frame_bytes,
+        handshake_timeout: Duration::from_millis(1_000),
+        stats: io.clone(),
+    };
+    let (cmd_tx, cmd_rx) = mpsc::channel(4096);
+    let (io_tx, io_rx) = mpsc::channel(8192);
+    let ready = Arc::new(AtomicBool::new(false));
+    let known = Arc::new(RwLock::new(mf.names()));
+    let handle = Handle {
+        cmd_tx,
+        ready: ready.clone(),
+        io: io.clone(),
+        me: me.clone(),
+        jvm_route: me_spec.jvm_route.clone(),
+        limits: core_cfg.limits.clone(),
+        default_max_inactive_ms: core_cfg.default_max_inactive_ms,
+    };
+    info!(member = %me, cluster = %mf.cluster, replication = %replication_addr, route = %me_spec.jvm_route, "member starting");
+
+    let tracker = TaskTracker::new();
+    let net_cancel = CancellationToken::new();
+    tracker.spawn(accept_loop(listener, sec.clone(), ready.clone(), known.clone(), io_tx.clone(), net_cancel.clone(), tracker.clone()));
+    tracker.spawn(reload_loop(cfg.members_file.clone(), mf.clone(), cfg.reload_interval, io_tx.clone(), net_cancel.clone()));
+    let core = Core::new(me.clone(), core_cfg, &mf.names(), now_ms());
+    let runner = CoreTask {
+        core,
+        cfg,
+        sec,
+        me_spec,
+        links: HashMap::new(),
+        writes: HashMap::new(),
+        next_write: 1,
+        ready,
+        known,
+        io_tx,
+        tracker: tracker.clone(),
+        net_cancel: net_cancel.clone(),
+    };
+    let done = tokio::spawn(async move {
+        runner.run(mf, cmd_rx, io_rx, shutdown).await;
+        net_cancel.cancel();
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await.is_err() {
+            warn!("some connections did not close in time");
+        }
+    });
+    Ok(Started { handle, replication_addr, done })
+}
+
+struct CoreTask {
+    core: Core,
+    cfg: NodeConfig,
+    sec: Security,
+    me_spec: MemberSpec,
+    links: HashMap<String, PeerLink>,
+    writes: HashMap<u64, oneshot::Sender<Result<(), WriteError>>>,
+    next_write: u64,
+    ready: Arc<AtomicBool>,
+    known: Arc<RwLock<Vec<String>>>,
+    io_tx: mpsc::Sender<IoEvent>,
+    tracker: TaskTracker,
+    net_cancel: CancellationToken,
+}
+
+impl CoreTask {
+    async fn run(mut self, mf: MemberFile, mut cmd_rx: mpsc::Receiver<Command>, mut io_rx: mpsc::Receiver<IoEvent>, shutdown: CancellationToken) {
+        self.apply_members(&mf);
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(ev) = io_rx.recv() => {
+                    self.on_io(ev);
+                    // Take what else is waiting, so outputs are batched.
+                    for _ in 0..256 {
+                        match io_rx.try_recv() { Ok(ev) => self.on_io(ev), Err(_) => break }
+                    }
+                }
+                Some(cmd) = cmd_rx.recv() => {
+                    self.on_cmd(cmd);
+                    for _ in 0..256 {
+                        match cmd_rx.try_recv() { Ok(c) => self.on_cmd(c), Err(_) => break }
+                    }
+                }
+                _ = tick.tick() => self.core.tick(now_ms()),
+            }
+            self.flush();
+        }
+        self.leave(&mut cmd_rx, &mut io_rx).await;
+    }
+
+    async fn leave(&mut self, cmd_rx: &mut mpsc::Receiver<Command>, io_rx: &mut mpsc::Receiver<IoEvent>) {
+        info!("leaving: flushing replication queues");
+        self.core.begin_leave();
+        self.flush();
+        let deadline = tokio::time::Instant::now() + self.cfg.leave_timeout;
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        while !self.core.flushed() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    let (n, b) = self.core.queue_totals();
+                    warn!(deltas = n, bytes = b, "leave timeout: some deltas were not acknowledged; peers repair by anti-entropy");
+                    break;
+                }
+                Some(ev) = io_rx.recv() => self.on_io(ev),
+                Some(cmd) = cmd_rx.recv() => self.on_cmd(cmd),
+                _ = tick.tick() => self.core.tick(now_ms()),
+            }
+            self.flush();
+        }
+        self.core.announce_leave();
+        self.flush();
+        // Closing the channels lets each writer send what it holds and stop.
+        for (_, l) in self.links.drain() {
+            drop(l.tx);
+        }
+        info!("left the cluster");
+    }
+
+    fn apply_members(&mut self, mf: &MemberFile) {
+        if let Ok(mut k) = self.known.write() {
+            *k = mf.names();
+        }
+        match mf.get(&self.me_spec.name) {
+            Some(me) if me.address != self.me_spec.address => warn!(
+                old = %self.me_spec.address, new = %me.address,
+                "this member's address changed in the member file; restart it to move its receiver"
+            ),
+            None => error!("this member was removed from the member file; it keeps running with its peers until stopped"),
+            _ => {}
+        }
+        let now = now_ms();
+        self.core.set_members(&mf.names(), now);
+        let stale: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(n, l)| mf.get(n).is_none_or(|m| m.address != l.addr))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in stale {
+            if let Some(l) = self.links.remove(&n) {
+                l.cancel.cancel();
+            }
+        }
+        for m in &mf.members {
+            if m.name == self.me_spec.name || self.links.contains_key(&m.name) {
+                continue;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let cancel = self.net_cancel.child_token();
+            self.tracker.spawn(outbound_loop(
+                m.name.clone(),
+                m.address,
+                self.sec.clone(),
+                rx,
+                self.io_tx.clone(),
+                cancel.clone(),
+                self.cfg.connect_timeout,
+            ));
+            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, cancel });
+        }
+    }
+
+    fn on_io(&mut self, ev: IoEvent) {
+        let now = now_ms();
+        match ev {
+            IoEvent::Msg { from, msg } => self.core.on_peer_msg(&from, msg, now),
+            IoEvent::OutboundUp { peer, ready } => self.core.on_outbound_up(&peer, ready, now),
+            IoEvent::OutboundDown { peer } => self.core.on_outbound_down(&peer, now),
+            IoEvent::InboundClosed { peer } => self.core.on_inbound_closed(&peer, now),
+            IoEvent::Probe { target, for_peer, ok } => self.core.on_probe_result(&target, for_peer, ok, now),
+            IoEvent::Members(mf) => {
+                info!(members = mf.members.len(), "member file reloaded");
+                self.apply_members(&mf);
+            }
+        }
+    }
+
+    fn on_cmd(&mut self, cmd: Command) {
+        let now = now_ms();
+        match cmd {
+            Command::Read { id, touch, reply } => {
+                let _ = reply.send(self.core.read(&id, touch, now));
+            }
+            Command::Write { id, ops, max_inactive_ms, mode, reply } => {
+                let w = self.next_write;
+                self.next_write += 1;
+                match self.core.write(w, id, ops, max_inactive_ms, mode, now) {
+                    Ok(true) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Ok(false) => {
+                        self.writes.insert(w, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::List { cursor, limit, reply } => {
+                let ids = self.core.list(cursor.as_ref(), limit, now);
+                let _ = reply.send((ids, self.core.store.live_count()));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(Status {
+                    cluster: self.core.cfg.cluster.clone(),
+                    me: MeView {
+                        name: self.core.me.name.clone(),
+                        generation: self.core.me.generation.0,
+                        jvm_route: self.me_spec.jvm_route.clone(),
+                        address: self.me_spec.address.to_string(),
+                        phase: self.core.phase().clone(),
+                    },
+                    members: self.core.members(),
+                    stats: self.core.stats.clone(),
+                    sessions: self.core.store.live_count(),
+                    tombstones: self.core.store.tombstone_count(),
+                    payload_bytes: self.core.store.payload_bytes(),
+                    queue: self.core.queue_totals(),
+                    states: self.core.state_counts().to_vec(),
+                });
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for o in self.core.drain() {
+            match o {
+                Output::Send { to, msg } => {
+                    if let Some(l) = self.links.get(&to) {
+                        let _ = l.tx.send(msg);
+                    }
+                }
+                Output::Probe { target, for_peer } => {
+                    let Some(addr) = self.links.get(&target).map(|l| l.addr) else { continue };
+                    let sec = self.sec.clone();
+                    let io_tx = self.io_tx.clone();
+                    let timeout = Duration::from_millis(self.core.cfg.detector.probe_timeout_ms.saturating_sub(50).max(50));
+                    self.tracker.spawn(async move {
+                        let ok = transport::probe(addr, &sec, &target, timeout).await;
+                        debug!(target = %target, ok, indirect = for_peer.is_some(), "probe finished");
+                        let _ = io_tx.send(IoEvent::Probe { target, for_peer, ok }).await;
+                    });
+                }
+                Output::WriteDone { write, result } => {
+                    if let Some(tx) = self.writes.remove(&write) {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+        let r = self.core.is_ready();
+        if self.ready.swap(r, Ordering::Relaxed) != r {
+            info!(ready = r, "readiness changed");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    sec: Security,
+    ready: Arc<AtomicBool>,
+    known: Arc<RwLock<Vec<String>>>,
+    io_tx: mpsc::Sender<IoEvent>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (sec, ready, known, io_tx, cancel) = (sec.clone(), ready.clone(), known.clone(), io_tx.clone(), cancel.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = inbound(stream, remote, sec, ready, known, io_tx) => {}
+            }
+        });
+    }
+}
+
+async fn inbound(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    sec: Security,
+    ready: Arc<AtomicBool>,
+    known: Arc<RwLock<Vec<String>>>,
+    io_tx: mpsc::Sender<IoEvent>,
+) {
+    let _ = stream.set_nodelay(true);
+    let is_known = |n: &str| known.read().map(|k| k.iter().any(|m| m == n)).unwrap_or(false);
+    let (peer, probe, mut buf) = match transport::server_handshake(&mut stream, &sec, ready.load(Ordering::Relaxed), is_known).await {
+        Ok(x) => x,
+        Err(e) => {
+            sec.stats.frame_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(%remote, error = %e, "refused a replication connection");
+            return;
+        }
+    };
+    if probe {
+        return;
+    }
+    debug!(%remote, peer = %peer, "inbound replication connection");
+    loop {
+        match transport::read_frame(&mut stream, &mut buf, sec.max_frame, &sec.stats).await {
+            Ok(Some((ty, payload))) => match wire::decode::<PeerMsg>(FrameType::Peer, ty, &payload) {
+                Ok(msg) => {
+                    if io_tx.send(IoEvent::Msg { from: peer.clone(), msg }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    sec.stats.frame_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, peer = %peer, error = %e, "bad frame from peer; closing the connection");
+                    break;
+                }
+            },
+            Ok(None) => break,
+            Err(e) => {
+                sec.stats.frame_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(%remote, peer = %peer, error = %e, "replication connection failed");
+                break;
+            }
+        }
+    }
+    let _ = io_tx.send(IoEvent::InboundClosed { peer }).await;
+}
+
+async fn outbound_loop(
+    name: String,
+    addr: SocketAddr,
+    sec: Security,
+    mut rx: mpsc::UnboundedReceiver<PeerMsg>,
+    io_tx: mpsc::Sender<IoEvent>,
+    cancel: CancellationToken,
+    connect_timeout: Duration,
+) {
+    let mut backoff = Duration::from_millis(25);
+    let mut failures = 0u32;
+    loop {
+        let dialed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = transport::dial(addr, &sec, &name, false, connect_timeout + sec.handshake_timeout) => r,
+        };
+        match dialed {
+            Ok((stream, peer, ready)) => {
+                if failures > 0 {
+                    info!(peer = %peer, %addr, "connected after {failures} failed attempts");
+                }
+                failures = 0;
+                backoff = Duration::from_millis(25);
+                while rx.try_recv().is_ok() {}
+                if io_tx.send(IoEvent::OutboundUp { peer: peer.clone(), ready }).await.is_err() {
+                    return;
+                }
+                let closed = write_loop(stream, &mut rx, &sec, &cancel).await;
+                if closed {
+                    // Our side is shutting down: whatever was queued was written.
+                    return;
+                }
+                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone() }).await;
+            }
+            Err(e) => {
+                failures += 1;
+                match &e {
+                    transport::TransportError::Auth(_) | transport::TransportError::Rejected(_) | transport::TransportError::Protocol(_) => {
+                        error!(peer = %name, %addr, error = %e, "peer refused the handshake; check the cluster secret and member file")
+                    }
+                    _ if failures == 1 => info!(peer = %name, %addr, error = %e, "cannot reach peer; retrying with backoff"),
+                    _ => debug!(peer = %name, %addr, error = %e, "cannot reach peer"),
+                }
+                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone() }).await;
+                while rx.try_recv().is_ok() {}
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Writes queued messages, batching whatever is ready into one syscall.
+/// Returns true when the queue was closed (orderly shutdown), false when the
+/// connection broke.
+async fn write_loop(stream: TcpStream, rx: &mut mpsc::UnboundedReceiver<PeerMsg>, sec: &Security, cancel: &CancellationToken) -> bool {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return true,
+            // The listener never writes after Welcome: any read result means the connection is gone.
+            _ = tokio::io::AsyncReadExt::read(&mut rd, &mut scratch) => return false,
+            m = rx.recv() => {
+                let Some(m) = m else {
+                    let _ = wr.shutdown().await;
+                    return true;
+                };
+                out.clear();
+                if let Err(e) = transport::encode_peer(&m, &mut out) {
+                    warn!(error = %e, "cannot encode a message; dropped");
+                }
+                while out.len() < 1 << 20 {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            if let Err(e) = transport::encode_peer(&m, &mut out) {
+                                warn!(error = %e, "cannot encode a message; dropped");
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = wr.write_all(&out).await {
+                    debug!(error = %e, "write to peer failed");
+                    return false;
+                }
+                sec.stats.bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn reload_loop(path: PathBuf, mut current: MemberFile, every: Duration, io_tx: mpsc::Sender<IoEvent>, cancel: CancellationToken) {
+    let mut last_text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut last_err = String::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Ok(text) = tokio::fs::read_to_string(&path).await else {
+            if last_err != "unreadable" {
+                warn!(file = %path.display(), "member file unreadable; keeping the last good membership");
+                last_err = "unreadable".into();
+            }
+            continue;
+        };
+        if text == last_text {
+            continue;
+        }
+        last_text = text.clone();
+        match MemberFile::parse(&text, &path.display().to_string()) {
+            Ok(mf) => {
+                last_err.clear();
+                if mf != current {
+                    current = mf.clone();
+                    if io_tx.send(IoEvent::Members(mf)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "invalid member file; keeping the last good membership");
+                last_err = e.to_string();
+            }
+        }
+    }
+}
