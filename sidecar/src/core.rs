@@ -168,6 +168,9 @@ struct Peer {
     connected: bool,
     ready: bool,
     settled: bool,
+    /// The peer answered but refused our handshake (it may not know us yet).
+    refused: bool,
+    left_ack: bool,
     out: OutLog,
     in_seq: u64,
     ack_due: bool,
@@ -175,7 +178,7 @@ struct Peer {
 
 impl Peer {
     fn new() -> Self {
-        Peer { gen: None, connected: false, ready: false, settled: false, out: OutLog::fresh(), in_seq: 0, ack_due: false }
+        Peer { gen: None, connected: false, ready: false, settled: false, refused: false, left_ack: false, out: OutLog::fresh(), in_seq: 0, ack_due: false }
     }
 }
 
@@ -347,11 +350,10 @@ impl Core {
                     p.out.sent_upto = p.out.next_seq - 1;
                 }
             }
-            if p.ack_due {
+            // Acks wait for our connection to the peer to exist.
+            if p.ack_due && p.connected {
                 p.ack_due = false;
-                if p.connected {
-                    self.outbox.push(Output::Send { to: name.clone(), msg: PeerMsg::Ack { upto: p.in_seq } });
-                }
+                self.outbox.push(Output::Send { to: name.clone(), msg: PeerMsg::Ack { upto: p.in_seq } });
             }
         }
         std::mem::take(&mut self.outbox)
@@ -410,17 +412,25 @@ impl Core {
         if let Some(p) = self.peers.get_mut(&peer.name) {
             p.connected = true;
             p.settled = true;
+            p.refused = false;
             p.ready = ready;
+            p.ack_due = p.in_seq > 0;
             // Resend everything not acknowledged; the receiver drops duplicates.
             p.out.sent_upto = p.out.acked;
         }
         self.outbox.push(Output::Send { to: peer.name.clone(), msg: PeerMsg::Heartbeat { ready: self.is_ready() } });
     }
 
-    pub fn on_outbound_down(&mut self, peer: &str, now_ms: u64) {
+    /// Our connection to `peer` failed or broke. `refused` means the peer
+    /// answered but turned our handshake down: it is running (perhaps without
+    /// us in its member list yet), so a starting member must wait for it.
+    pub fn on_outbound_down(&mut self, peer: &str, refused: bool, now_ms: u64) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.connected = false;
-            p.settled = true;
+            p.refused = refused;
+            if !refused {
+                p.settled = true;
+            }
         }
         let helpers = self.helpers(peer);
         let acts = self.detector.connection_lost(peer, now_ms, &helpers);
@@ -473,6 +483,10 @@ impl Core {
                 }
                 Action::Changed { peer, from, to, reason } => {
                     match to {
+                        MemberState::Dead if self.peers.get(&peer).is_some_and(|p| p.gen.is_none()) => {
+                            // Never seen in this life of ours: not a failure we detected.
+                            info!(peer = %peer, reason, "member not reachable");
+                        }
                         MemberState::Dead => {
                             self.stats.detections += 1;
                             warn!(peer = %peer, from = from.as_str(), reason, "member declared dead");
@@ -557,6 +571,12 @@ impl Core {
             PeerMsg::Leave => {
                 let acts = self.detector.left(&name, now_ms);
                 self.run_actions(acts, now_ms);
+                self.send(&name, PeerMsg::LeaveAck);
+            }
+            PeerMsg::LeaveAck => {
+                if let Some(p) = self.peers.get_mut(&name) {
+                    p.left_ack = true;
+                }
             }
             PeerMsg::TransferPull { transfer, cursor, max_bytes } => {
                 let cap = (max_bytes as usize).clamp(1024, self.cfg.max_frame_bytes / 2);
@@ -731,12 +751,20 @@ impl Core {
                     self.start_transfer(src, None, now_ms, BTreeSet::new());
                     return;
                 }
+                // Go ready empty only when every peer was reached (and none is
+                // ready) or is unreachable: a cold cluster. A peer that refused us
+                // is running and may hold sessions, so wait for it.
                 let all_settled = self.peers.iter().all(|(n, p)| {
-                    p.settled || matches!(self.detector.state(n), Some(MemberState::Dead | MemberState::Left))
+                    !p.refused && (p.settled || matches!(self.detector.state(n), Some(MemberState::Left)))
                 });
-                if all_settled || now_ms.saturating_sub(self.started_ms) >= self.cfg.startup_wait_ms {
+                let waited = now_ms.saturating_sub(self.started_ms) >= self.cfg.startup_wait_ms;
+                if all_settled && (waited || self.peers.values().all(|p| p.settled)) {
                     info!(peers = self.peers.len(), "no ready peer to transfer from; starting with an empty store");
                     self.phase = Phase::Ready;
+                } else if waited && now_ms.saturating_sub(self.last_stall_log_ms) > 5_000 {
+                    self.last_stall_log_ms = now_ms;
+                    let refused: Vec<&String> = self.peers.iter().filter(|(_, p)| p.refused).map(|(n, _)| n).collect();
+                    warn!(?refused, "still waiting for peers before deciding on state transfer");
                 }
             }
             Phase::Transferring { .. } => {
@@ -1017,6 +1045,11 @@ impl Core {
         self.peers.iter().all(|(n, p)| {
             p.out.unacked.is_empty() || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live())
         })
+    }
+
+    /// True once every connected, live member confirmed our `Leave`.
+    pub fn leave_acknowledged(&self) -> bool {
+        self.peers.iter().all(|(n, p)| p.left_ack || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live()))
     }
 
     pub fn announce_leave(&mut self) {

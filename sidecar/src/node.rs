@@ -88,7 +88,7 @@ pub struct MeView {
 enum IoEvent {
     Msg { from: NodeId, msg: PeerMsg },
     OutboundUp { peer: NodeId, ready: bool },
-    OutboundDown { peer: String },
+    OutboundDown { peer: String, refused: bool },
     InboundClosed { peer: NodeId },
     Probe { target: String, for_peer: Option<String>, ok: bool },
     Members(MemberFile),
@@ -119,6 +119,7 @@ struct PeerLink {
     addr: SocketAddr,
     tx: mpsc::UnboundedSender<PeerMsg>,
     cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// A started member: its handle, and where it listens.
@@ -271,10 +272,32 @@ impl CoreTask {
         }
         self.core.announce_leave();
         self.flush();
+        // Wait (bounded) until the peers confirm, so they mark us `left`
+        // before our connections close and never suspect us.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1_000);
+        while !self.core.leave_acknowledged() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!("not every peer confirmed the leave in time");
+                    break;
+                }
+                Some(ev) = io_rx.recv() => self.on_io(ev),
+                _ = tick.tick() => self.core.tick(now_ms()),
+            }
+            self.flush();
+        }
         // Closing the channels lets each writer send what it holds and stop.
+        let mut writers = Vec::new();
         for (_, l) in self.links.drain() {
             drop(l.tx);
+            writers.push(l.task);
         }
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            for w in writers {
+                let _ = w.await;
+            }
+        })
+        .await;
         info!("left the cluster");
     }
 
@@ -309,7 +332,7 @@ impl CoreTask {
             }
             let (tx, rx) = mpsc::unbounded_channel();
             let cancel = self.net_cancel.child_token();
-            self.tracker.spawn(outbound_loop(
+            let task = self.tracker.spawn(outbound_loop(
                 m.name.clone(),
                 m.address,
                 self.sec.clone(),
@@ -318,7 +341,7 @@ impl CoreTask {
                 cancel.clone(),
                 self.cfg.connect_timeout,
             ));
-            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, cancel });
+            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, cancel, task });
         }
     }
 
@@ -327,7 +350,7 @@ impl CoreTask {
         match ev {
             IoEvent::Msg { from, msg } => self.core.on_peer_msg(&from, msg, now),
             IoEvent::OutboundUp { peer, ready } => self.core.on_outbound_up(&peer, ready, now),
-            IoEvent::OutboundDown { peer } => self.core.on_outbound_down(&peer, now),
+            IoEvent::OutboundDown { peer, refused } => self.core.on_outbound_down(&peer, refused, now),
             IoEvent::InboundClosed { peer } => self.core.on_inbound_closed(&peer, now),
             IoEvent::Probe { target, for_peer, ok } => self.core.on_probe_result(&target, for_peer, ok, now),
             IoEvent::Members(mf) => {
@@ -527,7 +550,7 @@ async fn outbound_loop(
                     // Our side is shutting down: whatever was queued was written.
                     return;
                 }
-                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone() }).await;
+                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), refused: false }).await;
             }
             Err(e) => {
                 failures += 1;
@@ -538,7 +561,11 @@ async fn outbound_loop(
                     _ if failures == 1 => info!(peer = %name, %addr, error = %e, "cannot reach peer; retrying with backoff"),
                     _ => debug!(peer = %name, %addr, error = %e, "cannot reach peer"),
                 }
-                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone() }).await;
+                let refused = matches!(
+                    e,
+                    transport::TransportError::Auth(_) | transport::TransportError::Rejected(_) | transport::TransportError::Protocol(_)
+                );
+                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), refused }).await;
                 while rx.try_recv().is_ok() {}
                 tokio::select! {
                     _ = cancel.cancelled() => return,

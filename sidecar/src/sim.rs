@@ -197,7 +197,7 @@ impl Sim {
                     self.links.remove(&key);
                     if self.is_up(a) {
                         if let Some(n) = self.nodes.get_mut(a) {
-                            n.core.on_outbound_down(b, now);
+                            n.core.on_outbound_down(b, false, now);
                         }
                         self.dispatch(a);
                     }

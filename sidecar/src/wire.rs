@@ -76,6 +76,8 @@ pub enum PeerMsg {
     AeStates { states: Vec<SessionState> },
     /// The sender is leaving on purpose; mark it `left` at once.
     Leave,
+    /// The receiver of a `Leave` has marked the sender `left`.
+    LeaveAck,
     /// The sender's clock, so receivers keep their HLC ahead of it.
     Clock { hlc: Hlc },
 }
@@ -95,6 +97,7 @@ impl PeerMsg {
             PeerMsg::AePull { .. } => "ae_pull",
             PeerMsg::AeStates { .. } => "ae_states",
             PeerMsg::Leave => "leave",
+            PeerMsg::LeaveAck => "leave_ack",
             PeerMsg::Clock { .. } => "clock",
         }
     }

@@ -1,0 +1,382 @@
+//! Real sidecar processes on loopback: replication, SIGKILL, join, leave, and
+//! bad input. Every wait has a deadline.
+
+use sessionmesh_sidecar::client::Client;
+use sessionmesh_sidecar::localcluster::LocalCluster;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn bin() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_sessionmesh-sidecar").into()
+}
+
+async fn started(n: usize, args: &[&str]) -> LocalCluster {
+    let mut cl = LocalCluster::new(&bin(), n, args).expect("cluster");
+    for i in 0..n {
+        cl.start(i).expect("start");
+    }
+    for i in 0..n {
+        assert!(cl.wait_ready(i, Duration::from_secs(15)).await, "node{} not ready:\n{}", i + 1, cl.log_tail(i, 30));
+    }
+    cl
+}
+
+async fn member_state(c: &mut Client, name: &str) -> Option<String> {
+    let v = c.get("/v1/cluster").await.ok()?.json();
+    v["members"].as_array()?.iter().find(|m| m["name"] == name).and_then(|m| m["state"].as_str().map(str::to_owned))
+}
+
+async fn wait_state(c: &mut Client, name: &str, want: &str, within: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if member_state(c, name).await.as_deref() == Some(want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+async fn count(c: &mut Client) -> u64 {
+    c.get("/v1/sessions?limit=1").await.map(|r| r.json()["count"].as_u64().unwrap_or(0)).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_sigkill_loses_no_acknowledged_write() {
+    let mut cl = started(3, &["--send", "sync"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3usize {
+        let mut c = cl.client(w);
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked: Vec<(String, String, String)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && i < 100_000 {
+                let id = format!("W{w}S{}", i % 50);
+                if i < 50 {
+                    let r = c.post("/v1/sessions", format!(r#"{{"id":"{id}"}}"#)).await;
+                    if r.is_err() {
+                        break;
+                    }
+                } else {
+                    let (attr, val) = (format!("a{i}"), format!("v{i}"));
+                    match c.put(&format!("/v1/sessions/{id}.node{}/attributes/{attr}", w + 1), val.clone()).await {
+                        Ok(r) if r.status == 204 => acked.push((id, attr, val)),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let t = Instant::now();
+    cl.kill(2);
+    let mut c0 = cl.client(0);
+    assert!(wait_state(&mut c0, "node3", "dead", Duration::from_secs(3)).await, "node3 not declared dead");
+    let detect = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.await.expect("writer"));
+    }
+    assert!(all.len() > 200, "too few acknowledged writes to mean anything: {}", all.len());
+    for survivor in [0usize, 1] {
+        let mut c = cl.client(survivor);
+        let mut by_session: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for (id, attr, val) in &all {
+            if !by_session.contains_key(id) {
+                let r = c.get(&format!("/v1/sessions/{id}?touch=false")).await.expect("get");
+                assert_eq!(r.status, 200, "node{}: session {id} missing", survivor + 1);
+                by_session.insert(id.clone(), r.json());
+            }
+            let got = by_session[id]["attributes"][attr].as_str().unwrap_or("");
+            use base64::Engine;
+            let got = base64::engine::general_purpose::STANDARD.decode(got).unwrap_or_default();
+            assert_eq!(got, val.as_bytes(), "node{}: acknowledged write {id}/{attr} lost", survivor + 1);
+        }
+    }
+    assert!(detect < Duration::from_secs(1), "detection took {detect:?}");
+    // Logs never carry session ids.
+    for i in 0..3 {
+        let log = cl.log_text(i);
+        assert!(!log.contains("W0S1") && !log.contains("W1S2"), "a session id leaked into node{} logs", i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_member_holds_every_session_before_it_is_ready() {
+    let mut cl = started(3, &["--transfer-chunk-bytes", "65536"]).await;
+    let mut c = cl.client(0);
+    let payload = "x".repeat(1024);
+    let body = format!(r#"{{"attributes":{{"p":"{}"}}}}"#, base64_of(&payload));
+    for _ in 0..1500 {
+        let r = c.post("/v1/sessions", body.clone()).await.expect("create");
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let before = count(&mut c).await;
+    assert_eq!(before, 1500);
+    // Keep writing while the new member joins.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let mut c = cl.client(1);
+        let stop = stop.clone();
+        let body = body.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 100_000 {
+                if c.post("/v1/sessions", body.clone()).await.is_ok_and(|r| r.status == 201) {
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let i = cl.add_node(true).expect("add");
+    cl.write_members().expect("members");
+    cl.start(i).expect("start node4");
+    let mut c4 = cl.client(i);
+    let t = Instant::now();
+    let mut first_ready_count = None;
+    while t.elapsed() < Duration::from_secs(20) {
+        let r = c4.get("/readyz").await.expect("readyz");
+        if r.status == 200 {
+            first_ready_count = Some(count(&mut c4).await);
+            break;
+        }
+        // Not ready yet: the local API refuses to serve partial state.
+        let s = c4.get("/v1/sessions/anything").await.expect("get");
+        if r.status != 200 {
+            assert!(s.status == 503 || s.status == 404, "unexpected {}", s.status);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let at_ready = first_ready_count.expect("node4 never became ready");
+    assert!(at_ready >= before, "node4 was ready with {at_ready} of {before} sessions");
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    let want = before + written;
+    let t = Instant::now();
+    let mut have = 0;
+    while t.elapsed() < Duration::from_secs(15) {
+        have = count(&mut c4).await;
+        if have == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(have, want, "node4 converged to {have} of {want}");
+    let m = c4.get("/metrics").await.expect("metrics").text();
+    assert!(m.contains("sessionmesh_ready 1"), "{m}");
+    assert!(!m.contains("sessionmesh_transfer_sessions_received 0\n"), "transfer metric not updated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_seen_as_a_leave_at_once() {
+    let mut cl = started(3, &[]).await;
+    let mut c = cl.client(2);
+    let r = c.post("/v1/sessions", r#"{"id":"LEAVER"}"#).await.expect("create");
+    assert_eq!(r.status, 201);
+    let r = c.put("/v1/sessions/LEAVER/attributes/last", "words").await.expect("put");
+    assert_eq!(r.status, 204);
+    let code = cl.terminate(2, Duration::from_secs(8));
+    assert_eq!(code, Some(0), "node3 did not exit cleanly:\n{}", cl.log_tail(2, 20));
+    let mut c0 = cl.client(0);
+    assert_eq!(member_state(&mut c0, "node3").await.as_deref(), Some("left"), "leave was not seen at once");
+    let r = c0.get("/v1/sessions/LEAVER/attributes/last").await.expect("get");
+    assert_eq!(r.text(), "words");
+    let m = c0.get("/metrics").await.expect("metrics").text();
+    assert!(m.contains("sessionmesh_detections_total 0"), "a leave counted as a failure");
+    assert!(cl.log_text(2).contains("left the cluster"));
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_are_refused_and_the_node_stays_healthy() {
+    let cl = started(2, &["--max-frame-bytes", "1048576"]).await;
+    let addr = cl.nodes[0].replication;
+    // Garbage: an HTTP request on the replication port.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "garbage got an answer");
+    // A frame header announcing 4 GiB: refused before any allocation.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    let mut hdr = b"SMSH\x01\x01".to_vec();
+    hdr.extend_from_slice(&u32::MAX.to_be_bytes());
+    s.write_all(&hdr).expect("write");
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    let mut c = cl.client(0);
+    let t = Instant::now();
+    let mut log = String::new();
+    while t.elapsed() < Duration::from_secs(3) {
+        log = cl.log_text(0);
+        if log.contains("bad magic") && log.contains("exceeds the limit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(log.contains("bad magic"), "{log}");
+    assert!(log.contains("exceeds the limit"), "{log}");
+    assert_eq!(c.get("/healthz").await.expect("healthz").status, 200);
+    assert_eq!(c.get("/readyz").await.expect("readyz").status, 200);
+    let r = c.post("/v1/sessions", r#"{"id":"AFTER"}"#).await.expect("create");
+    assert_eq!(r.status, 201);
+    let m = c.get("/metrics").await.expect("metrics").text();
+    assert!(!m.contains("sessionmesh_frame_errors_total 0\n"), "frame errors not counted");
+    assert_eq!(member_state(&mut c, "node2").await.as_deref(), Some("alive"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_secret_is_refused_and_gets_no_data() {
+    let mut cl = LocalCluster::new(&bin(), 3, &[]).expect("cluster");
+    cl.start(0).expect("start");
+    cl.start(1).expect("start");
+    assert!(cl.wait_ready(0, Duration::from_secs(10)).await);
+    let mut c = cl.client(0);
+    for i in 0..20 {
+        let r = c.post("/v1/sessions", format!(r#"{{"id":"SECRETDATA{i}"}}"#)).await.expect("create");
+        assert_eq!(r.status, 201);
+    }
+    let wrong = cl.dir.join("wrong-secret");
+    std::fs::write(&wrong, "this-is-not-the-cluster-secret").expect("write");
+    let wrong = wrong.display().to_string();
+    cl.start_with(2, &["--secret-file", &wrong]).expect("start intruder");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) && !cl.log_text(0).contains("does not hold the cluster secret") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cl.log_text(0).contains("does not hold the cluster secret"), "{}", cl.log_tail(0, 20));
+    assert!(cl.log_text(2).contains("refused the handshake"), "{}", cl.log_tail(2, 20));
+    let mut c3 = cl.client(2);
+    assert_eq!(count(&mut c3).await, 0, "the intruder received sessions");
+    let m = c.get("/metrics").await.expect("metrics").text();
+    assert!(!m.contains("sessionmesh_auth_failures_total 0\n"));
+    assert_ne!(member_state(&mut c, "node3").await.as_deref(), Some("alive"));
+    assert_eq!(c.get("/healthz").await.expect("healthz").status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_bad_input_gets_clear_errors() {
+    let cl = started(1, &["--max-attr-bytes", "1024", "--max-session-bytes", "3500"]).await;
+    let mut c = cl.client(0);
+    let r = c.post("/v1/sessions", "{not json").await.expect("post");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "malformed_json");
+    let r = c.post("/v1/sessions", r#"{"id":"S1","colour":"red"}"#).await.expect("post");
+    assert_eq!(r.status, 400, "unknown fields are refused");
+    let r = c.post("/v1/sessions", r#"{"id":"S1","attributes":{"a":"***"}}"#).await.expect("post");
+    assert_eq!(r.json()["error"], "bad_base64");
+    assert_eq!(c.get("/v1/sessions/S1").await.expect("get").status, 404, "a refused create left something behind");
+    let r = c.post("/v1/sessions", r#"{"id":"S1"}"#).await.expect("post");
+    assert_eq!(r.status, 201);
+    let r = c.post("/v1/sessions", r#"{"id":"S1"}"#).await.expect("post");
+    assert_eq!(r.status, 409);
+    let r = c.put("/v1/sessions/S1/attributes/big", vec![b'x'; 1025]).await.expect("put");
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "too_large");
+    for i in 0..3 {
+        let r = c.put(&format!("/v1/sessions/S1/attributes/a{i}"), vec![b'x'; 1000]).await.expect("put");
+        assert_eq!(r.status, 204);
+    }
+    let r = c.put("/v1/sessions/S1/attributes/a9", vec![b'x'; 1000]).await.expect("put");
+    assert_eq!(r.status, 413, "session size limit");
+    let r = c.get("/v1/sessions/S1/attributes/big").await.expect("get");
+    assert_eq!(r.status, 404);
+    let r = c.get("/v1/sessions/a%2Fb").await.expect("get");
+    assert_eq!(r.status, 400);
+    let r = c.get("/v1/nothing").await.expect("get");
+    assert_eq!(r.status, 404);
+    let r = c.request(hyper::Method::PUT, "/v1/cluster", "").await.expect("put");
+    assert_eq!(r.status, 405);
+    let r = c.delete("/v1/sessions/S1").await.expect("delete");
+    assert_eq!(r.status, 204);
+    assert_eq!(c.get("/v1/sessions/S1").await.expect("get").status, 410);
+    let r = c.put("/v1/sessions/S1/attributes/x", "1").await.expect("put");
+    assert_eq!(r.status, 410, "writes to an invalidated id are refused");
+    assert_eq!(c.get("/healthz").await.expect("healthz").status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_api_round_trip_with_route_suffix_and_rename() {
+    let cl = started(2, &[]).await;
+    let (mut a, mut b) = (cl.client(0), cl.client(1));
+    let r = a.post("/v1/sessions?send=sync", r#"{"id":"ABC","maxInactiveSeconds":60,"attributes":{"user":"YWxpY2U="}}"#).await.expect("create");
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json()["routedId"], "ABC.node1");
+    let r = b.get("/v1/sessions/ABC.node1/attributes/user").await.expect("get");
+    assert_eq!(r.text(), "alice");
+    let r = b
+        .request(hyper::Method::PATCH, "/v1/sessions/ABC.node2?send=sync", r#"{"set":{"cart":"Mw=="},"remove":["user"]}"#)
+        .await
+        .expect("patch");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let v = a.get("/v1/sessions/ABC").await.expect("get").json();
+    assert_eq!(v["attributes"]["cart"], "Mw==");
+    assert!(v["attributes"].get("user").is_none());
+    assert_eq!(v["maxInactiveSeconds"], 60);
+    let r = a.post("/v1/sessions/ABC/rename?send=sync", r#"{"newId":"XYZ"}"#).await.expect("rename");
+    assert_eq!(r.status, 200);
+    assert_eq!(b.get("/v1/sessions/XYZ/attributes/cart").await.expect("get").text(), "3");
+    assert_eq!(b.get("/v1/sessions/ABC").await.expect("get").status, 410);
+    let v = b.get("/v1/sessions").await.expect("list").json();
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["ids"][0], "XYZ");
+    assert_eq!(b.post("/v1/sessions/XYZ/touch", "").await.expect("touch").status, 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_file_reload_keeps_last_good_membership_on_error() {
+    let mut cl = started(2, &["--reload-interval-ms", "100"]).await;
+    let mut c = cl.client(0);
+    let good = cl.members_yaml();
+    cl.write_members_text(&good.replace(&cl.nodes[1].replication.to_string(), "not-an-address")).expect("write");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) && !cl.log_text(0).contains("members[1].address") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cl.log_text(0).contains("members[1].address"), "{}", cl.log_tail(0, 10));
+    assert_eq!(member_state(&mut c, "node2").await.as_deref(), Some("alive"));
+    // A valid change is picked up: a third member appears.
+    let i = cl.add_node(true).expect("add");
+    cl.write_members().expect("write");
+    let t = Instant::now();
+    let mut seen = None;
+    while t.elapsed() < Duration::from_secs(5) {
+        seen = member_state(&mut c, "node3").await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen.is_some(), "node3 never appeared after reload");
+    cl.start(i).expect("start node3");
+    assert!(cl.wait_ready(i, Duration::from_secs(10)).await);
+    assert!(wait_state(&mut c, "node3", "alive", Duration::from_secs(5)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_receiver_port_is_a_clear_startup_error() {
+    let mut cl = LocalCluster::new(&bin(), 2, &[]).expect("cluster");
+    let _squatter = std::net::TcpListener::bind(cl.nodes[1].replication).expect("bind");
+    cl.start(0).expect("start");
+    let r = cl.start(1);
+    assert!(r.is_err(), "node2 started on a taken port");
+    let log = cl.log_text(1);
+    assert!(log.contains("cannot bind the replication port"), "{log}");
+    assert!(log.contains("own receiver port"), "{log}");
+}
