@@ -140,6 +140,8 @@ pub struct Stats {
     pub seq_gaps: u64,
 }
 
+const HELD_MAX: usize = 16;
+
 #[derive(Debug, Default)]
 struct OutLog {
     next_seq: u64,
@@ -171,6 +173,9 @@ struct Peer {
     /// The peer answered but refused our handshake (it may not know us yet).
     refused: bool,
     left_ack: bool,
+    /// Replies held until our connection to the peer is up (a joiner's
+    /// transfer request can arrive before we have dialed it).
+    held: Vec<PeerMsg>,
     out: OutLog,
     in_seq: u64,
     ack_due: bool,
@@ -178,7 +183,7 @@ struct Peer {
 
 impl Peer {
     fn new() -> Self {
-        Peer { gen: None, connected: false, ready: false, settled: false, refused: false, left_ack: false, out: OutLog::fresh(), in_seq: 0, ack_due: false }
+        Peer { gen: None, connected: false, ready: false, settled: false, refused: false, left_ack: false, held: Vec::new(), out: OutLog::fresh(), in_seq: 0, ack_due: false }
     }
 }
 
@@ -391,6 +396,7 @@ impl Core {
                 info!(peer = %from, "member restarted with a new generation");
                 p.gen = Some(from.generation);
                 p.out = OutLog::fresh();
+                p.held.clear();
                 p.in_seq = 0;
                 p.ready = false;
                 p.connected = false;
@@ -417,6 +423,8 @@ impl Core {
             p.ack_due = p.in_seq > 0;
             // Resend everything not acknowledged; the receiver drops duplicates.
             p.out.sent_upto = p.out.acked;
+            let held = std::mem::take(&mut p.held);
+            self.outbox.extend(held.into_iter().map(|msg| Output::Send { to: peer.name.clone(), msg }));
         }
         self.outbox.push(Output::Send { to: peer.name.clone(), msg: PeerMsg::Heartbeat { ready: self.is_ready() } });
     }
@@ -503,6 +511,7 @@ impl Core {
                     if matches!(to, MemberState::Dead | MemberState::Left) {
                         if let Some(p) = self.peers.get_mut(&peer) {
                             p.out.clear();
+                            p.held.clear();
                             p.ready = false;
                         }
                     }
@@ -513,8 +522,15 @@ impl Core {
     }
 
     fn send(&mut self, to: &str, msg: PeerMsg) {
-        if self.peers.get(to).is_some_and(|p| p.connected) {
+        let live = self.detector.state(to).is_some_and(|s| s.is_live());
+        let Some(p) = self.peers.get_mut(to) else { return };
+        if p.connected {
             self.outbox.push(Output::Send { to: to.to_owned(), msg });
+        } else if live {
+            if p.held.len() >= HELD_MAX {
+                p.held.remove(0);
+            }
+            p.held.push(msg);
         }
     }
 

@@ -89,6 +89,7 @@ enum IoEvent {
     Msg { from: NodeId, msg: PeerMsg },
     OutboundUp { peer: NodeId, ready: bool },
     OutboundDown { peer: String, refused: bool },
+    InboundUp { peer: NodeId },
     InboundClosed { peer: NodeId },
     Probe { target: String, for_peer: Option<String>, ok: bool },
     Members(MemberFile),
@@ -119,6 +120,7 @@ struct PeerLink {
     addr: SocketAddr,
     tx: mpsc::UnboundedSender<PeerMsg>,
     cancel: CancellationToken,
+    kick: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -332,6 +334,7 @@ impl CoreTask {
             }
             let (tx, rx) = mpsc::unbounded_channel();
             let cancel = self.net_cancel.child_token();
+            let kick = Arc::new(tokio::sync::Notify::new());
             let task = self.tracker.spawn(outbound_loop(
                 m.name.clone(),
                 m.address,
@@ -339,9 +342,10 @@ impl CoreTask {
                 rx,
                 self.io_tx.clone(),
                 cancel.clone(),
+                kick.clone(),
                 self.cfg.connect_timeout,
             ));
-            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, cancel, task });
+            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, cancel, kick, task });
         }
     }
 
@@ -351,6 +355,12 @@ impl CoreTask {
             IoEvent::Msg { from, msg } => self.core.on_peer_msg(&from, msg, now),
             IoEvent::OutboundUp { peer, ready } => self.core.on_outbound_up(&peer, ready, now),
             IoEvent::OutboundDown { peer, refused } => self.core.on_outbound_down(&peer, refused, now),
+            IoEvent::InboundUp { peer } => {
+                // The peer is up: if our dialer is backing off, try now.
+                if let Some(l) = self.links.get(&peer.name) {
+                    l.kick.notify_one();
+                }
+            }
             IoEvent::InboundClosed { peer } => self.core.on_inbound_closed(&peer, now),
             IoEvent::Probe { target, for_peer, ok } => self.core.on_probe_result(&target, for_peer, ok, now),
             IoEvent::Members(mf) => {
@@ -493,6 +503,7 @@ async fn inbound(
         return;
     }
     debug!(%remote, peer = %peer, "inbound replication connection");
+    let _ = io_tx.send(IoEvent::InboundUp { peer: peer.clone() }).await;
     loop {
         match transport::read_frame(&mut stream, &mut buf, sec.max_frame, &sec.stats).await {
             Ok(Some((ty, payload))) => match wire::decode::<PeerMsg>(FrameType::Peer, ty, &payload) {
@@ -525,6 +536,7 @@ async fn outbound_loop(
     mut rx: mpsc::UnboundedReceiver<PeerMsg>,
     io_tx: mpsc::Sender<IoEvent>,
     cancel: CancellationToken,
+    kick: Arc<tokio::sync::Notify>,
     connect_timeout: Duration,
 ) {
     let mut backoff = Duration::from_millis(25);
@@ -570,6 +582,7 @@ async fn outbound_loop(
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
+                    _ = kick.notified() => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }

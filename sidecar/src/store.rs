@@ -68,6 +68,67 @@ pub struct Attr {
     pub removed_at_ms: u64,
 }
 
+/// A session's attributes: a sorted vector, not a tree. Sessions hold few
+/// attributes, and a B-tree node reserves room for eleven, which would cost
+/// more than a typical value. Deserialization sorts and de-duplicates (keeping
+/// the newest), so a peer cannot break the ordering invariant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<(String, Attr)>", into = "Vec<(String, Attr)>")]
+pub struct AttrMap(Vec<(String, Attr)>);
+
+impl From<Vec<(String, Attr)>> for AttrMap {
+    fn from(mut v: Vec<(String, Attr)>) -> Self {
+        v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.hlc.cmp(&a.1.hlc)));
+        v.dedup_by(|later, first| later.0 == first.0);
+        v.shrink_to_fit();
+        AttrMap(v)
+    }
+}
+
+impl From<AttrMap> for Vec<(String, Attr)> {
+    fn from(m: AttrMap) -> Self {
+        m.0
+    }
+}
+
+impl AttrMap {
+    pub fn get(&self, name: &str) -> Option<&Attr> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(name)).ok().map(|i| &self.0[i].1)
+    }
+    pub fn insert(&mut self, name: String, a: Attr) {
+        match self.0.binary_search_by(|(k, _)| k.as_str().cmp(&name)) {
+            Ok(i) => self.0[i].1 = a,
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (name, a));
+            }
+        }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Attr)> {
+        self.0.iter().map(|(k, a)| (k, a))
+    }
+    pub fn values(&self) -> impl Iterator<Item = &Attr> {
+        self.0.iter().map(|(_, a)| a)
+    }
+    pub fn retain(&mut self, mut f: impl FnMut(&String, &Attr) -> bool) {
+        self.0.retain(|(k, a)| f(k, a));
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl IntoIterator for AttrMap {
+    type Item = (String, Attr);
+    type IntoIter = std::vec::IntoIter<(String, Attr)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub created_ms: u64,
@@ -75,7 +136,7 @@ pub struct Session {
     /// 0 means the session never expires.
     pub max_inactive_ms: u64,
     pub meta_hlc: Hlc,
-    pub attrs: BTreeMap<String, Attr>,
+    pub attrs: AttrMap,
 }
 
 impl Session {
@@ -265,7 +326,7 @@ impl Store {
                     last_accessed_ms: d.last_accessed_ms,
                     max_inactive_ms: d.max_inactive_ms,
                     meta_hlc: Hlc::default(),
-                    attrs: BTreeMap::new(),
+                    attrs: AttrMap::default(),
                 };
                 if expired(&fresh, now_ms, 0) {
                     return Applied::Ignored;
@@ -552,7 +613,7 @@ fn entry_hash(id: &SessionId, e: &Entry) -> u64 {
             buf.push(1);
             buf.extend_from_slice(&s.max_inactive_ms.to_le_bytes());
             push_hlc(&mut buf, &s.meta_hlc);
-            for (k, a) in &s.attrs {
+            for (k, a) in s.attrs.iter() {
                 buf.extend_from_slice(k.as_bytes());
                 buf.push(a.value.is_some() as u8);
                 push_hlc(&mut buf, &a.hlc);
@@ -646,7 +707,7 @@ mod tests {
                 last_accessed_ms: 1500,
                 max_inactive_ms: 60_000,
                 meta_hlc: Hlc::default(),
-                attrs: BTreeMap::new(),
+                attrs: AttrMap::default(),
             }),
         };
         assert_eq!(st.merge(state, 1500 + 60_000), Applied::Ignored);
@@ -675,6 +736,15 @@ mod tests {
         let other = delta("B", h(1600, 1), vec![Op::Create]);
         assert_eq!(st.check_local(&other, 1600, 0), Err(StoreError::Full { max: 1 }));
         assert_eq!(st.check_local(&delta("C", h(1, 1), vec![set("a", "b")]), 1600, 0), Err(StoreError::NotFound));
+    }
+
+    #[test]
+    fn attr_map_from_the_wire_is_sorted_and_unique() {
+        let a = |w| Attr { value: Some(Bytes::from_static(b"v")), hlc: h(w, 1), removed_at_ms: 0 };
+        let m = AttrMap::from(vec![("b".into(), a(1)), ("a".into(), a(1)), ("b".into(), a(5))]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.get("b").unwrap().hlc.wall_ms, 5);
+        assert!(m.get("a").is_some() && m.get("c").is_none());
     }
 
     #[test]
