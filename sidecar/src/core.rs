@@ -141,6 +141,8 @@ pub struct Stats {
 }
 
 const HELD_MAX: usize = 16;
+/// Outstanding deltas with no acknowledgement for this long are resent.
+const RESEND_AFTER_MS: u64 = 1_000;
 
 #[derive(Debug, Default)]
 struct OutLog {
@@ -149,6 +151,8 @@ struct OutLog {
     sent_upto: u64,
     unacked: VecDeque<(u64, Delta, usize)>,
     bytes: usize,
+    /// When `acked` last moved (or a resend was last tried).
+    progress_ms: u64,
 }
 
 impl OutLog {
@@ -567,6 +571,7 @@ impl Core {
                 if let Some(p) = self.peers.get_mut(&name) {
                     if upto > p.out.acked && upto < p.out.next_seq {
                         p.out.acked = upto;
+                        p.out.progress_ms = now_ms;
                         while p.out.unacked.front().is_some_and(|(s, _, _)| *s <= upto) {
                             if let Some((_, _, sz)) = p.out.unacked.pop_front() {
                                 p.out.bytes -= sz;
@@ -890,7 +895,7 @@ impl Core {
         }
         self.store.apply(&d, now_ms);
         self.dirty_touch.remove(&d.id);
-        let waits = self.replicate(d);
+        let waits = self.replicate(d, now_ms);
         let mode = mode.unwrap_or(self.cfg.send);
         let backpressure = self.peers.values().any(|p| p.out.bytes > self.cfg.max_queue_bytes);
         if (mode == SendMode::Async || waits.is_empty()) && !backpressure {
@@ -906,7 +911,7 @@ impl Core {
     }
 
     /// Queues a delta for every live member; returns what a sync write waits for.
-    fn replicate(&mut self, d: Delta) -> Vec<(String, Option<Generation>, u64)> {
+    fn replicate(&mut self, d: Delta, now_ms: u64) -> Vec<(String, Option<Generation>, u64)> {
         let size = d.size_hint();
         let mut waits = Vec::new();
         let hard_cap = self.cfg.max_queue_bytes.saturating_mul(2);
@@ -924,6 +929,9 @@ impl Core {
             }
             let seq = p.out.next_seq;
             p.out.next_seq += 1;
+            if p.out.unacked.is_empty() {
+                p.out.progress_ms = now_ms;
+            }
             p.out.unacked.push_back((seq, d.clone(), size));
             p.out.bytes += size;
             waits.push((name.clone(), p.gen, seq));
@@ -997,6 +1005,18 @@ impl Core {
 
         self.tick_startup(now_ms);
 
+        // Nothing acknowledged for a while although deltas are outstanding:
+        // resend them (the receiver drops duplicates).
+        for p in self.peers.values_mut() {
+            if p.connected && !p.out.unacked.is_empty() && now_ms.saturating_sub(p.out.progress_ms) >= RESEND_AFTER_MS {
+                if p.out.sent_upto > p.out.acked {
+                    debug!("resending unacknowledged deltas");
+                }
+                p.out.sent_upto = p.out.acked;
+                p.out.progress_ms = now_ms;
+            }
+        }
+
         if now_ms.saturating_sub(self.last_touch_flush_ms) >= self.cfg.touch_flush_ms {
             self.last_touch_flush_ms = now_ms;
             let dirty: Vec<SessionId> = self.dirty_touch.drain().collect();
@@ -1010,7 +1030,7 @@ impl Core {
                         max_inactive_ms: s.max_inactive_ms,
                         ops: vec![Op::Touch],
                     };
-                    self.replicate(d);
+                    self.replicate(d, now_ms);
                 }
             }
         }

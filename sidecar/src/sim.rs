@@ -604,6 +604,56 @@ mod tests {
     }
 
     #[test]
+    fn touches_are_coalesced_and_replicated() {
+        let mut sim = Sim::new(9, &["a", "b"], cfg());
+        assert!(sim.run_until(3_000, all_ready));
+        sim.create("a", "S1");
+        sim.run_for(50);
+        let sid = SessionId::parse("S1").unwrap();
+        let sent_before = sim.nodes["a"].core.stats.deltas_sent;
+        for _ in 0..50 {
+            let now = sim.now;
+            sim.nodes.get_mut("a").unwrap().core.read(&sid, true, now).unwrap();
+            sim.run_for(10);
+        }
+        let last = sim.nodes["a"].core.store.get(&sid, sim.now, 0).unwrap().last_accessed_ms;
+        sim.run_for(1_100);
+        let sent = sim.nodes["a"].core.stats.deltas_sent - sent_before;
+        assert!(sent <= 2, "{sent} deltas for 50 touches: not coalesced");
+        assert_eq!(sim.nodes["b"].core.store.get(&sid, sim.now, 0).unwrap().last_accessed_ms, last);
+    }
+
+    #[test]
+    fn a_slow_peer_applies_backpressure_then_releases_it() {
+        let mut sim = Sim::new(13, &["a", "b"], CoreConfig { max_queue_bytes: 4_000, ..cfg() });
+        assert!(sim.run_until(3_000, all_ready));
+        sim.create("a", "S1");
+        sim.run_for(20);
+        // b stops reading: everything a sends is lost in flight, nothing is acked,
+        // but the connection stays up (a slow, not a dead, peer).
+        sim.drop_rate = 1.0;
+        let mut ws = Vec::new();
+        for i in 0..4 {
+            ws.push(sim.set("a", "S1", &format!("k{i}"), &"x".repeat(1000), SendMode::Async));
+        }
+        let done = |s: &Sim, w: &u64| s.write_results.contains_key(&("a".into(), *w));
+        assert!(done(&sim, &ws[0]), "first writes fit in the queue");
+        assert!(!done(&sim, ws.last().unwrap()), "past the bound an async write must wait");
+        // The peer answers probes, so it stays a member; the waiting write fails
+        // with a clear timeout (applied locally, still queued) instead of hanging.
+        assert!(sim.run_until(3_000, |s| ws.iter().all(|w| done(s, w))));
+        assert_eq!(sim.state_seen("a", "b"), Some(MemberState::Alive));
+        assert!(ws[..3].iter().all(|w| sim.write_results[&("a".into(), *w)].is_ok()));
+        assert!(matches!(sim.write_results[&("a".into(), ws[3])], Err(WriteError::Timeout(_))));
+        assert_eq!(sim.value("a", "S1", "k3").as_deref(), Some(&*"x".repeat(1000)));
+        // When the peer drains again, new writes go through at once.
+        sim.drop_rate = 0.0;
+        assert!(sim.run_until(8_000, |s| s.converged() && s.nodes["a"].core.queue_totals().0 == 0), "did not catch up");
+        let w = sim.set("a", "S1", "after", "1", SendMode::Async);
+        assert_eq!(sim.write_results.get(&("a".into(), w)), Some(&Ok(())));
+    }
+
+    #[test]
     fn graceful_leave_is_seen_as_left_at_once() {
         let mut sim = Sim::new(5, &["a", "b", "c"], cfg());
         assert!(sim.run_until(3_000, all_ready));

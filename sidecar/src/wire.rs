@@ -105,15 +105,15 @@ impl PeerMsg {
 
 /// Appends one frame to `out`.
 pub fn encode<T: Serialize>(ty: FrameType, msg: &T, out: &mut BytesMut) -> Result<(), WireError> {
-    let start = out.len();
+    // postcard writes a Vec with bulk copies; extending a BytesMut would go byte by byte.
+    let payload = postcard::to_allocvec(msg)?;
+    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge { len: payload.len(), max: u32::MAX as usize })?;
+    out.reserve(HEADER_LEN + payload.len());
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
     out.put_u8(ty as u8);
-    out.put_u32(0);
-    let payload = postcard::to_extend(msg, std::mem::take(out))?;
-    *out = payload;
-    let len = out.len() - start - HEADER_LEN;
-    out[start + 6..start + 10].copy_from_slice(&(len as u32).to_be_bytes());
+    out.put_u32(len);
+    out.put_slice(&payload);
     Ok(())
 }
 
