@@ -380,3 +380,42 @@ async fn a_taken_receiver_port_is_a_clear_startup_error() {
     assert!(log.contains("cannot bind the replication port"), "{log}");
     assert!(log.contains("own receiver port"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_answers_with_a_documented_status() {
+    let spec_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
+    let spec: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(spec_path).expect("openapi.yaml")).expect("yaml");
+    let cl = started(1, &[]).await;
+    let mut c = cl.client(0);
+    let paths = spec["paths"].as_mapping().expect("paths");
+    let mut checked = 0;
+    for (k, (path, item)) in paths.iter().enumerate() {
+        let path = path.as_str().expect("path");
+        for method in ["get", "post", "put", "patch", "delete"] {
+            let Some(op) = item.get(method) else { continue };
+            let id = format!("OAPI{k}{method}");
+            let r = c.post("/v1/sessions", format!(r#"{{"id":"{id}","attributes":{{"a":"eA=="}}}}"#)).await.expect("setup");
+            assert_eq!(r.status, 201);
+            let url = path.replace("{id}", &format!("{id}.node1")).replace("{name}", "a");
+            let body = match (method, path) {
+                ("post", "/v1/sessions") => format!(r#"{{"id":"{id}new"}}"#),
+                ("patch", _) => r#"{"set":{"b":"eQ=="},"remove":["a"]}"#.to_owned(),
+                ("post", p) if p.ends_with("/rename") => format!(r#"{{"newId":"{id}renamed"}}"#),
+                ("put", _) => "value".to_owned(),
+                _ => String::new(),
+            };
+            let m = hyper::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let r = c.request(m, &url, body).await.expect("request");
+            let documented = op["responses"].as_mapping().expect("responses");
+            assert!(
+                documented.keys().any(|s| s.as_str() == Some(&r.status.to_string())),
+                "{method} {path} answered {} ({}), which openapi.yaml does not document",
+                r.status,
+                r.text()
+            );
+            assert!(r.status < 300, "{method} {path} failed: {} {}", r.status, r.text());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 14, "only {checked} operations in openapi.yaml");
+}

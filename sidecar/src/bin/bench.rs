@@ -1,5 +1,6 @@
 //! `sessionmesh-bench [scenario]`: figures for a 3-member cluster on loopback,
-//! printed as `name value unit` lines. Scenarios: writes, lag, detect,
+//! printed as `name value unit` lines. Scenarios: writes, lag, detect (SIGKILL
+//! and SIGSTOP),
 //! transfer (includes rss), all (default).
 
 use sessionmesh_sidecar::localcluster::LocalCluster;
@@ -79,7 +80,24 @@ async fn writes(mode: &str, secs: u64) -> anyhow::Result<()> {
         lat.extend(l);
         errors += e;
     }
-    figure(&format!("replicated_writes_{mode}"), lat.len() as f64 / secs as f64, "writes/s");
+    let n = lat.len() as f64;
+    // Every write must have reached both other members: count what they applied.
+    let t = Instant::now();
+    let mut coverage = 0.0;
+    while t.elapsed() < Duration::from_secs(10) {
+        let mut applied = 0.0;
+        for i in 0..3 {
+            applied += metric(&mut cl.client(i), "sessionmesh_deltas_applied_total").await;
+        }
+        // Creates (20 per connection) are replicated too.
+        coverage = applied / (2.0 * (n + (conns * 20) as f64));
+        if coverage >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    figure(&format!("replicated_writes_{mode}"), n / secs as f64, "writes/s");
+    figure(&format!("replication_coverage_{mode}"), coverage, "ratio");
     figure(&format!("write_{mode}_p50_ms"), pct(&mut lat, 0.5), "ms");
     figure(&format!("write_{mode}_p99_ms"), pct(&mut lat, 0.99), "ms");
     figure(&format!("write_{mode}_errors"), errors as f64, "count");
@@ -153,6 +171,56 @@ async fn detect(rounds: usize) -> anyhow::Result<()> {
     figure("failure_detect_p99_ms", pct(&mut v, 0.99), "ms");
     figure("failure_detect_max_ms", pct(&mut v, 1.0), "ms");
     figure("failure_detect_rounds", v.len() as f64, "count");
+    Ok(())
+}
+
+async fn metric(c: &mut sessionmesh_sidecar::client::Client, name: &str) -> f64 {
+    let Ok(r) = c.get("/metrics").await else { return f64::NAN };
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// SIGSTOP the third member (a hung process with open sockets), read when the
+/// first declared it dead, then SIGCONT it and wait until it is alive again.
+async fn detect_hung(rounds: usize) -> anyhow::Result<()> {
+    let mut cl = cluster(3, &[]).await?;
+    let mut c = cl.client(0);
+    let pid = cl.pid(2).unwrap_or(0);
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        let stopped = now_ms();
+        sessionmesh_sidecar::localcluster::signal(pid, libc::SIGSTOP);
+        let t0 = Instant::now();
+        let mut since = None;
+        while t0.elapsed() < Duration::from_secs(5) {
+            let j = c.get("/v1/cluster").await?.json();
+            if let Some(m) = j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "node3")) {
+                if m["state"] == "dead" {
+                    since = m["sinceMs"].as_u64();
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        sessionmesh_sidecar::localcluster::signal(pid, libc::SIGCONT);
+        let since = since.ok_or_else(|| anyhow::anyhow!("hung member not detected within 5 s"))?;
+        v.push(since.saturating_sub(stopped) as f64);
+        let t0 = Instant::now();
+        loop {
+            let j = c.get("/v1/cluster").await?.json();
+            if j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "node3")).is_some_and(|m| m["state"] == "alive") {
+                break;
+            }
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "node3 never alive again");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let _ = &mut cl;
+    figure("failure_detect_hung_p50_ms", pct(&mut v, 0.5), "ms");
+    figure("failure_detect_hung_p99_ms", pct(&mut v, 0.99), "ms");
     Ok(())
 }
 
@@ -242,13 +310,17 @@ async fn main() -> anyhow::Result<()> {
             writes("sync", secs).await?;
         }
         "lag" => lag(if quick { 200 } else { 1000 }).await?,
-        "detect" => detect(if quick { 5 } else { 21 }).await?,
+        "detect" => {
+            detect(if quick { 5 } else { 21 }).await?;
+            detect_hung(if quick { 3 } else { 10 }).await?;
+        }
         "transfer" => transfer(if quick { 10_000 } else { 100_000 }).await?,
         "all" => {
             writes("async", secs).await?;
             writes("sync", secs).await?;
             lag(if quick { 200 } else { 1000 }).await?;
             detect(if quick { 5 } else { 21 }).await?;
+            detect_hung(if quick { 3 } else { 10 }).await?;
             transfer(if quick { 10_000 } else { 100_000 }).await?;
         }
         other => anyhow::bail!("unknown scenario {other:?}: writes, lag, detect, transfer, all"),
