@@ -19,6 +19,7 @@ pub struct Client {
 pub struct Reply {
     pub status: u16,
     pub body: Bytes,
+    pub headers: hyper::HeaderMap,
 }
 
 impl Reply {
@@ -49,21 +50,29 @@ impl Client {
     }
 
     pub async fn request(&mut self, method: Method, path: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
+        self.request_with(method, path, &[], body).await
+    }
+
+    /// A request with extra headers (`(name, value)` pairs).
+    pub async fn request_with(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> anyhow::Result<Reply> {
         let body = body.into();
         let timeout = self.timeout;
         let fut = async {
             let conn = self.connect().await?;
             conn.ready().await?;
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(method)
                 .uri(path)
                 .header("host", "localhost")
-                .header("content-type", "application/json")
-                .body(Full::new(body))?;
-            let resp = conn.send_request(req).await?;
+                .header("content-type", "application/json");
+            for (k, v) in headers {
+                req = req.header(*k, v.as_str());
+            }
+            let resp = conn.send_request(req.body(Full::new(body))?).await?;
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let body = resp.into_body().collect().await?.to_bytes();
-            Ok::<_, anyhow::Error>(Reply { status, body })
+            Ok::<_, anyhow::Error>(Reply { status, body, headers })
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(r)) => Ok(r),

@@ -5,13 +5,16 @@
 pub mod api;
 pub mod client;
 pub mod core;
+pub mod demo_app;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
 pub mod localcluster;
 pub mod membership;
 pub mod node;
+pub mod router;
 pub mod sim;
+pub mod stack;
 pub mod store;
 pub mod transport;
 pub mod wire;

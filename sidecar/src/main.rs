@@ -23,8 +23,32 @@ struct Cli {
 enum Cmd {
     /// Run one member of a cluster.
     Run(Box<RunArgs>),
-    /// Start a 3-member cluster on loopback, SIGKILL the member holding a session, show it survive.
-    Demo,
+    /// The seed scenario on loopback: 3 app instances with sidecars behind a load balancer;
+    /// SIGKILL the node holding a user's session and show the session survive.
+    Demo {
+        /// Load balancer: auto (HAProxy if installed, else built-in), haproxy, builtin.
+        #[arg(long, default_value = "auto")]
+        lb: String,
+    },
+    /// The demo web app: a per-user counter in the session, through the local sidecar.
+    DemoApp(DemoAppArgs),
+}
+
+#[derive(Args)]
+struct DemoAppArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The local sidecar's HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    sidecar: SocketAddr,
+    /// This instance's jvmRoute (cookie suffix).
+    #[arg(long, env = "SESSIONMESH_JVM_ROUTE")]
+    route: String,
+    #[arg(long, default_value = "app")]
+    name: String,
+    /// sync or async writes to the sidecar.
+    #[arg(long, default_value = "sync")]
+    send: String,
 }
 
 #[derive(Args)]
@@ -118,7 +142,25 @@ fn main() -> anyhow::Result<()> {
             init_logs(&a.log_format);
             rt.block_on(run(*a))
         }
-        Cmd::Demo => rt.block_on(demo::run()),
+        Cmd::Demo { lb } => {
+            let lb = match lb.as_str() {
+                "auto" => sessionmesh_sidecar::stack::LbChoice::Auto,
+                "haproxy" => sessionmesh_sidecar::stack::LbChoice::Haproxy,
+                "builtin" => sessionmesh_sidecar::stack::LbChoice::Builtin,
+                other => anyhow::bail!("--lb must be auto, haproxy or builtin, not {other:?}"),
+            };
+            rt.block_on(demo::run(lb))
+        }
+        Cmd::DemoApp(a) => rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(a.listen).await?;
+            println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?.to_string()}));
+            sessionmesh_sidecar::demo_app::serve(
+                listener,
+                sessionmesh_sidecar::demo_app::AppConfig { name: a.name, route: a.route, sidecar: a.sidecar, send: a.send },
+            )
+            .await;
+            Ok(())
+        }),
     }
 }
 
