@@ -1,10 +1,12 @@
 //! `sessionmesh-bench [scenario]`: figures for a 3-member cluster on loopback,
-//! printed as `name value unit` lines. Scenarios: writes, lag, detect (SIGKILL
+//! printed as `name value unit` lines. Scenarios: demo (wrk through HAProxy),
+//! failover, rolling, store (versus redis-server), writes, lag, detect (SIGKILL
 //! and SIGSTOP),
 //! transfer (includes rss), all (default).
 
 use sessionmesh_sidecar::localcluster::LocalCluster;
 use sessionmesh_sidecar::node::now_ms;
+use sessionmesh_sidecar::stack::{LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -299,6 +301,222 @@ async fn transfer(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').chain(["/usr/sbin"]).map(|d| PathBuf::from(d).join(cmd)).find(|p| p.is_file())
+}
+
+/// wrk's latency figure, e.g. `1.23ms`, `850.00us`, `1.02s`, in ms.
+fn wrk_ms(s: &str) -> f64 {
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>().map_or(f64::NAN, |v| v * mult)
+}
+
+/// Runs wrk and returns (requests/s, p50 ms, p99 ms, non-2xx).
+fn wrk(url: &str, conns: usize, secs: u64, script: &std::path::Path) -> anyhow::Result<(f64, f64, f64, u64)> {
+    let wrk = which("wrk").ok_or_else(|| anyhow::anyhow!("wrk is not installed"))?;
+    let threads = conns.clamp(1, 2);
+    let out = std::process::Command::new(wrk)
+        .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{secs}s"), "--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+    let lat = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map_or(f64::NAN, wrk_ms)
+    };
+    let non2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    anyhow::ensure!(rps.is_finite(), "wrk printed no result:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    Ok((rps, lat("50%"), lat("99%"), non2xx))
+}
+
+/// The demo app behind HAProxy, every request writing the session, at 1 and 32 connections.
+async fn demo(secs: u64) -> anyhow::Result<()> {
+    let st = Stack::start(&sidecar_bin(), 3, &[], LbChoice::Haproxy, "sync").await?;
+    let mut cookies = Vec::new();
+    for _ in 0..64 {
+        let mut u = User::new(st.lb_addr);
+        u.visit().await?;
+        cookies.push(u.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "));
+    }
+    let script = st.cl.dir.join("cookies.lua");
+    let list = cookies.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(",\n  ");
+    std::fs::write(
+        &script,
+        format!(
+            "cookies = {{\n  {list}\n}}\ncounter = math.random(1, #cookies)\nrequest = function()\n  counter = counter + 1\n  \
+             return wrk.format(\"GET\", \"/\", {{ [\"Cookie\"] = cookies[(counter % #cookies) + 1] }})\nend\n"
+        ),
+    )?;
+    let url = format!("http://{}/", st.lb_addr);
+    for conns in [1usize, 32] {
+        let (rps, p50, p99, bad) = wrk(&url, conns, secs, &script)?;
+        figure(&format!("demo_rps_c{conns}"), rps, "req/s");
+        figure(&format!("demo_p50_ms_c{conns}"), p50, "ms");
+        figure(&format!("demo_p99_ms_c{conns}"), p99, "ms");
+        figure(&format!("demo_errors_c{conns}"), bad as f64, "count");
+    }
+    Ok(())
+}
+
+/// SIGKILL of the node holding a user's session, behind HAProxy: time to the
+/// first good response. Median of `rounds`.
+async fn failover(rounds: usize) -> anyhow::Result<()> {
+    let mut st = Stack::start(&sidecar_bin(), 3, &[], LbChoice::Haproxy, "sync").await?;
+    let mut v = Vec::new();
+    let mut lost = 0;
+    for _ in 0..rounds {
+        let mut u = User::new(st.lb_addr);
+        let mut last = None;
+        for _ in 0..5 {
+            last = Some(u.visit().await?);
+        }
+        let Some(before) = last else { anyhow::bail!("no visit") };
+        let i = st.index_of(&before.node).ok_or_else(|| anyhow::anyhow!("unknown node"))?;
+        st.kill_node(i);
+        let t0 = Instant::now();
+        let after = loop {
+            if let Ok(r) = u.visit().await {
+                if r.status == 200 {
+                    break r;
+                }
+            }
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "no good response within 10 s");
+        };
+        v.push(t0.elapsed().as_secs_f64() * 1000.0);
+        if after.counter != before.counter.map(|c| c + 1) {
+            lost += 1;
+        }
+        st.restart_node(i).await?;
+    }
+    figure("failover_recovery_ms", pct(&mut v, 0.5), "ms");
+    figure("failover_recovery_max_ms", pct(&mut v, 1.0), "ms");
+    figure("failover_rounds", rounds as f64, "count");
+    figure("failover_sessions_lost", lost as f64, "count");
+    Ok(())
+}
+
+/// Rolling restart of all three nodes under 200 concurrent users.
+async fn rolling() -> anyhow::Result<()> {
+    let mut st = Stack::start(&sidecar_bin(), 3, &[], LbChoice::Haproxy, "sync").await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut users = Vec::new();
+    for _ in 0..200 {
+        let stop = stop.clone();
+        let lb = st.lb_addr;
+        users.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut lost, mut regress, mut last) = (0u64, 0u64, 0u64, 0u64, 0u64);
+            let mut u = User::new(lb);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match u.visit().await {
+                    Ok(v) if v.status == 200 => {
+                        ok += 1;
+                        let c = v.counter.unwrap_or(0);
+                        if last > 0 && v.new {
+                            lost += 1;
+                        } else if last > 0 && c != last + 1 {
+                            regress += 1;
+                        }
+                        last = c;
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed, lost, regress)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    for i in 0..3 {
+        st.stop_node_gracefully(i).await?;
+        st.restart_node(i).await?;
+    }
+    let took = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut tot = (0, 0, 0, 0);
+    for u in users {
+        let r = u.await?;
+        tot = (tot.0 + r.0, tot.1 + r.1, tot.2 + r.2, tot.3 + r.3);
+    }
+    figure("rolling_restart_sessions_lost", tot.2 as f64, "count");
+    figure("rolling_restart_counter_regressions", tot.3 as f64, "count");
+    figure("rolling_restart_failed_requests", tot.1 as f64, "count");
+    figure("rolling_restart_requests", tot.0 as f64, "count");
+    figure("rolling_restart_s", took.as_secs_f64(), "s");
+    Ok(())
+}
+
+/// The store path against an external session store: the sidecar's HTTP API
+/// (PUT of a 1 KiB attribute, replicated to two peers) versus a standalone
+/// redis-server (SET of 1 KiB), 32 connections each, same run.
+async fn store(secs: u64) -> anyhow::Result<()> {
+    let redis = which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
+    let rb = which("redis-benchmark").ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
+    let port = sessionmesh_sidecar::localcluster::free_port()?;
+    let mut server = std::process::Command::new(redis)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cl = cluster(3, &[]).await?;
+    let mut c = cl.client(0);
+    for i in 0..64 {
+        c.post("/v1/sessions", format!(r#"{{"id":"R{i}"}}"#)).await?;
+    }
+    let script = cl.dir.join("put.lua");
+    std::fs::write(
+        &script,
+        "counter = 0\nbody = string.rep(\"x\", 1024)\nrequest = function()\n  counter = counter + 1\n  \
+         return wrk.format(\"PUT\", \"/v1/sessions/R\" .. (counter % 64) .. \"/attributes/data\", nil, body)\nend\n",
+    )?;
+    let mut ratios = Vec::new();
+    for round in 0..3 {
+        let url = format!("http://{}/", cl.nodes[0].http.ok_or_else(|| anyhow::anyhow!("no http"))?);
+        let (sm, _, p99, bad) = wrk(&url, 32, secs, &script)?;
+        anyhow::ensure!(bad == 0, "{bad} failed PUTs");
+        let out = std::process::Command::new(&rb)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set", "-d", "1024", "-c", "32", "-n", "200000", "-r", "64", "-q"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rr: f64 = text
+            .split(['\r', '\n'])
+            .filter_map(|l| l.trim().strip_prefix("SET: "))
+            .last()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("redis-benchmark printed no result: {text}"))?;
+        if round == 0 {
+            figure("store_sessionmesh_put_p99_ms", p99, "ms");
+        }
+        figure(&format!("store_sessionmesh_put_rps_r{round}"), sm, "req/s");
+        figure(&format!("store_redis_set_rps_r{round}"), rr, "req/s");
+        ratios.push(sm / rr);
+    }
+    figure("store_path_ratio_median", pct(&mut ratios, 0.5), "ratio");
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -315,7 +533,15 @@ async fn main() -> anyhow::Result<()> {
             detect_hung(if quick { 3 } else { 10 }).await?;
         }
         "transfer" => transfer(if quick { 10_000 } else { 100_000 }).await?,
+        "demo" => demo(secs).await?,
+        "failover" => failover(if quick { 3 } else { 11 }).await?,
+        "rolling" => rolling().await?,
+        "store" => store(secs).await?,
         "all" => {
+            demo(secs).await?;
+            failover(if quick { 3 } else { 11 }).await?;
+            rolling().await?;
+            store(secs).await?;
             writes("async", secs).await?;
             writes("sync", secs).await?;
             lag(if quick { 200 } else { 1000 }).await?;
@@ -323,7 +549,7 @@ async fn main() -> anyhow::Result<()> {
             detect_hung(if quick { 3 } else { 10 }).await?;
             transfer(if quick { 10_000 } else { 100_000 }).await?;
         }
-        other => anyhow::bail!("unknown scenario {other:?}: writes, lag, detect, transfer, all"),
+        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, writes, lag, detect, transfer, all"),
     }
     Ok(())
 }
