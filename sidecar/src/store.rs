@@ -137,6 +137,8 @@ pub struct Session {
     pub max_inactive_ms: u64,
     pub meta_hlc: Hlc,
     pub attrs: AttrMap,
+    /// The newest delete this key has seen: nothing written at or before it counts.
+    pub cleared: Hlc,
 }
 
 impl Session {
@@ -152,12 +154,20 @@ impl Session {
     fn version(&self) -> Hlc {
         self.attrs.values().map(|a| a.hlc).max().unwrap_or_default().max(self.meta_hlc)
     }
+    /// Drops what a delete at `self.cleared` removed; false when nothing is left.
+    fn apply_cleared(&mut self) -> bool {
+        let c = self.cleared;
+        self.attrs.retain(|_, a| a.hlc > c);
+        self.attrs.len() > 0 || self.meta_hlc > c
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entry {
     Live(Session),
-    Tombstone { hlc: Hlc, at_ms: u64 },
+    /// `reusable: false` is an invalidation (final); `true` is a delete (Redis
+    /// `DEL`): a later write re-creates the key, an older one cannot revive it.
+    Tombstone { hlc: Hlc, at_ms: u64, reusable: bool },
 }
 
 /// A whole entry as it travels in transfer chunks and anti-entropy repairs.
@@ -186,10 +196,13 @@ pub enum Op {
     Remove { name: String },
     /// The header's `last_accessed_ms` is the new access time.
     Touch,
-    /// The header's `max_inactive_ms` is the new interval (last writer wins).
+    /// Marks a change of the interval. Every delta's header carries the
+    /// interval as of its write, applied last-writer-wins by HLC.
     MaxInactive,
     Invalidate,
     Rename { to: SessionId },
+    /// Delete the key; unlike `Invalidate`, a later write may create it again.
+    Delete,
 }
 
 impl Delta {
@@ -247,7 +260,7 @@ impl Store {
     pub fn get(&self, id: &SessionId, now_ms: u64, grace_ms: u64) -> Result<&Session, StoreError> {
         match self.entries.get(id) {
             Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms) => Ok(s),
-            Some(Entry::Tombstone { .. }) => Err(StoreError::Invalidated),
+            Some(Entry::Tombstone { reusable: false, .. }) => Err(StoreError::Invalidated),
             _ => Err(StoreError::NotFound),
         }
     }
@@ -268,7 +281,7 @@ impl Store {
     pub fn check_local(&self, d: &Delta, now_ms: u64, grace_ms: u64) -> Result<(), StoreError> {
         let creating = d.ops.iter().any(|o| matches!(o, Op::Create));
         let current = match self.entries.get(&d.id) {
-            Some(Entry::Tombstone { .. }) => return Err(StoreError::Invalidated),
+            Some(Entry::Tombstone { reusable: false, .. }) => return Err(StoreError::Invalidated),
             Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms) => {
                 if creating {
                     return Err(StoreError::Exists);
@@ -301,7 +314,9 @@ impl Store {
                     size -= old.map_or(0, |v| (name.len() + v.len()) as i64);
                 }
                 Op::Rename { to } => {
-                    if self.entries.contains_key(to) {
+                    if matches!(self.entries.get(to), Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms))
+                        || matches!(self.entries.get(to), Some(Entry::Tombstone { reusable: false, .. }))
+                    {
                         return Err(StoreError::Exists);
                     }
                 }
@@ -316,26 +331,48 @@ impl Store {
 
     /// Applies a delta, local or remote.
     pub fn apply(&mut self, d: &Delta, now_ms: u64) -> Applied {
+        // An invalidation ends the id whatever else happened, in any order.
+        if d.ops.contains(&Op::Invalidate) {
+            let before = self.entries.get(&d.id).cloned();
+            self.tombstone(&d.id, d.hlc, now_ms, false);
+            return if before.as_ref() == self.entries.get(&d.id) { Applied::Ignored } else { Applied::Changed };
+        }
         let mut changed = false;
-        match self.entries.get(&d.id) {
-            Some(Entry::Tombstone { .. }) => return Applied::Ignored,
-            Some(Entry::Live(_)) => {}
-            None => {
-                let fresh = Session {
-                    created_ms: d.created_ms,
-                    last_accessed_ms: d.last_accessed_ms,
-                    max_inactive_ms: d.max_inactive_ms,
-                    meta_hlc: Hlc::default(),
-                    attrs: AttrMap::default(),
-                };
-                if expired(&fresh, now_ms, 0) {
-                    return Applied::Ignored;
-                }
-                self.insert_live(d.id.clone(), fresh);
-                changed = true;
+        let cleared = match self.entries.get(&d.id) {
+            Some(Entry::Tombstone { reusable: false, .. }) => return Applied::Ignored,
+            Some(Entry::Tombstone { hlc, reusable: true, .. }) if d.hlc <= *hlc => return Applied::Ignored,
+            Some(Entry::Tombstone { hlc, .. }) => Some(*hlc),
+            Some(Entry::Live(s)) if d.hlc <= s.cleared => return Applied::Ignored,
+            Some(Entry::Live(_)) => None,
+            None => Some(Hlc::default()),
+        };
+        if let Some(cleared) = cleared {
+            let fresh = Session {
+                created_ms: d.created_ms,
+                last_accessed_ms: d.last_accessed_ms,
+                max_inactive_ms: d.max_inactive_ms,
+                meta_hlc: Hlc::default(),
+                attrs: AttrMap::default(),
+                cleared,
+            };
+            if expired(&fresh, now_ms, 0) {
+                return Applied::Ignored;
             }
+            self.insert_live(d.id.clone(), fresh);
+            changed = true;
         }
         let id = d.id.clone();
+        // Every delta states the session's max-inactive interval as of its write:
+        // a last-writer-wins register, so replicas agree whatever the order.
+        if let Some(Entry::Live(s)) = self.entries.get_mut(&id) {
+            if d.hlc > s.meta_hlc {
+                s.meta_hlc = d.hlc;
+                if s.max_inactive_ms != d.max_inactive_ms {
+                    s.max_inactive_ms = d.max_inactive_ms;
+                    changed = true;
+                }
+            }
+        }
         for op in &d.ops {
             let Some(Entry::Live(s)) = self.entries.get_mut(&id) else { break };
             let before = s.payload_bytes();
@@ -356,16 +393,22 @@ impl Store {
                     }
                 }
                 Op::Touch => {}
-                Op::MaxInactive => {
-                    if s.meta_hlc < d.hlc {
-                        s.meta_hlc = d.hlc;
-                        s.max_inactive_ms = d.max_inactive_ms;
-                        changed = true;
-                    }
-                }
+                // Applied with the header above; kept so a delta says what it meant.
+                Op::MaxInactive => {}
                 Op::Invalidate => {
-                    self.tombstone(&id, d.hlc, now_ms);
+                    self.tombstone(&id, d.hlc, now_ms, false);
                     return Applied::Changed;
+                }
+                Op::Delete => {
+                    s.cleared = s.cleared.max(d.hlc);
+                    if !s.apply_cleared() {
+                        self.tombstone(&id, d.hlc, now_ms, true);
+                        return Applied::Changed;
+                    }
+                    let after = s.payload_bytes();
+                    self.payload = self.payload + after - before;
+                    changed = true;
+                    continue;
                 }
                 Op::Rename { to } => {
                     self.rename(&id, to, d.hlc, now_ms);
@@ -398,13 +441,25 @@ impl Store {
         self.live -= 1;
     }
 
-    fn tombstone(&mut self, id: &SessionId, hlc: Hlc, now_ms: u64) {
-        match self.entries.insert(id.clone(), Entry::Tombstone { hlc, at_ms: now_ms }) {
+    /// Makes `id` a tombstone. A final one (invalidation) wins over a reusable
+    /// one (delete); otherwise the newer wins.
+    fn tombstone(&mut self, id: &SessionId, hlc: Hlc, now_ms: u64, reusable: bool) {
+        let new = Entry::Tombstone { hlc, at_ms: now_ms, reusable };
+        match self.entries.insert(id.clone(), new) {
             Some(Entry::Live(s)) => self.remove_live_accounting(id, &s),
-            Some(Entry::Tombstone { hlc: old, at_ms }) if old > hlc => {
-                self.entries.insert(id.clone(), Entry::Tombstone { hlc: old, at_ms });
+            Some(Entry::Tombstone { hlc: old, at_ms, reusable: old_reusable }) => {
+                let keep_old = match (old_reusable, reusable) {
+                    (false, true) => true,
+                    (true, false) => false,
+                    _ => old > hlc,
+                };
+                if keep_old {
+                    self.entries.insert(id.clone(), Entry::Tombstone { hlc: old, at_ms, reusable: old_reusable });
+                } else if !reusable && !old_reusable {
+                    self.entries.insert(id.clone(), Entry::Tombstone { hlc: hlc.max(old), at_ms, reusable: false });
+                }
             }
-            _ => {}
+            None => {}
         }
     }
 
@@ -413,7 +468,7 @@ impl Store {
             Some(Entry::Live(s)) => Some(s.clone()),
             _ => None,
         };
-        self.tombstone(from, hlc, now_ms);
+        self.tombstone(from, hlc, now_ms, false);
         if let Some(s) = moved {
             self.merge(SessionState { id: to.clone(), entry: Entry::Live(s) }, now_ms);
         }
@@ -423,20 +478,51 @@ impl Store {
     pub fn merge(&mut self, st: SessionState, now_ms: u64) -> Applied {
         let SessionState { id, entry } = st;
         match (self.entries.get_mut(&id), entry) {
-            (Some(Entry::Tombstone { hlc, .. }), Entry::Tombstone { hlc: other, .. }) => {
-                if other > *hlc {
+            (Some(Entry::Tombstone { hlc, reusable, .. }), Entry::Tombstone { hlc: other, reusable: other_reusable, .. }) => {
+                let before = (*hlc, *reusable);
+                if *reusable == other_reusable {
+                    *hlc = (*hlc).max(other);
+                } else if *reusable {
+                    // A final tombstone wins over a delete.
                     *hlc = other;
-                    return Applied::Changed;
+                    *reusable = false;
                 }
-                Applied::Ignored
+                if before != (*hlc, *reusable) {
+                    Applied::Changed
+                } else {
+                    Applied::Ignored
+                }
             }
-            (Some(Entry::Tombstone { .. }), Entry::Live(_)) => Applied::Ignored,
-            (_, Entry::Tombstone { hlc, .. }) => {
-                self.tombstone(&id, hlc, now_ms);
+            (Some(Entry::Tombstone { reusable: false, .. }), Entry::Live(_)) => Applied::Ignored,
+            (Some(Entry::Tombstone { hlc, reusable: true, .. }), Entry::Live(mut s)) => {
+                s.cleared = s.cleared.max(*hlc);
+                if !s.apply_cleared() || expired(&s, now_ms, 0) {
+                    return Applied::Ignored;
+                }
+                self.entries.remove(&id);
+                self.insert_live(id, s);
                 Applied::Changed
             }
-            (None, Entry::Live(s)) => {
-                if expired(&s, now_ms, 0) {
+            (Some(Entry::Live(mine)), Entry::Tombstone { hlc, reusable: true, .. }) => {
+                if hlc <= mine.cleared {
+                    return Applied::Ignored;
+                }
+                let before = mine.payload_bytes();
+                mine.cleared = hlc;
+                if !mine.apply_cleared() {
+                    self.tombstone(&id, hlc, now_ms, true);
+                    return Applied::Changed;
+                }
+                let after = mine.payload_bytes();
+                self.payload = self.payload + after - before;
+                Applied::Changed
+            }
+            (_, Entry::Tombstone { hlc, reusable, .. }) => {
+                self.tombstone(&id, hlc, now_ms, reusable);
+                Applied::Changed
+            }
+            (None, Entry::Live(mut s)) => {
+                if expired(&s, now_ms, 0) || !s.apply_cleared() {
                     return Applied::Ignored;
                 }
                 self.insert_live(id, s);
@@ -445,7 +531,15 @@ impl Store {
             (Some(Entry::Live(mine)), Entry::Live(theirs)) => {
                 let before = mine.payload_bytes();
                 let mut changed = false;
+                if theirs.cleared > mine.cleared {
+                    mine.cleared = theirs.cleared;
+                    changed = true;
+                }
+                let cleared = mine.cleared;
                 for (name, a) in theirs.attrs {
+                    if a.hlc <= cleared {
+                        continue;
+                    }
                     match mine.attrs.get(&name) {
                         Some(cur) if cur.hlc >= a.hlc => {}
                         _ => {
@@ -464,6 +558,10 @@ impl Store {
                     changed = true;
                 }
                 mine.created_ms = mine.created_ms.min(theirs.created_ms);
+                if !mine.apply_cleared() {
+                    self.tombstone(&id, cleared, now_ms, true);
+                    return Applied::Changed;
+                }
                 let after = mine.payload_bytes();
                 self.payload = self.payload + after - before;
                 if changed {
@@ -605,14 +703,15 @@ fn entry_hash(id: &SessionId, e: &Entry) -> u64 {
     let mut buf = Vec::with_capacity(64);
     buf.extend_from_slice(id.as_str().as_bytes());
     match e {
-        Entry::Tombstone { hlc, .. } => {
-            buf.push(0xff);
+        Entry::Tombstone { hlc, reusable, .. } => {
+            buf.push(if *reusable { 0xfe } else { 0xff });
             push_hlc(&mut buf, hlc);
         }
         Entry::Live(s) => {
             buf.push(1);
             buf.extend_from_slice(&s.max_inactive_ms.to_le_bytes());
             push_hlc(&mut buf, &s.meta_hlc);
+            push_hlc(&mut buf, &s.cleared);
             for (k, a) in s.attrs.iter() {
                 buf.extend_from_slice(k.as_bytes());
                 buf.push(a.value.is_some() as u8);
@@ -708,9 +807,102 @@ mod tests {
                 max_inactive_ms: 60_000,
                 meta_hlc: Hlc::default(),
                 attrs: AttrMap::default(),
+                cleared: Hlc::default(),
             }),
         };
         assert_eq!(st.merge(state, 1500 + 60_000), Applied::Ignored);
+    }
+
+    #[test]
+    fn a_deleted_key_can_be_written_again_but_not_revived_by_older_state() {
+        let mut st = Store::default();
+        st.apply(&delta("K", h(1500, 1), vec![set("a", "old"), set("b", "old")]), 1500);
+        let stale = st.state(&id("K")).unwrap();
+        st.apply(&delta("K", h(1600, 2), vec![Op::Delete]), 1600);
+        assert_eq!(st.get(&id("K"), 1600, 0).unwrap_err(), StoreError::NotFound, "a delete is not an invalidation");
+        assert_eq!(st.live_count(), 0);
+        // An older write or a stale replica's state cannot bring it back.
+        assert_eq!(st.apply(&delta("K", h(1550, 3), vec![set("a", "late")]), 1600), Applied::Ignored);
+        assert_eq!(st.merge(stale.clone(), 1600), Applied::Ignored);
+        // A newer write creates the key afresh.
+        st.apply(&delta("K", h(1700, 1), vec![Op::Create, set("a", "new")]), 1700);
+        assert_eq!(val(&st, "K", "a").as_deref(), Some(&b"new"[..]));
+        assert_eq!(st.merge(stale, 1700), Applied::Ignored);
+        assert_eq!(val(&st, "K", "b"), None, "an attribute from before the delete came back");
+        // On a replica that saw the writes in another order, the result is the same.
+        let mut other = Store::default();
+        other.apply(&delta("K", h(1700, 1), vec![Op::Create, set("a", "new")]), 1700);
+        other.apply(&delta("K", h(1500, 1), vec![set("a", "old"), set("b", "old")]), 1700);
+        other.apply(&delta("K", h(1600, 2), vec![Op::Delete]), 1700);
+        assert_eq!(other.fingerprint(), st.fingerprint());
+    }
+
+    mod convergence {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => ("[ab]", "[xyz]").prop_map(|(n, v)| Op::Set { name: n, value: Bytes::from(v) }),
+                2 => "[ab]".prop_map(|n| Op::Remove { name: n }),
+                1 => Just(Op::Delete),
+                1 => Just(Op::MaxInactive),
+                1 => Just(Op::Invalidate),
+            ]
+        }
+
+        proptest! {
+            /// Any order of the same deltas, and any split merged back by full
+            /// states, ends in the same store.
+            #[test]
+            fn deltas_in_any_order_and_merges_converge(
+                ops in prop::collection::vec((arb_op(), 0u32..3), 1..12),
+                perm_seed in any::<u64>(),
+                split in any::<u64>(),
+            ) {
+                let deltas: Vec<Delta> = ops.iter().enumerate().map(|(i, (op, node))| Delta {
+                    id: id("K"),
+                    hlc: Hlc { wall_ms: 1000 + i as u64, logical: 0, node: *node },
+                    created_ms: 1000,
+                    last_accessed_ms: 1000,
+                    max_inactive_ms: 60_000 + i as u64,
+                    ops: vec![op.clone()],
+                }).collect();
+                let mut reference = Store::default();
+                for d in &deltas { reference.apply(d, 1000); }
+                let mut shuffled = deltas.clone();
+                let mut x = perm_seed | 1;
+                for i in (1..shuffled.len()).rev() {
+                    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                    shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+                }
+                let mut other = Store::default();
+                for d in &shuffled { other.apply(d, 1000); }
+                prop_assert_eq!(other.fingerprint(), reference.fingerprint());
+                let (mut a, mut b) = (Store::default(), Store::default());
+                for (i, d) in shuffled.iter().enumerate() {
+                    if split >> (i % 64) & 1 == 1 { a.apply(d, 1000); } else { b.apply(d, 1000); }
+                }
+                if let Some(st) = a.state(&id("K")) { b.merge(st, 1000); }
+                if let Some(st) = b.state(&id("K")) { a.merge(st, 1000); }
+                prop_assert_eq!(a.fingerprint(), b.fingerprint());
+                prop_assert_eq!(a.fingerprint(), reference.fingerprint());
+            }
+        }
+    }
+
+    #[test]
+    fn invalidation_wins_over_delete() {
+        let mut a = Store::default();
+        a.apply(&delta("K", h(1500, 1), vec![set("a", "1")]), 1500);
+        let mut b = Store::default();
+        b.apply(&delta("K", h(1500, 1), vec![set("a", "1")]), 1500);
+        a.apply(&delta("K", h(1600, 1), vec![Op::Delete]), 1600);
+        b.apply(&delta("K", h(1550, 2), vec![Op::Invalidate]), 1600);
+        a.merge(b.state(&id("K")).unwrap(), 1600);
+        b.merge(a.state(&id("K")).unwrap(), 1600);
+        assert_eq!(a.get(&id("K"), 1600, 0).unwrap_err(), StoreError::Invalidated);
+        assert_eq!(a.fingerprint(), b.fingerprint());
     }
 
     #[test]
