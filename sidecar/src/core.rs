@@ -852,7 +852,7 @@ impl Core {
         self.store.list(cursor, limit, now_ms, self.cfg.touch_flush_ms)
     }
 
-    fn check_serving(&self) -> Result<(), WriteError> {
+    pub fn check_serving(&self) -> Result<(), WriteError> {
         match self.phase {
             Phase::Ready => Ok(()),
             Phase::Leaving => Err(WriteError::Leaving),
@@ -866,13 +866,29 @@ impl Core {
         &mut self,
         write: u64,
         id: SessionId,
-        mut ops: Vec<Op>,
+        ops: Vec<Op>,
         max_inactive_ms: Option<u64>,
         mode: Option<SendMode>,
         now_ms: u64,
     ) -> Result<bool, WriteError> {
-        self.check_serving()?;
         let grace = self.cfg.touch_flush_ms;
+        self.write_with(write, id, ops, max_inactive_ms, mode, now_ms, grace)
+    }
+
+    /// `write` with an explicit expiry grace: the Redis endpoint uses 0, since
+    /// its keys expire at exact absolute times.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_with(
+        &mut self,
+        write: u64,
+        id: SessionId,
+        mut ops: Vec<Op>,
+        max_inactive_ms: Option<u64>,
+        mode: Option<SendMode>,
+        now_ms: u64,
+        grace: u64,
+    ) -> Result<bool, WriteError> {
+        self.check_serving()?;
         let existing = self.store.get(&id, now_ms, grace).ok();
         let created_ms = existing.map_or(now_ms, |s| s.created_ms);
         let current_mi = existing.map_or(self.cfg.default_max_inactive_ms, |s| s.max_inactive_ms);

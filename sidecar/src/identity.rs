@@ -51,6 +51,22 @@ impl SessionId {
         Ok(SessionId(key.to_owned()))
     }
 
+    /// A Redis key used as a session id, as it is (no route suffix is
+    /// stripped): 1..=512 bytes of UTF-8 without control characters.
+    pub fn key(raw: &[u8]) -> Result<Self, IdError> {
+        let s = std::str::from_utf8(raw).map_err(|_| IdError::BadChar)?;
+        if s.is_empty() {
+            return Err(IdError::Empty);
+        }
+        if s.len() > 512 {
+            return Err(IdError::TooLong { max: 512 });
+        }
+        if s.chars().any(char::is_control) {
+            return Err(IdError::BadChar);
+        }
+        Ok(SessionId(s.to_owned()))
+    }
+
     /// A fresh random id: 32 hex characters (128 bits) from the OS generator.
     pub fn random() -> Self {
         let mut b = [0u8; 16];

@@ -17,6 +17,7 @@ pub struct LocalNode {
     pub route: String,
     pub replication: SocketAddr,
     pub http: Option<SocketAddr>,
+    pub redis: Option<SocketAddr>,
     pub child: Option<Child>,
     pub log: PathBuf,
 }
@@ -79,6 +80,7 @@ impl LocalCluster {
             name,
             replication: SocketAddr::from(([127, 0, 0, 1], port)),
             http: None,
+            redis: None,
             child: None,
         });
         self.listed.push(listed);
@@ -155,6 +157,7 @@ impl LocalCluster {
         let v: serde_json::Value = serde_json::from_str(&line)?;
         let http: SocketAddr = v["http"].as_str().unwrap_or_default().parse()?;
         self.nodes[i].http = Some(http);
+        self.nodes[i].redis = v["redis"].as_str().and_then(|s| s.parse().ok());
         self.nodes[i].child = Some(child);
         Ok(())
     }

@@ -122,6 +122,15 @@ struct RunArgs {
     /// text or json
     #[arg(long, env = "SESSIONMESH_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Serve the Redis protocol (RESP2/RESP3) on this address, e.g. 127.0.0.1:6379.
+    #[arg(long, env = "SESSIONMESH_REDIS")]
+    redis: Option<SocketAddr>,
+    /// Password for Redis AUTH / HELLO AUTH (user `default`); none by default.
+    #[arg(long, env = "SESSIONMESH_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
+    /// Most simultaneous Redis connections.
+    #[arg(long, default_value_t = 10_000)]
+    redis_max_clients: usize,
 }
 
 fn init_logs(format: &str) {
@@ -218,10 +227,41 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", a.http))?;
     let http_addr = http.local_addr()?;
+    let redis = match a.redis {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the Redis endpoint on {addr}: {e}"))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(redis = %addr, "the Redis endpoint is not on loopback");
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let redis_addr = redis.as_ref().and_then(|l| l.local_addr().ok());
     println!(
         "{}",
-        serde_json::json!({"event": "listening", "member": started.handle.me.name, "http": http_addr.to_string(), "replication": started.replication_addr.to_string()})
+        serde_json::json!({
+            "event": "listening",
+            "member": started.handle.me.name,
+            "http": http_addr.to_string(),
+            "redis": redis_addr.map(|a| a.to_string()),
+            "replication": started.replication_addr.to_string(),
+        })
     );
+    let redis_stop = CancellationToken::new();
+    let redis_task = redis.map(|l| {
+        tracing::info!(redis = ?redis_addr, "Redis endpoint listening");
+        let cfg = sessionmesh_sidecar::resp_server::RespConfig {
+            password: a.redis_password.clone(),
+            max_clients: a.redis_max_clients,
+            limits: sessionmesh_sidecar::resp::Limits {
+                max_bulk: a.max_attr_bytes.max(a.max_session_bytes),
+                max_args: 1 << 20,
+                max_request: (16usize << 20).max(a.max_session_bytes * 2),
+            },
+        };
+        tokio::spawn(sessionmesh_sidecar::resp_server::serve(l, started.handle.clone(), cfg, redis_stop.clone()))
+    });
     tracing::info!(http = %http_addr, "local API listening");
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), api_stop.clone()));
@@ -235,6 +275,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = started.done.await;
     api_stop.cancel();
+    redis_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
+    if let Some(t) = redis_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     Ok(())
 }

@@ -53,6 +53,15 @@ pub enum Command {
     Write { id: SessionId, ops: Vec<Op>, max_inactive_ms: Option<u64>, mode: Option<SendMode>, reply: oneshot::Sender<Result<(), WriteError>> },
     List { cursor: Option<SessionId>, limit: usize, reply: oneshot::Sender<(Vec<SessionId>, usize)> },
     Status { reply: oneshot::Sender<Status> },
+    /// Redis data commands, run in order; one reply per command.
+    Redis { cmds: Vec<Vec<bytes::Bytes>>, proto: u8, reply: oneshot::Sender<Vec<crate::resp::Value>> },
+}
+
+/// Replies of a Redis batch waiting for writes to be acknowledged.
+struct RedisBatch {
+    values: Vec<crate::resp::Value>,
+    waiting: usize,
+    reply: oneshot::Sender<Vec<crate::resp::Value>>,
 }
 
 /// What `/v1/cluster` and `/metrics` show.
@@ -192,6 +201,10 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         links: HashMap::new(),
         writes: HashMap::new(),
         next_write: 1,
+        redis: crate::redis::RedisState::default(),
+        redis_writes: HashMap::new(),
+        redis_batches: HashMap::new(),
+        next_batch: 1,
         ready,
         known,
         io_tx,
@@ -217,6 +230,10 @@ struct CoreTask {
     links: HashMap<String, PeerLink>,
     writes: HashMap<u64, oneshot::Sender<Result<(), WriteError>>>,
     next_write: u64,
+    redis: crate::redis::RedisState,
+    redis_writes: HashMap<u64, (u64, usize)>,
+    redis_batches: HashMap<u64, RedisBatch>,
+    next_batch: u64,
     ready: Arc<AtomicBool>,
     known: Arc<RwLock<Vec<String>>>,
     io_tx: mpsc::Sender<IoEvent>,
@@ -391,6 +408,25 @@ impl CoreTask {
                     }
                 }
             }
+            Command::Redis { cmds, proto, reply } => {
+                let mut values = Vec::with_capacity(cmds.len());
+                let batch = self.next_batch;
+                let mut waiting = 0;
+                for (i, cmd) in cmds.iter().enumerate() {
+                    let ex = crate::redis::exec(&mut self.core, &mut self.redis, cmd, proto, &mut self.next_write, now);
+                    for w in ex.writes {
+                        self.redis_writes.insert(w, (batch, i));
+                        waiting += 1;
+                    }
+                    values.push(ex.value);
+                }
+                if waiting == 0 {
+                    let _ = reply.send(values);
+                } else {
+                    self.next_batch += 1;
+                    self.redis_batches.insert(batch, RedisBatch { values, waiting, reply });
+                }
+            }
             Command::List { cursor, limit, reply } => {
                 let ids = self.core.list(cursor.as_ref(), limit, now);
                 let _ = reply.send((ids, self.core.store.live_count()));
@@ -439,6 +475,18 @@ impl CoreTask {
                 Output::WriteDone { write, result } => {
                     if let Some(tx) = self.writes.remove(&write) {
                         let _ = tx.send(result);
+                    } else if let Some((batch, i)) = self.redis_writes.remove(&write) {
+                        if let Some(b) = self.redis_batches.get_mut(&batch) {
+                            if let Err(e) = &result {
+                                b.values[i] = crate::redis::write_error(e);
+                            }
+                            b.waiting -= 1;
+                            if b.waiting == 0 {
+                                if let Some(b) = self.redis_batches.remove(&batch) {
+                                    let _ = b.reply.send(b.values);
+                                }
+                            }
+                        }
                     }
                 }
             }

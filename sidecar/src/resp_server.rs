@@ -1,0 +1,261 @@
+//! The Redis-protocol endpoint (RESP2 and RESP3) for the local app: connection
+//! handling, the handshake commands (HELLO, AUTH, SELECT, CLIENT, INFO,
+//! COMMAND, PING, ECHO, QUIT), limits, and pipelining. Data commands go to the
+//! core task in batches (one batch per read from the socket), so a pipeline
+//! costs one round trip to the core.
+
+use crate::node::{Command, Handle};
+use crate::redis::{arity_error, is_data_command, unknown_command, COMMAND_COUNT};
+use crate::resp::{self, Value};
+use bytes::{Bytes, BytesMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+#[derive(Debug, Clone)]
+pub struct RespConfig {
+    /// Required by AUTH/HELLO when set (user `default`).
+    pub password: Option<String>,
+    pub max_clients: usize,
+    pub limits: resp::Limits,
+}
+
+struct Conn {
+    proto: u8,
+    authed: bool,
+    name: Option<String>,
+    id: u64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let clients = Arc::new(AtomicUsize::new(0));
+    let cfg = Arc::new(cfg);
+    loop {
+        let (mut stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        if clients.load(Ordering::Relaxed) >= cfg.max_clients {
+            warn!(%remote, max = cfg.max_clients, "redis endpoint: connection refused, client limit reached");
+            let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        clients.fetch_add(1, Ordering::Relaxed);
+        let (handle, cfg, clients, shutdown) = (handle.clone(), cfg.clone(), clients.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = connection(stream, &handle, &cfg) => {}
+            }
+            clients.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
+    let mut conn = Conn { proto: 2, authed: cfg.password.is_none(), name: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) };
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut batch: Vec<Vec<Bytes>> = Vec::new();
+        let mut close = false;
+        loop {
+            match resp::parse(&mut buf, &cfg.limits) {
+                Ok(Some(cmd)) if cmd.is_empty() => {}
+                Ok(Some(cmd)) => {
+                    let name = String::from_utf8_lossy(&cmd[0]).to_ascii_uppercase();
+                    if is_data_command(&name) && conn.authed {
+                        batch.push(cmd);
+                        continue;
+                    }
+                    flush(h, &mut batch, conn.proto, &mut out).await;
+                    let (v, quit) = local(&mut conn, h, cfg, &name, &cmd).await;
+                    resp::encode(&v, conn.proto, &mut out);
+                    if quit {
+                        close = true;
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "redis endpoint: protocol error; closing the connection");
+                    flush(h, &mut batch, conn.proto, &mut out).await;
+                    resp::encode(&Value::err(format!("ERR {e}")), conn.proto, &mut out);
+                    close = true;
+                    break;
+                }
+            }
+        }
+        flush(h, &mut batch, conn.proto, &mut out).await;
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if close {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}
+
+async fn flush(h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut BytesMut) {
+    if batch.is_empty() {
+        return;
+    }
+    let cmds = std::mem::take(batch);
+    let n = cmds.len();
+    match h.call(|reply| Command::Redis { cmds, proto, reply }).await {
+        Some(values) => {
+            for v in &values {
+                resp::encode(v, proto, out);
+            }
+        }
+        None => {
+            for _ in 0..n {
+                resp::encode(&Value::err("ERR this member is shutting down"), proto, out);
+            }
+        }
+    }
+}
+
+fn lower(b: &Bytes) -> String {
+    String::from_utf8_lossy(b).to_ascii_lowercase()
+}
+
+/// Commands answered by the connection itself. Returns the reply and whether to close.
+async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &[Bytes]) -> (Value, bool) {
+    let a = &cmd[1..];
+    if !conn.authed && !matches!(name, "AUTH" | "HELLO" | "QUIT") {
+        return (Value::err("NOAUTH Authentication required."), false);
+    }
+    let v = match name {
+        "PING" => match a.len() {
+            0 => Value::Simple("PONG".into()),
+            1 => Value::Bulk(a[0].clone()),
+            _ => arity_error(name),
+        },
+        "ECHO" if a.len() == 1 => Value::Bulk(a[0].clone()),
+        "QUIT" => return (Value::ok(), true),
+        "SELECT" if a.len() == 1 => {
+            if &a[0][..] == b"0" {
+                Value::ok()
+            } else {
+                Value::err("ERR DB index is out of range")
+            }
+        }
+        "AUTH" if a.len() == 1 || a.len() == 2 => {
+            let (user, pass) = if a.len() == 1 { ("default".to_owned(), &a[0]) } else { (String::from_utf8_lossy(&a[0]).into_owned(), &a[1]) };
+            match &cfg.password {
+                None => Value::err(
+                    "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+                ),
+                Some(p) if user == "default" && p.as_bytes() == &pass[..] => {
+                    conn.authed = true;
+                    Value::ok()
+                }
+                Some(_) => Value::err("WRONGPASS invalid username-password pair or user is disabled."),
+            }
+        }
+        "HELLO" => {
+            let mut i = 0;
+            let mut proto = conn.proto;
+            if let Some(v) = a.first() {
+                match std::str::from_utf8(v).ok().and_then(|s| s.parse::<u8>().ok()) {
+                    Some(p @ 2..=3) => proto = p,
+                    Some(_) => return (Value::err("NOPROTO unsupported protocol version"), false),
+                    None => return (Value::err("ERR Protocol version is not an integer or out of range"), false),
+                }
+                i = 1;
+            }
+            while i < a.len() {
+                match lower(&a[i]).as_str() {
+                    "auth" if i + 2 < a.len() => {
+                        let (user, pass) = (String::from_utf8_lossy(&a[i + 1]).into_owned(), &a[i + 2]);
+                        match &cfg.password {
+                            Some(p) if user == "default" && p.as_bytes() == &pass[..] => conn.authed = true,
+                            Some(_) => return (Value::err("WRONGPASS invalid username-password pair or user is disabled."), false),
+                            None => {}
+                        }
+                        i += 3;
+                    }
+                    "setname" if i + 1 < a.len() => {
+                        conn.name = Some(String::from_utf8_lossy(&a[i + 1]).into_owned());
+                        i += 2;
+                    }
+                    _ => return (Value::err("ERR Syntax error in HELLO option"), false),
+                }
+            }
+            if !conn.authed {
+                return (Value::err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"), false);
+            }
+            conn.proto = proto;
+            Value::Map(vec![
+                (Value::str("server"), Value::str("redis")),
+                (Value::str("version"), Value::str("7.0.15")),
+                (Value::str("proto"), Value::Int(proto as i64)),
+                (Value::str("id"), Value::Int(conn.id as i64)),
+                (Value::str("mode"), Value::str("standalone")),
+                (Value::str("role"), Value::str("master")),
+                (Value::str("modules"), Value::Array(vec![])),
+            ])
+        }
+        "CLIENT" if !a.is_empty() => match lower(&a[0]).as_str() {
+            "setname" if a.len() == 2 => {
+                conn.name = Some(String::from_utf8_lossy(&a[1]).into_owned());
+                Value::ok()
+            }
+            "getname" => conn.name.as_deref().map_or(Value::Null, Value::str),
+            "id" => Value::Int(conn.id as i64),
+            "setinfo" if a.len() == 3 => Value::ok(),
+            "info" => Value::Verbatim(format!("id={} name={} db=0 resp={}\n", conn.id, conn.name.as_deref().unwrap_or(""), conn.proto)),
+            "no-evict" | "no-touch" => Value::ok(),
+            other => Value::err(format!("ERR unknown subcommand '{other}'. Try CLIENT HELP.")),
+        },
+        "INFO" => {
+            let keys = match h.call(|reply| Command::Status { reply }).await {
+                Some(st) => st.sessions,
+                None => 0,
+            };
+            let ready = h.ready.load(Ordering::Relaxed);
+            Value::Verbatim(format!(
+                "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\nsessionmesh_member:{}\r\nsessionmesh_jvm_route:{}\r\n\
+                 # Replication\r\nrole:master\r\n# Persistence\r\nloading:{}\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n",
+                h.me.name,
+                h.jvm_route,
+                u8::from(!ready)
+            ))
+        }
+        // redis-benchmark and some clients read the server's config; there is nothing to tune here.
+        "CONFIG" => match a.first().map(lower).as_deref() {
+            Some("get") => Value::Map(vec![]),
+            _ => Value::err("ERR CONFIG is limited to GET on sessionmesh"),
+        },
+        "COMMAND" => match a.first().map(lower).as_deref() {
+            None => Value::Array(vec![]),
+            Some("count") => Value::Int(COMMAND_COUNT),
+            Some("docs") => Value::Map(vec![]),
+            Some("info") => Value::Array(a[1..].iter().map(|_| Value::NullArray).collect()),
+            Some(other) => Value::err(format!("ERR unknown subcommand '{other}'. Try COMMAND HELP.")),
+        },
+        "ECHO" | "SELECT" | "AUTH" | "CLIENT" => arity_error(name),
+        _ if is_data_command(name) => Value::err("NOAUTH Authentication required."),
+        _ => unknown_command(cmd),
+    };
+    (v, false)
+}
