@@ -53,9 +53,21 @@ impl Client {
         self.request_with(method, path, &[], body).await
     }
 
-    /// A request with extra headers (`(name, value)` pairs).
+    /// A request with extra headers (`(name, value)` pairs). A request that
+    /// could not even be sent on a kept-alive connection the server had just
+    /// closed is retried once on a new connection.
     pub async fn request_with(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> anyhow::Result<Reply> {
         let body = body.into();
+        let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
+        match self.try_request(method.clone(), path, headers, body.clone()).await {
+            Err(e) if reused && e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_canceled() || h.is_closed()) => {
+                self.try_request(method, path, headers, body).await
+            }
+            r => r,
+        }
+    }
+
+    async fn try_request(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: Bytes) -> anyhow::Result<Reply> {
         let timeout = self.timeout;
         let fut = async {
             let conn = self.connect().await?;
@@ -86,6 +98,7 @@ impl Client {
             }
         }
     }
+
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<Reply> {
         self.request(Method::GET, path, Bytes::new()).await

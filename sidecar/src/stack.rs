@@ -26,8 +26,19 @@ pub enum Lb {
     Builtin { router: Router, stop: CancellationToken },
 }
 
+/// What runs next to each sidecar.
+#[derive(Debug, Clone)]
+pub enum AppSpec {
+    /// `sessionmesh-sidecar demo-app` through the sidecar's HTTP API.
+    Demo,
+    /// Any program; it gets `PORT`, `REDIS_PORT`, `SIDECAR_HTTP`, `NODE_NAME`
+    /// and `JVM_ROUTE` in its environment and must answer `GET /health`.
+    External { program: PathBuf, args: Vec<String> },
+}
+
 pub struct Stack {
     pub cl: LocalCluster,
+    pub app: AppSpec,
     pub bin: PathBuf,
     pub apps: Vec<Option<Child>>,
     pub app_ports: Vec<u16>,
@@ -81,6 +92,17 @@ impl Stack {
     /// Starts `n` sidecars and apps and a load balancer, and waits until the
     /// load balancer sees every app healthy.
     pub async fn start(bin: &Path, n: usize, sidecar_args: &[&str], lb: LbChoice, app_send: &str) -> anyhow::Result<Stack> {
+        Self::start_apps(bin, n, sidecar_args, lb, app_send, AppSpec::Demo).await
+    }
+
+    pub async fn start_apps(
+        bin: &Path,
+        n: usize,
+        sidecar_args: &[&str],
+        lb: LbChoice,
+        app_send: &str,
+        app: AppSpec,
+    ) -> anyhow::Result<Stack> {
         let mut cl = LocalCluster::new(bin, n, sidecar_args)?;
         for i in 0..n {
             cl.start(i)?;
@@ -121,12 +143,17 @@ impl Stack {
             tokio::spawn(router.clone().check_loop(stop.clone()));
             Lb::Builtin { router, stop }
         };
-        let mut st = Stack { cl, bin: bin.to_owned(), apps: (0..n).map(|_| None).collect(), app_ports, lb_addr, lb, app_send: app_send.into() };
+        let mut st = Stack { cl, app, bin: bin.to_owned(), apps: (0..n).map(|_| None).collect(), app_ports, lb_addr, lb, app_send: app_send.into() };
         for i in 0..n {
             st.start_app(i)?;
         }
         for i in 0..n {
-            anyhow::ensure!(st.wait_lb_up(i, Duration::from_secs(15)).await, "load balancer never saw node{} up", i + 1);
+            anyhow::ensure!(
+                st.wait_lb_up(i, Duration::from_secs(60)).await,
+                "load balancer never saw node{} up; app log:\n{}",
+                i + 1,
+                std::fs::read_to_string(st.cl.dir.join(format!("app{}.log", i + 1))).unwrap_or_default()
+            );
         }
         Ok(st)
     }
@@ -149,22 +176,38 @@ impl Stack {
     pub fn start_app(&mut self, i: usize) -> anyhow::Result<()> {
         let sidecar = self.cl.nodes[i].http.ok_or_else(|| anyhow::anyhow!("sidecar not started"))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.cl.dir.join(format!("app{}.log", i + 1)))?;
-        let mut child = Command::new(&self.bin)
-            .arg("demo-app")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.app_ports[i]))
-            .arg("--sidecar")
-            .arg(sidecar.to_string())
-            .arg("--route")
-            .arg(&self.cl.nodes[i].route)
-            .arg("--name")
-            .arg(&self.cl.nodes[i].name)
-            .arg("--send")
-            .arg(&self.app_send)
+        let node = &self.cl.nodes[i];
+        let mut cmd = match &self.app {
+            AppSpec::Demo => {
+                let mut c = Command::new(&self.bin);
+                c.arg("demo-app")
+                    .arg("--listen")
+                    .arg(format!("127.0.0.1:{}", self.app_ports[i]))
+                    .arg("--sidecar")
+                    .arg(sidecar.to_string())
+                    .arg("--route")
+                    .arg(&node.route)
+                    .arg("--name")
+                    .arg(&node.name)
+                    .arg("--send")
+                    .arg(&self.app_send);
+                c
+            }
+            AppSpec::External { program, args } => {
+                let mut c = Command::new(program);
+                c.args(args);
+                c
+            }
+        };
+        cmd.env("PORT", self.app_ports[i].to_string())
+            .env("REDIS_PORT", node.redis.map(|a| a.port().to_string()).unwrap_or_default())
+            .env("SIDECAR_HTTP", sidecar.to_string())
+            .env("NODE_NAME", &node.name)
+            .env("JVM_ROUTE", &node.route)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()?;
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -174,7 +217,7 @@ impl Stack {
             }
             for _ in lines {}
         });
-        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        if matches!(self.app, AppSpec::Demo) && rx.recv_timeout(Duration::from_secs(10)).is_err() {
             let _ = child.kill();
             anyhow::bail!("demo app {} did not start", i + 1);
         }
@@ -325,10 +368,11 @@ impl User {
         self.jar.get("JSESSIONID")
     }
 
-    pub async fn visit(&mut self) -> anyhow::Result<Visit> {
+    /// GET `path` with the cookie jar; keeps cookies the response sets.
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<crate::client::Reply> {
         let cookies = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
         let headers = if cookies.is_empty() { vec![] } else { vec![("cookie", cookies)] };
-        let r = self.client.request_with(hyper::Method::GET, "/", &headers, bytes::Bytes::new()).await?;
+        let r = self.client.request_with(hyper::Method::GET, path, &headers, bytes::Bytes::new()).await?;
         for v in r.headers.get_all(hyper::header::SET_COOKIE) {
             if let Ok(v) = v.to_str() {
                 let first = v.split(';').next().unwrap_or_default();
@@ -337,6 +381,11 @@ impl User {
                 }
             }
         }
+        Ok(r)
+    }
+
+    pub async fn visit(&mut self) -> anyhow::Result<Visit> {
+        let r = self.get("/").await?;
         let j = r.json();
         Ok(Visit {
             status: r.status,

@@ -1,0 +1,212 @@
+//! The Redis-protocol endpoint with real clients: redis-cli, redis-benchmark,
+//! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
+//! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
+
+use sessionmesh_sidecar::localcluster::{signal, LocalCluster};
+use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin() -> PathBuf {
+    env!("CARGO_BIN_EXE_sessionmesh-sidecar").into()
+}
+
+fn e2e(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e").join(path)
+}
+
+async fn cluster(n: usize, args: &[&str]) -> LocalCluster {
+    let mut all = vec!["--redis", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut cl = LocalCluster::new(&bin(), n, &all).expect("cluster");
+    for i in 0..n {
+        cl.start(i).expect("start");
+    }
+    for i in 0..n {
+        assert!(cl.wait_ready(i, Duration::from_secs(15)).await, "node{} not ready", i + 1);
+    }
+    cl
+}
+
+fn port(cl: &LocalCluster, i: usize) -> String {
+    cl.nodes[i].redis.expect("redis endpoint").port().to_string()
+}
+
+fn cli(port: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", port]).args(args).output().expect("redis-cli (apt-get install redis-tools)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_resp2_and_resp3() {
+    let cl = cluster(2, &["--send", "sync"]).await;
+    let (p1, p2) = (port(&cl, 0), port(&cl, 1));
+    assert_eq!(cli(&p1, &["PING"]), "PONG");
+    assert_eq!(cli(&p1, &["SET", "k", "v", "EX", "100"]), "OK");
+    assert_eq!(cli(&p2, &["GET", "k"]), "v", "a write on one member is readable on another");
+    assert_eq!(cli(&p2, &["TTL", "k"]), "100");
+    assert_eq!(cli(&p1, &["-3", "HSET", "h", "a", "1"]), "1");
+    assert_eq!(cli(&p2, &["-3", "--no-raw", "HGETALL", "h"]), "1# \"a\" => \"1\"");
+    assert_eq!(cli(&p2, &["HGETALL", "h"]), "a\n1");
+    assert_eq!(cli(&p1, &["-3", "--no-raw", "HELLO", "3"]).lines().next(), Some("1# \"server\" => \"redis\""));
+    assert_eq!(cli(&p1, &["FOO", "bar"]), "ERR unknown command 'FOO', with args beginning with: 'bar'");
+    assert_eq!(cli(&p1, &["GET", "h"]), "WRONGTYPE Operation against a key holding the wrong kind of value");
+    assert_eq!(cli(&p1, &["SELECT", "1"]), "ERR DB index is out of range");
+    assert_eq!(cli(&p1, &["DBSIZE"]), "2");
+    assert_eq!(cli(&p1, &["FLUSHALL"]).split(':').next(), Some("ERR FLUSHDB is disabled"));
+    assert!(cli(&p1, &["INFO"]).contains("loading:0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_limits_and_bad_input() {
+    let cl = cluster(1, &["--redis-password", "s3cret-password", "--redis-max-clients", "3", "--max-attr-bytes", "1024"]).await;
+    let p = port(&cl, 0);
+    assert_eq!(cli(&p, &["GET", "k"]), "NOAUTH Authentication required.");
+    assert_eq!(cli(&p, &["AUTH", "nope"]), "WRONGPASS invalid username-password pair or user is disabled.");
+    assert_eq!(cli(&p, &["-a", "s3cret-password", "--no-auth-warning", "SET", "k", "v"]), "OK");
+    let big = "x".repeat(2048);
+    let r = cli(&p, &["-a", "s3cret-password", "--no-auth-warning", "SET", "k", &big]);
+    assert!(r.starts_with("ERR Protocol error: invalid bulk length") || r.contains("exceeds the limit"), "{r}");
+    // Garbage on the port: an error, the connection closes, the member is fine.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    s.write_all(b"*1\r\n$999999999999\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("-ERR Protocol error"), "{out}");
+    // The client limit: three connections are held open, the fourth is refused.
+    let held: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect")).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert_eq!(out, "-ERR max number of clients reached\r\n");
+    drop(held);
+    let t = Instant::now();
+    loop {
+        let r = cli(&p, &["-a", "s3cret-password", "--no-auth-warning", "GET", "k"]);
+        if r == "v" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "endpoint unusable after the limit: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_runs_clean_against_a_replicating_member() {
+    let cl = cluster(3, &[]).await;
+    let p = port(&cl, 0);
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &p, "-q", "-t", "set,get,hset", "-n", "5000", "-d", "1024", "-c", "20", "-P", "8"])
+        .output()
+        .expect("redis-benchmark (apt-get install redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for t in ["SET", "GET", "HSET"] {
+        assert!(text.contains(&format!("{t}: ")), "no {t} result in:\n{text}");
+    }
+    assert!(out.status.success());
+    // redis-benchmark writes key:__rand_int__; it must be on the peers too.
+    let t = Instant::now();
+    loop {
+        if cli(&port(&cl, 2), &["EXISTS", "key:__rand_int__"]) == "1" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "benchmark keys did not replicate");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_resp3_client_across_members() {
+    let cl = cluster(3, &["--send", "sync"]).await;
+    let out = Command::new("python3")
+        .arg(e2e("python/redis_py_check.py"))
+        .args([port(&cl, 0), port(&cl, 1), port(&cl, 2)])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "redis-py check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_key_is_not_resurrected_by_a_late_replica() {
+    let cl = cluster(3, &["--anti-entropy-interval-ms", "200"]).await;
+    let (p1, p3) = (port(&cl, 0), port(&cl, 2));
+    assert_eq!(cli(&p1, &["SET", "short", "v", "PX", "1500"]), "OK");
+    let t = Instant::now();
+    while cli(&p3, &["GET", "short"]) != "v" {
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+    // node3 stops (a stalled replica still holding the key), the key expires, node3 resumes.
+    let pid = cl.pid(2).expect("pid");
+    signal(pid, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    signal(pid, libc::SIGCONT);
+    // Several anti-entropy rounds later, the key is gone everywhere.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..3 {
+        assert_eq!(cli(&port(&cl, i), &["EXISTS", "short"]), "0", "node{} has the expired key", i + 1);
+    }
+}
+
+async fn framework_survives_sigkill(app: AppSpec, what: &str) {
+    let mut st = Stack::start_apps(&bin(), 3, &["--redis", "127.0.0.1:0", "--send", "sync"], LbChoice::Haproxy, "sync", app)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let mut u = User::new(st.lb_addr);
+    let r = u.get("/login?user=alice").await.expect("login");
+    assert_eq!(r.status, 200, "{what}: login: {}", r.text());
+    let r = u.get("/whoami").await.expect("whoami");
+    assert_eq!(r.status, 200, "{what}: {}", r.text());
+    assert_eq!(r.json()["user"], "alice");
+    let holder = r.json()["node"].as_str().unwrap_or_default().to_owned();
+    let i = st.index_of(&holder).expect("holder");
+    st.kill_node(i);
+    let t = Instant::now();
+    let r = loop {
+        match u.get("/whoami").await {
+            Ok(r) if r.status == 200 || r.status == 401 => break r,
+            _ => assert!(t.elapsed() < Duration::from_secs(10), "{what}: no answer after the kill"),
+        }
+    };
+    assert_eq!(r.status, 200, "{what}: logged out after SIGKILL of {holder}: {}", r.text());
+    assert_eq!(r.json()["user"], "alice");
+    assert_ne!(r.json()["node"], holder.as_str());
+    let r = u.get("/whoami").await.expect("again");
+    assert_eq!(r.json()["user"], "alice", "{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flask_session_survives_sigkill() {
+    framework_survives_sigkill(
+        AppSpec::External { program: "python3".into(), args: vec![e2e("python/flask_app.py").display().to_string()] },
+        "Flask-Session",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_cache_sessions_survive_sigkill() {
+    framework_survives_sigkill(
+        AppSpec::External { program: "python3".into(), args: vec![e2e("python/django_app.py").display().to_string()] },
+        "Django",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn express_session_survives_sigkill() {
+    framework_survives_sigkill(
+        AppSpec::External { program: "node".into(), args: vec![e2e("node/app.js").display().to_string()] },
+        "express-session",
+    )
+    .await;
+}
