@@ -20,6 +20,7 @@ use crate::store::{Applied, Delta, Limits, Op, Session, SessionState, Store, Sto
 use crate::wire::PeerMsg;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +150,7 @@ struct OutLog {
     next_seq: u64,
     acked: u64,
     sent_upto: u64,
-    unacked: VecDeque<(u64, Delta, usize)>,
+    unacked: VecDeque<(u64, Arc<Delta>, usize)>,
     bytes: usize,
     /// When `acked` last moved (or a resend was last tried).
     progress_ms: u64,
@@ -637,7 +638,7 @@ impl Core {
         }
     }
 
-    fn on_deltas(&mut self, name: &str, first_seq: u64, deltas: Vec<Delta>, now_ms: u64) {
+    fn on_deltas(&mut self, name: &str, first_seq: u64, deltas: Vec<Arc<Delta>>, now_ms: u64) {
         let Some(p) = self.peers.get_mut(name) else { return };
         let Some(last) = first_seq.checked_add(deltas.len() as u64).and_then(|e| e.checked_sub(1)) else {
             return;
@@ -929,6 +930,8 @@ impl Core {
     /// Queues a delta for every live member; returns what a sync write waits for.
     fn replicate(&mut self, d: Delta, now_ms: u64) -> Vec<(String, Option<Generation>, u64)> {
         let size = d.size_hint();
+        // One copy, shared by every peer's log and message.
+        let d = Arc::new(d);
         let mut waits = Vec::new();
         let hard_cap = self.cfg.max_queue_bytes.saturating_mul(2);
         for (name, p) in self.peers.iter_mut() {

@@ -243,7 +243,15 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
         }
         // redis-benchmark and some clients read the server's config; there is nothing to tune here.
         "CONFIG" => match a.first().map(lower).as_deref() {
-            Some("get") => Value::Map(vec![]),
+            Some("get") => Value::Map(
+                a[1..]
+                    .iter()
+                    .map(|k| {
+                        let v = if lower(k) == "appendonly" { "no" } else { "" };
+                        (Value::Bulk(k.clone()), Value::str(v))
+                    })
+                    .collect(),
+            ),
             _ => Value::err("ERR CONFIG is limited to GET on sessionmesh"),
         },
         "COMMAND" => match a.first().map(lower).as_deref() {

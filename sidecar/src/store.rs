@@ -361,67 +361,72 @@ impl Store {
             self.insert_live(d.id.clone(), fresh);
             changed = true;
         }
-        let id = d.id.clone();
+        enum After<'a> {
+            Nothing,
+            Tombstone,
+            Rename(&'a SessionId),
+        }
+        let mut after_ops = After::Nothing;
+        let Some(Entry::Live(s)) = self.entries.get_mut(&d.id) else { return Applied::Ignored };
+        let before = s.payload_bytes();
         // Every delta states the session's max-inactive interval as of its write:
         // a last-writer-wins register, so replicas agree whatever the order.
-        if let Some(Entry::Live(s)) = self.entries.get_mut(&id) {
-            if d.hlc > s.meta_hlc {
-                s.meta_hlc = d.hlc;
-                if s.max_inactive_ms != d.max_inactive_ms {
-                    s.max_inactive_ms = d.max_inactive_ms;
-                    changed = true;
-                }
+        if d.hlc > s.meta_hlc {
+            s.meta_hlc = d.hlc;
+            if s.max_inactive_ms != d.max_inactive_ms {
+                s.max_inactive_ms = d.max_inactive_ms;
+                changed = true;
             }
         }
         for op in &d.ops {
-            let Some(Entry::Live(s)) = self.entries.get_mut(&id) else { break };
-            let before = s.payload_bytes();
             match op {
-                Op::Create => {}
+                Op::Create | Op::Touch => {}
+                // Applied with the header above; kept so a delta says what it meant.
+                Op::MaxInactive => {}
                 Op::Set { name, value } => {
-                    let newer = s.attrs.get(name).map_or(true, |a| a.hlc < d.hlc);
-                    if newer {
+                    if s.attrs.get(name).is_none_or(|a| a.hlc < d.hlc) {
                         s.attrs.insert(name.clone(), Attr { value: Some(value.clone()), hlc: d.hlc, removed_at_ms: 0 });
                         changed = true;
                     }
                 }
                 Op::Remove { name } => {
-                    let newer = s.attrs.get(name).map_or(true, |a| a.hlc < d.hlc);
-                    if newer {
+                    if s.attrs.get(name).is_none_or(|a| a.hlc < d.hlc) {
                         s.attrs.insert(name.clone(), Attr { value: None, hlc: d.hlc, removed_at_ms: now_ms });
                         changed = true;
                     }
                 }
-                Op::Touch => {}
-                // Applied with the header above; kept so a delta says what it meant.
-                Op::MaxInactive => {}
-                Op::Invalidate => {
-                    self.tombstone(&id, d.hlc, now_ms, false);
-                    return Applied::Changed;
-                }
                 Op::Delete => {
                     s.cleared = s.cleared.max(d.hlc);
-                    if !s.apply_cleared() {
-                        self.tombstone(&id, d.hlc, now_ms, true);
-                        return Applied::Changed;
-                    }
-                    let after = s.payload_bytes();
-                    self.payload = self.payload + after - before;
                     changed = true;
-                    continue;
+                    if !s.apply_cleared() {
+                        after_ops = After::Tombstone;
+                        break;
+                    }
                 }
+                Op::Invalidate => {}
                 Op::Rename { to } => {
-                    self.rename(&id, to, d.hlc, now_ms);
-                    return Applied::Changed;
+                    after_ops = After::Rename(to);
+                    break;
                 }
             }
-            let after = s.payload_bytes();
-            if d.last_accessed_ms > s.last_accessed_ms {
-                s.last_accessed_ms = d.last_accessed_ms;
-                changed = true;
+        }
+        if d.last_accessed_ms > s.last_accessed_ms {
+            s.last_accessed_ms = d.last_accessed_ms;
+            changed = true;
+        }
+        s.created_ms = s.created_ms.min(d.created_ms);
+        let after = s.payload_bytes();
+        self.payload = self.payload + after - before;
+        match after_ops {
+            After::Nothing => {}
+            After::Tombstone => {
+                self.tombstone(&d.id, d.hlc, now_ms, true);
+                return Applied::Changed;
             }
-            s.created_ms = s.created_ms.min(d.created_ms);
-            self.payload = self.payload + after - before;
+            After::Rename(to) => {
+                self.rename(&d.id, to, d.hlc, now_ms);
+                return Applied::Changed;
+            }
         }
         if changed {
             Applied::Changed

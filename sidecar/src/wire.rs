@@ -61,7 +61,7 @@ pub enum Handshake {
 pub enum PeerMsg {
     Heartbeat { ready: bool },
     /// Deltas numbered `first_seq..` in the sender's stream to this receiver.
-    Deltas { first_seq: u64, deltas: Vec<Delta> },
+    Deltas { first_seq: u64, deltas: Vec<std::sync::Arc<Delta>> },
     /// Cumulative: every delta up to `upto` is applied.
     Ack { upto: u64 },
     /// Asks the receiver to probe `target` on the sender's behalf.
@@ -241,7 +241,7 @@ mod tests {
     proptest! {
         #[test]
         fn deltas_roundtrip(first_seq in any::<u64>(), deltas in prop::collection::vec(arb_delta(), 0..8)) {
-            let msg = PeerMsg::Deltas { first_seq, deltas };
+            let msg = PeerMsg::Deltas { first_seq, deltas: deltas.into_iter().map(std::sync::Arc::new).collect() };
             prop_assert_eq!(roundtrip(&msg), msg);
         }
 

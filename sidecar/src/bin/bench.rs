@@ -517,6 +517,76 @@ async fn store(secs: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// redis-benchmark's `-q` results: test name -> requests per second.
+fn redis_benchmark(port: u16, tests: &str, pipeline: usize, n: usize) -> anyhow::Result<Vec<(String, f64)>> {
+    let rb = which("redis-benchmark").ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
+    // HSET writes fields of one hash: keep it session-sized (500 fields of 1 KiB).
+    let keyspace = if tests == "hset" { "500" } else { "10000" };
+    let out = std::process::Command::new(rb)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "-t", tests, "-d", "1024", "-c", "50", "-r", keyspace])
+        .args(["-n", &n.to_string(), "-P", &pipeline.to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut res = Vec::new();
+    for part in text.split(['\r', '\n']) {
+        if let Some((name, rest)) = part.trim().split_once(": ") {
+            if let Some(v) = rest.strip_suffix(" requests per second").or_else(|| rest.split(" requests per second").next().filter(|_| rest.contains("requests per second"))) {
+                if let Ok(v) = v.trim().parse::<f64>() {
+                    res.retain(|(n, _): &(String, f64)| n != name);
+                    res.push((name.to_owned(), v));
+                }
+            }
+        }
+    }
+    anyhow::ensure!(!res.is_empty(), "redis-benchmark printed no result: {text}");
+    Ok(res)
+}
+
+/// redis-benchmark against one sidecar (replicating to two peers) and against
+/// a standalone redis-server, same run.
+async fn resp(quick: bool) -> anyhow::Result<()> {
+    let redis = which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
+    let port = sessionmesh_sidecar::localcluster::free_port()?;
+    let mut server = std::process::Command::new(redis)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cl = cluster(3, &["--redis", "127.0.0.1:0"]).await?;
+    let sm = cl.nodes[0].redis.ok_or_else(|| anyhow::anyhow!("no redis endpoint"))?.port();
+    for pipeline in [1usize, 16] {
+        let n = if quick { 20_000 } else if pipeline == 1 { 100_000 } else { 400_000 };
+        let mut ratios: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for _round in 0..if quick { 1 } else { 3 } {
+            let mut ours = redis_benchmark(sm, "set,get", pipeline, n)?;
+            ours.extend(redis_benchmark(sm, "hset", pipeline, n)?);
+            let mut theirs = redis_benchmark(port, "set,get", pipeline, n)?;
+            theirs.extend(redis_benchmark(port, "hset", pipeline, n)?);
+            for (name, v) in &ours {
+                if let Some((_, r)) = theirs.iter().find(|(t, _)| t == name) {
+                    let key = name.to_ascii_lowercase();
+                    figure(&format!("resp_{key}_p{pipeline}_sessionmesh_rps"), *v, "req/s");
+                    figure(&format!("resp_{key}_p{pipeline}_redis_rps"), *r, "req/s");
+                    ratios.entry(key).or_default().push(v / r);
+                }
+            }
+        }
+        for (key, mut r) in ratios {
+            figure(&format!("resp_{key}_p{pipeline}_ratio_median"), pct(&mut r, 0.5), "ratio");
+        }
+    }
+    // Everything written on node1 reached the peers.
+    let applied = metric(&mut cl.client(1), "sessionmesh_deltas_applied_total").await;
+    figure("resp_deltas_applied_on_peer", applied, "count");
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -537,7 +607,9 @@ async fn main() -> anyhow::Result<()> {
         "failover" => failover(if quick { 3 } else { 11 }).await?,
         "rolling" => rolling().await?,
         "store" => store(secs).await?,
+        "resp" => resp(quick).await?,
         "all" => {
+            resp(quick).await?;
             demo(secs).await?;
             failover(if quick { 3 } else { 11 }).await?;
             rolling().await?;
@@ -549,7 +621,7 @@ async fn main() -> anyhow::Result<()> {
             detect_hung(if quick { 3 } else { 10 }).await?;
             transfer(if quick { 10_000 } else { 100_000 }).await?;
         }
-        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, writes, lag, detect, transfer, all"),
+        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, resp, writes, lag, detect, transfer, all"),
     }
     Ok(())
 }
