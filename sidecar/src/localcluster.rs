@@ -135,24 +135,9 @@ impl LocalCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("{} did not start: {}", self.nodes[i].name, self.log_tail(i, 20));
-            }
+        let (child, first) = spawn_with_first_line(&mut cmd, Some(Duration::from_secs(15)))?;
+        let Some(line) = first else {
+            anyhow::bail!("{} did not start: {}", self.nodes[i].name, self.log_tail(i, 20));
         };
         let v: serde_json::Value = serde_json::from_str(&line)?;
         let http: SocketAddr = v["http"].as_str().unwrap_or_default().parse()?;
@@ -223,6 +208,31 @@ impl LocalCluster {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Spawns `cmd` (stdout piped) and, with a timeout, waits for its first stdout
+/// line; stdout keeps being drained so the child never blocks on a full pipe.
+/// A child that prints nothing in time is killed and `None` returned.
+pub fn spawn_with_first_line(cmd: &mut Command, wait: Option<Duration>) -> anyhow::Result<(Child, Option<String>)> {
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let Some(wait) = wait else { return Ok((child, None)) };
+    match rx.recv_timeout(wait) {
+        Ok(l) => Ok((child, Some(l))),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Ok((child, None))
         }
     }
 }

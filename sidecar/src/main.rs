@@ -12,11 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 mod demo;
 
-// Sessions are many small allocations that live long and die in any order;
-// mimalloc keeps both the time and the fragmentation of that low.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "sessionmesh-sidecar", version, about = "Replicated HTTP session store for the app next to it")]
 struct Cli {

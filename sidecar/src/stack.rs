@@ -3,10 +3,10 @@
 //! Used by the demo, the end-to-end tests and the bench harness.
 
 use crate::client::Client;
-use crate::localcluster::{free_port, signal, LocalCluster};
+use crate::localcluster::{free_port, signal, spawn_with_first_line, LocalCluster};
 use crate::router::Router;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -207,18 +207,11 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        if matches!(self.app, AppSpec::Demo) && rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            let _ = child.kill();
+        // The demo app reports its address on stdout; other apps are waited for
+        // through the load balancer's health checks.
+        let wait = matches!(self.app, AppSpec::Demo).then_some(Duration::from_secs(10));
+        let (child, first) = spawn_with_first_line(&mut cmd, wait)?;
+        if wait.is_some() && first.is_none() {
             anyhow::bail!("demo app {} did not start", i + 1);
         }
         self.apps[i] = Some(child);
@@ -254,35 +247,27 @@ impl Stack {
         }
     }
 
-    /// Current sessions on a server, as the load balancer counts them (0 for
-    /// the built-in router, which does not count).
-    pub fn lb_current(&self, i: usize) -> u64 {
-        let Lb::Haproxy { admin, .. } = &self.lb else { return 0 };
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(admin) else { return 0 };
-        let _ = s.write_all(b"show stat\n");
+    /// Node `i`'s row of HAProxy's `show stat` CSV.
+    fn haproxy_stat(&self, i: usize) -> Option<Vec<String>> {
+        let Lb::Haproxy { admin, .. } = &self.lb else { return None };
+        let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
+        s.write_all(b"show stat\n").ok()?;
         let mut out = String::new();
         let _ = std::io::Read::read_to_string(&mut s, &mut out);
-        let name = self.name(i);
-        out.lines()
-            .find(|l| l.starts_with(&format!("app,{name},")))
-            .and_then(|l| l.split(',').nth(4)?.parse().ok())
-            .unwrap_or(0)
+        let prefix = format!("app,{},", self.name(i));
+        out.lines().find(|l| l.starts_with(&prefix)).map(|l| l.split(',').map(str::to_owned).collect())
     }
 
-    /// Whether the load balancer considers the app of node `i` up.
+    /// Current sessions on a server, as the load balancer counts them (0 for
+    /// the built-in router, which does not count). CSV field 4 is `scur`.
+    pub fn lb_current(&self, i: usize) -> u64 {
+        self.haproxy_stat(i).and_then(|r| r.get(4)?.parse().ok()).unwrap_or(0)
+    }
+
+    /// Whether the load balancer considers the app of node `i` up (CSV field 17 is `status`).
     pub fn lb_up(&self, i: usize) -> bool {
         match &self.lb {
-            Lb::Haproxy { admin, .. } => {
-                let Ok(mut s) = std::os::unix::net::UnixStream::connect(admin) else { return false };
-                let _ = s.write_all(b"show stat\n");
-                let mut out = String::new();
-                let _ = std::io::Read::read_to_string(&mut s, &mut out);
-                let name = self.name(i);
-                out.lines()
-                    .find(|l| l.starts_with(&format!("app,{name},")))
-                    .and_then(|l| l.split(',').nth(17).map(|st| st.starts_with("UP")))
-                    .unwrap_or(false)
-            }
+            Lb::Haproxy { .. } => self.haproxy_stat(i).and_then(|r| r.get(17).map(|st| st.starts_with("UP"))).unwrap_or(false),
             Lb::Builtin { router, .. } => router.backends[i].up.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

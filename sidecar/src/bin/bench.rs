@@ -15,6 +15,28 @@ fn sidecar_bin() -> PathBuf {
     me.with_file_name("sessionmesh-sidecar")
 }
 
+/// `(state, sinceMs)` of `name` in a member's `/v1/cluster`.
+async fn member(c: &mut sessionmesh_sidecar::client::Client, name: &str) -> anyhow::Result<Option<(String, u64)>> {
+    let j = c.get("/v1/cluster").await?.json();
+    Ok(j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).map(|m| {
+        (m["state"].as_str().unwrap_or_default().to_owned(), m["sinceMs"].as_u64().unwrap_or(0))
+    }))
+}
+
+/// Polls until `name` is in `state`; returns its `sinceMs`.
+async fn wait_member(c: &mut sessionmesh_sidecar::client::Client, name: &str, state: &str, within: Duration) -> anyhow::Result<u64> {
+    let t0 = Instant::now();
+    loop {
+        if let Some((s, since)) = member(c, name).await? {
+            if s == state {
+                return Ok(since);
+            }
+        }
+        anyhow::ensure!(t0.elapsed() < within, "{name} not {state} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -142,32 +164,11 @@ async fn detect(rounds: usize) -> anyhow::Result<()> {
     for _ in 0..rounds {
         let killed = now_ms();
         cl.kill(2);
-        let t0 = Instant::now();
-        let mut since = None;
-        while t0.elapsed() < Duration::from_secs(5) {
-            let j = c.get("/v1/cluster").await?.json();
-            if let Some(m) = j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "node3")) {
-                if m["state"] == "dead" {
-                    since = m["sinceMs"].as_u64();
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let since = since.ok_or_else(|| anyhow::anyhow!("not detected within 5 s"))?;
+        let since = wait_member(&mut c, "node3", "dead", Duration::from_secs(5)).await?;
         v.push(since.saturating_sub(killed) as f64);
         cl.start(2)?;
         anyhow::ensure!(cl.wait_ready(2, Duration::from_secs(10)).await, "node3 not ready after restart");
-        let t0 = Instant::now();
-        loop {
-            let j = c.get("/v1/cluster").await?.json();
-            let alive = j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "node3")).is_some_and(|m| m["state"] == "alive");
-            if alive {
-                break;
-            }
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "node3 never alive again");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_member(&mut c, "node3", "alive", Duration::from_secs(5)).await?;
     }
     figure("failure_detect_p50_ms", pct(&mut v, 0.5), "ms");
     figure("failure_detect_p99_ms", pct(&mut v, 0.99), "ms");
@@ -188,39 +189,18 @@ async fn metric(c: &mut sessionmesh_sidecar::client::Client, name: &str) -> f64 
 /// SIGSTOP the third member (a hung process with open sockets), read when the
 /// first declared it dead, then SIGCONT it and wait until it is alive again.
 async fn detect_hung(rounds: usize) -> anyhow::Result<()> {
-    let mut cl = cluster(3, &[]).await?;
+    let cl = cluster(3, &[]).await?;
     let mut c = cl.client(0);
     let pid = cl.pid(2).unwrap_or(0);
     let mut v = Vec::new();
     for _ in 0..rounds {
         let stopped = now_ms();
         sessionmesh_sidecar::localcluster::signal(pid, libc::SIGSTOP);
-        let t0 = Instant::now();
-        let mut since = None;
-        while t0.elapsed() < Duration::from_secs(5) {
-            let j = c.get("/v1/cluster").await?.json();
-            if let Some(m) = j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "node3")) {
-                if m["state"] == "dead" {
-                    since = m["sinceMs"].as_u64();
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let since = wait_member(&mut c, "node3", "dead", Duration::from_secs(5)).await;
         sessionmesh_sidecar::localcluster::signal(pid, libc::SIGCONT);
-        let since = since.ok_or_else(|| anyhow::anyhow!("hung member not detected within 5 s"))?;
-        v.push(since.saturating_sub(stopped) as f64);
-        let t0 = Instant::now();
-        loop {
-            let j = c.get("/v1/cluster").await?.json();
-            if j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == "node3")).is_some_and(|m| m["state"] == "alive") {
-                break;
-            }
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "node3 never alive again");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        v.push(since?.saturating_sub(stopped) as f64);
+        wait_member(&mut c, "node3", "alive", Duration::from_secs(5)).await?;
     }
-    let _ = &mut cl;
     figure("failure_detect_hung_p50_ms", pct(&mut v, 0.5), "ms");
     figure("failure_detect_hung_p99_ms", pct(&mut v, 0.99), "ms");
     Ok(())
