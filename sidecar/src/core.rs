@@ -237,6 +237,7 @@ pub struct Core {
     phase: Phase,
     started_ms: u64,
     transfer: Option<Transfer>,
+    last_progress_log_ms: u64,
     next_id: u64,
     rng: u64,
     dirty_touch: HashSet<SessionId>,
@@ -262,6 +263,7 @@ impl Core {
             phase: Phase::Starting,
             started_ms: now_ms,
             transfer: None,
+            last_progress_log_ms: 0,
             next_id: 1,
             rng: node_tag | 1,
             dirty_touch: HashSet::new(),
@@ -747,7 +749,10 @@ impl Core {
                 t.cursor = Some(cursor.clone());
                 let id = t.id;
                 self.phase = Phase::Transferring { source: name.to_owned(), received: self.stats.transfer_sessions, total };
-                debug!(received = self.stats.transfer_sessions, total, "state transfer progress");
+                if now_ms.saturating_sub(self.last_progress_log_ms) >= 1_000 {
+                    self.last_progress_log_ms = now_ms;
+                    info!(received = self.stats.transfer_sessions, total, source = %name, "state transfer progress");
+                }
                 let max_bytes = self.cfg.transfer_chunk_bytes as u32;
                 self.send(name, PeerMsg::TransferPull { transfer: id, cursor: Some(cursor), max_bytes });
             }

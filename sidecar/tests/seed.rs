@@ -18,7 +18,18 @@ async fn stack() -> Stack {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_of_the_node_holding_the_session_keeps_the_user_logged_in() {
-    let mut st = stack().await;
+    scenario_a(stack().await).await;
+}
+
+/// The demo's fallback when HAProxy is not installed behaves the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_with_the_builtin_router() {
+    let st = Stack::start(&bin(), 3, &[], LbChoice::Builtin, "sync").await.expect("stack");
+    assert_eq!(st.lb_name(), "built-in cookie-sticky router");
+    scenario_a(st).await;
+}
+
+async fn scenario_a(mut st: Stack) {
     let mut user = User::new(st.lb_addr);
     let mut holder = String::new();
     for i in 1..=20u64 {
