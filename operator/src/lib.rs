@@ -1,0 +1,5 @@
+//! sessionmesh operator: reconciles `SessionCluster` resources.
+
+pub mod assign;
+pub mod leader;
+pub mod reconcile;

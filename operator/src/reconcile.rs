@@ -1,0 +1,251 @@
+//! The reconcile loop for one `SessionCluster`: validate the spec, find member
+//! pods, assign and record jvmRoutes and ports, publish the membership
+//! ConfigMap (server-side apply), write status and events.
+//!
+//! Invalid specs become a `Degraded` condition, not an error loop. API errors
+//! back off exponentially per object.
+
+use crate::assign::{assign, AssignError, PodInfo};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use sessionmesh_api::{
+    members_configmap, Condition, DocMember, MemberStatus, MembershipDoc, SessionCluster, SessionClusterStatus, CLUSTER_ANNOTATION,
+    MEMBERS_KEY, PORT_ANNOTATION, ROUTE_ANNOTATION,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub const MANAGER: &str = "sessionmesh-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed; nothing after it was done this round.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serialize: {0}")]
+    Serde(#[from] serde_json::Error),
+    #[error("the SessionCluster has no namespace")]
+    NoNamespace,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub reconciles: AtomicU64,
+    pub failures: AtomicU64,
+    pub last_reconcile_us: AtomicU64,
+    pub members: AtomicU64,
+}
+
+pub struct Ctx {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Ctx {
+    pub fn new(client: Client, recorder: Recorder) -> Self {
+        Ctx { client, recorder, metrics: Metrics::default(), failures: Mutex::new(HashMap::new()) }
+    }
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn pod_info(p: &Pod) -> PodInfo {
+    let ann = p.annotations();
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    PodInfo {
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        created: p.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+        ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        node: spec.and_then(|s| s.node_name.clone()),
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        route: ann.get(ROUTE_ANNOTATION).cloned(),
+        port: ann.get(PORT_ANNOTATION).and_then(|p| p.parse().ok()),
+    }
+}
+
+fn condition(prev: &[Condition], type_: &str, ok: bool, reason: &str, message: String, generation: i64) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_owned();
+    let last = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(now_rfc3339);
+    Condition { type_: type_.into(), status, reason: reason.into(), message, observed_generation: generation, last_transition_time: last }
+}
+
+async fn event(ctx: &Ctx, sc: &SessionCluster, type_: EventType, reason: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &sc.object_ref(&())).await {
+        warn!(error = %e, "could not record an event");
+    }
+}
+
+async fn write_status(api: &Api<SessionCluster>, name: &str, status: &SessionClusterStatus) -> Result<(), Error> {
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await?;
+    Ok(())
+}
+
+pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = sc.namespace().ok_or(Error::NoNamespace)?;
+    let name = sc.name_any();
+    let generation = sc.metadata.generation.unwrap_or(0);
+    let sc_api: Api<SessionCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let prev = sc.status.clone().unwrap_or_default();
+
+    if let Err(e) = sc.spec.validate() {
+        let status = SessionClusterStatus {
+            observed_generation: generation,
+            conditions: vec![
+                condition(&prev.conditions, "Ready", false, "InvalidSpec", e.to_string(), generation),
+                condition(&prev.conditions, "Progressing", false, "InvalidSpec", "waiting for a valid spec".into(), generation),
+                condition(&prev.conditions, "Degraded", true, "InvalidSpec", e.to_string(), generation),
+            ],
+            ..prev.clone()
+        };
+        if prev.observed_generation != generation || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec") {
+            event(&ctx, &sc, EventType::Warning, "InvalidSpec", e.to_string()).await;
+        }
+        write_status(&sc_api, &name, &status).await?;
+        ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods = pods_api.list(&ListParams::default()).await?;
+    let members: Vec<Pod> = pods
+        .items
+        .into_iter()
+        .filter(|p| p.annotations().get(CLUSTER_ANNOTATION) == Some(&name))
+        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+        .collect();
+    let infos: Vec<PodInfo> = members.iter().map(pod_info).collect();
+    let (assignments, assign_err) = assign(&sc.spec.jvm_route.prefix, sc.spec.receiver_ports, &infos);
+
+    for a in assignments.iter().filter(|a| a.changed) {
+        let patch = json!({"metadata": {"annotations": {ROUTE_ANNOTATION: a.route, PORT_ANNOTATION: a.port.to_string()}}});
+        pods_api.patch(&a.pod, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        info!(cluster = %name, pod = %a.pod, route = %a.route, port = a.port, "assigned");
+        event(&ctx, &sc, EventType::Normal, "Assigned", format!("pod {}: jvmRoute {}, receiver port {}", a.pod, a.route, a.port)).await;
+    }
+
+    let by_pod: HashMap<&str, &PodInfo> = infos.iter().map(|p| (p.name.as_str(), p)).collect();
+    let mut statuses = Vec::new();
+    let mut doc = MembershipDoc { cluster: name.clone(), members: Vec::new() };
+    for a in &assignments {
+        let Some(p) = by_pod.get(a.pod.as_str()) else { continue };
+        statuses.push(MemberStatus {
+            pod: p.name.clone(),
+            uid: p.uid.clone(),
+            ip: p.ip.clone().unwrap_or_default(),
+            port: a.port,
+            jvm_route: a.route.clone(),
+            ready: p.ready && !p.terminating,
+            leaving: p.terminating,
+        });
+        // A member is reachable only once it has an IP.
+        if let Some(ip) = &p.ip {
+            let address = if ip.contains(':') { format!("[{ip}]:{}", a.port) } else { format!("{ip}:{}", a.port) };
+            doc.members.push(DocMember {
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                address,
+                jvm_route: a.route.clone(),
+                ready: p.ready && !p.terminating,
+                leaving: p.terminating,
+            });
+        }
+    }
+    let route_idx = |r: &str| r.trim_start_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().unwrap_or(u32::MAX);
+    statuses.sort_by_key(|m| route_idx(&m.jvm_route));
+    doc.members.sort_by_key(|m| route_idx(&m.jvm_route));
+
+    let cm_name = members_configmap(&name);
+    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let cm = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": cm_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER, "sessionmesh.io/cluster": name}},
+        "data": {MEMBERS_KEY: serde_yaml::to_string(&doc).unwrap_or_default()},
+    });
+    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    cm_api.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await?;
+
+    let count = statuses.len() as u32;
+    let ready = statuses.iter().filter(|m| m.ready).count() as u32;
+    let all_ready = count > 0 && ready == count;
+    let changed = assignments.iter().any(|a| a.changed);
+    let status = SessionClusterStatus {
+        observed_generation: generation,
+        members: statuses,
+        member_count: count,
+        ready_members: ready,
+        conditions: vec![
+            condition(
+                &prev.conditions,
+                "Ready",
+                all_ready,
+                if count == 0 { "NoMembers" } else if all_ready { "AllMembersReady" } else { "MembersNotReady" },
+                format!("{ready} of {count} members ready"),
+                generation,
+            ),
+            condition(
+                &prev.conditions,
+                "Progressing",
+                changed || !all_ready,
+                if changed { "Assigning" } else if all_ready { "Stable" } else { "WaitingForMembers" },
+                format!("{} assignments written", assignments.iter().filter(|a| a.changed).count()),
+                generation,
+            ),
+            match &assign_err {
+                Some(e @ AssignError::PortsExhausted { .. }) => condition(&prev.conditions, "Degraded", true, "PortsExhausted", e.to_string(), generation),
+                None => condition(&prev.conditions, "Degraded", false, "AsExpected", "spec valid, every member assigned".into(), generation),
+            },
+        ],
+    };
+    if let Some(e) = &assign_err {
+        event(&ctx, &sc, EventType::Warning, "PortsExhausted", e.to_string()).await;
+    }
+    if Some(&status) != sc.status.as_ref() {
+        write_status(&sc_api, &name, &status).await?;
+    }
+    ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.members.store(count as u64, Ordering::Relaxed);
+    ctx.metrics.last_reconcile_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Exponential backoff per object: 0.5 s, 1 s, 2 s ... up to 5 minutes.
+pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics.failures.fetch_add(1, Ordering::Relaxed);
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let e = f.entry(sc.name_any()).or_insert(0);
+            *e = (*e + 1).min(20);
+            *e
+        })
+        .unwrap_or(1);
+    let delay = Duration::from_millis(500u64.saturating_mul(1 << (n - 1).min(10))).min(Duration::from_secs(300));
+    warn!(cluster = %sc.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
