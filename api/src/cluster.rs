@@ -242,12 +242,12 @@ pub struct SessionClusterStatus {
 pub struct MemberStatus {
     pub pod: String,
     pub uid: String,
-    #[serde(default)]
+    /// Empty until the pod has an IP.
     pub ip: String,
     pub port: u16,
     pub jvm_route: String,
     pub ready: bool,
-    #[serde(default)]
+    /// Terminating: peers treat it as having left.
     pub leaving: bool,
 }
 

@@ -1,0 +1,211 @@
+//! The operator against a real kube-apiserver and etcd on loopback.
+
+mod common;
+
+use common::{eventually, KubeEnv};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use sessionmesh_api::{MembershipDoc, SessionCluster, PORT_ANNOTATION, ROUTE_ANNOTATION};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+async fn cluster(env: &KubeEnv, ns: &str, name: &str, spec: serde_json::Value) {
+    let api: Api<SessionCluster> = Api::namespaced(env.client.clone(), ns);
+    let sc: SessionCluster = serde_json::from_value(json!({
+        "apiVersion": "sessionmesh.io/v1alpha1", "kind": "SessionCluster", "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("sc");
+    api.create(&PostParams::default(), &sc).await.expect("create SessionCluster");
+}
+
+async fn assignments(env: &KubeEnv, ns: &str) -> BTreeMap<String, (String, String)> {
+    let api: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    api.list(&Default::default())
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let a = p.annotations();
+            Some((p.name_any(), (a.get(ROUTE_ANNOTATION)?.clone(), a.get(PORT_ANNOTATION)?.clone())))
+        })
+        .collect()
+}
+
+async fn doc(env: &KubeEnv, ns: &str, cluster: &str) -> Option<MembershipDoc> {
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), ns);
+    let cm = api.get_opt(&sessionmesh_api::members_configmap(cluster)).await.ok()??;
+    serde_yaml::from_str(cm.data?.get(sessionmesh_api::MEMBERS_KEY)?).ok()
+}
+
+async fn status(env: &KubeEnv, ns: &str, name: &str) -> Option<sessionmesh_api::SessionClusterStatus> {
+    let api: Api<SessionCluster> = Api::namespaced(env.client.clone(), ns);
+    api.get(name).await.ok()?.status
+}
+
+fn cond<'a>(st: &'a sessionmesh_api::SessionClusterStatus, t: &str) -> Option<&'a sessionmesh_api::Condition> {
+    st.conditions.iter().find(|c| c.type_ == t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_get_unique_routes_membership_and_status_and_survive_operator_restart() {
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    env.namespace("shop").await;
+    cluster(&env, "shop", "web", json!({})).await;
+    for i in 0..3 {
+        env.pod("shop", &format!("web-{i}"), "web", false).await;
+    }
+    // A pod of another cluster and an unannotated pod are left alone.
+    env.pod("shop", "other-0", "other", false).await;
+    let mut op = env.operator("shop", "op-a");
+    let got = eventually(Duration::from_secs(20), "3 assignments", || async {
+        let a = assignments(&env, "shop").await;
+        (a.keys().filter(|k| k.starts_with("web-")).count() == 3).then_some(a)
+    })
+    .await;
+    let routes: BTreeSet<&str> = got.iter().filter(|(k, _)| k.starts_with("web-")).map(|(_, (r, _))| r.as_str()).collect();
+    assert_eq!(routes, BTreeSet::from(["node1", "node2", "node3"]));
+    assert!(got.iter().all(|(_, (_, p))| p == "4000"), "pods with their own IPs all use the first port");
+    // No IP yet: members are assigned but not published.
+    assert_eq!(doc(&env, "shop", "web").await.map(|d| d.members.len()), Some(0));
+    for i in 0..3 {
+        env.set_running("shop", &format!("web-{i}"), &format!("10.1.0.{}", i + 1), true).await;
+    }
+    let d = eventually(Duration::from_secs(10), "membership document with 3 members", || async {
+        doc(&env, "shop", "web").await.filter(|d| d.members.len() == 3 && d.members.iter().all(|m| m.ready))
+    })
+    .await;
+    assert_eq!(d.cluster, "web");
+    assert!(d.members.iter().all(|m| m.address.ends_with(":4000") && m.address.starts_with("10.1.0.")));
+    let st = eventually(Duration::from_secs(10), "status Ready", || async {
+        status(&env, "shop", "web").await.filter(|s| s.ready_members == 3)
+    })
+    .await;
+    assert_eq!(st.member_count, 3);
+    assert_eq!(cond(&st, "Ready").map(|c| c.status.as_str()), Some("True"));
+    assert_eq!(cond(&st, "Degraded").map(|c| c.status.as_str()), Some("False"));
+    assert_eq!(st.observed_generation, 1);
+
+    // Restart the operator: nothing changes.
+    op.kill();
+    let before = assignments(&env, "shop").await;
+    let op2 = env.operator("shop", "op-b");
+    eventually(Duration::from_secs(20), "the new operator to reconcile", || async {
+        op2.metric("sessionmesh_operator_reconciles_total").await.filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert_eq!(assignments(&env, "shop").await, before, "assignments changed across an operator restart");
+
+    // A terminating member is marked leaving, then removed; its route is freed.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "shop");
+    pods.patch("web-1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["test/hold"]}})))
+        .await
+        .expect("finalizer");
+    pods.delete("web-1", &DeleteParams::default()).await.expect("delete");
+    eventually(Duration::from_secs(10), "web-1 marked leaving", || async {
+        doc(&env, "shop", "web").await.filter(|d| d.members.iter().any(|m| m.name == "web-1" && m.leaving && !m.ready))
+    })
+    .await;
+    let freed = before["web-1"].0.clone();
+    pods.patch("web-1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .expect("drop finalizer");
+    eventually(Duration::from_secs(10), "web-1 removed", || async {
+        doc(&env, "shop", "web").await.filter(|d| d.members.len() == 2 && !d.members.iter().any(|m| m.name == "web-1"))
+    })
+    .await;
+    env.pod("shop", "web-3", "web", false).await;
+    let a = eventually(Duration::from_secs(10), "web-3 assigned", || async {
+        assignments(&env, "shop").await.get("web-3").cloned()
+    })
+    .await;
+    assert_eq!(a.0, freed, "the freed route is reused (lowest free index)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_host_network_pods_get_distinct_routes_and_ports() {
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    env.namespace("big").await;
+    cluster(&env, "big", "web", json!({"receiverPorts": {"first": 5000, "last": 5099}})).await;
+    let op = env.operator("big", "op");
+    for i in 0..50 {
+        env.pod("big", &format!("web-{i:02}"), "web", true).await;
+    }
+    let t = Instant::now();
+    let a = eventually(Duration::from_secs(60), "50 assignments", || async {
+        let a = assignments(&env, "big").await;
+        (a.len() == 50).then_some(a)
+    })
+    .await;
+    eprintln!("50 pods assigned in {:?}", t.elapsed());
+    let routes: BTreeSet<&String> = a.values().map(|(r, _)| r).collect();
+    let ports: BTreeSet<&String> = a.values().map(|(_, p)| p).collect();
+    assert_eq!(routes.len(), 50, "duplicate routes");
+    assert_eq!(ports.len(), 50, "hostNetwork pods share an IP: ports must differ");
+    let last = op.metric("sessionmesh_operator_last_reconcile_seconds").await.unwrap_or(f64::NAN);
+    eprintln!("reconcile with 50 members: {last} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_is_a_condition_not_a_crash() {
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    env.namespace("bad").await;
+    // What the schema cannot express: first after last.
+    cluster(&env, "bad", "web", json!({"receiverPorts": {"first": 5000, "last": 4000}})).await;
+    // What it can: a prefix that is not a valid route start is refused by the API server.
+    let api: Api<SessionCluster> = Api::namespaced(env.client.clone(), "bad");
+    let bad: SessionCluster = serde_json::from_value(json!({
+        "apiVersion": "sessionmesh.io/v1alpha1", "kind": "SessionCluster", "metadata": {"name": "worse"},
+        "spec": {"jvmRoute": {"prefix": "Node-"}}
+    }))
+    .expect("sc");
+    let err = api.create(&PostParams::default(), &bad).await.expect_err("schema must refuse the prefix");
+    assert!(err.to_string().contains("prefix"), "{err}");
+    let op = env.operator("bad", "op");
+    let st = eventually(Duration::from_secs(20), "InvalidSpec condition", || async {
+        status(&env, "bad", "web").await.filter(|s| cond(s, "Degraded").is_some_and(|c| c.status == "True"))
+    })
+    .await;
+    let d = cond(&st, "Degraded").expect("degraded");
+    assert_eq!(d.reason, "InvalidSpec");
+    assert!(d.message.contains("spec.receiverPorts"), "{}", d.message);
+    assert_eq!(cond(&st, "Ready").map(|c| c.status.as_str()), Some("False"));
+    // Fixing the spec clears it.
+    api.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"receiverPorts": {"first": 4000, "last": 5000}}})))
+        .await
+        .expect("fix");
+    eventually(Duration::from_secs(20), "Degraded cleared", || async {
+        status(&env, "bad", "web").await.filter(|s| s.observed_generation == 2 && cond(s, "Degraded").is_some_and(|c| c.status == "False"))
+    })
+    .await;
+    assert!(op.metric("sessionmesh_operator_leader").await == Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_exactly_one_reconciles_and_the_standby_takes_over() {
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    env.namespace("ha").await;
+    cluster(&env, "ha", "web", json!({})).await;
+    let mut a = env.operator("ha", "op-a");
+    eventually(Duration::from_secs(20), "op-a leads", || async { a.metric("sessionmesh_operator_leader").await.filter(|v| *v == 1.0) }).await;
+    let b = env.operator("ha", "op-b");
+    env.pod("ha", "web-0", "web", false).await;
+    eventually(Duration::from_secs(20), "web-0 assigned", || async { assignments(&env, "ha").await.get("web-0").cloned() }).await;
+    // Give the standby time to (wrongly) act, then check it did not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(b.metric("sessionmesh_operator_leader").await, Some(0.0));
+    assert_eq!(b.metric("sessionmesh_operator_reconciles_total").await, Some(0.0), "the standby reconciled");
+    assert!(a.metric("sessionmesh_operator_reconciles_total").await.unwrap_or(0.0) >= 1.0);
+    // The leader shuts down gracefully: the standby takes over and reconciles.
+    a.terminate();
+    eventually(Duration::from_secs(20), "op-b leads", || async { b.metric("sessionmesh_operator_leader").await.filter(|v| *v == 1.0) }).await;
+    env.pod("ha", "web-1", "web", false).await;
+    let got = eventually(Duration::from_secs(20), "web-1 assigned by op-b", || async { assignments(&env, "ha").await.get("web-1").cloned() }).await;
+    assert_eq!(got.0, "node2");
+}
