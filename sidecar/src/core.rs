@@ -392,6 +392,17 @@ impl Core {
         self.check_pending(now_ms);
     }
 
+    /// Members the operator marked as leaving (terminating pods) are `left` at
+    /// once: no probing, no waiting for their acknowledgements.
+    pub fn mark_leaving(&mut self, names: &std::collections::BTreeSet<String>, now_ms: u64) {
+        for n in names {
+            if n != &self.me.name && self.detector.state(n).is_some_and(|s| s != MemberState::Left) {
+                let acts = self.detector.left(n, now_ms);
+                self.run_actions(acts, now_ms);
+            }
+        }
+    }
+
     /// A message from a peer: accepts it only from the peer's current
     /// generation (a newer one replaces the old life).
     fn admit(&mut self, from: &NodeId, now_ms: u64) -> bool {

@@ -9,6 +9,7 @@ pub mod demo_app;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
+pub mod kubesource;
 pub mod localcluster;
 pub mod membership;
 pub mod node;

@@ -54,8 +54,11 @@ struct DemoAppArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Static member file (YAML), hot-reloaded.
-    #[arg(long, env = "SESSIONMESH_MEMBERS_FILE")]
-    members: PathBuf,
+    #[arg(long, env = "SESSIONMESH_MEMBERS_FILE", conflicts_with = "kube_membership")]
+    members: Option<PathBuf>,
+    /// The operator's membership document, `namespace/configmap`, watched through the API server.
+    #[arg(long, env = "SESSIONMESH_KUBE_MEMBERSHIP")]
+    kube_membership: Option<String>,
     /// This member's name in the member file.
     #[arg(long, env = "SESSIONMESH_MEMBER")]
     member: String,
@@ -204,10 +207,20 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         limits: Limits { max_attr_bytes: a.max_attr_bytes, max_session_bytes: a.max_session_bytes, max_sessions: a.max_sessions, max_attr_name: 1024 },
         max_frame_bytes: a.max_frame_bytes,
     };
+    let members = match (a.members, &a.kube_membership) {
+        (Some(p), _) => node::MembershipSource::File(p),
+        (None, Some(k)) => {
+            let Some((namespace, name)) = k.split_once('/') else {
+                anyhow::bail!("--kube-membership must be namespace/configmap, not {k:?}");
+            };
+            node::MembershipSource::Kube { namespace: namespace.into(), name: name.into() }
+        }
+        (None, None) => anyhow::bail!("give a membership source: --members FILE or --kube-membership NAMESPACE/CONFIGMAP"),
+    };
     let cfg = NodeConfig {
         core,
         member: a.member,
-        members_file: a.members,
+        members,
         secret,
         listen: a.listen,
         reload_interval: Duration::from_millis(a.reload_interval_ms.max(50)),

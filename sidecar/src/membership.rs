@@ -22,6 +22,9 @@ use std::path::Path;
 pub struct MemberFile {
     pub cluster: String,
     pub members: Vec<MemberSpec>,
+    /// Members the operator marked as leaving (terminating pods); never set by a file.
+    #[serde(skip)]
+    pub leaving: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -86,6 +89,29 @@ impl MemberFile {
                 return Err(err(format!("members[{i}].jvmRoute"), format!("duplicate jvmRoute {:?}", m.jvm_route)));
             }
         }
+        Ok(mf)
+    }
+
+    /// Converts the operator's membership document (Kubernetes source) and
+    /// validates it like a file.
+    pub fn from_doc(doc: &sessionmesh_api::MembershipDoc, source: &str) -> Result<Self, MemberFileError> {
+        let err = |field: String, message: String| MemberFileError { file: source.to_owned(), field, message };
+        let mut members = Vec::with_capacity(doc.members.len());
+        let mut leaving = std::collections::BTreeSet::new();
+        for (i, m) in doc.members.iter().enumerate() {
+            let address = m.address.parse().map_err(|_| err(format!("members[{i}].address"), format!("{:?} is not ip:port", m.address)))?;
+            members.push(MemberSpec { name: m.name.clone(), address, jvm_route: m.jvm_route.clone() });
+            if m.leaving {
+                leaving.insert(m.name.clone());
+            }
+        }
+        let text = serde_yaml::to_string(&serde_json::json!({
+            "cluster": doc.cluster,
+            "members": members.iter().map(|m| serde_json::json!({"name": m.name, "address": m.address.to_string(), "jvmRoute": m.jvm_route})).collect::<Vec<_>>(),
+        }))
+        .map_err(|e| err(".".into(), e.to_string()))?;
+        let mut mf = Self::parse(&text, source)?;
+        mf.leaving = leaving;
         Ok(mf)
     }
 

@@ -38,7 +38,7 @@ pub fn now_ms() -> u64 {
 pub struct NodeConfig {
     pub core: CoreConfig,
     pub member: String,
-    pub members_file: PathBuf,
+    pub members: MembershipSource,
     pub secret: Vec<u8>,
     /// Bind address for replication; defaults to the member's own address.
     pub listen: Option<SocketAddr>,
@@ -46,6 +46,25 @@ pub struct NodeConfig {
     pub leave_timeout: Duration,
     pub connect_timeout: Duration,
     pub tick: Duration,
+}
+
+/// Where the membership comes from.
+#[derive(Debug, Clone)]
+pub enum MembershipSource {
+    /// A static YAML file, polled for changes.
+    File(PathBuf),
+    /// The operator's membership ConfigMap, watched through the API server
+    /// (needs only get/watch on that one object).
+    Kube { namespace: String, name: String },
+}
+
+impl std::fmt::Display for MembershipSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MembershipSource::File(p) => write!(f, "{}", p.display()),
+            MembershipSource::Kube { namespace, name } => write!(f, "configmap {namespace}/{name}"),
+        }
+    }
 }
 
 pub enum Command {
@@ -143,14 +162,21 @@ pub struct Started {
 /// Binds the replication port and starts every task. The returned
 /// `done` finishes after `shutdown` is cancelled and the member has left.
 pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
-    let mf = MemberFile::load(&cfg.members_file).map_err(|e| anyhow::anyhow!("member file: {e}"))?;
+    let kube = match &cfg.members {
+        MembershipSource::Kube { .. } => Some(
+            kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?,
+        ),
+        MembershipSource::File(_) => None,
+    };
+    let mf = match (&cfg.members, &kube) {
+        (MembershipSource::File(path), _) => MemberFile::load(path).map_err(|e| anyhow::anyhow!("member file: {e}"))?,
+        (MembershipSource::Kube { namespace, name }, Some(client)) => {
+            crate::kubesource::wait_for_member(client, namespace, name, &cfg.member, Duration::from_secs(120)).await?
+        }
+        _ => anyhow::bail!("no Kubernetes client"),
+    };
     let Some(me_spec) = mf.get(&cfg.member).cloned() else {
-        anyhow::bail!(
-            "member {:?} is not in {} (members: {})",
-            cfg.member,
-            cfg.members_file.display(),
-            mf.names().join(", ")
-        );
+        anyhow::bail!("member {:?} is not in {} (members: {})", cfg.member, cfg.members, mf.names().join(", "));
     };
     let listen = cfg.listen.unwrap_or(me_spec.address);
     let listener = TcpListener::bind(listen).await.map_err(|e| {
@@ -191,7 +217,23 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     let tracker = TaskTracker::new();
     let net_cancel = CancellationToken::new();
     tracker.spawn(accept_loop(listener, sec.clone(), ready.clone(), known.clone(), io_tx.clone(), net_cancel.clone(), tracker.clone()));
-    tracker.spawn(reload_loop(cfg.members_file.clone(), mf.clone(), cfg.reload_interval, io_tx.clone(), net_cancel.clone()));
+    match (&cfg.members, kube) {
+        (MembershipSource::File(path), _) => {
+            tracker.spawn(reload_loop(path.clone(), mf.clone(), cfg.reload_interval, io_tx.clone(), net_cancel.clone()));
+        }
+        (MembershipSource::Kube { namespace, name }, Some(client)) => {
+            let (tx, cancel) = (io_tx.clone(), net_cancel.clone());
+            let (namespace, name) = (namespace.clone(), name.clone());
+            tracker.spawn(async move {
+                crate::kubesource::watch(client, &namespace, &name, move |mf| {
+                    let tx = tx.clone();
+                    async move { tx.send(IoEvent::Members(mf)).await.is_ok() }
+                }, cancel)
+                .await
+            });
+        }
+        _ => {}
+    }
     let core = Core::new(me.clone(), core_cfg, &mf.names(), now_ms());
     let runner = CoreTask {
         core,
@@ -334,6 +376,7 @@ impl CoreTask {
         }
         let now = now_ms();
         self.core.set_members(&mf.names(), now);
+        self.core.mark_leaving(&mf.leaving, now);
         let stale: Vec<String> = self
             .links
             .iter()
