@@ -242,8 +242,10 @@ pub struct SessionClusterStatus {
 pub struct MemberStatus {
     pub pod: String,
     pub uid: String,
-    /// Empty until the pod has an IP.
-    pub ip: String,
+    /// Absent until the pod has an IP. (Never an empty string: API servers
+    /// of the 1.20 line read an empty string in a custom resource as null.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     pub port: u16,
     pub jvm_route: String,
     pub ready: bool,

@@ -154,7 +154,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         statuses.push(MemberStatus {
             pod: p.name.clone(),
             uid: p.uid.clone(),
-            ip: p.ip.clone().unwrap_or_default(),
+            ip: p.ip.clone(),
             port: a.port,
             jvm_route: a.route.clone(),
             ready: p.ready && !p.terminating,

@@ -69,7 +69,13 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
     let routes: BTreeSet<&str> = got.iter().filter(|(k, _)| k.starts_with("web-")).map(|(_, (r, _))| r.as_str()).collect();
     assert_eq!(routes, BTreeSet::from(["node1", "node2", "node3"]));
     assert!(got.iter().all(|(_, (_, p))| p == "4000"), "pods with their own IPs all use the first port");
-    // No IP yet: members are assigned but not published.
+    // No IP yet: members are assigned and in the status, but not published.
+    let st = eventually(Duration::from_secs(10), "status with 3 members without IPs", || async {
+        status(&env, "shop", "web").await.filter(|s| s.member_count == 3)
+    })
+    .await;
+    assert!(st.members.iter().all(|m| m.ip.is_none() && !m.ready));
+    assert_eq!(cond(&st, "Ready").map(|c| c.reason.as_str()), Some("MembersNotReady"));
     assert_eq!(doc(&env, "shop", "web").await.map(|d| d.members.len()), Some(0));
     for i in 0..3 {
         env.set_running("shop", &format!("web-{i}"), &format!("10.1.0.{}", i + 1), true).await;
@@ -125,29 +131,39 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
     assert_eq!(a.0, freed, "the freed route is reused (lowest free index)");
 }
 
+/// 50 pods by default; `SESSIONMESH_OPERATOR_PODS=200` for the sizing figure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_host_network_pods_get_distinct_routes_and_ports() {
+    let n: usize = std::env::var("SESSIONMESH_OPERATOR_PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let env = KubeEnv::start().await;
     env.apply_crds().await;
     env.namespace("big").await;
-    cluster(&env, "big", "web", json!({"receiverPorts": {"first": 5000, "last": 5099}})).await;
+    cluster(&env, "big", "web", json!({"receiverPorts": {"first": 5000, "last": 5299}})).await;
     let op = env.operator("big", "op");
-    for i in 0..50 {
-        env.pod("big", &format!("web-{i:02}"), "web", true).await;
+    for i in 0..n {
+        env.pod("big", &format!("web-{i:03}"), "web", true).await;
     }
     let t = Instant::now();
-    let a = eventually(Duration::from_secs(60), "50 assignments", || async {
+    let a = eventually(Duration::from_secs(120), "every pod assigned", || async {
         let a = assignments(&env, "big").await;
-        (a.len() == 50).then_some(a)
+        (a.len() == n).then_some(a)
     })
     .await;
-    eprintln!("50 pods assigned in {:?}", t.elapsed());
+    eprintln!("{n} pods assigned in {:?}", t.elapsed());
     let routes: BTreeSet<&String> = a.values().map(|(r, _)| r).collect();
     let ports: BTreeSet<&String> = a.values().map(|(_, p)| p).collect();
-    assert_eq!(routes.len(), 50, "duplicate routes");
-    assert_eq!(ports.len(), 50, "hostNetwork pods share an IP: ports must differ");
+    assert_eq!(routes.len(), n, "duplicate routes");
+    assert_eq!(ports.len(), n, "hostNetwork pods share an IP: ports must differ");
+    // A steady-state reconcile (nothing to assign) with n members.
+    let api: Api<SessionCluster> = Api::namespaced(env.client.clone(), "big");
+    let before = op.metric("sessionmesh_operator_reconciles_total").await.unwrap_or(0.0);
+    api.patch("web", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touch": "1"}}}))).await.expect("touch");
+    eventually(Duration::from_secs(20), "one more reconcile", || async {
+        op.metric("sessionmesh_operator_reconciles_total").await.filter(|v| *v > before)
+    })
+    .await;
     let last = op.metric("sessionmesh_operator_last_reconcile_seconds").await.unwrap_or(f64::NAN);
-    eprintln!("reconcile with 50 members: {last} s");
+    eprintln!("steady reconcile with {n} members: {:.1} ms", last * 1000.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
