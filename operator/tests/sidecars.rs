@@ -54,10 +54,11 @@ impl Drop for Sidecar {
     }
 }
 
+/// Sidecars run as user `sidecar`, which may only get/list/watch the one ConfigMap.
 fn start_sidecar(env: &KubeEnv, bin: &PathBuf, ns: &str, pod: &str, secret: &PathBuf) -> Sidecar {
     let log = std::fs::File::create(env.dir.join(format!("{pod}.log"))).expect("log");
     let mut child = Command::new(bin)
-        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KUBECONFIG", env.dir.join("kubeconfig-sidecar"))
         .args(["run", "--kube-membership", &format!("{ns}/web-members"), "--member", pod, "--http", "127.0.0.1:0"])
         .arg("--secret-file")
         .arg(secret)
@@ -131,6 +132,29 @@ async fn sidecars_follow_the_operator_and_survive_sigkill() {
         env.pod("shop", &format!("web-{i}"), "web", true).await;
         env.set_running("shop", &format!("web-{i}"), "127.0.0.1", false).await;
     }
+    // Least privilege for sidecars: get/list/watch on their one ConfigMap, nothing else.
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(env.client.clone(), "shop");
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(env.client.clone(), "shop");
+    roles
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": "sessionmesh-sidecar"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["web-members"], "verbs": ["get", "list", "watch"]}]
+        })).expect("role"))
+        .await
+        .expect("create role");
+    bindings
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": "sessionmesh-sidecar"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sessionmesh-sidecar"},
+            "subjects": [{"kind": "User", "name": "sidecar", "apiGroup": "rbac.authorization.k8s.io"}]
+        })).expect("binding"))
+        .await
+        .expect("create binding");
+    let limited = common::client_for(&env.dir.join("kubeconfig-sidecar")).await;
+    let denied = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(limited.clone(), "shop").list(&Default::default()).await;
+    assert!(denied.is_err(), "the sidecar's user must not list pods");
+    let denied = Api::<ConfigMap>::namespaced(limited, "shop").get("some-other-configmap").await;
+    assert!(matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403), "{denied:?}");
     let secret = env.dir.join("secret");
     std::fs::write(&secret, "kubernetes-test-cluster-secret").expect("secret");
     let mut sidecars: Vec<Option<Sidecar>> = (0..3).map(|i| Some(start_sidecar(&env, &bin, "shop", &format!("web-{i}"), &secret))).collect();

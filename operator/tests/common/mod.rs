@@ -56,7 +56,7 @@ impl KubeEnv {
         };
         run(&["genrsa", "-out", "sa.key", "2048"]);
         run(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
-        std::fs::write(dir.join("tokens.csv"), "admin-token,admin,admin,system:masters\n").expect("tokens");
+        std::fs::write(dir.join("tokens.csv"), "admin-token,admin,admin,system:masters\nsidecar-token,sidecar,sidecar\n").expect("tokens");
         let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let log = |n: &str| Stdio::from(std::fs::File::create(dir.join(n)).expect("log"));
         let etcd = Command::new("etcd")
@@ -90,6 +90,15 @@ impl KubeEnv {
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    insecure-skip-tls-verify: true\n\
                  users:\n- name: admin\n  user:\n    token: admin-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n\
+                 current-context: test\n"
+            ),
+        )
+        .expect("kubeconfig");
+        std::fs::write(
+            dir.join("kubeconfig-sidecar"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    insecure-skip-tls-verify: true\n\
+                 users:\n- name: sidecar\n  user:\n    token: sidecar-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: sidecar\n\
                  current-context: test\n"
             ),
         )
