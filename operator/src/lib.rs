@@ -3,3 +3,5 @@
 pub mod assign;
 pub mod leader;
 pub mod reconcile;
+pub mod tls;
+pub mod webhook;

@@ -41,9 +41,25 @@ struct Args {
     /// Lease duration in seconds: a dead leader is replaced after this long.
     #[arg(long, default_value_t = 10)]
     lease_seconds: u64,
-    /// Address for /healthz, /readyz and /metrics.
+    /// Address for /healthz, /readyz and /metrics. /readyz is 200 only on the
+    /// leader, so a Service in front of the webhook reaches only the leader.
     #[arg(long, default_value = "0.0.0.0:8080")]
     health: SocketAddr,
+    /// Serve the mutating admission webhook (HTTPS, path /mutate) on this address.
+    #[arg(long)]
+    webhook: Option<SocketAddr>,
+    /// MutatingWebhookConfiguration whose caBundle the operator keeps patched.
+    #[arg(long, default_value = "sessionmesh-injector")]
+    webhook_config: String,
+    /// Secret (in the lease namespace) holding the webhook's CA and certificate.
+    #[arg(long, default_value = "sessionmesh-webhook-tls")]
+    webhook_secret: String,
+    /// Names and IPs the webhook certificate is valid for (comma-separated).
+    #[arg(long, default_value = "sessionmesh-webhook.sessionmesh.svc,127.0.0.1")]
+    webhook_hosts: String,
+    /// Sidecar image injected when the SessionCluster does not name one.
+    #[arg(long, env = "SESSIONMESH_SIDECAR_IMAGE", default_value = "sessionmesh:0.1.0")]
+    sidecar_image: String,
 }
 
 #[tokio::main]
@@ -61,8 +77,35 @@ async fn main() -> anyhow::Result<()> {
     let leading = Arc::new(AtomicBool::new(false));
 
     let health = tokio::net::TcpListener::bind(args.health).await?;
-    println!("{}", serde_json::json!({"event": "listening", "health": health.local_addr()?.to_string(), "identity": identity}));
+    let webhook = match args.webhook {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "health": health.local_addr()?.to_string(),
+            "webhook": webhook.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()),
+            "identity": identity,
+        })
+    );
     tokio::spawn(serve_health(health, ctx.clone(), leading.clone()));
+    if let Some(listener) = webhook {
+        let hosts: Vec<String> = args.webhook_hosts.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+        let tls = sessionmesh_operator::tls::load_or_create(&client, &args.lease_namespace, &args.webhook_secret, &hosts).await?;
+        let tls_cfg = sessionmesh_operator::tls::server_config(&tls)?;
+        tokio::spawn(sessionmesh_operator::tls::keep_ca_bundle(client.clone(), args.webhook_config.clone(), tls.ca_pem.clone(), shutdown.clone()));
+        let version = client.apiserver_version().await?;
+        let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
+        let native = version.major == "1" && minor >= 29;
+        info!(native_sidecars = native, server = %version.git_version, "webhook ready");
+        let admission = Arc::new(sessionmesh_operator::webhook::Admission::new(
+            client.clone(),
+            sessionmesh_operator::webhook::InjectConfig { image: args.sidecar_image.clone(), native_supported: native },
+        ));
+        tokio::spawn(serve_webhook(listener, tls_cfg, admission));
+    }
 
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -114,6 +157,40 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn serve_webhook(
+    listener: tokio::net::TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    admission: Arc<sessionmesh_operator::webhook::Admission>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (acceptor, admission) = (acceptor.clone(), admission.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await else { return };
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let admission = admission.clone();
+                async move {
+                    use http_body_util::BodyExt;
+                    let ok_path = req.method() == hyper::Method::POST && req.uri().path() == "/mutate";
+                    let body = http_body_util::Limited::new(req.into_body(), 8 << 20).collect().await.map(|b| b.to_bytes());
+                    let mut r = match (ok_path, body) {
+                        (true, Ok(b)) => Response::new(Full::new(Bytes::from(admission.review(&b).await.to_string()))),
+                        (false, _) => Response::new(Full::new(Bytes::from_static(b"{\"error\":\"POST /mutate\"}"))),
+                        (_, Err(_)) => Response::new(Full::new(Bytes::from_static(b"{\"error\":\"unreadable body\"}"))),
+                    };
+                    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+                    if !ok_path {
+                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    }
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+        });
+    }
+}
+
 async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, leading: Arc<AtomicBool>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
@@ -124,7 +201,15 @@ async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, leading:
                 async move {
                     let m = &ctx.metrics;
                     let body = match req.uri().path() {
-                        "/healthz" | "/readyz" => "ok\n".to_owned(),
+                        "/healthz" => "ok\n".to_owned(),
+                        "/readyz" => {
+                            if !leading.load(Ordering::Relaxed) {
+                                let mut r = Response::new(Full::new(Bytes::from_static(b"standby\n")));
+                                *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                return Ok::<_, std::convert::Infallible>(r);
+                            }
+                            "ok\n".to_owned()
+                        }
                         "/metrics" => format!(
                             "# TYPE sessionmesh_operator_leader gauge\nsessionmesh_operator_leader {}\n\
                              # TYPE sessionmesh_operator_reconciles_total counter\nsessionmesh_operator_reconciles_total {}\n\

@@ -60,7 +60,7 @@ fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn pod_info(p: &Pod) -> PodInfo {
+pub fn pod_info(p: &Pod) -> PodInfo {
     let ann = p.annotations();
     let spec = p.spec.as_ref();
     let status = p.status.as_ref();

@@ -31,6 +31,15 @@ type Resp = Response<Full<Bytes>>;
 
 /// Serves the API until `shutdown`; open connections finish their request.
 pub async fn serve(listener: TcpListener, handle: Handle, shutdown: CancellationToken) {
+    serve_with(listener, handle, shutdown, false).await
+}
+
+/// Serves only `/healthz`, `/readyz` and `/metrics` (for probes from outside the pod).
+pub async fn serve_probes(listener: TcpListener, handle: Handle, shutdown: CancellationToken) {
+    serve_with(listener, handle, shutdown, true).await
+}
+
+async fn serve_with(listener: TcpListener, handle: Handle, shutdown: CancellationToken, probes_only: bool) {
     let tracker = TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -43,7 +52,12 @@ pub async fn serve(listener: TcpListener, handle: Handle, shutdown: Cancellation
         tracker.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let handle = handle.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &handle).await) }
+                async move {
+                    if probes_only && !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+                        return Ok::<_, std::convert::Infallible>(err(StatusCode::NOT_FOUND, "no_route", "only probes are served here"));
+                    }
+                    Ok::<_, std::convert::Infallible>(route(req, &handle).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);

@@ -32,6 +32,11 @@ enum Cmd {
     },
     /// The demo web app: a per-user counter in the session, through the local sidecar.
     DemoApp(DemoAppArgs),
+    /// Wait, then exit (a preStop hook for images without a shell).
+    Pause {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 #[derive(Args)]
@@ -131,6 +136,10 @@ struct RunArgs {
     /// Password for Redis AUTH / HELLO AUTH (user `default`); none by default.
     #[arg(long, env = "SESSIONMESH_REDIS_PASSWORD", hide_env_values = true)]
     redis_password: Option<String>,
+    /// Serve only /healthz, /readyz and /metrics on this address too (for kubelet probes, which
+    /// cannot reach the loopback API).
+    #[arg(long, env = "SESSIONMESH_PROBE")]
+    probe: Option<SocketAddr>,
     /// Most simultaneous Redis connections.
     #[arg(long, default_value_t = 10_000)]
     redis_max_clients: usize,
@@ -162,6 +171,10 @@ fn main() -> anyhow::Result<()> {
                 other => anyhow::bail!("--lb must be auto, haproxy or builtin, not {other:?}"),
             };
             rt.block_on(demo::run(lb))
+        }
+        Cmd::Pause { seconds } => {
+            std::thread::sleep(Duration::from_secs(seconds));
+            Ok(())
         }
         Cmd::DemoApp(a) => rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind(a.listen).await?;
@@ -278,6 +291,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     tracing::info!(http = %http_addr, "local API listening");
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), api_stop.clone()));
+    if let Some(addr) = a.probe {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
+        tokio::spawn(sessionmesh_sidecar::api::serve_probes(l, started.handle.clone(), api_stop.clone()));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -170,10 +170,15 @@ impl KubeEnv {
 
     /// Starts the operator binary against this API server.
     pub fn operator(&self, lease_ns: &str, identity: &str) -> Operator {
+        self.operator_with(lease_ns, identity, &[])
+    }
+
+    pub fn operator_with(&self, lease_ns: &str, identity: &str, extra: &[&str]) -> Operator {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sessionmesh-operator"))
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .args(["--lease-namespace", lease_ns, "--identity", identity, "--health", "127.0.0.1:0", "--lease-seconds", "3"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{identity}.log"))).expect("log"),
@@ -191,7 +196,11 @@ impl KubeEnv {
         });
         let line = rx.recv_timeout(Duration::from_secs(20)).expect("operator did not start");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-        Operator { child: Some(child), health: v["health"].as_str().unwrap_or_default().parse().expect("addr") }
+        Operator {
+            child: Some(child),
+            health: v["health"].as_str().unwrap_or_default().parse().expect("addr"),
+            webhook: v["webhook"].as_str().and_then(|w| w.parse().ok()),
+        }
     }
 }
 
@@ -217,6 +226,7 @@ pub async fn client_for(kubeconfig: &std::path::Path) -> Client {
 pub struct Operator {
     pub child: Option<Child>,
     pub health: std::net::SocketAddr,
+    pub webhook: Option<std::net::SocketAddr>,
 }
 
 impl Operator {

@@ -1,0 +1,140 @@
+//! Sidecar injection through the real API server: a MutatingWebhookConfiguration
+//! by `url:` pointing at the operator, with the operator's self-managed CA.
+//! The 1.20 API server has no native sidecars, so injection falls back to a
+//! classic container.
+
+mod common;
+
+use common::{eventually, KubeEnv};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{PostParams, ResourceExt};
+use kube::Api;
+use serde_json::json;
+use sessionmesh_api::SessionCluster;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotated_pods_come_back_injected_with_unique_routes() {
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    let nss: Api<Namespace> = Api::all(env.client.clone());
+    for (name, enabled) in [("app", true), ("plain", false)] {
+        let labels = if enabled { json!({"sessionmesh.io/injection": "enabled"}) } else { json!({}) };
+        nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("ns"))
+            .await
+            .expect("namespace");
+    }
+    let scs: Api<SessionCluster> = Api::namespaced(env.client.clone(), "app");
+    scs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"apiVersion": "sessionmesh.io/v1alpha1", "kind": "SessionCluster", "metadata": {"name": "shop"},
+            "spec": {"replication": {"send": "sync"}}}))
+        .expect("sc"),
+    )
+    .await
+    .expect("create sc");
+    let op = env.operator_with("app", "op", &["--webhook", "127.0.0.1:0", "--webhook-hosts", "127.0.0.1", "--sidecar-image", "sessionmesh:test"]);
+    let url = format!("https://{}/mutate", op.webhook.expect("webhook address"));
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    mwcs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "sessionmesh-injector"},
+            "webhooks": [{
+                "name": "inject.sessionmesh.io",
+                "clientConfig": {"url": url},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+                "namespaceSelector": {"matchLabels": {"sessionmesh.io/injection": "enabled"}},
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "reinvocationPolicy": "IfNeeded",
+                "timeoutSeconds": 5
+            }]
+        }))
+        .expect("mwc"),
+    )
+    .await
+    .expect("create webhook configuration");
+    // The operator patches its CA into the configuration.
+    eventually(Duration::from_secs(20), "caBundle patched", || async {
+        mwcs.get("sessionmesh-injector").await.ok()?.webhooks?.first()?.client_config.ca_bundle.as_ref().map(|_| ())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "app");
+    let created = pods
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": "web-0", "annotations": {"sessionmesh.io/cluster": "shop"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1", "env": [{"name": "JAVA_OPTS", "value": "-Xmx1g"}]}]}
+        })).expect("pod"))
+        .await
+        .expect("create pod through the webhook");
+    let ann = created.annotations();
+    assert_eq!(ann.get("sessionmesh.io/jvm-route").map(String::as_str), Some("node1"));
+    assert_eq!(ann.get("sessionmesh.io/receiver-port").map(String::as_str), Some("4000"));
+    assert_eq!(ann.get("sessionmesh.io/injected").map(String::as_str), Some("v1"));
+    assert_eq!(created.labels().get("sessionmesh.io/cluster").map(String::as_str), Some("shop"));
+    let spec = created.spec.as_ref().expect("spec");
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, vec!["app", "sessionmesh-sidecar"], "classic fallback on a 1.20 API server");
+    let sidecar = &spec.containers[1];
+    assert_eq!(sidecar.image.as_deref(), Some("sessionmesh:test"));
+    assert!(sidecar.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).is_some(), "classic sidecar needs a preStop wait");
+    assert!(sidecar.readiness_probe.is_some() && sidecar.liveness_probe.is_some() && sidecar.startup_probe.is_some());
+    let app_env = spec.containers[0].env.as_ref().expect("env");
+    assert!(app_env.iter().any(|e| e.name == "SESSIONMESH_JVM_ROUTE" && e.value.as_deref() == Some("node1")), "the app sees its route at first start");
+    assert!(app_env.iter().any(|e| e.name == "JAVA_OPTS"), "existing env kept");
+    assert!(spec.volumes.as_ref().is_some_and(|v| v.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("shop-peer"))));
+
+    // Not annotated, or in a namespace that did not opt in: untouched.
+    let plain = pods
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "other"}, "spec": {"containers": [{"name": "x", "image": "x"}]}})).expect("pod"))
+        .await
+        .expect("create");
+    assert_eq!(plain.spec.as_ref().map(|s| s.containers.len()), Some(1));
+    let elsewhere: Api<Pod> = Api::namespaced(env.client.clone(), "plain");
+    let p = elsewhere
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": "web", "annotations": {"sessionmesh.io/cluster": "shop"}}, "spec": {"containers": [{"name": "x", "image": "x"}]}
+        })).expect("pod"))
+        .await
+        .expect("create");
+    assert_eq!(p.spec.as_ref().map(|s| s.containers.len()), Some(1));
+
+    // Concurrent creates: distinct routes at admission.
+    let mut tasks = Vec::new();
+    for i in 1..=10 {
+        let pods = pods.clone();
+        tasks.push(tokio::spawn(async move {
+            let p: Pod = serde_json::from_value(json!({
+                "metadata": {"generateName": "web-", "annotations": {"sessionmesh.io/cluster": "shop"}},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+            }))
+            .expect("pod");
+            let _ = i;
+            pods.create(&PostParams::default(), &p).await.expect("concurrent create")
+        }));
+    }
+    let mut routes = BTreeSet::new();
+    for t in tasks {
+        let p = t.await.expect("task");
+        routes.insert(p.annotations().get("sessionmesh.io/jvm-route").cloned().expect("route"));
+    }
+    assert_eq!(routes.len(), 10, "duplicate routes handed out at admission: {routes:?}");
+    assert!(!routes.contains("node1"));
+    // The operator agrees with what admission assigned: nothing is rewritten.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after: BTreeSet<String> = pods
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .filter(|p| p.annotations().contains_key("sessionmesh.io/cluster"))
+        .filter_map(|p| p.annotations().get("sessionmesh.io/jvm-route").cloned())
+        .collect();
+    assert_eq!(after.len(), 11);
+}
