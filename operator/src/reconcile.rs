@@ -14,7 +14,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use sessionmesh_api::{
     members_configmap, Condition, DocMember, MemberStatus, MembershipDoc, SessionCluster, SessionClusterStatus, CLUSTER_ANNOTATION,
-    MEMBERS_KEY, PORT_ANNOTATION, ROUTE_ANNOTATION,
+    CLUSTER_LABEL, MEMBERS_KEY, PORT_ANNOTATION, ROUTE_ANNOTATION,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +33,8 @@ pub enum Error {
     Serde(#[from] serde_json::Error),
     #[error("the SessionCluster has no namespace")]
     NoNamespace,
+    #[error("no randomness for the cluster secret: {0}")]
+    Random(String),
 }
 
 #[derive(Default)]
@@ -139,11 +141,19 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     let infos: Vec<PodInfo> = members.iter().map(pod_info).collect();
     let (assignments, assign_err) = assign(&sc.spec.jvm_route.prefix, sc.spec.receiver_ports, &infos);
 
-    for a in assignments.iter().filter(|a| a.changed) {
-        let patch = json!({"metadata": {"annotations": {ROUTE_ANNOTATION: a.route, PORT_ANNOTATION: a.port.to_string()}}});
+    let unlabeled: std::collections::HashSet<String> =
+        members.iter().filter(|p| p.labels().get(CLUSTER_LABEL) != Some(&name)).map(|p| p.name_any()).collect();
+    for a in assignments.iter().filter(|a| a.changed || unlabeled.contains(&a.pod)) {
+        // The label lets the PodDisruptionBudget (and watches) select members.
+        let patch = json!({"metadata": {
+            "labels": {CLUSTER_LABEL: name},
+            "annotations": {ROUTE_ANNOTATION: a.route, PORT_ANNOTATION: a.port.to_string()}
+        }});
         pods_api.patch(&a.pod, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        info!(cluster = %name, pod = %a.pod, route = %a.route, port = a.port, "assigned");
-        event(&ctx, &sc, EventType::Normal, "Assigned", format!("pod {}: jvmRoute {}, receiver port {}", a.pod, a.route, a.port)).await;
+        if a.changed {
+            info!(cluster = %name, pod = %a.pod, route = %a.route, port = a.port, "assigned");
+            event(&ctx, &sc, EventType::Normal, "Assigned", format!("pod {}: jvmRoute {}, receiver port {}", a.pod, a.route, a.port)).await;
+        }
     }
 
     let by_pod: HashMap<&str, &PodInfo> = infos.iter().map(|p| (p.name.as_str(), p)).collect();
@@ -188,6 +198,9 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     cm_api.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await?;
 
+    ensure_peer_secret(&ctx, &sc, &ns, &name).await?;
+    ensure_pdb(&ctx, &sc, &ns, &name).await?;
+
     let count = statuses.len() as u32;
     let ready = statuses.iter().filter(|m| m.ready).count() as u32;
     let all_ready = count > 0 && ready == count;
@@ -231,6 +244,60 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     ctx.metrics.last_reconcile_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The cluster secret the injected sidecars mount, unless the spec names one:
+/// created once with 32 random bytes, owned by the SessionCluster.
+async fn ensure_peer_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
+    if sc.spec.peer_auth.is_some() {
+        return Ok(());
+    }
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret_name = format!("{name}-peer");
+    if api.get_opt(&secret_name).await?.is_some() {
+        return Ok(());
+    }
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).map_err(|e| Error::Random(e.to_string()))?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
+        "stringData": {"secret": hex}
+    }))?;
+    match api.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(cluster = %name, secret = %secret_name, "created the cluster secret");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A PodDisruptionBudget so voluntary disruptions (drains, upgrades) take at
+/// most one member at a time: each leaving member hands over before the next
+/// goes. policy/v1 (1.21+), else policy/v1beta1.
+async fn ensure_pdb(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let pdb_name = format!("{name}-members");
+    let mut last = None;
+    for version in ["v1", "v1beta1"] {
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("policy", version, "PodDisruptionBudget"));
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+        let body = json!({
+            "apiVersion": format!("policy/{version}"), "kind": "PodDisruptionBudget",
+            "metadata": {"name": pdb_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {CLUSTER_LABEL: name}}}
+        });
+        match api.patch(&pdb_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => last = Some(kube::Error::Api(e)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map(Error::Kube).unwrap_or(Error::NoNamespace))
 }
 
 /// Exponential backoff per object: 0.5 s, 1 s, 2 s ... up to 5 minutes.

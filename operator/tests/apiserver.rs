@@ -94,6 +94,17 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
     assert_eq!(cond(&st, "Ready").map(|c| c.status.as_str()), Some("True"));
     assert_eq!(cond(&st, "Degraded").map(|c| c.status.as_str()), Some("False"));
     assert_eq!(st.observed_generation, 1);
+    // The cluster secret the sidecars mount, and a disruption budget of one member.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), "shop");
+    let secret = secrets.get("web-peer").await.expect("web-peer secret");
+    assert_eq!(secret.data.as_ref().and_then(|d| d.get("secret")).map(|s| s.0.len()), Some(64));
+    let pdb_ar = kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"));
+    let pdbs: Api<kube::core::DynamicObject> = Api::namespaced_with(env.client.clone(), "shop", &pdb_ar);
+    let pdb = pdbs.get("web-members").await.expect("pdb");
+    assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb.data["spec"]["selector"]["matchLabels"]["sessionmesh.io/cluster"], "web");
+    let labeled = Api::<Pod>::namespaced(env.client.clone(), "shop").get("web-0").await.expect("pod");
+    assert_eq!(labeled.labels().get("sessionmesh.io/cluster").map(String::as_str), Some("web"));
 
     // Restart the operator: nothing changes.
     op.kill();

@@ -30,6 +30,16 @@ fn mock(pods: Value) -> (Client, Arc<Mutex<Vec<Req>>>) {
             let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             log.lock().expect("log").push(Req { method: method.clone(), path: path.clone(), body: body.clone() });
+            if method == "GET" && path.contains("/secrets/") {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+                return Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(404)
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(status.to_string())))
+                        .expect("response"),
+                );
+            }
             let reply = match (method.as_str(), path.as_str()) {
                 ("GET", p) if p.ends_with("/pods") => pods,
                 (_, p) if p.contains("/sessionclusters/") => json!({
@@ -70,12 +80,13 @@ fn sc(spec: Value) -> Arc<SessionCluster> {
 
 fn pod(name: &str, created: &str, ip: Option<&str>, route: Option<&str>, cluster: &str) -> Value {
     let mut ann = json!({"sessionmesh.io/cluster": cluster});
+    let labels = if route.is_some() { json!({"sessionmesh.io/cluster": cluster}) } else { json!({}) };
     if let Some(r) = route {
         ann["sessionmesh.io/jvm-route"] = json!(r);
         ann["sessionmesh.io/receiver-port"] = json!("4000");
     }
     json!({
-        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "creationTimestamp": created, "annotations": ann},
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "creationTimestamp": created, "annotations": ann, "labels": labels},
         "spec": {"containers": [{"name": "app", "image": "x"}]},
         "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}
     })
@@ -106,6 +117,9 @@ async fn assigns_new_pods_publishes_members_and_writes_status() {
     let doc: sessionmesh_api::MembershipDoc = serde_yaml::from_str(cm.body["data"]["members.yaml"].as_str().expect("doc")).expect("yaml");
     assert_eq!(doc.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["web-a", "web-b"], "web-c has no IP yet");
     assert_eq!(cm.body["metadata"]["ownerReferences"][0]["uid"], "sc-uid");
+    assert!(log.iter().any(|r| r.method == "POST" && r.path.ends_with("/secrets") && r.body["metadata"]["name"] == "web-peer"));
+    let pdb = log.iter().find(|r| r.path.contains("/poddisruptionbudgets/web-members")).expect("pdb");
+    assert_eq!(pdb.body["spec"]["maxUnavailable"], 1);
     let status = log.iter().find(|r| r.path.ends_with("/sessionclusters/web/status")).expect("status");
     assert_eq!(status.body["status"]["memberCount"], 3);
     assert_eq!(status.body["status"]["readyMembers"], 3);
