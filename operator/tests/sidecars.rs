@@ -163,6 +163,13 @@ async fn sidecars_follow_the_operator_and_survive_sigkill() {
         eventually(Duration::from_secs(20), &format!("web-{i} ready"), || async { (get(addr, "/readyz").await.0 == 200).then_some(()) }).await;
     }
     let (a, b, c) = (sidecars[0].as_ref().expect("a").http, sidecars[1].as_ref().expect("b").http, sidecars[2].as_ref().expect("c").http);
+    // The cluster has formed when every member sees the others alive (a sync
+    // write waits only for members its writer considers live).
+    for (x, others) in [(a, ["web-1", "web-2"]), (b, ["web-0", "web-2"]), (c, ["web-0", "web-1"])] {
+        for o in others {
+            eventually(Duration::from_secs(10), "mutual visibility", || async { (state_of(x, o).await.as_deref() == Some("alive")).then_some(()) }).await;
+        }
+    }
     assert_eq!(send(a, "POST", "/v1/sessions", r#"{"id":"K8S","attributes":{"user":"YWxpY2U="}}"#).await, 201);
     assert_eq!(send(a, "PUT", "/v1/sessions/K8S/attributes/cart", "3").await, 204);
     let (code, body) = get(b, "/v1/sessions/K8S/attributes/cart").await;
