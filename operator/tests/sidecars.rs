@@ -59,7 +59,7 @@ fn start_sidecar(env: &KubeEnv, bin: &PathBuf, ns: &str, pod: &str, secret: &Pat
     let log = std::fs::File::create(env.dir.join(format!("{pod}.log"))).expect("log");
     let mut child = Command::new(bin)
         .env("KUBECONFIG", env.dir.join("kubeconfig-sidecar"))
-        .args(["run", "--kube-membership", &format!("{ns}/web-members"), "--member", pod, "--http", "127.0.0.1:0"])
+        .args(["run", "--kube-membership", &format!("{ns}/web-members"), "--member", pod, "--http", "127.0.0.1:0", "--send", "sync"])
         .arg("--secret-file")
         .arg(secret)
         .stdout(Stdio::piped())
