@@ -1,0 +1,96 @@
+//! The Helm chart, rendered the way Helm does (Go text/template + Sprig, by
+//! `e2e/helm/render.go`), applied to the real API server: first with
+//! `dryRun=All` (kubectl apply --dry-run=server), then for real.
+
+mod common;
+
+use common::KubeEnv;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{pinned_kind, Scope};
+use kube::Api;
+use std::process::Command;
+
+fn render(values: Option<&str>) -> (String, String) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut cmd = Command::new("go");
+    cmd.current_dir(root)
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", std::env::temp_dir().join("sessionmesh-gocache"))
+        .args(["run", "e2e/helm/render.go", "charts/sessionmesh", "sm", "sessionmesh"]);
+    if let Some(v) = values {
+        cmd.arg(v);
+    }
+    let out = cmd.output().expect("go (apt-get install golang-go golang-github-masterminds-sprig-dev)");
+    assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_chart_carries_the_generated_crd() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let top = std::fs::read_to_string(format!("{root}/crds/sessioncluster.yaml")).expect("crds/");
+    let chart = std::fs::read_to_string(format!("{root}/charts/sessionmesh/crds/sessioncluster.yaml")).expect("chart crds/");
+    assert_eq!(top, chart, "charts/sessionmesh/crds/ differs from crds/: copy it over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_chart_applies_to_a_real_api_server() {
+    let (manifests, notes) = render(None);
+    assert!(notes.contains("kubectl label namespace"), "NOTES.txt not rendered: {notes}");
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    env.namespace("sessionmesh").await;
+    let mut applied = Vec::new();
+    for dry_run in [true, false] {
+        for doc in manifests.split("\n---\n") {
+            let obj: DynamicObject = match serde_yaml::from_str(doc) {
+                Ok(o) => o,
+                Err(e) => panic!("rendered manifest is not an object: {e}\n{doc}"),
+            };
+            let tm = obj.types.clone().expect("apiVersion and kind");
+            let gvk = GroupVersionKind::try_from(&tm).expect("gvk");
+            let (ar, caps) = pinned_kind(&env.client, &gvk).await.unwrap_or_else(|e| panic!("{} unknown to the API server: {e}", tm.kind));
+            let name = obj.metadata.name.clone().expect("name");
+            let api: Api<DynamicObject> = match caps.scope {
+                Scope::Namespaced => Api::namespaced_with(env.client.clone(), obj.metadata.namespace.as_deref().unwrap_or("sessionmesh"), &ar),
+                Scope::Cluster => Api::all_with(env.client.clone(), &ar),
+            };
+            let mut pp = PatchParams::apply("helm-test").force();
+            if dry_run {
+                pp = pp.dry_run();
+            }
+            api.patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap_or_else(|e| panic!("{} {name} refused (dry run: {dry_run}): {e}", tm.kind));
+            if !dry_run {
+                applied.push((api, name, tm.kind.clone()));
+            } else {
+                assert!(api.get_opt(&name).await.expect("get").is_none(), "a dry run created {} {name}", tm.kind);
+            }
+        }
+    }
+    let kinds: Vec<&str> = applied.iter().map(|(_, _, k)| k.as_str()).collect();
+    for want in ["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "MutatingWebhookConfiguration"] {
+        assert!(kinds.contains(&want), "the chart has no {want}: {kinds:?}");
+    }
+    for (api, name, kind) in &applied {
+        assert!(api.get_opt(name).await.expect("get").is_some(), "{kind} {name} missing after apply");
+    }
+    let deploy = applied.iter().find(|(_, _, k)| k == "Deployment").expect("deployment");
+    let d = deploy.0.get(&deploy.1).await.expect("deployment");
+    assert_eq!(d.data["spec"]["replicas"], 2);
+}
+
+#[test]
+fn values_override_like_helm() {
+    let path = std::env::temp_dir().join(format!("sessionmesh-values-{}.yaml", std::process::id()));
+    std::fs::write(&path, "operator:\n  replicas: 3\n  watchNamespace: shop\nwebhook:\n  failurePolicy: Ignore\n").expect("values");
+    let (m, _) = render(Some(path.to_str().expect("path")));
+    assert!(m.contains("replicas: 3"));
+    assert!(m.contains("--namespace=shop"));
+    assert!(m.contains("failurePolicy: Ignore"));
+    let _ = std::fs::remove_file(path);
+}
