@@ -278,7 +278,14 @@ impl Admission {
             },
             None => resp,
         };
-        serde_json::to_value(resp.into_review()).unwrap_or(Value::Null)
+        let mut out = serde_json::to_value(resp.into_review()).unwrap_or(Value::Null);
+        // The AdmissionReview API carries the patch as a base64 string; the
+        // response type serializes its bytes as a JSON array.
+        if let Some(bytes) = out["response"]["patch"].as_array().map(|a| a.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect::<Vec<u8>>()) {
+            use base64::Engine;
+            out["response"]["patch"] = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+        out
     }
 }
 

@@ -158,3 +158,43 @@ async fn a_route_conflict_from_a_race_is_repaired_for_the_newer_pod() {
     assert!(patched[0].path.ends_with("/young"));
     assert_eq!(patched[0].body["metadata"]["annotations"]["sessionmesh.io/jvm-route"], "node2");
 }
+
+#[tokio::test]
+async fn admission_review_in_json_patch_out() {
+    use base64::Engine;
+    use sessionmesh_operator::webhook::{Admission, InjectConfig};
+    let pods = json!({"items": [pod("web-a", "2026-01-01T00:00:00Z", Some("10.0.0.1"), Some("node1"), "web")]});
+    let (client, _log) = mock(pods);
+    let adm = Admission::new(client, InjectConfig { image: "sessionmesh:test".into(), native_supported: true });
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "req-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE", "userInfo": {"username": "test"},
+            "object": {"metadata": {"generateName": "web-", "annotations": {"sessionmesh.io/cluster": "web"}},
+                       "spec": {"containers": [{"name": "app", "image": "app"}]}}
+        }
+    });
+    let out = adm.review(review.to_string().as_bytes()).await;
+    let resp = &out["response"];
+    assert_eq!(resp["uid"], "req-1");
+    assert_eq!(resp["allowed"], true);
+    assert_eq!(resp["patchType"], "JSONPatch");
+    let patch: Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(resp["patch"].as_str().expect("patch")).expect("b64")).expect("json");
+    let ops = patch.as_array().expect("ops");
+    // node1 is taken by web-a: the new pod gets node2, and a native sidecar.
+    assert!(ops.iter().any(|o| o["path"] == "/metadata/annotations/sessionmesh.io~1jvm-route" && o["value"] == "node2"), "{ops:?}");
+    assert!(ops.iter().any(|o| o["path"] == "/spec/initContainers/0" && o["value"]["restartPolicy"] == "Always"));
+
+    // Already injected (reinvocation): allowed, nothing to patch.
+    let mut again = review.clone();
+    again["request"]["object"]["metadata"]["annotations"]["sessionmesh.io/injected"] = json!("v1");
+    let out = adm.review(again.to_string().as_bytes()).await;
+    assert_eq!(out["response"]["allowed"], true);
+    assert!(out["response"].get("patch").is_none_or(|p| p.is_null()));
+
+    // Garbage is refused with a reason, not a panic.
+    let out = adm.review(b"{not json").await;
+    assert_eq!(out["response"]["allowed"], false);
+}
