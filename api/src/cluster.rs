@@ -208,7 +208,20 @@ pub struct SidecarSpec {
     /// `native` (init container with restartPolicy Always, Kubernetes 1.29+) or
     /// `classic` (a regular container with a preStop wait).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(native|classic)$"))]
     pub mode: Option<String>,
+    /// Resources of the sidecar container, as in a container spec
+    /// (e.g. `requests: {cpu: 50m, memory: 64Mi}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<SidecarResources>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct SidecarResources {
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub requests: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -51,6 +51,7 @@ pub struct Injection {
     pub heartbeat: String,
     pub suspect_after: String,
     pub probe_timeout: String,
+    pub resources: Option<sessionmesh_api::SidecarResources>,
 }
 
 fn ms(s: &str) -> u64 {
@@ -131,6 +132,9 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
         "volumeMounts": [{"name": "sessionmesh-peer", "mountPath": "/etc/sessionmesh/peer", "readOnly": true}],
         "securityContext": {"runAsNonRoot": true, "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true},
     });
+    if let Some(r) = &inj.resources {
+        sidecar["resources"] = json!({"requests": r.requests, "limits": r.limits});
+    }
     if inj.native {
         sidecar["restartPolicy"] = json!("Always");
         let has_init = pod.spec.as_ref().is_some_and(|s| s.init_containers.is_some());
@@ -236,6 +240,7 @@ impl Admission {
             heartbeat: spec.failure_detection.heartbeat_interval.clone(),
             suspect_after: spec.failure_detection.suspect_after.clone(),
             probe_timeout: spec.failure_detection.probe_timeout.clone(),
+            resources: spec.sidecar.resources.clone(),
         })
     }
 
@@ -308,6 +313,10 @@ mod tests {
             heartbeat: "100ms".into(),
             suspect_after: "500ms".into(),
             probe_timeout: "300ms".into(),
+            resources: Some(sessionmesh_api::SidecarResources {
+                requests: [("cpu".to_owned(), "50m".to_owned())].into(),
+                limits: [("memory".to_owned(), "128Mi".to_owned())].into(),
+            }),
         }
     }
     fn apply(p: &Pod, ops: Vec<Value>) -> Value {
@@ -326,6 +335,8 @@ mod tests {
         assert_eq!(cs.len(), 2);
         assert_eq!(cs[1]["name"], SIDECAR_NAME);
         assert!(cs[1]["lifecycle"]["preStop"].is_object());
+        assert_eq!(cs[1]["resources"]["requests"]["cpu"], "50m");
+        assert_eq!(cs[1]["resources"]["limits"]["memory"], "128Mi");
         assert!(cs[1].get("restartPolicy").is_none());
         let env: Vec<&str> = cs[0]["env"].as_array().expect("env").iter().map(|e| e["name"].as_str().unwrap_or("")).collect();
         assert_eq!(env, vec!["X", "SESSIONMESH_JVM_ROUTE", "SESSIONMESH_CLUSTER", "SESSIONMESH_HTTP", "SESSIONMESH_REDIS"]);

@@ -30,7 +30,7 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     scs.create(
         &PostParams::default(),
         &serde_json::from_value(json!({"apiVersion": "sessionmesh.io/v1alpha1", "kind": "SessionCluster", "metadata": {"name": "shop"},
-            "spec": {"replication": {"send": "sync"}}}))
+            "spec": {"replication": {"send": "sync"}, "sidecar": {"resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}}}}))
         .expect("sc"),
     )
     .await
@@ -84,6 +84,9 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     assert_eq!(sidecar.image.as_deref(), Some("sessionmesh:test"));
     assert!(sidecar.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).is_some(), "classic sidecar needs a preStop wait");
     assert!(sidecar.readiness_probe.is_some() && sidecar.liveness_probe.is_some() && sidecar.startup_probe.is_some());
+    let res = sidecar.resources.as_ref().expect("resources from the SessionCluster");
+    assert_eq!(res.requests.as_ref().and_then(|r| r.get("cpu")).map(|q| q.0.as_str()), Some("50m"));
+    assert_eq!(res.limits.as_ref().and_then(|r| r.get("memory")).map(|q| q.0.as_str()), Some("128Mi"));
     let app_env = spec.containers[0].env.as_ref().expect("env");
     assert!(app_env.iter().any(|e| e.name == "SESSIONMESH_JVM_ROUTE" && e.value.as_deref() == Some("node1")), "the app sees its route at first start");
     assert!(app_env.iter().any(|e| e.name == "JAVA_OPTS"), "existing env kept");
