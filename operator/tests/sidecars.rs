@@ -10,7 +10,6 @@ use kube::api::PostParams;
 use kube::Api;
 use serde_json::json;
 use sessionmesh_api::{MembershipDoc, SessionCluster};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,25 +56,15 @@ impl Drop for Sidecar {
 /// Sidecars run as user `sidecar`, which may only get/list/watch the one ConfigMap.
 fn start_sidecar(env: &KubeEnv, bin: &PathBuf, ns: &str, pod: &str, secret: &PathBuf) -> Sidecar {
     let log = std::fs::File::create(env.dir.join(format!("{pod}.log"))).expect("log");
-    let mut child = Command::new(bin)
-        .env("KUBECONFIG", env.dir.join("kubeconfig-sidecar"))
+    let mut cmd = Command::new(bin);
+    cmd.env("KUBECONFIG", env.dir.join("kubeconfig-sidecar"))
         .args(["run", "--kube-membership", &format!("{ns}/web-members"), "--member", pod, "--http", "127.0.0.1:0", "--send", "sync"])
         .arg("--secret-file")
         .arg(secret)
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("sidecar");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {}
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("sidecar {pod} did not start: {}", env.log_tail(&format!("{pod}.log"))));
+        .stderr(Stdio::from(log));
+    let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(&mut cmd, Some(Duration::from_secs(30))).expect("spawn");
+    let line = line.unwrap_or_else(|| panic!("sidecar {pod} did not start: {}", env.log_tail(&format!("{pod}.log"))));
     let v: serde_json::Value = serde_json::from_str(&line).expect("json");
     Sidecar { child, http: v["http"].as_str().unwrap_or_default().parse().expect("http") }
 }

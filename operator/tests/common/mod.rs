@@ -9,7 +9,6 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -174,7 +173,8 @@ impl KubeEnv {
     }
 
     pub fn operator_with(&self, lease_ns: &str, identity: &str, extra: &[&str]) -> Operator {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sessionmesh-operator"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionmesh-operator"));
+        cmd
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .args(["--lease-namespace", lease_ns, "--identity", identity, "--health", "127.0.0.1:0", "--lease-seconds", "3"])
@@ -182,19 +182,9 @@ impl KubeEnv {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{identity}.log"))).expect("log"),
-            ))
-            .spawn()
-            .expect("operator");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("operator did not start");
+            ));
+        let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(&mut cmd, Some(Duration::from_secs(20))).expect("spawn");
+        let line = line.expect("operator did not start");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
         Operator {
             child: Some(child),

@@ -442,14 +442,16 @@ async fn rolling() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The store path against an external session store: the sidecar's HTTP API
-/// (PUT of a 1 KiB attribute, replicated to two peers) versus a standalone
-/// redis-server (SET of 1 KiB), 32 connections each, same run.
-async fn store(secs: u64) -> anyhow::Result<()> {
+struct RedisServer {
+    port: u16,
+    server: std::process::Child,
+}
+
+/// A standalone redis-server on a free loopback port, no persistence: the reference.
+async fn redis_server() -> anyhow::Result<RedisServer> {
     let redis = which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
-    let rb = which("redis-benchmark").ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
     let port = sessionmesh_sidecar::localcluster::free_port()?;
-    let mut server = std::process::Command::new(redis)
+    let server = std::process::Command::new(redis)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(std::process::Stdio::null())
         .spawn()?;
@@ -458,6 +460,15 @@ async fn store(secs: u64) -> anyhow::Result<()> {
         anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "redis-server did not start");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(RedisServer { port, server })
+}
+
+/// The store path against an external session store: the sidecar's HTTP API
+/// (PUT of a 1 KiB attribute, replicated to two peers) versus a standalone
+/// redis-server (SET of 1 KiB), 32 connections each, same run.
+async fn store(secs: u64) -> anyhow::Result<()> {
+    let rb = which("redis-benchmark").ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
+    let RedisServer { port, mut server } = redis_server().await?;
     let cl = cluster(3, &[]).await?;
     let mut c = cl.client(0);
     for i in 0..64 {
@@ -525,17 +536,7 @@ fn redis_benchmark(port: u16, tests: &str, pipeline: usize, n: usize) -> anyhow:
 /// redis-benchmark against one sidecar (replicating to two peers) and against
 /// a standalone redis-server, same run.
 async fn resp(quick: bool) -> anyhow::Result<()> {
-    let redis = which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
-    let port = sessionmesh_sidecar::localcluster::free_port()?;
-    let mut server = std::process::Command::new(redis)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let RedisServer { port, mut server } = redis_server().await?;
     let cl = cluster(3, &["--redis", "127.0.0.1:0"]).await?;
     let sm = cl.nodes[0].redis.ok_or_else(|| anyhow::anyhow!("no redis endpoint"))?.port();
     for pipeline in [1usize, 16] {
