@@ -334,10 +334,13 @@ impl Core {
                     let mut batch = Vec::new();
                     let mut first = 0;
                     let mut bytes = 0;
-                    for (seq, d, sz) in p.out.unacked.iter() {
-                        if *seq <= p.out.sent_upto {
-                            continue;
-                        }
+                    // The log is contiguous by sequence number: start right after
+                    // what was already handed out instead of scanning from the front.
+                    let skip = match p.out.unacked.front() {
+                        Some((front, _, _)) => (p.out.sent_upto + 1).saturating_sub(*front) as usize,
+                        None => 0,
+                    };
+                    for (seq, d, sz) in p.out.unacked.range(skip.min(p.out.unacked.len())..) {
                         if batch.is_empty() {
                             first = *seq;
                         }
