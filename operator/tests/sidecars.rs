@@ -26,14 +26,15 @@ fn sidecar_bin() -> PathBuf {
     exe.parent().and_then(|d| d.parent()).map(|d| d.join("sessionmesh-sidecar")).expect("target dir")
 }
 
-/// A run of `n` consecutive free ports on 127.0.0.1.
+/// A run of `n` consecutive free ports on 127.0.0.1 (from the test port window,
+/// taken whole so nothing else in this process gets them).
 fn free_range(n: u16) -> u16 {
     for _ in 0..200 {
         let base = free_port();
-        if base > 65000 || base < 1024 {
+        if base < 1024 || base > 65000 - n {
             continue;
         }
-        let ok = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        let ok = (1..n).all(|i| free_port() == base + i);
         if ok {
             return base;
         }

@@ -390,6 +390,7 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("bytes_sent_total", "counter", "Bytes written to peer connections.", h.io.bytes_out.load(Ordering::Relaxed) as f64);
     g("frame_errors_total", "counter", "Peer connections closed for bad frames or failed handshakes.", h.io.frame_errors.load(Ordering::Relaxed) as f64);
     g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
+    g("redis_clients", "gauge", "Open Redis-protocol connections.", h.io.redis_clients.load(Ordering::Relaxed) as f64);
     let t = &st.stats;
     g("deltas_applied_total", "counter", "Deltas from peers applied to the store.", t.deltas_applied as f64);
     g("deltas_sent_total", "counter", "Deltas sent to peers (resends included).", t.deltas_sent as f64);

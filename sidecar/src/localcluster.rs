@@ -35,7 +35,21 @@ pub struct LocalCluster {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// A free port for a test process to listen on. Ports are handed out from a
+/// per-process window below Linux's ephemeral range (32768+), so they never
+/// collide with the source ports of outgoing connections, nor (within one test
+/// binary) with each other; each is checked by binding it.
 pub fn free_port() -> std::io::Result<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    let start = (u64::from(std::process::id()) * 97) % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

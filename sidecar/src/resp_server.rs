@@ -8,7 +8,7 @@ use crate::node::{Command, Handle};
 use crate::redis::{arity_error, is_data_command, unknown_command, COMMAND_COUNT};
 use crate::resp::{self, Value};
 use bytes::{Bytes, BytesMut};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,27 +35,27 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
-    let clients = Arc::new(AtomicUsize::new(0));
     let cfg = Arc::new(cfg);
     loop {
         let (mut stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
-        if clients.load(Ordering::Relaxed) >= cfg.max_clients {
+        let clients = &handle.io.redis_clients;
+        if clients.load(Ordering::Relaxed) >= cfg.max_clients as u64 {
             warn!(%remote, max = cfg.max_clients, "redis endpoint: connection refused, client limit reached");
             let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
             continue;
         }
         let _ = stream.set_nodelay(true);
         clients.fetch_add(1, Ordering::Relaxed);
-        let (handle, cfg, clients, shutdown) = (handle.clone(), cfg.clone(), clients.clone(), shutdown.clone());
+        let (handle, cfg, shutdown) = (handle.clone(), cfg.clone(), shutdown.clone());
         tracker.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = connection(stream, &handle, &cfg) => {}
             }
-            clients.fetch_sub(1, Ordering::Relaxed);
+            handle.io.redis_clients.fetch_sub(1, Ordering::Relaxed);
         });
     }
     tracker.close();

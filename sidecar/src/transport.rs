@@ -46,6 +46,8 @@ pub struct IoStats {
     pub bytes_out: AtomicU64,
     pub frame_errors: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Open Redis-protocol connections (kept here so /metrics can show it).
+    pub redis_clients: AtomicU64,
 }
 
 #[derive(Clone)]

@@ -77,8 +77,18 @@ async fn auth_limits_and_bad_input() {
     let _ = s.read_to_string(&mut out);
     assert!(out.starts_with("-ERR Protocol error"), "{out}");
     // The client limit: three connections are held open, the fourth is refused.
+    let mut http = cl.client(0);
+    let clients = |m: &str| m.lines().find(|l| l.starts_with("sessionmesh_redis_clients ")).and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok());
+    let t = Instant::now();
+    while clients(&http.get("/metrics").await.expect("metrics").text()) != Some(0.0) {
+        assert!(t.elapsed() < Duration::from_secs(5), "earlier connections never closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let held: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect")).collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    while clients(&http.get("/metrics").await.expect("metrics").text()) != Some(3.0) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the three connections were not accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut s = std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(3))).ok();
     let mut out = String::new();
