@@ -128,8 +128,20 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     }
     assert_eq!(routes.len(), 10, "duplicate routes handed out at admission: {routes:?}");
     assert!(!routes.contains("node1"));
-    // The operator agrees with what admission assigned: nothing is rewritten.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The operator agrees with what admission assigned: after it has reconciled
+    // the new pods, nothing is rewritten.
+    let seen = op.metric("sessionmesh_operator_reconciles_total").await.unwrap_or(0.0);
+    let pods_again = pods.clone();
+    eventually(Duration::from_secs(20), "a reconcile that sees all 11 members", || {
+        let op = &op;
+        let pods = pods_again.clone();
+        async move {
+            let n = op.metric("sessionmesh_operator_reconciles_total").await?;
+            let members = pods.list(&Default::default()).await.ok()?.items.iter().filter(|p| p.labels().contains_key("sessionmesh.io/cluster")).count();
+            (n > seen && members == 11).then_some(())
+        }
+    })
+    .await;
     let after: BTreeSet<String> = pods
         .list(&Default::default())
         .await
