@@ -200,6 +200,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
 
     ensure_peer_secret(&ctx, &sc, &ns, &name).await?;
     ensure_pdb(&ctx, &sc, &ns, &name).await?;
+    ensure_sidecar_rbac(&ctx, &sc, &ns, &name, &members).await?;
 
     let count = statuses.len() as u32;
     let ready = statuses.iter().filter(|m| m.ready).count() as u32;
@@ -273,6 +274,36 @@ async fn ensure_peer_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Least privilege for the sidecars, without manual steps: a Role allowing
+/// get/list/watch on this cluster's membership ConfigMap only, bound to the
+/// service accounts the member pods run as.
+async fn ensure_sidecar_rbac(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str, members: &[Pod]) -> Result<(), Error> {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let rbac_name = format!("{name}-sessionmesh-sidecar");
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": rbac_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [members_configmap(name)], "verbs": ["get", "list", "watch"]}]
+    });
+    Api::<Role>::namespaced(ctx.client.clone(), ns).patch(&rbac_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&role)).await?;
+    let mut accounts: Vec<String> = members
+        .iter()
+        .map(|p| p.spec.as_ref().and_then(|s| s.service_account_name.clone()).filter(|a| !a.is_empty()).unwrap_or_else(|| "default".into()))
+        .collect();
+    accounts.sort();
+    accounts.dedup();
+    let subjects: Vec<serde_json::Value> = accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": ns})).collect();
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": rbac_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac_name},
+        "subjects": subjects
+    });
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), ns).patch(&rbac_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&binding)).await?;
+    Ok(())
 }
 
 /// A PodDisruptionBudget so voluntary disruptions (drains, upgrades) take at

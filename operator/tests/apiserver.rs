@@ -103,6 +103,10 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
     let pdb = pdbs.get("web-members").await.expect("pdb");
     assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
     assert_eq!(pdb.data["spec"]["selector"]["matchLabels"]["sessionmesh.io/cluster"], "web");
+    let role = Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(env.client.clone(), "shop").get("web-sessionmesh-sidecar").await.expect("role");
+    let rule = &role.rules.expect("rules")[0];
+    assert_eq!(rule.resource_names.as_deref(), Some(&["web-members".to_owned()][..]));
+    assert_eq!(rule.verbs, vec!["get", "list", "watch"]);
     let labeled = Api::<Pod>::namespaced(env.client.clone(), "shop").get("web-0").await.expect("pod");
     assert_eq!(labeled.labels().get("sessionmesh.io/cluster").map(String::as_str), Some("web"));
 

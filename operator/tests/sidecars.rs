@@ -122,24 +122,13 @@ async fn sidecars_follow_the_operator_and_survive_sigkill() {
         env.pod("shop", &format!("web-{i}"), "web", true).await;
         env.set_running("shop", &format!("web-{i}"), "127.0.0.1", false).await;
     }
-    // Least privilege for sidecars: get/list/watch on their one ConfigMap, nothing else.
-    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(env.client.clone(), "shop");
-    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(env.client.clone(), "shop");
-    roles
-        .create(&PostParams::default(), &serde_json::from_value(json!({
-            "metadata": {"name": "sessionmesh-sidecar"},
-            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["web-members"], "verbs": ["get", "list", "watch"]}]
-        })).expect("role"))
-        .await
-        .expect("create role");
-    bindings
-        .create(&PostParams::default(), &serde_json::from_value(json!({
-            "metadata": {"name": "sessionmesh-sidecar"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sessionmesh-sidecar"},
-            "subjects": [{"kind": "User", "name": "sidecar", "apiGroup": "rbac.authorization.k8s.io"}]
-        })).expect("binding"))
-        .await
-        .expect("create binding");
+    // Least privilege for sidecars, set up by the operator: they authenticate as
+    // the pods' service account (shop/default) and may only read their ConfigMap.
+    eventually(Duration::from_secs(10), "the operator's sidecar Role and binding", || async {
+        let rb = Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.client.clone(), "shop").get_opt("web-sessionmesh-sidecar").await.ok()??;
+        rb.subjects?.iter().any(|s| s.kind == "ServiceAccount" && s.name == "default").then_some(())
+    })
+    .await;
     let limited = common::client_for(&env.dir.join("kubeconfig-sidecar")).await;
     let denied = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(limited.clone(), "shop").list(&Default::default()).await;
     assert!(denied.is_err(), "the sidecar's user must not list pods");

@@ -54,7 +54,7 @@ impl KubeEnv {
         };
         run(&["genrsa", "-out", "sa.key", "2048"]);
         run(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
-        std::fs::write(dir.join("tokens.csv"), "admin-token,admin,admin,system:masters\nsidecar-token,sidecar,sidecar\n").expect("tokens");
+        std::fs::write(dir.join("tokens.csv"), "admin-token,admin,admin,system:masters\nsidecar-token,system:serviceaccount:shop:default,sa-uid,\"system:serviceaccounts,system:serviceaccounts:shop\"\n").expect("tokens");
         let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let log = |n: &str| Stdio::from(std::fs::File::create(dir.join(n)).expect("log"));
         let etcd = Command::new("etcd")
