@@ -109,7 +109,7 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
 
     // Concurrent creates: distinct routes at admission.
     let mut tasks = Vec::new();
-    for i in 1..=10 {
+    for _ in 1..=10 {
         let pods = pods.clone();
         tasks.push(tokio::spawn(async move {
             let p: Pod = serde_json::from_value(json!({
@@ -117,7 +117,6 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
                 "spec": {"containers": [{"name": "app", "image": "app:1"}]}
             }))
             .expect("pod");
-            let _ = i;
             pods.create(&PostParams::default(), &p).await.expect("concurrent create")
         }));
     }

@@ -73,7 +73,7 @@ pub enum Command {
     List { cursor: Option<SessionId>, limit: usize, reply: oneshot::Sender<(Vec<SessionId>, usize)> },
     Status { reply: oneshot::Sender<Status> },
     /// Redis data commands, run in order; one reply per command.
-    Redis { cmds: Vec<Vec<bytes::Bytes>>, proto: u8, reply: oneshot::Sender<Vec<crate::resp::Value>> },
+    Redis { cmds: Vec<Vec<bytes::Bytes>>, reply: oneshot::Sender<Vec<crate::resp::Value>> },
 }
 
 /// Replies of a Redis batch waiting for writes to be acknowledged.
@@ -451,12 +451,12 @@ impl CoreTask {
                     }
                 }
             }
-            Command::Redis { cmds, proto, reply } => {
+            Command::Redis { cmds, reply } => {
                 let mut values = Vec::with_capacity(cmds.len());
                 let batch = self.next_batch;
                 let mut waiting = 0;
                 for (i, cmd) in cmds.iter().enumerate() {
-                    let ex = crate::redis::exec(&mut self.core, &mut self.redis, cmd, proto, &mut self.next_write, now);
+                    let ex = crate::redis::exec(&mut self.core, &mut self.redis, cmd, &mut self.next_write, now);
                     for w in ex.writes {
                         self.redis_writes.insert(w, (batch, i));
                         waiting += 1;

@@ -165,15 +165,15 @@ pub fn is_data_command(name: &str) -> bool {
 pub const COMMAND_COUNT: i64 = 52;
 
 /// Runs one data command.
-pub fn exec(core: &mut Core, st: &mut RedisState, args: &[Bytes], proto: u8, next_write: &mut u64, now: u64) -> Exec {
+pub fn exec(core: &mut Core, st: &mut RedisState, args: &[Bytes], next_write: &mut u64, now: u64) -> Exec {
     let mut ctx = Ctx { core, next_write, now, writes: Vec::new() };
-    let value = match run(&mut ctx, st, args, proto) {
+    let value = match run(&mut ctx, st, args) {
         Ok(v) | Err(v) => v,
     };
     Exec { value, writes: ctx.writes }
 }
 
-fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes], proto: u8) -> Result<Value, Value> {
+fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Value> {
     let name = args.first().map(upper).unwrap_or_default();
     let a = &args[1..];
     let need = |min: usize, exact: bool| -> Result<(), Value> {
@@ -604,10 +604,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes], proto: u8) -> Resul
                 None => Ok(Value::Int(0)),
             }
         }
-        _ => {
-            let _ = proto;
-            Err(unknown_command(args))
-        }
+        _ => Err(unknown_command(args)),
     }
 }
 
@@ -679,7 +676,7 @@ mod tests {
     fn run(c: &mut Core, st: &mut RedisState, now: u64, cmd: &[&str]) -> Value {
         let args: Vec<Bytes> = cmd.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect();
         let mut w = 1;
-        exec(c, st, &args, 3, &mut w, now).value
+        exec(c, st, &args, &mut w, now).value
     }
 
     #[test]

@@ -120,7 +120,7 @@ async fn flush(h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut Byt
     }
     let cmds = std::mem::take(batch);
     let n = cmds.len();
-    match h.call(|reply| Command::Redis { cmds, proto, reply }).await {
+    match h.call(|reply| Command::Redis { cmds, reply }).await {
         Some(values) => {
             for v in &values {
                 resp::encode(v, proto, out);

@@ -136,10 +136,8 @@ impl Sim {
         while self.now < deadline && !self.nodes.get(name).is_some_and(|n| n.core.flushed()) {
             self.step();
         }
-        let now = self.now;
         if let Some(n) = self.nodes.get_mut(name) {
             n.core.announce_leave();
-            let _ = now;
         }
         self.dispatch(name);
         self.run_for(20);

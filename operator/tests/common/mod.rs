@@ -6,7 +6,7 @@
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::json;
 use std::path::PathBuf;
@@ -208,7 +208,6 @@ impl Drop for KubeEnv {
 pub async fn client_for(kubeconfig: &std::path::Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
     let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
-    let _ = AuthInfo::default();
     Client::try_from(cfg).expect("client")
 }
 
