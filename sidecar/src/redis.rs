@@ -76,6 +76,15 @@ impl Ctx<'_> {
         }
     }
 
+    /// A string key's value; `None` if absent, WRONGTYPE for a hash.
+    fn string(&self, id: &SessionId) -> Result<Option<Bytes>, Value> {
+        match self.session(id).map(Ctx::kind) {
+            None => Ok(None),
+            Some(Kind::Str(v)) => Ok(Some(v.clone())),
+            Some(Kind::Hash(_)) => Err(Value::err(WRONGTYPE)),
+        }
+    }
+
     /// The max-inactive interval that keeps `s`'s absolute expiry for a write now.
     fn keep_ttl(&self, s: Option<&Session>) -> u64 {
         match s.and_then(|s| s.expires_at_ms()) {
@@ -190,11 +199,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         "GET" => {
             need(1, true)?;
             let id = key(&a[0])?;
-            match c.session(&id).map(Ctx::kind) {
-                None => Ok(Value::Null),
-                Some(Kind::Str(v)) => Ok(Value::Bulk(v.clone())),
-                Some(Kind::Hash(_)) => Err(Value::err(WRONGTYPE)),
-            }
+            Ok(c.string(&id)?.map_or(Value::Null, Value::Bulk))
         }
         "SET" => {
             need(2, false)?;
@@ -265,11 +270,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         "GETEX" => {
             need(1, false)?;
             let id = key(&a[0])?;
-            let v = match c.session(&id).map(Ctx::kind) {
-                None => return Ok(Value::Null),
-                Some(Kind::Hash(_)) => return Err(Value::err(WRONGTYPE)),
-                Some(Kind::Str(v)) => v.clone(),
-            };
+            let Some(v) = c.string(&id)? else { return Ok(Value::Null) };
             match a.len() {
                 1 => {}
                 2 if upper(&a[1]) == "PERSIST" => c.write(id, vec![Op::MaxInactive], 0)?,
@@ -295,11 +296,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         "GETDEL" => {
             need(1, true)?;
             let id = key(&a[0])?;
-            let v = match c.session(&id).map(Ctx::kind) {
-                None => return Ok(Value::Null),
-                Some(Kind::Hash(_)) => return Err(Value::err(WRONGTYPE)),
-                Some(Kind::Str(v)) => v.clone(),
-            };
+            let Some(v) = c.string(&id)? else { return Ok(Value::Null) };
             c.delete(&id)?;
             Ok(Value::Bulk(v))
         }
