@@ -56,8 +56,9 @@ pub struct CoreConfig {
     pub transfer_chunk_bytes: usize,
     /// A transfer with no progress for this long moves to another member.
     pub transfer_stall_ms: u64,
-    /// How long a starting member waits for its peers to answer before it
-    /// decides whether there is anyone to transfer state from.
+    /// After this long, a starting member that is still waiting for peers
+    /// (unreachable ones settle at once; ones that refuse it are waited for)
+    /// logs which peers it is waiting for.
     pub startup_wait_ms: u64,
     pub anti_entropy_interval_ms: u64,
     pub touch_flush_ms: u64,
