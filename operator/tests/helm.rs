@@ -13,7 +13,7 @@ use std::process::Command;
 
 fn render(values: Option<&str>) -> (String, String) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let mut cmd = Command::new("go");
+    let mut cmd = Command::new(sessionmesh_sidecar::localcluster::require("go"));
     cmd.current_dir(root)
         .env("GOPATH", "/usr/share/gocode")
         .env("GO111MODULE", "off")
@@ -92,7 +92,7 @@ async fn apply_all(env: &KubeEnv, manifests: &str, default_ns: &str) -> Vec<(Api
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_apply_and_the_haproxy_config_is_valid() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/shop");
-    let out = Command::new("haproxy").args(["-c", "-f", &format!("{root}/haproxy.cfg")]).output().expect("haproxy");
+    let out = Command::new(sessionmesh_sidecar::localcluster::require("haproxy")).args(["-c", "-f", &format!("{root}/haproxy.cfg")]).output().expect("haproxy");
     assert!(out.status.success(), "haproxy rejects the example: {}", String::from_utf8_lossy(&out.stderr));
     let env = KubeEnv::start().await;
     env.apply_crds().await;

@@ -31,6 +31,9 @@ pub struct LocalCluster {
     pub args: Vec<String>,
     /// Members written to the member file (a node can exist before it is listed).
     pub listed: Vec<bool>,
+    /// Each member gets a member file listing only itself: N sidecars with no
+    /// peers, the bench's reference for what clustering costs.
+    pub standalone: bool,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -75,6 +78,7 @@ impl LocalCluster {
             secret_file,
             args: args.iter().map(|s| s.to_string()).collect(),
             listed: Vec::new(),
+            standalone: false,
         };
         for _ in 0..n {
             c.add_node(true)?;
@@ -134,10 +138,22 @@ impl LocalCluster {
 
     pub fn start_with(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log)?;
+        let members = if self.standalone {
+            let n = &self.nodes[i];
+            let own = self.dir.join(format!("members-{}.yaml", n.name));
+            let text = format!(
+                "cluster: {}-{}\nmembers:\n  - name: {}\n    address: {}\n    jvmRoute: {}\n",
+                self.cluster, n.name, n.name, n.replication, n.route
+            );
+            std::fs::write(&own, text)?;
+            own
+        } else {
+            self.members_file()
+        };
         let mut cmd = Command::new(&self.bin);
         cmd.arg("run")
             .arg("--members")
-            .arg(self.members_file())
+            .arg(members)
             .arg("--member")
             .arg(&self.nodes[i].name)
             .arg("--http")
@@ -287,4 +303,64 @@ impl Drop for LocalCluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Where an external part the tests use comes from, for the one-line error a
+/// test gives when it is missing.
+fn install_hint(part: &str) -> &'static str {
+    match part {
+        "haproxy" => "apt-get install haproxy",
+        "redis-cli" | "redis-benchmark" => "apt-get install redis-tools",
+        "redis-server" => "apt-get install redis-server",
+        "etcd" => "apt-get install etcd-server",
+        "wrk" => "apt-get install wrk",
+        "openssl" => "apt-get install openssl",
+        "faketime" => "apt-get install faketime",
+        "go" => "apt-get install golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev",
+        "python3" => "apt-get install python3 python3-pip",
+        "node" => "apt-get install nodejs npm",
+        _ => "see e2e/setup.sh",
+    }
+}
+
+/// The path of an external program a test needs. When it is missing, the test
+/// fails with one line that names the command installing it.
+pub fn require(program: &str) -> PathBuf {
+    let dirs = std::env::var("PATH").unwrap_or_default();
+    let found = dirs.split(':').chain(["/usr/sbin", "/sbin"]).map(|d| Path::new(d).join(program)).find(|p| p.is_file());
+    match found {
+        Some(p) => p,
+        None => missing(&format!("{program} is not installed"), install_hint(program)),
+    }
+}
+
+/// Python modules a test needs (imported by `python3`), or one line naming the install command.
+pub fn require_python(modules: &[&str]) {
+    require("python3");
+    let ok = Command::new("python3")
+        .arg("-c")
+        .arg(format!("import {}", modules.join(", ")))
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        missing(&format!("python3 cannot import {}", modules.join(", ")), "pip install redis flask flask-session django");
+    }
+}
+
+/// `e2e/node/node_modules` with the packages the Node session-store test uses.
+pub fn require_node_modules(e2e_node: &Path) {
+    require("node");
+    if !e2e_node.join("node_modules/connect-redis").is_dir() {
+        missing("e2e/node has no node_modules", "cd e2e/node && npm install");
+    }
+}
+
+/// Fails the calling test with one readable line, no backtrace.
+pub fn missing(what: &str, install: &str) -> ! {
+    // `panic!` would add a location and a backtrace hint; this line is all a
+    // user needs. `resume_unwind` fails the test without the panic hook.
+    let line = format!("{what}: run ./e2e/setup.sh (installs every part the tests need), or: {install}");
+    eprintln!("{line}");
+    std::panic::resume_unwind(Box::new(line))
 }

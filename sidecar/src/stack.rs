@@ -103,7 +103,14 @@ impl Stack {
         app_send: &str,
         app: AppSpec,
     ) -> anyhow::Result<Stack> {
-        let mut cl = LocalCluster::new(bin, n, sidecar_args)?;
+        Self::start_on(LocalCluster::new(bin, n, sidecar_args)?, lb, app_send, app).await
+    }
+
+    /// Starts the sidecars of `cl` (clustered, or each on its own when
+    /// `cl.standalone`), an app beside each, and the load balancer.
+    pub async fn start_on(mut cl: LocalCluster, lb: LbChoice, app_send: &str, app: AppSpec) -> anyhow::Result<Stack> {
+        let bin = cl.bin.clone();
+        let n = cl.nodes.len();
         for i in 0..n {
             cl.start(i)?;
         }
@@ -143,7 +150,7 @@ impl Stack {
             tokio::spawn(router.clone().check_loop(stop.clone()));
             Lb::Builtin { router, stop }
         };
-        let mut st = Stack { cl, app, bin: bin.to_owned(), apps: (0..n).map(|_| None).collect(), app_ports, lb_addr, lb, app_send: app_send.into() };
+        let mut st = Stack { cl, app, bin, apps: (0..n).map(|_| None).collect(), app_ports, lb_addr, lb, app_send: app_send.into() };
         for i in 0..n {
             st.start_app(i)?;
         }

@@ -2,7 +2,7 @@
 //! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
 //! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
 
-use sessionmesh_sidecar::localcluster::{signal, LocalCluster};
+use sessionmesh_sidecar::localcluster::{require, require_node_modules, require_python, signal, LocalCluster};
 use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,7 +34,7 @@ fn port(cl: &LocalCluster, i: usize) -> String {
 }
 
 fn cli(port: &str, args: &[&str]) -> String {
-    let out = Command::new("redis-cli").args(["-p", port]).args(args).output().expect("redis-cli (apt-get install redis-tools)");
+    let out = Command::new(require("redis-cli")).args(["-p", port]).args(args).output().expect("redis-cli (apt-get install redis-tools)");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -110,7 +110,7 @@ async fn auth_limits_and_bad_input() {
 async fn redis_benchmark_runs_clean_against_a_replicating_member() {
     let cl = cluster(3, &[]).await;
     let p = port(&cl, 0);
-    let out = Command::new("redis-benchmark")
+    let out = Command::new(require("redis-benchmark"))
         .args(["-p", &p, "-q", "-t", "set,get,hset", "-n", "5000", "-d", "1024", "-c", "20", "-P", "8"])
         .output()
         .expect("redis-benchmark (apt-get install redis-tools)");
@@ -132,6 +132,7 @@ async fn redis_benchmark_runs_clean_against_a_replicating_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_py_resp3_client_across_members() {
+    require_python(&["redis"]);
     let cl = cluster(3, &["--send", "sync"]).await;
     let out = Command::new("python3")
         .arg(e2e("python/redis_py_check.py"))
@@ -168,6 +169,7 @@ async fn an_expired_key_is_not_resurrected_by_a_late_replica() {
 }
 
 async fn framework_survives_sigkill(app: AppSpec, what: &str) {
+    require("haproxy");
     let mut st = Stack::start_apps(&bin(), 3, &["--redis", "127.0.0.1:0", "--send", "sync"], LbChoice::Haproxy, "sync", app)
         .await
         .unwrap_or_else(|e| panic!("{what}: {e:#}"));
@@ -196,6 +198,7 @@ async fn framework_survives_sigkill(app: AppSpec, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flask_session_survives_sigkill() {
+    require_python(&["redis", "flask", "flask_session"]);
     framework_survives_sigkill(
         AppSpec::External { program: "python3".into(), args: vec![e2e("python/flask_app.py").display().to_string()] },
         "Flask-Session",
@@ -205,6 +208,7 @@ async fn flask_session_survives_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_cache_sessions_survive_sigkill() {
+    require_python(&["redis", "django"]);
     framework_survives_sigkill(
         AppSpec::External { program: "python3".into(), args: vec![e2e("python/django_app.py").display().to_string()] },
         "Django",
@@ -214,6 +218,7 @@ async fn django_cache_sessions_survive_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn express_session_survives_sigkill() {
+    require_node_modules(&e2e("node"));
     framework_survives_sigkill(
         AppSpec::External { program: "node".into(), args: vec![e2e("node/app.js").display().to_string()] },
         "express-session",

@@ -13,6 +13,7 @@ fn bin() -> std::path::PathBuf {
 }
 
 async fn stack() -> Stack {
+    sessionmesh_sidecar::localcluster::require("haproxy");
     Stack::start(&bin(), 3, &[], LbChoice::Haproxy, "sync").await.expect("stack with HAProxy (is haproxy installed?)")
 }
 

@@ -40,7 +40,14 @@ static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 impl KubeEnv {
     pub async fn start() -> KubeEnv {
         let bin = apiserver_bin();
-        assert!(bin.is_file(), "kube-apiserver not found at {} (run e2e/kube/build-apiserver.sh)", bin.display());
+        if !bin.is_file() {
+            sessionmesh_sidecar::localcluster::missing(
+                &format!("kube-apiserver not found at {}", bin.display()),
+                "bash e2e/kube/build-apiserver.sh",
+            );
+        }
+        let openssl = sessionmesh_sidecar::localcluster::require("openssl");
+        let etcd_bin = sessionmesh_sidecar::localcluster::require("etcd");
         let dir = std::env::temp_dir().join(format!(
             "sessionmesh-kube-{}-{}",
             std::process::id(),
@@ -49,7 +56,7 @@ impl KubeEnv {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let run = |args: &[&str]| {
-            let ok = Command::new("openssl").args(args).current_dir(&dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            let ok = Command::new(&openssl).args(args).current_dir(&dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
             assert!(ok, "openssl {args:?}");
         };
         run(&["genrsa", "-out", "sa.key", "2048"]);
@@ -57,7 +64,7 @@ impl KubeEnv {
         std::fs::write(dir.join("tokens.csv"), "admin-token,admin,admin,system:masters\nsidecar-token,system:serviceaccount:shop:default,sa-uid,\"system:serviceaccounts,system:serviceaccounts:shop\"\n").expect("tokens");
         let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let log = |n: &str| Stdio::from(std::fs::File::create(dir.join(n)).expect("log"));
-        let etcd = Command::new("etcd")
+        let etcd = Command::new(&etcd_bin)
             .args(["--data-dir", "etcd", "--name", "test"])
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])

@@ -6,7 +6,7 @@
 
 use sessionmesh_sidecar::localcluster::LocalCluster;
 use sessionmesh_sidecar::node::now_ms;
-use sessionmesh_sidecar::stack::{LbChoice, Stack, User};
+use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -326,32 +326,97 @@ fn wrk(url: &str, conns: usize, secs: u64, script: &std::path::Path) -> anyhow::
     Ok((rps, lat("50%"), lat("99%"), non2xx))
 }
 
-/// The demo app behind HAProxy, every request writing the session, at 1 and 32 connections.
-async fn demo(secs: u64) -> anyhow::Result<()> {
-    let st = Stack::start(&sidecar_bin(), 3, &[], LbChoice::Haproxy, "sync").await?;
-    let mut cookies = Vec::new();
-    for _ in 0..64 {
-        let mut u = User::new(st.lb_addr);
-        u.visit().await?;
-        cookies.push(u.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "));
+/// `/proc/loadavg`'s three figures, for the conditions printed with each scenario.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// A wrk script that sends each request with one of `cookies`, in turn.
+async fn cookie_script(st: &Stack, users: usize) -> anyhow::Result<PathBuf> {
+    {
+        let mut cookies = Vec::new();
+        for _ in 0..users {
+            let mut u = User::new(st.lb_addr);
+            u.visit().await?;
+            cookies.push(u.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "));
+        }
+        let script = st.cl.dir.join("cookies.lua");
+        let list = cookies.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(",\n  ");
+        std::fs::write(
+            &script,
+            format!(
+                "cookies = {{\n  {list}\n}}\ncounter = math.random(1, #cookies)\nrequest = function()\n  counter = counter + 1\n  \
+                 return wrk.format(\"GET\", \"/\", {{ [\"Cookie\"] = cookies[(counter % #cookies) + 1] }})\nend\n"
+            ),
+        )?;
+        Ok(script)
     }
-    let script = st.cl.dir.join("cookies.lua");
-    let list = cookies.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(",\n  ");
-    std::fs::write(
-        &script,
-        format!(
-            "cookies = {{\n  {list}\n}}\ncounter = math.random(1, #cookies)\nrequest = function()\n  counter = counter + 1\n  \
-             return wrk.format(\"GET\", \"/\", {{ [\"Cookie\"] = cookies[(counter % #cookies) + 1] }})\nend\n"
-        ),
-    )?;
-    let url = format!("http://{}/", st.lb_addr);
-    for conns in [1usize, 32] {
-        let (rps, p50, p99, bad) = wrk(&url, conns, secs, &script)?;
-        figure(&format!("demo_rps_c{conns}"), rps, "req/s");
-        figure(&format!("demo_p50_ms_c{conns}"), p50, "ms");
-        figure(&format!("demo_p99_ms_c{conns}"), p99, "ms");
-        figure(&format!("demo_errors_c{conns}"), bad as f64, "count");
+}
+
+/// What a user pays for clustering: the demo app behind HAProxy, every request
+/// reading and writing the session, with (a) 3 members in sync mode, (b) 3
+/// members in async mode, (c) the same 3 apps each with a sidecar of its own
+/// (no peers). The three stacks run side by side and wrk visits them in turn,
+/// `rounds` times, so a noisy neighbour hits all three alike.
+async fn demo(secs: u64, rounds: usize) -> anyhow::Result<()> {
+    const USERS: usize = 64;
+    const CONNS: usize = 32;
+    println!(
+        "# demo: load average at start {}; {CONNS} connections, {USERS} cookies, {secs} s per run, {rounds} rounds; \
+         HAProxy as in stack::haproxy_config (cookie SERVERID insert, roundrobin, httpchk)",
+        loadavg()
+    );
+    let bin = sidecar_bin();
+    let mut standalone = LocalCluster::new(&bin, 3, &[])?;
+    standalone.standalone = true;
+    let stacks = [
+        ("sync", Stack::start(&bin, 3, &["--send", "sync"], LbChoice::Haproxy, "sync").await?),
+        ("async", Stack::start(&bin, 3, &["--send", "async"], LbChoice::Haproxy, "async").await?),
+        ("standalone", Stack::start_on(standalone, LbChoice::Haproxy, "sync", AppSpec::Demo).await?),
+    ];
+    let mut scripts = Vec::new();
+    for (_, st) in &stacks {
+        scripts.push(cookie_script(st, USERS).await?);
     }
+    let mut rps: [Vec<f64>; 3] = Default::default();
+    let mut p99: [Vec<f64>; 3] = Default::default();
+    let mut ratios: [Vec<f64>; 2] = Default::default();
+    for round in 0..rounds {
+        let mut this = [0.0; 3];
+        for (k, (name, st)) in stacks.iter().enumerate() {
+            let url = format!("http://{}/", st.lb_addr);
+            let (r, _p50, p, bad) = wrk(&url, CONNS, secs, &scripts[k])?;
+            anyhow::ensure!(bad == 0, "{name}: {bad} failed requests");
+            println!("# round {round} {name}: {r:.0} req/s, p99 {p:.2} ms, load average {}", loadavg());
+            this[k] = r;
+            rps[k].push(r);
+            p99[k].push(p);
+        }
+        ratios[0].push(this[0] / this[2]);
+        ratios[1].push(this[1] / this[2]);
+    }
+    for (k, (name, _)) in stacks.iter().enumerate() {
+        let (lo, hi) = (pct(&mut rps[k], 0.0), pct(&mut rps[k], 1.0));
+        figure(&format!("demo_rps_c{CONNS}_{name}"), pct(&mut rps[k], 0.5), "req/s");
+        figure(&format!("demo_rps_c{CONNS}_{name}_min"), lo, "req/s");
+        figure(&format!("demo_rps_c{CONNS}_{name}_max"), hi, "req/s");
+        figure(&format!("demo_p99_ms_c{CONNS}_{name}"), pct(&mut p99[k], 0.5), "ms");
+    }
+    for (k, mode) in ["sync", "async"].iter().enumerate() {
+        let (lo, hi) = (pct(&mut ratios[k], 0.0), pct(&mut ratios[k], 1.0));
+        figure(&format!("demo_ratio_{mode}"), pct(&mut ratios[k], 0.5), "ratio");
+        figure(&format!("demo_ratio_{mode}_min"), lo, "ratio");
+        figure(&format!("demo_ratio_{mode}_max"), hi, "ratio");
+    }
+    // One connection: latency without queueing, sync cluster.
+    let url = format!("http://{}/", stacks[0].1.lb_addr);
+    let (r, p50, p, _) = wrk(&url, 1, secs, &scripts[0])?;
+    figure("demo_rps_c1_sync", r, "req/s");
+    figure("demo_p50_ms_c1_sync", p50, "ms");
+    figure("demo_p99_ms_c1_sync", p, "ms");
+    println!("# demo: load average at end {}", loadavg());
     Ok(())
 }
 
@@ -584,14 +649,14 @@ async fn main() -> anyhow::Result<()> {
             detect_hung(if quick { 3 } else { 10 }).await?;
         }
         "transfer" => transfer(if quick { 10_000 } else { 100_000 }).await?,
-        "demo" => demo(secs).await?,
+        "demo" => demo(secs, if quick { 1 } else { 5 }).await?,
         "failover" => failover(if quick { 3 } else { 11 }).await?,
         "rolling" => rolling().await?,
         "store" => store(secs).await?,
         "resp" => resp(quick).await?,
         "all" => {
             resp(quick).await?;
-            demo(secs).await?;
+            demo(secs, if quick { 1 } else { 5 }).await?;
             failover(if quick { 3 } else { 11 }).await?;
             rolling().await?;
             store(secs).await?;
