@@ -364,3 +364,19 @@ pub fn missing(what: &str, install: &str) -> ! {
     eprintln!("{line}");
     std::panic::resume_unwind(Box::new(line))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_part_fails_with_one_line_naming_the_install_command() {
+        let err = std::panic::catch_unwind(|| require("haproxy-that-is-not-installed")).err().map(|e| {
+            e.downcast_ref::<String>().cloned().unwrap_or_default()
+        });
+        let line = err.unwrap_or_default();
+        assert!(line.starts_with("haproxy-that-is-not-installed is not installed: run ./e2e/setup.sh"), "{line}");
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert_eq!(install_hint("redis-cli"), "apt-get install redis-tools");
+    }
+}

@@ -140,6 +140,11 @@ struct RunArgs {
     /// cannot reach the loopback API).
     #[arg(long, env = "SESSIONMESH_PROBE")]
     probe: Option<SocketAddr>,
+    /// Runtime threads: 1 (default) runs the member on one thread, which costs
+    /// the least CPU per request; 0 uses one per core, for apps that need more
+    /// than one core's worth of session traffic (about 20k requests/s).
+    #[arg(long, env = "SESSIONMESH_WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
     /// Most simultaneous Redis connections.
     #[arg(long, default_value_t = 10_000)]
     redis_max_clients: usize,
@@ -155,9 +160,32 @@ fn init_logs(format: &str) {
     }
 }
 
+/// One thread by default: a replicated write crosses several tasks (API,
+/// core, peer writers and readers), and on one thread handing work between
+/// them is a queue push instead of a cross-thread wake-up (measured: sidecar
+/// CPU per demo request 88 -> 65 us; docs/operations.md, "Sizing").
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let threads = match &cli.cmd {
+        Cmd::Run(a) => a.worker_threads,
+        // The demo drives processes with blocking waits next to its built-in router.
+        Cmd::Demo { .. } => 0,
+        // The demo app is small; one thread is plenty.
+        _ => 1,
+    };
+    let rt = runtime(threads)?;
     match cli.cmd {
         Cmd::Run(a) => {
             init_logs(&a.log_format);

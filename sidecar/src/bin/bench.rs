@@ -333,6 +333,27 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// CPU time (user + system) a process has used, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15, after the parenthesised command.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks * 1e6 / 100.0
+}
+
+/// CPU microseconds used so far by the stack's sidecars, apps and load balancer.
+fn stack_cpu(st: &Stack) -> [f64; 3] {
+    let sidecars: f64 = (0..st.cl.nodes.len()).filter_map(|i| st.cl.pid(i)).map(cpu_us).sum();
+    let apps: f64 = st.apps.iter().flatten().map(|c| cpu_us(c.id())).sum();
+    let lb = match &st.lb {
+        sessionmesh_sidecar::stack::Lb::Haproxy { child, .. } => cpu_us(child.id()),
+        sessionmesh_sidecar::stack::Lb::Builtin { .. } => 0.0,
+    };
+    [sidecars, apps, lb]
+}
+
 /// A wrk script that sends each request with one of `cookies`, in turn.
 async fn cookie_script(st: &Stack, users: usize) -> anyhow::Result<PathBuf> {
     {
@@ -377,19 +398,34 @@ async fn demo(secs: u64, rounds: usize) -> anyhow::Result<()> {
         ("standalone", Stack::start_on(standalone, LbChoice::Haproxy, "sync", AppSpec::Demo).await?),
     ];
     let mut scripts = Vec::new();
-    for (_, st) in &stacks {
+    for (name, st) in &stacks {
         scripts.push(cookie_script(st, USERS).await?);
+        // For `perf record -p`: which processes belong to which stack.
+        let sidecars: Vec<String> = (0..st.cl.nodes.len()).filter_map(|i| st.cl.pid(i)).map(|p| p.to_string()).collect();
+        let apps: Vec<String> = st.apps.iter().flatten().map(|c| c.id().to_string()).collect();
+        println!("# {name} stack: sidecar pids {}, app pids {}", sidecars.join(","), apps.join(","));
     }
     let mut rps: [Vec<f64>; 3] = Default::default();
     let mut p99: [Vec<f64>; 3] = Default::default();
     let mut ratios: [Vec<f64>; 2] = Default::default();
+    // CPU µs per request of [sidecars, apps, load balancer], per stack.
+    let mut cpu: [[Vec<f64>; 3]; 3] = Default::default();
     for round in 0..rounds {
         let mut this = [0.0; 3];
         for (k, (name, st)) in stacks.iter().enumerate() {
             let url = format!("http://{}/", st.lb_addr);
+            let before = stack_cpu(st);
             let (r, _p50, p, bad) = wrk(&url, CONNS, secs, &scripts[k])?;
+            let after = stack_cpu(st);
             anyhow::ensure!(bad == 0, "{name}: {bad} failed requests");
-            println!("# round {round} {name}: {r:.0} req/s, p99 {p:.2} ms, load average {}", loadavg());
+            let reqs = r * secs as f64;
+            for part in 0..3 {
+                cpu[k][part].push((after[part] - before[part]) / reqs);
+            }
+            println!(
+                "# round {round} {name}: {r:.0} req/s, p99 {p:.2} ms, CPU per request: sidecars {:.1} us, apps {:.1} us, HAProxy {:.1} us; load average {}",
+                cpu[k][0].last().unwrap_or(&0.0), cpu[k][1].last().unwrap_or(&0.0), cpu[k][2].last().unwrap_or(&0.0), loadavg()
+            );
             this[k] = r;
             rps[k].push(r);
             p99[k].push(p);
@@ -403,6 +439,9 @@ async fn demo(secs: u64, rounds: usize) -> anyhow::Result<()> {
         figure(&format!("demo_rps_c{CONNS}_{name}_min"), lo, "req/s");
         figure(&format!("demo_rps_c{CONNS}_{name}_max"), hi, "req/s");
         figure(&format!("demo_p99_ms_c{CONNS}_{name}"), pct(&mut p99[k], 0.5), "ms");
+        figure(&format!("demo_sidecar_cpu_us_per_req_{name}"), pct(&mut cpu[k][0], 0.5), "us");
+        figure(&format!("demo_app_cpu_us_per_req_{name}"), pct(&mut cpu[k][1], 0.5), "us");
+        figure(&format!("demo_haproxy_cpu_us_per_req_{name}"), pct(&mut cpu[k][2], 0.5), "us");
     }
     for (k, mode) in ["sync", "async"].iter().enumerate() {
         let (lo, hi) = (pct(&mut ratios[k], 0.0), pct(&mut ratios[k], 1.0));
@@ -633,11 +672,16 @@ async fn resp(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rounds of the interleaved demo scenario: `BENCH_ROUNDS`, else 1 quick or 5.
+fn demo_rounds(quick: bool) -> usize {
+    std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 5 })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let quick = std::env::var("BENCH_QUICK").is_ok();
-    let secs = if quick { 2 } else { 5 };
+    let secs = std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 2 } else { 5 });
     match what.as_str() {
         "writes" => {
             writes("async", secs).await?;
@@ -649,14 +693,14 @@ async fn main() -> anyhow::Result<()> {
             detect_hung(if quick { 3 } else { 10 }).await?;
         }
         "transfer" => transfer(if quick { 10_000 } else { 100_000 }).await?,
-        "demo" => demo(secs, if quick { 1 } else { 5 }).await?,
+        "demo" => demo(secs, demo_rounds(quick)).await?,
         "failover" => failover(if quick { 3 } else { 11 }).await?,
         "rolling" => rolling().await?,
         "store" => store(secs).await?,
         "resp" => resp(quick).await?,
         "all" => {
             resp(quick).await?;
-            demo(secs, if quick { 1 } else { 5 }).await?;
+            demo(secs, demo_rounds(quick)).await?;
             failover(if quick { 3 } else { 11 }).await?;
             rolling().await?;
             store(secs).await?;
