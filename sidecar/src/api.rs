@@ -108,6 +108,7 @@ fn write_err(e: WriteError) -> Resp {
         WriteError::NotReady => err(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e),
         WriteError::Leaving => err(StatusCode::SERVICE_UNAVAILABLE, "leaving", &e),
         WriteError::Timeout(_) => err(StatusCode::GATEWAY_TIMEOUT, "replication_timeout", &e),
+        WriteError::ClockSkew { .. } => err(StatusCode::SERVICE_UNAVAILABLE, "clock_skew", &e),
     }
 }
 
@@ -405,6 +406,9 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("write_timeouts_total", "counter", "Writes whose replication was not acknowledged in time.", t.write_timeouts as f64);
     g("queue_overflows_total", "counter", "Peer backlogs dropped past the hard bound.", t.queue_overflows as f64);
     g("sessions_expired_total", "counter", "Sessions removed by expiry.", t.expired as f64);
+    g("clock_refused_total", "counter", "Peer deltas and states refused: their timestamp was ahead of this member's clock by more than --max-clock-skew-ms.", t.clock_refused as f64);
+    g("clock_quarantined_total", "counter", "Entries dropped for carrying a timestamp beyond this member's clock bound (repaired by anti-entropy).", t.clock_quarantined as f64);
+    g("clock_skewed", "gauge", "1 when this member's clock is off most of its peers' by more than --max-clock-skew-ms (it is then not ready and refuses writes).", st.me.clock_skew_ms.is_some() as u8 as f64);
     let _ = writeln!(s, "# HELP sessionmesh_members Members by state as this member sees them (itself excluded).\n# TYPE sessionmesh_members gauge");
     for (state, n) in &st.states {
         let _ = writeln!(s, "sessionmesh_members{{state=\"{}\"}} {n}", state.as_str());

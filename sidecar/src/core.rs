@@ -68,6 +68,10 @@ pub struct CoreConfig {
     pub limits: Limits,
     /// Largest message we send; also the transfer chunk cap.
     pub max_frame_bytes: usize,
+    /// How far ahead of this member's clock a peer's timestamp may be. Further
+    /// ahead, it is refused (it would win every later merge); a member whose
+    /// clock disagrees with most of its peers by more than this turns not ready.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -89,6 +93,7 @@ impl Default for CoreConfig {
             default_max_inactive_ms: 1_800_000,
             limits: Limits::default(),
             max_frame_bytes: 64 << 20,
+            max_clock_skew_ms: 1_000,
         }
     }
 }
@@ -106,6 +111,10 @@ pub enum WriteError {
     Leaving,
     #[error("replication not acknowledged within {0} ms (applied locally, still replicating)")]
     Timeout(u64),
+    /// Nothing was changed: this member's clock disagrees with most of its
+    /// peers by more than the bound, so its timestamps cannot be trusted.
+    #[error("this member's clock is {offset_ms} ms off its peers' (bound {bound_ms} ms); fix its time source")]
+    ClockSkew { offset_ms: i64, bound_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +149,11 @@ pub struct Stats {
     pub queue_overflows: u64,
     pub expired: u64,
     pub seq_gaps: u64,
+    /// Deltas and states refused because their timestamp was too far ahead.
+    pub clock_refused: u64,
+    /// Entries dropped because their timestamp was beyond the bound of our own
+    /// clock (written while a clock was wrong); anti-entropy repairs them.
+    pub clock_quarantined: u64,
 }
 
 const HELD_MAX: usize = 16;
@@ -185,11 +199,28 @@ struct Peer {
     out: OutLog,
     in_seq: u64,
     ack_due: bool,
+    /// The peer's clock minus ours, from its last `Clock` message.
+    clock_offset_ms: Option<i64>,
+    /// Timestamps from this peer refused as too far ahead.
+    clock_refused: u64,
 }
 
 impl Peer {
     fn new() -> Self {
-        Peer { gen: None, connected: false, ready: false, settled: false, refused: false, left_ack: false, held: Vec::new(), out: OutLog::fresh(), in_seq: 0, ack_due: false }
+        Peer {
+            gen: None,
+            connected: false,
+            ready: false,
+            settled: false,
+            refused: false,
+            left_ack: false,
+            held: Vec::new(),
+            out: OutLog::fresh(),
+            in_seq: 0,
+            ack_due: false,
+            clock_offset_ms: None,
+            clock_refused: 0,
+        }
     }
 }
 
@@ -223,6 +254,10 @@ pub struct MemberView {
     pub ready: bool,
     pub queue_deltas: usize,
     pub queue_bytes: usize,
+    /// The member's clock minus ours (ms), from its last clock message.
+    pub clock_offset_ms: Option<i64>,
+    /// Its timestamps we refused as too far ahead of our clock.
+    pub clock_refused: u64,
 }
 
 pub struct Core {
@@ -254,7 +289,7 @@ impl Core {
     pub fn new(me: NodeId, cfg: CoreConfig, peers: &[String], now_ms: u64) -> Self {
         let node_tag = fnv1a(format!("{}#{}", me.name, me.generation.0).as_bytes());
         let mut core = Core {
-            clock: HlcClock::new(node_tag as u32),
+            clock: HlcClock::new(node_tag as u32, cfg.max_clock_skew_ms),
             detector: Detector::new(cfg.detector.clone()),
             store: Store::new(cfg.limits.clone()),
             stats: Stats::default(),
@@ -287,7 +322,40 @@ impl Core {
         &self.phase
     }
     pub fn is_ready(&self) -> bool {
-        self.phase == Phase::Ready
+        self.phase == Phase::Ready && self.clock_skew().is_none()
+    }
+
+    /// Our clock minus our peers' when it disagrees with most of them by more
+    /// than the bound (see `hlc::judge_skew`); `None` when it is fine.
+    pub fn clock_skew(&self) -> Option<i64> {
+        let offsets: Vec<i64> = self
+            .peers
+            .iter()
+            .filter(|(n, _)| self.detector.state(n).is_some_and(|s| s.is_live()))
+            .filter_map(|(_, p)| p.clock_offset_ms)
+            .collect();
+        crate::hlc::judge_skew(&offsets, self.cfg.max_clock_skew_ms)
+    }
+
+    /// Whether a peer's timestamp may be stored: within the bound of our clock,
+    /// or anything when our own clock is the odd one out (then the peers' time
+    /// is the better one, and we refuse local writes instead). Counts and logs
+    /// (once per peer) what it refuses.
+    fn accept_remote(&mut self, from: &str, hlc: crate::hlc::Hlc, skewed: bool, now_ms: u64) -> bool {
+        match self.clock.observe(hlc, now_ms) {
+            Ok(()) => true,
+            Err(_) if skewed => true,
+            Err(e) => {
+                self.stats.clock_refused += 1;
+                if let Some(p) = self.peers.get_mut(from) {
+                    if p.clock_refused == 0 {
+                        warn!(peer = %from, error = %e, "refusing a peer's timestamp: its clock is ahead of ours by more than --max-clock-skew-ms");
+                    }
+                    p.clock_refused += 1;
+                }
+                false
+            }
+        }
     }
     pub fn member_state(&self, peer: &str) -> Option<MemberState> {
         self.detector.state(peer)
@@ -309,6 +377,8 @@ impl Core {
                     ready: p.ready,
                     queue_deltas: p.out.unacked.len(),
                     queue_bytes: p.out.bytes,
+                    clock_offset_ms: p.clock_offset_ms,
+                    clock_refused: p.clock_refused,
                 }
             })
             .collect()
@@ -408,12 +478,14 @@ impl Core {
     }
 
     /// A message from a peer: accepts it only from the peer's current
-    /// generation (a newer one replaces the old life).
-    fn admit(&mut self, from: &NodeId, now_ms: u64) -> bool {
+    /// generation. A different generation replaces the current one only when
+    /// it comes with a fresh authenticated connection (`handshake`), never from
+    /// a message alone: a late frame of an old life cannot switch back.
+    fn admit(&mut self, from: &NodeId, now_ms: u64, handshake: bool) -> bool {
         let Some(p) = self.peers.get_mut(&from.name) else { return false };
         match p.gen {
             Some(g) if g == from.generation => {}
-            Some(g) if g > from.generation => return false,
+            Some(_) if !handshake => return false,
             Some(_) => {
                 info!(peer = %from, "member restarted with a new generation");
                 p.gen = Some(from.generation);
@@ -433,8 +505,13 @@ impl Core {
         true
     }
 
+    /// A peer dialed us and proved the secret: its generation is its current life.
+    pub fn on_inbound_up(&mut self, peer: &NodeId, now_ms: u64) {
+        self.admit(peer, now_ms, true);
+    }
+
     pub fn on_outbound_up(&mut self, peer: &NodeId, ready: bool, now_ms: u64) {
-        if !self.admit(peer, now_ms) {
+        if !self.admit(peer, now_ms, true) {
             return;
         }
         if let Some(p) = self.peers.get_mut(&peer.name) {
@@ -449,6 +526,9 @@ impl Core {
             self.outbox.extend(held.into_iter().map(|msg| Output::Send { to: peer.name.clone(), msg }));
         }
         self.outbox.push(Output::Send { to: peer.name.clone(), msg: PeerMsg::Heartbeat { ready: self.is_ready() } });
+        // Our clock right away, so the peer can judge it before anything is stored.
+        let hlc = self.clock.now(now_ms);
+        self.outbox.push(Output::Send { to: peer.name.clone(), msg: PeerMsg::Clock { hlc } });
     }
 
     /// Our connection to `peer` failed or broke. `refused` means the peer
@@ -572,7 +652,7 @@ impl Core {
     // ---- the peer protocol --------------------------------------------------
 
     pub fn on_peer_msg(&mut self, from: &NodeId, msg: PeerMsg, now_ms: u64) {
-        if !self.admit(from, now_ms) {
+        if !self.admit(from, now_ms, false) {
             debug!(peer = %from, kind = msg.kind(), "message from a stale or unknown member ignored");
             return;
         }
@@ -583,7 +663,13 @@ impl Core {
                     p.ready = ready;
                 }
             }
-            PeerMsg::Clock { hlc } => self.clock.observe(hlc, now_ms),
+            PeerMsg::Clock { hlc } => {
+                if let Some(p) = self.peers.get_mut(&name) {
+                    p.clock_offset_ms = Some(hlc.wall_ms as i64 - now_ms as i64);
+                }
+                // A clock message stores nothing: a refusal here is only noted.
+                let _ = self.clock.observe(hlc, now_ms);
+            }
             PeerMsg::Deltas { first_seq, deltas } => self.on_deltas(&name, first_seq, deltas, now_ms),
             PeerMsg::Ack { upto } => {
                 if let Some(p) = self.peers.get_mut(&name) {
@@ -643,9 +729,12 @@ impl Core {
                 self.send_states(&name, states);
             }
             PeerMsg::AeStates { states } => {
+                let skewed = self.clock_skew().is_some();
                 for st in states {
                     if let Some(v) = max_hlc(&st) {
-                        self.clock.observe(v, now_ms);
+                        if !self.accept_remote(&name, v, skewed, now_ms) {
+                            continue;
+                        }
                     }
                     if self.store.merge(st, now_ms) == Applied::Changed {
                         self.stats.ae_repairs += 1;
@@ -672,8 +761,13 @@ impl Core {
         let skip = (p.in_seq + 1).saturating_sub(first_seq) as usize;
         p.in_seq = last;
         p.ack_due = true;
+        let skewed = self.clock_skew().is_some();
         for d in deltas.into_iter().skip(skip) {
-            self.clock.observe(d.hlc, now_ms);
+            // Refused deltas still count as received: the stream moves on, and
+            // the peer, whose clock is wrong, is not ready and takes no writes.
+            if !self.accept_remote(name, d.hlc, skewed, now_ms) {
+                continue;
+            }
             self.store.apply(&d, now_ms);
             self.stats.deltas_applied += 1;
         }
@@ -749,9 +843,12 @@ impl Core {
             _ => return,
         }
         let n = states.len() as u64;
+        let skewed = self.clock_skew().is_some();
         for st in states {
             if let Some(v) = max_hlc(&st) {
-                self.clock.observe(v, now_ms);
+                if !self.accept_remote(name, v, skewed, now_ms) {
+                    continue;
+                }
             }
             self.store.merge(st, now_ms);
         }
@@ -874,6 +971,12 @@ impl Core {
     }
 
     pub fn check_serving(&self) -> Result<(), WriteError> {
+        if self.phase != Phase::Leaving {
+            // Whatever the phase, a wrong clock is the reason that matters.
+            if let Some(offset_ms) = self.clock_skew() {
+                return Err(WriteError::ClockSkew { offset_ms, bound_ms: self.cfg.max_clock_skew_ms });
+            }
+        }
         match self.phase {
             Phase::Ready => Ok(()),
             Phase::Leaving => Err(WriteError::Leaving),
@@ -1078,6 +1181,18 @@ impl Core {
             self.last_sweep_ms = now_ms;
             let n = self.store.sweep(now_ms, self.cfg.touch_flush_ms, self.cfg.tombstone_ttl_ms);
             self.stats.expired += n as u64;
+            // What was stamped while a clock was wrong (ours, before it was
+            // corrected) would win every later merge: drop it and let
+            // anti-entropy bring the cluster's version back.
+            if self.clock_skew().is_none() {
+                let dropped = self.store.drop_beyond(now_ms.saturating_add(self.cfg.max_clock_skew_ms));
+                if dropped > 0 {
+                    warn!(entries = dropped, "dropped entries stamped beyond this member's clock bound; anti-entropy repairs them");
+                    self.stats.clock_quarantined += dropped as u64;
+                    let peers: Vec<String> = self.peers.keys().cloned().collect();
+                    self.ae_wanted.extend(peers);
+                }
+            }
         }
 
         if self.is_ready() && (now_ms >= self.next_ae_ms || !self.ae_wanted.is_empty()) {

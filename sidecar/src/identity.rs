@@ -132,18 +132,18 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// Start time of a member's process in microseconds since the epoch; a restart
-/// gets a larger one.
+/// One life of a member: a random 64-bit incarnation drawn at start. It needs
+/// no clock (a member restarted after its clock stepped back is still a new
+/// life) and has no order: peers take the incarnation of the latest
+/// authenticated connection as the member's current life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Generation(pub u64);
 
 impl Generation {
-    pub fn now() -> Self {
-        let us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        Generation(us)
+    pub fn random() -> Self {
+        let mut b = [0u8; 8];
+        fill_random(&mut b);
+        Generation(u64::from_le_bytes(b).max(1))
     }
 }
 
@@ -161,7 +161,11 @@ pub fn fill_random(buf: &mut [u8]) {
     // The OS generator failing is not recoverable in any useful way; fall back to
     // time-derived bytes rather than panicking in a network path.
     if getrandom::getrandom(buf).is_err() {
-        let mut x = Generation::now().0 | 1;
+        let mut x = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+            | 1;
         for b in buf.iter_mut() {
             x ^= x << 13;
             x ^= x >> 7;

@@ -137,6 +137,11 @@ impl LocalCluster {
     }
 
     pub fn start_with(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_with_env(i, extra, &[])
+    }
+
+    /// Starts node `i` with extra arguments and environment (e.g. libfaketime's).
+    pub fn start_with_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log)?;
         let members = if self.standalone {
             let n = &self.nodes[i];
@@ -162,6 +167,7 @@ impl LocalCluster {
             .args(&self.args)
             .args(extra)
             .env_remove("SESSIONMESH_SECRET")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -354,6 +360,24 @@ pub fn require_node_modules(e2e_node: &Path) {
     if !e2e_node.join("node_modules/connect-redis").is_dir() {
         missing("e2e/node has no node_modules", "cd e2e/node && npm install");
     }
+}
+
+/// The environment that runs a process with its wall clock moved by `offset`
+/// (libfaketime syntax, e.g. `+10m`, `-1h`); monotonic time is left alone so
+/// timers behave. Fails the test with one line when libfaketime is missing.
+pub fn faketime_env(offset: &str) -> Vec<(&'static str, String)> {
+    require("faketime");
+    let lib = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
+        .iter()
+        .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
+        .find(|p| p.is_file());
+    let Some(lib) = lib else { missing("libfaketime.so.1 not found", install_hint("faketime")) };
+    vec![
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+        ("FAKETIME_NO_CACHE", "1".to_owned()),
+    ]
 }
 
 /// Fails the calling test with one readable line, no backtrace.

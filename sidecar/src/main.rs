@@ -121,6 +121,11 @@ struct RunArgs {
     max_sessions: usize,
     #[arg(long, default_value_t = 64 << 20)]
     max_frame_bytes: usize,
+    /// How far ahead of this member's clock a peer's timestamp may be; further
+    /// ahead it is refused. A member whose clock is off most of its peers' by
+    /// more than this reports it and turns not ready.
+    #[arg(long, env = "SESSIONMESH_MAX_CLOCK_SKEW_MS", default_value_t = 1000)]
+    max_clock_skew_ms: u64,
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
     #[arg(long, default_value_t = 5000)]
@@ -247,6 +252,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         default_max_inactive_ms: a.max_inactive_seconds * 1000,
         limits: Limits { max_attr_bytes: a.max_attr_bytes, max_session_bytes: a.max_session_bytes, max_sessions: a.max_sessions, max_attr_name: 1024 },
         max_frame_bytes: a.max_frame_bytes,
+        max_clock_skew_ms: a.max_clock_skew_ms,
     };
     let members = match (a.members, &a.kube_membership) {
         (Some(p), _) => node::MembershipSource::File(p),

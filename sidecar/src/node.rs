@@ -111,6 +111,8 @@ pub struct MeView {
     pub jvm_route: String,
     pub address: String,
     pub phase: Phase,
+    /// Our clock minus our peers', when it is off most of them by more than the bound.
+    pub clock_skew_ms: Option<i64>,
 }
 
 enum IoEvent {
@@ -187,7 +189,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         )
     })?;
     let replication_addr = listener.local_addr()?;
-    let me = NodeId { name: cfg.member.clone(), generation: crate::identity::Generation::now() };
+    let me = NodeId { name: cfg.member.clone(), generation: crate::identity::Generation::random() };
     let mut core_cfg = cfg.core.clone();
     core_cfg.cluster = mf.cluster.clone();
     let io = Arc::new(IoStats::default());
@@ -420,6 +422,7 @@ impl CoreTask {
                 if let Some(l) = self.links.get(&peer.name) {
                     l.kick.notify_one();
                 }
+                self.core.on_inbound_up(&peer, now);
             }
             IoEvent::InboundClosed { peer } => self.core.on_inbound_closed(&peer, now),
             IoEvent::Probe { target, for_peer, ok } => self.core.on_probe_result(&target, for_peer, ok, now),
@@ -483,6 +486,7 @@ impl CoreTask {
                         jvm_route: self.me_spec.jvm_route.clone(),
                         address: self.me_spec.address.to_string(),
                         phase: self.core.phase().clone(),
+                        clock_skew_ms: self.core.clock_skew(),
                     },
                     members: self.core.members(),
                     stats: self.core.stats.clone(),

@@ -39,6 +39,7 @@ pub fn write_error(e: &WriteError) -> Value {
     match e {
         WriteError::NotReady => Value::err("LOADING sessionmesh is loading the dataset in memory"),
         WriteError::Leaving => Value::err("ERR this member is leaving the cluster"),
+        WriteError::ClockSkew { .. } => Value::err(format!("ERR {e}")),
         WriteError::Timeout(ms) => {
             Value::err(format!("TIMEOUT replication not acknowledged within {ms} ms (applied locally, still replicating)"))
         }

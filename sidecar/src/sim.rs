@@ -191,6 +191,11 @@ impl Sim {
                         n.core.on_outbound_up(&bid, ready, now);
                     }
                     self.dispatch(a);
+                    // The listener learns the dialer's life from the handshake too.
+                    if let (Some(aid), Some(n)) = (self.id_of(a), self.nodes.get_mut(b)) {
+                        n.core.on_inbound_up(&aid, now);
+                    }
+                    self.dispatch(b);
                 } else if !want && have {
                     self.links.remove(&key);
                     if self.is_up(a) {

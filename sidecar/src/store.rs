@@ -578,6 +578,27 @@ impl Store {
         }
     }
 
+    /// Removes every entry carrying a timestamp past `limit_wall_ms`. Such an
+    /// entry can only come from a clock that was wrong when it was written, and
+    /// would win every merge against the writes made since. Returns how many.
+    pub fn drop_beyond(&mut self, limit_wall_ms: u64) -> usize {
+        let beyond: Vec<SessionId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| match e {
+                Entry::Live(s) => s.version().wall_ms > limit_wall_ms || s.cleared.wall_ms > limit_wall_ms,
+                Entry::Tombstone { hlc, .. } => hlc.wall_ms > limit_wall_ms,
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &beyond {
+            if let Some(Entry::Live(s)) = self.entries.remove(id) {
+                self.remove_live_accounting(id, &s);
+            }
+        }
+        beyond.len()
+    }
+
     /// Removes expired sessions, and tombstones and removed-attribute markers
     /// older than `tombstone_ttl_ms`. Returns how many sessions expired.
     pub fn sweep(&mut self, now_ms: u64, grace_ms: u64, tombstone_ttl_ms: u64) -> usize {
@@ -751,6 +772,18 @@ mod tests {
     }
     fn val(st: &Store, i: &str, n: &str) -> Option<Bytes> {
         st.get(&id(i), 2000, 0).ok().and_then(|s| s.attrs.get(n)).and_then(|a| a.value.clone())
+    }
+
+    #[test]
+    fn entries_stamped_past_the_bound_are_dropped_and_nothing_else() {
+        let mut st = Store::new(Limits::default());
+        st.apply(&delta("now", h(1_000, 0), vec![Op::Create, set("a", "1")]), 1_000);
+        st.apply(&delta("future", h(600_000, 0), vec![Op::Create, set("a", "1")]), 1_000);
+        st.apply(&delta("gone", h(700_000, 0), vec![Op::Create, Op::Invalidate]), 1_000);
+        assert_eq!(st.drop_beyond(2_000), 2);
+        assert_eq!(val(&st, "now", "a").as_deref(), Some(&b"1"[..]));
+        assert!(st.state(&id("future")).is_none() && st.state(&id("gone")).is_none());
+        assert_eq!((st.live_count(), st.tombstone_count()), (1, 0));
     }
 
     #[test]

@@ -1,0 +1,211 @@
+//! Clocks that cannot be trusted, with real processes: a member whose wall
+//! clock is ten minutes ahead (libfaketime), one restarted after its clock
+//! stepped back, and a peer that forges timestamps. In every case no
+//! acknowledged write is lost and every member with a good clock stays ready.
+
+use sessionmesh_sidecar::client::Client;
+use sessionmesh_sidecar::hlc::Hlc;
+use sessionmesh_sidecar::identity::{Generation, NodeId, SessionId};
+use sessionmesh_sidecar::localcluster::{faketime_env, wait_for, LocalCluster};
+use sessionmesh_sidecar::node::now_ms;
+use sessionmesh_sidecar::store::{Delta, Op};
+use sessionmesh_sidecar::transport::{self, IoStats, Security};
+use sessionmesh_sidecar::wire::PeerMsg;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+fn bin() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_sessionmesh-sidecar").into()
+}
+
+fn http(cl: &LocalCluster, i: usize) -> std::net::SocketAddr {
+    cl.nodes[i].http.expect("started")
+}
+
+async fn ready(cl: &LocalCluster, i: usize) {
+    assert!(cl.wait_ready(i, Duration::from_secs(15)).await, "node{} not ready:\n{}", i + 1, cl.log_tail(i, 30));
+}
+
+async fn value(c: &mut Client, id: &str, name: &str) -> Option<String> {
+    let r = c.get(&format!("/v1/sessions/{id}/attributes/{name}?touch=false")).await.ok()?;
+    (r.status == 200).then(|| r.text())
+}
+
+async fn put(c: &mut Client, id: &str, name: &str, v: &str) -> u16 {
+    c.put(&format!("/v1/sessions/{id}/attributes/{name}?send=sync"), v.to_owned()).await.map_or(0, |r| r.status)
+}
+
+async fn metric(c: &mut Client, name: &str) -> f64 {
+    let Ok(r) = c.get("/metrics").await else { return f64::NAN };
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Writes `rounds` values alternately on the members in `on`, each read back
+/// from every member in `check`: a later acknowledged write must always win.
+async fn later_writes_win(cl: &LocalCluster, on: &[usize], check: &[usize], id: &str, rounds: usize) {
+    for r in 0..rounds {
+        let i = on[r % on.len()];
+        let v = format!("v{r}");
+        assert_eq!(put(&mut cl.client(i), id, "a", &v).await, 204, "write {r} on node{}", i + 1);
+        for &j in check {
+            let mut c = cl.client(j);
+            let addr = http(cl, j);
+            let ok = wait_for(Duration::from_secs(5), || {
+                let mut c = Client::new(addr);
+                let v = v.clone();
+                async move { value(&mut c, id, "a").await.as_deref() == Some(v.as_str()) }
+            })
+            .await;
+            assert!(ok, "node{} lost acknowledged write {v}: has {:?}", j + 1, value(&mut c, id, "a").await);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_ten_minutes_ahead_is_reported_and_loses_no_write_of_the_others() {
+    let mut cl = LocalCluster::new(&bin(), 3, &["--send", "sync"]).expect("cluster");
+    cl.start(0).expect("start");
+    cl.start(1).expect("start");
+    ready(&cl, 0).await;
+    ready(&cl, 1).await;
+    let mut c0 = cl.client(0);
+    assert_eq!(c0.post("/v1/sessions", r#"{"id":"SKEW"}"#).await.expect("create").status, 201);
+    let env = faketime_env("+10m");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cl.start_with_env(2, &[], &env).expect("start ahead");
+    let mut c2 = cl.client(2);
+    // The fast member learns from its peers that its clock is off, and says so.
+    let reported = wait_for(Duration::from_secs(10), || {
+        let mut c = Client::new(http(&cl, 2));
+        async move { c.get("/v1/cluster").await.is_ok_and(|r| r.json()["me"]["clockSkewMs"].as_i64().unwrap_or(0) > 500_000) }
+    })
+    .await;
+    assert!(reported, "node3 never reported its clock skew: {}", c2.get("/v1/cluster").await.map(|r| r.text()).unwrap_or_default());
+    assert_eq!(c2.get("/readyz").await.expect("readyz").status, 503, "a member with a wrong clock must not take traffic");
+    assert_eq!(metric(&mut c2, "sessionmesh_clock_skewed").await, 1.0);
+    // A write there is refused with a reason, not stamped 10 minutes ahead.
+    let r = c2.put("/v1/sessions/SKEW/attributes/a?send=sync", "from-the-future").await.expect("put");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("clock_skew"), "{}", r.text());
+    // A touch from its reads is stamped ahead and refused by the others.
+    let _ = c2.get("/v1/sessions/SKEW").await;
+    // The others keep serving: every later write wins everywhere.
+    assert_eq!(c0.get("/readyz").await.expect("readyz").status, 200);
+    later_writes_win(&cl, &[0, 1], &[0, 1], "SKEW", 10).await;
+    let shown = wait_for(Duration::from_secs(5), || {
+        let mut c = Client::new(http(&cl, 1));
+        async move {
+            c.get("/v1/cluster").await.is_ok_and(|r| {
+                r.json()["members"].as_array().into_iter().flatten().any(|m| m["name"] == "node3" && m["clockOffsetMs"].as_i64().unwrap_or(0) > 500_000)
+            })
+        }
+    })
+    .await;
+    assert!(shown, "node2 does not show node3's clock offset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_after_its_clock_stepped_back_rejoins() {
+    let mut cl = LocalCluster::new(&bin(), 3, &["--send", "sync"]).expect("cluster");
+    cl.start(0).expect("start");
+    cl.start(1).expect("start");
+    ready(&cl, 0).await;
+    ready(&cl, 1).await;
+    // It starts an hour ahead, is seen by its peers, then dies; its clock is
+    // corrected and it starts again, an hour "earlier" than its last start.
+    let env = faketime_env("+1h");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cl.start_with_env(2, &[], &env).expect("start ahead");
+    let seen = wait_for(Duration::from_secs(10), || {
+        let mut c = Client::new(http(&cl, 0));
+        async move {
+            c.get("/v1/cluster").await.is_ok_and(|r| {
+                r.json()["members"].as_array().into_iter().flatten().any(|m| m["name"] == "node3" && m["state"] == "alive" && m["connected"] == true)
+            })
+        }
+    })
+    .await;
+    assert!(seen, "node1 never saw node3");
+    cl.kill(2);
+    let mut c0 = cl.client(0);
+    assert_eq!(c0.post("/v1/sessions?send=sync", r#"{"id":"BACK","attributes":{"a":"MQ=="}}"#).await.expect("create").status, 201);
+    cl.start(2).expect("restart");
+    ready(&cl, 2).await;
+    let mut c2 = cl.client(2);
+    assert_eq!(value(&mut c2, "BACK", "a").await.as_deref(), Some("1"), "the restarted member lacks what was written meanwhile");
+    later_writes_win(&cl, &[0, 1, 2], &[0, 1, 2], "BACK", 6).await;
+}
+
+/// Dials `cl`'s node `to` as member `as_name` with the cluster secret and
+/// returns the authenticated connection.
+async fn impersonate(cl: &LocalCluster, to: usize, as_name: &str) -> tokio::net::TcpStream {
+    let secret = std::fs::read(&cl.secret_file).expect("secret");
+    let sec = Security {
+        cluster: cl.cluster.clone(),
+        me: NodeId { name: as_name.into(), generation: Generation::random() },
+        secret: Arc::new(String::from_utf8_lossy(&secret).trim().as_bytes().to_vec()),
+        max_frame: 1 << 20,
+        handshake_timeout: Duration::from_secs(2),
+        stats: Arc::new(IoStats::default()),
+    };
+    let (s, _, _) = transport::dial(cl.nodes[to].replication, &sec, &cl.nodes[to].name, false, Duration::from_secs(2)).await.expect("dial");
+    s
+}
+
+async fn send(s: &mut tokio::net::TcpStream, msg: &PeerMsg) {
+    let mut out = bytes::BytesMut::new();
+    transport::encode_peer(msg, &mut out).expect("encode");
+    s.write_all(&out).await.expect("write");
+}
+
+fn forged(id: &str, hlc: Hlc, value: &str) -> Arc<Delta> {
+    Arc::new(Delta {
+        id: SessionId::parse(id).expect("id"),
+        hlc,
+        created_ms: now_ms(),
+        last_accessed_ms: now_ms(),
+        max_inactive_ms: 600_000,
+        ops: vec![Op::Set { name: "a".into(), value: bytes::Bytes::from(value.to_owned()) }],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_timestamps_neither_win_nor_freeze_the_clock() {
+    // node3 is listed but never started: the test speaks for it.
+    let mut cl = LocalCluster::new(&bin(), 3, &["--send", "sync"]).expect("cluster");
+    cl.start(0).expect("start");
+    cl.start(1).expect("start");
+    ready(&cl, 0).await;
+    ready(&cl, 1).await;
+    let mut c0 = cl.client(0);
+    for id in ["FUTURE", "MAXLOG"] {
+        assert_eq!(c0.post("/v1/sessions?send=sync", format!(r#"{{"id":"{id}"}}"#)).await.expect("create").status, 201);
+    }
+    let mut s = impersonate(&cl, 0, "node3").await;
+    let now = now_ms();
+    let deltas = vec![
+        // Ten minutes ahead: would win every later write.
+        forged("FUTURE", Hlc { wall_ms: now + 600_000, logical: 0, node: 7 }, "forged"),
+        // Within the time bound, but a saturated logical counter.
+        forged("MAXLOG", Hlc { wall_ms: now + 500, logical: u32::MAX, node: 7 }, "forged"),
+    ];
+    send(&mut s, &PeerMsg::Deltas { first_seq: 1, deltas }).await;
+    // Deltas apply in order: once the second is visible, the first was handled.
+    let handled = wait_for(Duration::from_secs(5), || {
+        let mut c = Client::new(http(&cl, 0));
+        async move { value(&mut c, "MAXLOG", "a").await.as_deref() == Some("forged") }
+    })
+    .await;
+    assert!(handled, "the forged frame was not handled");
+    // Every later write wins, on both members, on both keys.
+    later_writes_win(&cl, &[1, 0], &[0, 1], "FUTURE", 4).await;
+    later_writes_win(&cl, &[0, 1], &[0, 1], "MAXLOG", 8).await;
+    assert!(metric(&mut c0, "sessionmesh_clock_refused_total").await >= 1.0, "the future delta was not counted");
+    drop(s);
+    assert_eq!(c0.get("/readyz").await.expect("readyz").status, 200);
+}
