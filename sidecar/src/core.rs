@@ -162,6 +162,9 @@ const RESEND_AFTER_MS: u64 = 1_000;
 
 #[derive(Debug, Default)]
 struct OutLog {
+    /// Random per log: a receiver that still counts an older stream of ours
+    /// starts this one afresh instead of taking its deltas for duplicates.
+    epoch: u64,
     next_seq: u64,
     acked: u64,
     sent_upto: u64,
@@ -173,7 +176,9 @@ struct OutLog {
 
 impl OutLog {
     fn fresh() -> Self {
-        OutLog { next_seq: 1, ..Default::default() }
+        let mut b = [0u8; 8];
+        crate::identity::fill_random(&mut b);
+        OutLog { epoch: u64::from_le_bytes(b), next_seq: 1, ..Default::default() }
     }
     fn clear(&mut self) {
         // Keep numbering so the receiver sees the gap and repairs by anti-entropy.
@@ -197,6 +202,8 @@ struct Peer {
     /// transfer request can arrive before we have dialed it).
     held: Vec<PeerMsg>,
     out: OutLog,
+    /// The peer's stream to us: its epoch and the last sequence number applied.
+    in_epoch: u64,
     in_seq: u64,
     ack_due: bool,
     /// The peer's clock minus ours, from its last `Clock` message.
@@ -216,6 +223,7 @@ impl Peer {
             left_ack: false,
             held: Vec::new(),
             out: OutLog::fresh(),
+            in_epoch: 0,
             in_seq: 0,
             ack_due: false,
             clock_offset_ms: None,
@@ -421,7 +429,7 @@ impl Core {
                             self.stats.deltas_sent += batch.len() as u64;
                             self.outbox.push(Output::Send {
                                 to: name.clone(),
-                                msg: PeerMsg::Deltas { first_seq: first, deltas: std::mem::take(&mut batch) },
+                                msg: PeerMsg::Deltas { epoch: p.out.epoch, first_seq: first, deltas: std::mem::take(&mut batch) },
                             });
                             bytes = 0;
                         }
@@ -430,7 +438,7 @@ impl Core {
                         self.stats.deltas_sent += batch.len() as u64;
                         self.outbox.push(Output::Send {
                             to: name.clone(),
-                            msg: PeerMsg::Deltas { first_seq: first, deltas: batch },
+                            msg: PeerMsg::Deltas { epoch: p.out.epoch, first_seq: first, deltas: batch },
                         });
                     }
                     p.out.sent_upto = p.out.next_seq - 1;
@@ -439,7 +447,7 @@ impl Core {
             // Acks wait for our connection to the peer to exist.
             if p.ack_due && p.connected {
                 p.ack_due = false;
-                self.outbox.push(Output::Send { to: name.clone(), msg: PeerMsg::Ack { upto: p.in_seq } });
+                self.outbox.push(Output::Send { to: name.clone(), msg: PeerMsg::Ack { epoch: p.in_epoch, upto: p.in_seq } });
             }
         }
         std::mem::take(&mut self.outbox)
@@ -670,10 +678,11 @@ impl Core {
                 // A clock message stores nothing: a refusal here is only noted.
                 let _ = self.clock.observe(hlc, now_ms);
             }
-            PeerMsg::Deltas { first_seq, deltas } => self.on_deltas(&name, first_seq, deltas, now_ms),
-            PeerMsg::Ack { upto } => {
+            PeerMsg::Deltas { epoch, first_seq, deltas } => self.on_deltas(&name, epoch, first_seq, deltas, now_ms),
+            PeerMsg::Ack { epoch, upto } => {
                 if let Some(p) = self.peers.get_mut(&name) {
-                    if upto > p.out.acked && upto < p.out.next_seq {
+                    // An acknowledgement of an older stream says nothing about this one.
+                    if epoch == p.out.epoch && upto > p.out.acked && upto < p.out.next_seq {
                         p.out.acked = upto;
                         p.out.progress_ms = now_ms;
                         while p.out.unacked.front().is_some_and(|(s, _, _)| *s <= upto) {
@@ -744,8 +753,17 @@ impl Core {
         }
     }
 
-    fn on_deltas(&mut self, name: &str, first_seq: u64, deltas: Vec<Arc<Delta>>, now_ms: u64) {
+    fn on_deltas(&mut self, name: &str, epoch: u64, first_seq: u64, deltas: Vec<Arc<Delta>>, now_ms: u64) {
         let Some(p) = self.peers.get_mut(name) else { return };
+        if epoch != p.in_epoch {
+            // A new stream from this peer (it forgot us and met us again, or
+            // restarted): count from its start, not from the old stream's end.
+            if p.in_epoch != 0 {
+                debug!(peer = %name, "new delta stream from peer");
+            }
+            p.in_epoch = epoch;
+            p.in_seq = 0;
+        }
         let Some(last) = first_seq.checked_add(deltas.len() as u64).and_then(|e| e.checked_sub(1)) else {
             return;
         };

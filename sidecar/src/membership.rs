@@ -46,6 +46,9 @@ pub struct MemberFileError {
     pub message: String,
 }
 
+/// Largest member file read: thousands of members fit in far less.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
 impl MemberFile {
     pub fn parse(text: &str, file: &str) -> Result<Self, MemberFileError> {
         let err = |field: String, message: String| MemberFileError { file: file.to_owned(), field, message };
@@ -117,9 +120,21 @@ impl MemberFile {
 
     pub fn load(path: &Path) -> Result<Self, MemberFileError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| MemberFileError { file: file.clone(), field: ".".into(), message: e.to_string() })?;
+        let text = Self::read_text(path)?;
         Self::parse(&text, &file)
+    }
+
+    /// Reads the file's text, refusing one larger than `MAX_FILE_BYTES`
+    /// before reading it. Errors name the file, never its content.
+    pub fn read_text(path: &Path) -> Result<String, MemberFileError> {
+        let file = path.display().to_string();
+        let err = |message: String| MemberFileError { file: file.clone(), field: ".".into(), message };
+        let len = std::fs::metadata(path).map_err(|e| err(e.to_string()))?.len();
+        if len > MAX_FILE_BYTES {
+            return Err(err(format!("the file is {len} bytes; a member file may have at most {MAX_FILE_BYTES}")));
+        }
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        String::from_utf8(bytes).map_err(|_| err("the file is not UTF-8 text".into()))
     }
 
     pub fn get(&self, name: &str) -> Option<&MemberSpec> {

@@ -726,6 +726,9 @@ async fn write_loop(stream: TcpStream, rx: &mut mpsc::UnboundedReceiver<PeerMsg>
     }
 }
 
+/// How long a changed member file must stay the same before it is applied.
+const RELOAD_SETTLE: Duration = Duration::from_millis(50);
+
 async fn reload_loop(path: PathBuf, mut current: MemberFile, every: Duration, io_tx: mpsc::Sender<IoEvent>, cancel: CancellationToken) {
     let mut last_text = std::fs::read_to_string(&path).unwrap_or_default();
     let mut last_err = String::new();
@@ -734,14 +737,27 @@ async fn reload_loop(path: PathBuf, mut current: MemberFile, every: Duration, io
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let Ok(text) = tokio::fs::read_to_string(&path).await else {
-            if last_err != "unreadable" {
-                warn!(file = %path.display(), "member file unreadable; keeping the last good membership");
-                last_err = "unreadable".into();
+        let text = match MemberFile::read_text(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                if last_err != e.to_string() {
+                    warn!(error = %e, "member file unreadable; keeping the last good membership");
+                    last_err = e.to_string();
+                }
+                continue;
             }
-            continue;
         };
         if text == last_text {
+            continue;
+        }
+        // A file caught halfway through a write that is not a rename can be
+        // valid YAML with members missing: apply a change only once two reads
+        // a moment apart agree.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(RELOAD_SETTLE) => {}
+        }
+        if MemberFile::read_text(&path).ok().as_ref() != Some(&text) {
             continue;
         }
         last_text = text.clone();

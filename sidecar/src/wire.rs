@@ -12,7 +12,8 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 4] = b"SMSH";
-pub const VERSION: u8 = 1;
+/// 2: delta streams carry an epoch (`Deltas`, `Ack`).
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 10;
 /// Frames before authentication are small; this bounds what an unauthenticated
 /// peer can make us allocate.
@@ -60,10 +61,12 @@ pub enum Handshake {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMsg {
     Heartbeat { ready: bool },
-    /// Deltas numbered `first_seq..` in the sender's stream to this receiver.
-    Deltas { first_seq: u64, deltas: Vec<std::sync::Arc<Delta>> },
-    /// Cumulative: every delta up to `upto` is applied.
-    Ack { upto: u64 },
+    /// Deltas numbered `first_seq..` in the sender's stream `epoch` to this
+    /// receiver. A stream is the sender's log for one receiver; a new epoch
+    /// (the sender forgot the receiver and met it again) numbers from 1 anew.
+    Deltas { epoch: u64, first_seq: u64, deltas: Vec<std::sync::Arc<Delta>> },
+    /// Cumulative: every delta of stream `epoch` up to `upto` is applied.
+    Ack { epoch: u64, upto: u64 },
     /// Asks the receiver to probe `target` on the sender's behalf.
     PingReq { target: String },
     PingResp { target: String, alive: bool },
@@ -240,8 +243,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn deltas_roundtrip(first_seq in any::<u64>(), deltas in prop::collection::vec(arb_delta(), 0..8)) {
-            let msg = PeerMsg::Deltas { first_seq, deltas: deltas.into_iter().map(std::sync::Arc::new).collect() };
+        fn deltas_roundtrip(epoch in any::<u64>(), first_seq in any::<u64>(), deltas in prop::collection::vec(arb_delta(), 0..8)) {
+            let msg = PeerMsg::Deltas { epoch, first_seq, deltas: deltas.into_iter().map(std::sync::Arc::new).collect() };
             prop_assert_eq!(roundtrip(&msg), msg);
         }
 
@@ -256,7 +259,7 @@ mod tests {
 
         #[test]
         fn payload_corruption_is_an_error_not_a_panic(seq in any::<u64>(), flip in 0usize..64, byte in any::<u8>()) {
-            let mut b = encode_vec(FrameType::Peer, &PeerMsg::Ack { upto: seq }).unwrap();
+            let mut b = encode_vec(FrameType::Peer, &PeerMsg::Ack { epoch: 7, upto: seq }).unwrap();
             let i = HEADER_LEN + flip % (b.len() - HEADER_LEN);
             b[i] = byte;
             if let Ok(Some((ty, p))) = split_frame(&mut b, 1024) {

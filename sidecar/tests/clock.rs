@@ -194,7 +194,7 @@ async fn forged_timestamps_neither_win_nor_freeze_the_clock() {
         // Within the time bound, but a saturated logical counter.
         forged("MAXLOG", Hlc { wall_ms: now + 500, logical: u32::MAX, node: 7 }, "forged"),
     ];
-    send(&mut s, &PeerMsg::Deltas { first_seq: 1, deltas }).await;
+    send(&mut s, &PeerMsg::Deltas { epoch: 1, first_seq: 1, deltas }).await;
     // Deltas apply in order: once the second is visible, the first was handled.
     let handled = wait_for(Duration::from_secs(5), || {
         let mut c = Client::new(http(&cl, 0));

@@ -2,7 +2,7 @@
 //! bad input. Every wait has a deadline.
 
 use sessionmesh_sidecar::client::Client;
-use sessionmesh_sidecar::localcluster::LocalCluster;
+use sessionmesh_sidecar::localcluster::{wait_for, LocalCluster};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -216,7 +216,8 @@ async fn garbage_and_oversized_frames_are_refused_and_the_node_stays_healthy() {
     // A frame header announcing 4 GiB: refused before any allocation.
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(3))).ok();
-    let mut hdr = b"SMSH\x01\x01".to_vec();
+    let mut hdr = b"SMSH".to_vec();
+    hdr.extend_from_slice(&[sessionmesh_sidecar::wire::VERSION, 1]);
     hdr.extend_from_slice(&u32::MAX.to_be_bytes());
     s.write_all(&hdr).expect("write");
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
@@ -418,4 +419,57 @@ async fn every_documented_operation_answers_with_a_documented_status() {
         }
     }
     assert!(checked >= 14, "only {checked} operations in openapi.yaml");
+}
+
+/// A member removed from the file and added back (or a file caught halfway
+/// through a rewrite) must not restart a delta stream that its receiver still
+/// counts: every sync write afterwards is acknowledged and lands everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_and_added_back_gets_every_sync_write() {
+    let mut cl = started(3, &["--send", "sync", "--reload-interval-ms", "50"]).await;
+    let mut c0 = cl.client(0);
+    let mut c1 = cl.client(1);
+    assert_eq!(c0.post("/v1/sessions", r#"{"id":"READD"}"#).await.expect("create").status, 201);
+    for i in 0..100 {
+        let r = c0.put("/v1/sessions/READD/attributes/a", format!("before{i}")).await.expect("put");
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    // node2 leaves the file (it keeps counting node1's stream), then comes back.
+    let full = cl.members_yaml();
+    cl.listed[1] = false;
+    cl.write_members().expect("write");
+    assert!(wait_for(Duration::from_secs(5), || { let mut c = cl.client(0); async move { member_state(&mut c, "node2").await.is_none() } }).await, "node1 kept node2");
+    cl.write_members_text(&full).expect("write");
+    cl.listed[1] = true;
+    assert!(wait_state(&mut c0, "node2", "alive", Duration::from_secs(5)).await, "node2 did not come back");
+    let mut failed = Vec::new();
+    for i in 0..50 {
+        let v = format!("after{i}");
+        let r = c0.put("/v1/sessions/READD/attributes/a", v.clone()).await.expect("put");
+        if r.status != 204 {
+            failed.push((i, r.status));
+            continue;
+        }
+        let seen = wait_for(Duration::from_secs(2), || {
+            let mut c = cl.client(1);
+            let v = v.clone();
+            async move { c.get("/v1/sessions/READD/attributes/a?touch=false").await.is_ok_and(|r| r.text() == v) }
+        })
+        .await;
+        assert!(seen, "node2 lacks acknowledged write {v}: {:?}", c1.get("/v1/sessions/READD/attributes/a?touch=false").await.map(|r| r.text()));
+    }
+    assert!(failed.is_empty(), "sync writes failed after the re-add: {failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_member_file_is_refused_by_name_and_the_last_good_one_kept() {
+    let mut cl = started(2, &["--reload-interval-ms", "50"]).await;
+    let mut c = cl.client(0);
+    let mut text = cl.members_yaml();
+    text.push_str(&format!("# {}\n", "SECRETCONTENT".repeat(200_000)));
+    cl.write_members_text(&text).expect("write");
+    assert!(wait_for(Duration::from_secs(5), || { let cl = &cl; async move { cl.log_text(0).contains("a member file may have at most") } }).await, "{}", cl.log_tail(0, 5));
+    assert!(!cl.log_text(0).contains("SECRETCONTENT"), "the file's content went into the log");
+    assert_eq!(member_state(&mut c, "node2").await.as_deref(), Some("alive"));
+    assert_eq!(c.get("/readyz").await.expect("readyz").status, 200);
 }
