@@ -151,6 +151,8 @@ pub struct Stats {
     pub seq_gaps: u64,
     /// Deltas and states refused because their timestamp was too far ahead.
     pub clock_refused: u64,
+    /// Deltas and states from peers refused for breaking the store's limits.
+    pub peer_refused: u64,
     /// Entries dropped because their timestamp was beyond the bound of our own
     /// clock (written while a clock was wrong); anti-entropy repairs them.
     pub clock_quarantined: u64,
@@ -210,6 +212,8 @@ struct Peer {
     clock_offset_ms: Option<i64>,
     /// Timestamps from this peer refused as too far ahead.
     clock_refused: u64,
+    /// Deltas and states from this peer refused for breaking the limits.
+    limits_refused: u64,
 }
 
 impl Peer {
@@ -228,6 +232,7 @@ impl Peer {
             ack_due: false,
             clock_offset_ms: None,
             clock_refused: 0,
+            limits_refused: 0,
         }
     }
 }
@@ -349,6 +354,17 @@ impl Core {
     /// or anything when our own clock is the odd one out (then the peers' time
     /// is the better one, and we refuse local writes instead). Counts and logs
     /// (once per peer) what it refuses.
+    /// Counts and logs (once per peer) a delta or state refused for its limits.
+    fn refuse_over_limits(&mut self, from: &str, e: &crate::store::StoreError) {
+        self.stats.peer_refused += 1;
+        if let Some(p) = self.peers.get_mut(from) {
+            if p.limits_refused == 0 {
+                warn!(peer = %from, error = %e, "refusing a peer's data that breaks this member's limits; check that every member runs with the same limits");
+            }
+            p.limits_refused += 1;
+        }
+    }
+
     fn accept_remote(&mut self, from: &str, hlc: crate::hlc::Hlc, skewed: bool, now_ms: u64) -> bool {
         match self.clock.observe(hlc, now_ms) {
             Ok(()) => true,
@@ -745,6 +761,10 @@ impl Core {
                             continue;
                         }
                     }
+                    if let Err(e) = self.store.check_remote_state(&st) {
+                        self.refuse_over_limits(&name, &e);
+                        continue;
+                    }
                     if self.store.merge(st, now_ms) == Applied::Changed {
                         self.stats.ae_repairs += 1;
                     }
@@ -784,6 +804,10 @@ impl Core {
             // Refused deltas still count as received: the stream moves on, and
             // the peer, whose clock is wrong, is not ready and takes no writes.
             if !self.accept_remote(name, d.hlc, skewed, now_ms) {
+                continue;
+            }
+            if let Err(e) = self.store.check_remote_delta(&d) {
+                self.refuse_over_limits(name, &e);
                 continue;
             }
             self.store.apply(&d, now_ms);
@@ -867,6 +891,10 @@ impl Core {
                 if !self.accept_remote(name, v, skewed, now_ms) {
                     continue;
                 }
+            }
+            if let Err(e) = self.store.check_remote_state(&st) {
+                self.refuse_over_limits(name, &e);
+                continue;
             }
             self.store.merge(st, now_ms);
         }

@@ -27,8 +27,20 @@ pub enum IdError {
 
 /// A session key: the part of a session id before the first `.`
 /// (`ABC.node1` and `ABC.node2` are the same session `ABC`).
+///
+/// Decoding one from a peer applies the rules of `SessionId::key` (the looser
+/// of the two front doors' rules), so a frame carrying an id that no local
+/// client could have written fails to decode and is refused whole.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct SessionId(String);
+
+impl TryFrom<String> for SessionId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        SessionId::key(s.as_bytes())
+    }
+}
 
 impl SessionId {
     pub const MAX_LEN: usize = 256;

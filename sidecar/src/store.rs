@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-/// Store limits, checked on local writes only (a peer already checked them).
+/// Store limits: checked on local writes, and on what peers send
+/// (`check_remote_*`), so a peer's data obeys the same bounds as local data.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_attr_bytes: usize,
@@ -325,6 +326,62 @@ impl Store {
         }
         if size > self.limits.max_session_bytes as i64 {
             return Err(StoreError::SessionTooLarge { size: size as usize, max: self.limits.max_session_bytes });
+        }
+        Ok(())
+    }
+
+    /// Checks a peer's delta against the limits before it is applied: the same
+    /// attribute name and size bounds as a local write, the whole delta within
+    /// a session's bound, and the session cap for a delta that would create a
+    /// session. Nothing is changed. (The session's size after a merge of
+    /// concurrent writes can exceed the bound; the next local write reports it.)
+    pub fn check_remote_delta(&self, d: &Delta) -> Result<(), StoreError> {
+        let mut size = 0usize;
+        for op in &d.ops {
+            match op {
+                Op::Set { name, value } => {
+                    self.check_attr(name, value.len())?;
+                    size = size.saturating_add(name.len() + value.len());
+                }
+                Op::Remove { name } if name.is_empty() || name.len() > self.limits.max_attr_name => {
+                    return Err(StoreError::BadName { max: self.limits.max_attr_name });
+                }
+                _ => {}
+            }
+        }
+        if size > self.limits.max_session_bytes {
+            return Err(StoreError::SessionTooLarge { size, max: self.limits.max_session_bytes });
+        }
+        let creates = !d.ops.contains(&Op::Invalidate) && !d.ops.contains(&Op::Delete) && !self.entries.contains_key(&d.id);
+        if creates && self.live >= self.limits.max_sessions {
+            return Err(StoreError::Full { max: self.limits.max_sessions });
+        }
+        Ok(())
+    }
+
+    /// Checks a peer's whole entry (transfer chunk, anti-entropy repair)
+    /// against the limits, as `check_remote_delta` does. Nothing is changed.
+    pub fn check_remote_state(&self, st: &SessionState) -> Result<(), StoreError> {
+        let Entry::Live(s) = &st.entry else { return Ok(()) };
+        for (name, a) in s.attrs.iter() {
+            self.check_attr(name, a.value.as_ref().map_or(0, |v| v.len()))?;
+        }
+        let size = s.payload_bytes();
+        if size > self.limits.max_session_bytes {
+            return Err(StoreError::SessionTooLarge { size, max: self.limits.max_session_bytes });
+        }
+        if self.live >= self.limits.max_sessions && !matches!(self.entries.get(&st.id), Some(Entry::Live(_))) {
+            return Err(StoreError::Full { max: self.limits.max_sessions });
+        }
+        Ok(())
+    }
+
+    fn check_attr(&self, name: &str, len: usize) -> Result<(), StoreError> {
+        if name.is_empty() || name.len() > self.limits.max_attr_name {
+            return Err(StoreError::BadName { max: self.limits.max_attr_name });
+        }
+        if len > self.limits.max_attr_bytes {
+            return Err(StoreError::AttrTooLarge { size: len, max: self.limits.max_attr_bytes });
         }
         Ok(())
     }
@@ -772,6 +829,39 @@ mod tests {
     }
     fn val(st: &Store, i: &str, n: &str) -> Option<Bytes> {
         st.get(&id(i), 2000, 0).ok().and_then(|s| s.attrs.get(n)).and_then(|a| a.value.clone())
+    }
+
+    #[test]
+    fn a_peers_data_is_held_to_the_local_limits() {
+        let limits = Limits { max_attr_bytes: 1024, max_session_bytes: 4096, max_sessions: 2, max_attr_name: 16 };
+        let mut st = Store::new(limits);
+        let big = Op::Set { name: "a".into(), value: Bytes::from(vec![b'x'; 2048]) };
+        assert_eq!(st.check_remote_delta(&delta("s1", h(1, 0), vec![big])), Err(StoreError::AttrTooLarge { size: 2048, max: 1024 }));
+        let long = Op::Set { name: "n".repeat(17), value: Bytes::from_static(b"v") };
+        assert_eq!(st.check_remote_delta(&delta("s1", h(1, 0), vec![long])), Err(StoreError::BadName { max: 16 }));
+        let many: Vec<Op> = (0..5).map(|i| Op::Set { name: format!("a{i}"), value: Bytes::from(vec![b'x'; 1000]) }).collect();
+        assert!(matches!(st.check_remote_delta(&delta("s1", h(1, 0), many)), Err(StoreError::SessionTooLarge { .. })));
+        for i in ["s1", "s2"] {
+            let d = delta(i, h(1, 0), vec![Op::Create, set("a", "1")]);
+            assert_eq!(st.check_remote_delta(&d), Ok(()));
+            st.apply(&d, 1_000);
+        }
+        // Full: no new session from a peer, but existing ones take changes.
+        assert_eq!(st.check_remote_delta(&delta("s3", h(2, 0), vec![set("a", "1")])), Err(StoreError::Full { max: 2 }));
+        assert_eq!(st.check_remote_delta(&delta("s1", h(2, 0), vec![set("a", "2")])), Ok(()));
+        let state = SessionState { id: id("s3"), entry: st.state(&id("s1")).map(|s| s.entry).unwrap_or(Entry::Tombstone { hlc: h(0, 0), at_ms: 0, reusable: true }) };
+        assert_eq!(st.check_remote_state(&state), Err(StoreError::Full { max: 2 }));
+    }
+
+    #[test]
+    fn an_id_no_local_client_could_write_does_not_decode() {
+        for bad in ["", "a\nb", "\u{7f}"] {
+            let json = serde_json::to_string(bad).unwrap_or_default();
+            assert!(serde_json::from_str::<SessionId>(&json).is_err(), "{bad:?}");
+        }
+        let enc = postcard::to_allocvec(&"").unwrap_or_default();
+        assert!(postcard::from_bytes::<SessionId>(&enc).is_err());
+        assert!(serde_json::from_str::<SessionId>("\"ok/key:1\"").is_ok());
     }
 
     #[test]

@@ -463,7 +463,7 @@ async fn a_member_removed_and_added_back_gets_every_sync_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_member_file_is_refused_by_name_and_the_last_good_one_kept() {
-    let mut cl = started(2, &["--reload-interval-ms", "50"]).await;
+    let cl = started(2, &["--reload-interval-ms", "50"]).await;
     let mut c = cl.client(0);
     let mut text = cl.members_yaml();
     text.push_str(&format!("# {}\n", "SECRETCONTENT".repeat(200_000)));

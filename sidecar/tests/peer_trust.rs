@@ -209,3 +209,66 @@ async fn forged_timestamps_neither_win_nor_freeze_the_clock() {
     drop(s);
     assert_eq!(c0.get("/readyz").await.expect("readyz").status, 200);
 }
+
+async fn count(c: &mut Client) -> u64 {
+    c.get("/v1/sessions?limit=1").await.map(|r| r.json()["count"].as_u64().unwrap_or(0)).unwrap_or(0)
+}
+
+fn create(id: &str, attrs: Vec<(&str, Vec<u8>)>) -> Arc<Delta> {
+    let mut ops = vec![Op::Create];
+    ops.extend(attrs.into_iter().map(|(n, v)| Op::Set { name: n.into(), value: bytes::Bytes::from(v) }));
+    Arc::new(Delta {
+        id: SessionId::key(id.as_bytes()).expect("id"),
+        hlc: Hlc { wall_ms: now_ms(), logical: 0, node: 7 },
+        created_ms: now_ms(),
+        last_accessed_ms: now_ms(),
+        max_inactive_ms: 600_000,
+        ops,
+    })
+}
+
+/// A peer holding the secret that sends more than the limits allow: its data
+/// is refused and counted, never applied; the members stay ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_cannot_push_data_past_the_limits() {
+    let limits = ["--max-sessions", "100", "--max-attr-bytes", "1024", "--max-session-bytes", "4096"];
+    let mut cl = LocalCluster::new(&bin(), 3, &limits).expect("cluster");
+    cl.start(0).expect("start");
+    cl.start(1).expect("start");
+    ready(&cl, 0).await;
+    ready(&cl, 1).await;
+    let mut c0 = cl.client(0);
+    let mut s = impersonate(&cl, 0, "node3").await;
+    // 150 sessions against a cap of 100, one 2 MiB attribute against 1 KiB.
+    let mut deltas: Vec<Arc<Delta>> = (0..150).map(|i| create(&format!("H{i}"), vec![("a", b"1".to_vec())])).collect();
+    deltas.push(create("HUGE", vec![("a", vec![b'x'; 2 << 20])]));
+    let n = deltas.len() as u64;
+    send(&mut s, &PeerMsg::Deltas { epoch: 1, first_seq: 1, deltas }).await;
+    let refused = wait_for(Duration::from_secs(5), || {
+        let mut c = Client::new(http(&cl, 0));
+        async move { metric(&mut c, "sessionmesh_peer_refused_total").await >= 51.0 }
+    })
+    .await;
+    assert!(refused, "over-limit deltas not refused: {}", metric(&mut c0, "sessionmesh_peer_refused_total").await);
+    assert!(count(&mut c0).await <= 100, "the session cap was passed");
+    assert_eq!(c0.get("/v1/sessions/HUGE").await.expect("get").status, 404, "a 2 MiB attribute was stored");
+    // An id no client could have written: the frame is refused whole.
+    let bad = Arc::new(Delta { id: SessionId::key(b"Z").expect("id"), ..(*create("Z", vec![])).clone() });
+    let mut frame = bytes::BytesMut::new();
+    transport::encode_peer(&PeerMsg::Deltas { epoch: 1, first_seq: n + 1, deltas: vec![bad] }, &mut frame).expect("encode");
+    // Turn the id "Z" into a newline inside the encoded frame (postcard writes it as length 1, then the byte).
+    let pos = frame.windows(2).position(|w| w == [1, b'Z']).expect("id in frame");
+    frame[pos + 1] = b'\n';
+    s.write_all(&frame).await.expect("write");
+    let closed = wait_for(Duration::from_secs(5), || {
+        let mut c = Client::new(http(&cl, 0));
+        async move { metric(&mut c, "sessionmesh_frame_errors_total").await >= 1.0 }
+    })
+    .await;
+    assert!(closed, "a frame with a bad id was not refused");
+    for i in 0..2 {
+        assert_eq!(cl.client(i).get("/readyz").await.expect("readyz").status, 200, "node{} not ready", i + 1);
+    }
+    // The honest member never got past the limits either (anti-entropy copies only what node1 holds).
+    assert!(count(&mut cl.client(1)).await <= 100);
+}
