@@ -263,7 +263,21 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
     let q = query(&req);
     let max_body = h.limits.max_session_bytes / 3 * 4 + 64 * 1024;
     match (&method, parts.as_slice()) {
-        (&Method::GET, ["healthz"]) => Ok(json_resp(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::POST, ["v1", "test", "freeze-core"]) if h.test_hooks => {
+            let ms = q.get("ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1_000).min(60_000);
+            let _ = h.cmd_tx.send(Command::Freeze { ms }).await;
+            Ok(json_resp(StatusCode::ACCEPTED, &json!({"frozenMs": ms})))
+        }
+        (&Method::GET, ["healthz"]) => {
+            // Liveness measures the core, not the socket: a member whose core
+            // is stuck must be restarted, not kept because its HTTP task runs.
+            let silent = h.core_silent_ms();
+            if silent > crate::node::CORE_STALL_HEALTH_MS {
+                Ok(json_resp(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "core stalled", "silentMs": silent})))
+            } else {
+                Ok(json_resp(StatusCode::OK, &json!({"status": "ok"})))
+            }
+        }
         (&Method::GET, ["readyz"]) => {
             let ready = h.ready.load(Ordering::Relaxed);
             let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -391,6 +405,8 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("bytes_sent_total", "counter", "Bytes written to peer connections.", h.io.bytes_out.load(Ordering::Relaxed) as f64);
     g("frame_errors_total", "counter", "Peer connections closed for bad frames or failed handshakes.", h.io.frame_errors.load(Ordering::Relaxed) as f64);
     g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
+    g("core_stalled_refusals_total", "counter", "Peer connections closed unanswered because the core task was stuck.", h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64);
+    g("core_silent_seconds", "gauge", "Time since the core task last went round its loop.", h.core_silent_ms() as f64 / 1000.0);
     g("redis_clients", "gauge", "Open Redis-protocol connections.", h.io.redis_clients.load(Ordering::Relaxed) as f64);
     let t = &st.stats;
     g("deltas_applied_total", "counter", "Deltas from peers applied to the store.", t.deltas_applied as f64);

@@ -150,6 +150,10 @@ struct RunArgs {
     /// than one core's worth of session traffic (about 20k requests/s).
     #[arg(long, env = "SESSIONMESH_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// Tests only: serve `POST /v1/test/freeze-core?ms=N`, which blocks the
+    /// core task as a stuck core would be.
+    #[arg(long, hide = true)]
+    test_hooks: bool,
     /// Most simultaneous Redis connections.
     #[arg(long, default_value_t = 10_000)]
     redis_max_clients: usize,
@@ -274,6 +278,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         leave_timeout: Duration::from_millis(a.leave_timeout_ms),
         connect_timeout: Duration::from_millis(a.connect_timeout_ms),
         tick: Duration::from_millis(10),
+        test_hooks: a.test_hooks,
     };
     let shutdown = CancellationToken::new();
     let started = match node::start(cfg, shutdown.clone()).await {
@@ -332,12 +337,19 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut done = started.done;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: leaving the cluster"),
         _ = int.recv() => tracing::info!("SIGINT: leaving the cluster"),
+        r = &mut done => {
+            // The core task ended on its own (a panic, in a build that unwinds):
+            // a member without its core must not linger looking alive.
+            tracing::error!(panicked = r.is_err(), "the core task ended; exiting");
+            std::process::exit(70);
+        }
     }
     shutdown.cancel();
-    let _ = started.done.await;
+    let _ = done.await;
     api_stop.cancel();
     redis_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), api).await;

@@ -30,6 +30,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+/// Milliseconds on a monotonic clock since the process started: for measuring
+/// silences, which a stepped wall clock must not fake.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -46,6 +53,8 @@ pub struct NodeConfig {
     pub leave_timeout: Duration,
     pub connect_timeout: Duration,
     pub tick: Duration,
+    /// Serve `POST /v1/test/freeze-core` (tests only).
+    pub test_hooks: bool,
 }
 
 /// Where the membership comes from.
@@ -72,6 +81,10 @@ pub enum Command {
     Write { id: SessionId, ops: Vec<Op>, max_inactive_ms: Option<u64>, mode: Option<SendMode>, reply: oneshot::Sender<Result<(), WriteError>> },
     List { cursor: Option<SessionId>, limit: usize, reply: oneshot::Sender<(Vec<SessionId>, usize)> },
     Status { reply: oneshot::Sender<Status> },
+    /// Test hook (`--test-hooks`): the core task stops going round its loop
+    /// for `ms` while every other task goes on, as a core stuck on an await
+    /// (or a deadlock) would.
+    Freeze { ms: u64 },
     /// Redis data commands, run in order; one reply per command.
     Redis { cmds: Vec<Vec<bytes::Bytes>>, reply: oneshot::Sender<Vec<crate::resp::Value>> },
 }
@@ -136,6 +149,22 @@ pub struct Handle {
     pub jvm_route: String,
     pub limits: crate::store::Limits,
     pub default_max_inactive_ms: u64,
+    /// When the core task last went round its loop (`mono_ms`); it
+    /// does so at least every tick while it is healthy.
+    pub core_beat: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the test-only endpoints are served.
+    pub test_hooks: bool,
+}
+
+/// How long the core may go without a loop before `/healthz` fails (the
+/// kubelet then restarts the member).
+pub const CORE_STALL_HEALTH_MS: u64 = 2_000;
+
+impl Handle {
+    /// Milliseconds since the core task last went round its loop.
+    pub fn core_silent_ms(&self) -> u64 {
+        mono_ms().saturating_sub(self.core_beat.load(Ordering::Relaxed))
+    }
 }
 
 impl Handle {
@@ -205,6 +234,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     let (io_tx, io_rx) = mpsc::channel(8192);
     let ready = Arc::new(AtomicBool::new(false));
     let known = Arc::new(RwLock::new(mf.names()));
+    let core_beat = Arc::new(std::sync::atomic::AtomicU64::new(mono_ms()));
     let handle = Handle {
         cmd_tx,
         ready: ready.clone(),
@@ -213,12 +243,18 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         jvm_route: me_spec.jvm_route.clone(),
         limits: core_cfg.limits.clone(),
         default_max_inactive_ms: core_cfg.default_max_inactive_ms,
+        core_beat: core_beat.clone(),
+        test_hooks: cfg.test_hooks,
     };
+    // A core silent for this long answers no peer: probes fail and the peers
+    // declare it dead, as they would a hung process.
+    let peer_stall_ms = (3 * core_cfg.heartbeat_interval_ms).max(300);
     info!(member = %me, cluster = %mf.cluster, replication = %replication_addr, route = %me_spec.jvm_route, "member starting");
 
     let tracker = TaskTracker::new();
     let net_cancel = CancellationToken::new();
-    tracker.spawn(accept_loop(listener, sec.clone(), ready.clone(), known.clone(), io_tx.clone(), net_cancel.clone(), tracker.clone()));
+    let gate = CoreGate { beat: core_beat.clone(), stall_ms: peer_stall_ms };
+    tracker.spawn(accept_loop(listener, sec.clone(), ready.clone(), known.clone(), gate, io_tx.clone(), net_cancel.clone(), tracker.clone()));
     match (&cfg.members, kube) {
         (MembershipSource::File(path), _) => {
             tracker.spawn(reload_loop(path.clone(), mf.clone(), cfg.reload_interval, io_tx.clone(), net_cancel.clone()));
@@ -251,6 +287,8 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         next_batch: 1,
         ready,
         known,
+        core_beat,
+        frozen: None,
         io_tx,
         tracker: tracker.clone(),
         net_cancel: net_cancel.clone(),
@@ -280,9 +318,25 @@ struct CoreTask {
     next_batch: u64,
     ready: Arc<AtomicBool>,
     known: Arc<RwLock<Vec<String>>>,
+    core_beat: Arc<std::sync::atomic::AtomicU64>,
+    /// Set by the freeze test hook.
+    frozen: Option<Duration>,
     io_tx: mpsc::Sender<IoEvent>,
     tracker: TaskTracker,
     net_cancel: CancellationToken,
+}
+
+/// Lets peer connections in only while the core task is going round its loop.
+#[derive(Clone)]
+struct CoreGate {
+    beat: Arc<std::sync::atomic::AtomicU64>,
+    stall_ms: u64,
+}
+
+impl CoreGate {
+    fn open(&self) -> bool {
+        mono_ms().saturating_sub(self.beat.load(Ordering::Relaxed)) <= self.stall_ms
+    }
 }
 
 impl CoreTask {
@@ -310,6 +364,10 @@ impl CoreTask {
                 _ = tick.tick() => self.core.tick(now_ms()),
             }
             self.flush();
+            self.core_beat.store(mono_ms(), Ordering::Relaxed);
+            if let Some(d) = self.frozen.take() {
+                tokio::time::sleep(d).await;
+            }
         }
         self.leave(&mut cmd_rx, &mut io_rx).await;
     }
@@ -473,6 +531,10 @@ impl CoreTask {
                     self.redis_batches.insert(batch, RedisBatch { values, waiting, reply });
                 }
             }
+            Command::Freeze { ms } => {
+                warn!(ms, "test hook: freezing the core task");
+                self.frozen = Some(Duration::from_millis(ms));
+            }
             Command::List { cursor, limit, reply } => {
                 let ids = self.core.list(cursor.as_ref(), limit, now);
                 let _ = reply.send((ids, self.core.store.live_count()));
@@ -550,6 +612,7 @@ async fn accept_loop(
     sec: Security,
     ready: Arc<AtomicBool>,
     known: Arc<RwLock<Vec<String>>>,
+    gate: CoreGate,
     io_tx: mpsc::Sender<IoEvent>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -566,6 +629,13 @@ async fn accept_loop(
                 }
             },
         };
+        if !gate.open() {
+            // Stuck core: answering the handshake here would tell the peers'
+            // probes we are alive while nothing is being done.
+            sec.stats.core_stalled_refusals.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         let (sec, ready, known, io_tx, cancel) = (sec.clone(), ready.clone(), known.clone(), io_tx.clone(), cancel.clone());
         tracker.spawn(async move {
             tokio::select! {

@@ -48,6 +48,8 @@ pub struct IoStats {
     pub auth_failures: AtomicU64,
     /// Open Redis-protocol connections (kept here so /metrics can show it).
     pub redis_clients: AtomicU64,
+    /// Peer connections closed unanswered because the core task was stuck.
+    pub core_stalled_refusals: AtomicU64,
 }
 
 #[derive(Clone)]

@@ -473,3 +473,50 @@ async fn an_oversized_member_file_is_refused_by_name_and_the_last_good_one_kept(
     assert_eq!(member_state(&mut c, "node2").await.as_deref(), Some("alive"));
     assert_eq!(c.get("/readyz").await.expect("readyz").status, 200);
 }
+
+/// A member whose core task is stuck (the hung JVM with an open socket that
+/// Tomcat's membership keeps alive) is declared dead by its peers, sync writes
+/// elsewhere go on, and its own liveness probe fails.
+async fn stuck_core(threads: &str) {
+    let mut cl = LocalCluster::new(&bin(), 3, &["--send", "sync"]).expect("cluster");
+    cl.start(0).expect("start");
+    cl.start(1).expect("start");
+    cl.start_with(2, &["--worker-threads", threads, "--test-hooks"]).expect("start");
+    for i in 0..3 {
+        assert!(cl.wait_ready(i, Duration::from_secs(15)).await, "node{} not ready", i + 1);
+    }
+    let mut c0 = cl.client(0);
+    assert_eq!(c0.post("/v1/sessions", r#"{"id":"STUCK"}"#).await.expect("create").status, 201);
+    let r = cl.client(2).post("/v1/test/freeze-core?ms=5000", "").await.expect("freeze");
+    assert_eq!(r.status, 202);
+    let t0 = Instant::now();
+    assert!(wait_state(&mut c0, "node3", "dead", Duration::from_secs(3)).await, "node3's stuck core was not declared dead");
+    let detected = t0.elapsed();
+    let r = c0.put("/v1/sessions/STUCK/attributes/a", "1").await.expect("put");
+    assert_eq!(r.status, 204, "sync write while node3 is stuck: {}", r.text());
+    assert!(t0.elapsed() < Duration::from_secs(4), "detection and a sync write took {:?}", t0.elapsed());
+    // The kubelet's liveness probe fails while the core is stuck.
+    let h = cl.nodes[2].http.expect("http");
+    let failed = wait_for(Duration::from_millis(4500).saturating_sub(t0.elapsed()), || async move {
+        let mut c = Client::new(h);
+        !matches!(tokio::time::timeout(Duration::from_millis(300), c.get("/healthz")).await, Ok(Ok(r)) if r.status == 200)
+    })
+    .await;
+    assert!(failed, "node3's /healthz stayed 200 with its core stuck");
+    // The other tasks still answer, and the probe says why.
+    let r = Client::new(h).get("/healthz").await.map(|r| (r.status, r.text()));
+    assert!(matches!(&r, Ok((503, t)) if t.contains("core stalled")), "{r:?}");
+    eprintln!("stuck core ({threads} thread(s)): declared dead after {detected:?}");
+    // Once the core moves again, the member comes back.
+    assert!(wait_state(&mut c0, "node3", "alive", Duration::from_secs(10)).await, "node3 did not come back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_core_is_declared_dead_and_fails_healthz() {
+    stuck_core("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_core_with_more_threads_is_declared_dead() {
+    stuck_core("2").await;
+}
