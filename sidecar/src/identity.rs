@@ -169,22 +169,23 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// Fills `buf` from the operating system's random source. Handshake nonces
+/// and session ids (which are login cookies) must not be guessable, so a
+/// failing source ends the process with a clear message rather than falling
+/// back to anything predictable. `main` calls `check_random` at start, so this
+/// is reported before the member serves anything.
 pub fn fill_random(buf: &mut [u8]) {
-    // The OS generator failing is not recoverable in any useful way; fall back to
-    // time-derived bytes rather than panicking in a network path.
-    if getrandom::getrandom(buf).is_err() {
-        let mut x = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0)
-            | 1;
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+    if let Err(e) = getrandom::getrandom(buf) {
+        tracing::error!(error = %e, "the operating system's random source failed; refusing to continue");
+        eprintln!("sessionmesh: the operating system's random source failed ({e}); refusing to continue");
+        std::process::exit(71);
     }
+}
+
+/// Whether the operating system's random source works.
+pub fn check_random() -> Result<(), String> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| format!("the operating system's random source failed: {e}"))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -227,12 +227,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
+    sessionmesh_sidecar::identity::check_random().map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
+    for flag in ["--secret", "--redis-password"] {
+        if std::env::args().any(|x| x == flag || x.starts_with(&format!("{flag}="))) {
+            tracing::warn!(flag, "a secret on the command line is visible to every user of this host (ps); prefer --secret-file or the environment");
+        }
+    }
     let secret = match (&a.secret_file, &a.secret) {
         (Some(f), _) => std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read --secret-file {}: {e}", f.display()))?,
         (None, Some(s)) => s.as_bytes().to_vec(),
         (None, None) => anyhow::bail!("a cluster secret is required: --secret-file or SESSIONMESH_SECRET"),
     };
-    let secret: Vec<u8> = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+    // Bytes as they are (a binary secret stays intact); only surrounding ASCII
+    // white space, such as the newline `echo` leaves, is dropped.
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
     if secret.len() < 16 {
         anyhow::bail!("the cluster secret must be at least 16 bytes");
     }

@@ -614,48 +614,76 @@ pub fn unknown_command(args: &[Bytes]) -> Value {
 
 /// Redis glob matching: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`, `\x`.
 pub fn glob(pattern: &[u8], s: &[u8]) -> bool {
-    fn m(p: &[u8], s: &[u8], depth: usize) -> bool {
-        if depth > 1000 {
-            return false;
+    // Iterative, with backtracking only to the last `*`: O(len(pattern) x
+    // len(s)) whatever the pattern. A recursive matcher is exponential on
+    // patterns like `a*a*a*a*b` (Redis had this flaw, CVE-2022-36021), and it
+    // runs on the core task.
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if p_at(pattern, pi) == Some(b'*') {
+            while p_at(pattern, pi) == Some(b'*') {
+                pi += 1;
+            }
+            star = Some((pi, si));
+            continue;
         }
-        match p.first() {
-            None => s.is_empty(),
-            Some(b'*') => {
-                let rest = &p[1..];
-                (0..=s.len()).any(|i| m(rest, &s[i..], depth + 1))
+        if let Some(next) = glob_one(pattern, pi, s[si]) {
+            pi = next;
+            si += 1;
+            continue;
+        }
+        match star {
+            // Let the last `*` take one more byte and try again from there.
+            Some((after_star, taken)) => {
+                pi = after_star;
+                si = taken + 1;
+                star = Some((after_star, taken + 1));
             }
-            Some(b'?') => !s.is_empty() && m(&p[1..], &s[1..], depth + 1),
-            Some(b'[') => {
-                let Some(&c) = s.first() else { return false };
-                let mut i = 1;
-                let neg = p.get(1) == Some(&b'^');
-                if neg {
-                    i += 1;
-                }
-                let mut hit = false;
-                while i < p.len() && p[i] != b']' {
-                    if p[i] == b'\\' && i + 1 < p.len() {
-                        hit |= p[i + 1] == c;
-                        i += 2;
-                    } else if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
-                        let (lo, hi) = (p[i].min(p[i + 2]), p[i].max(p[i + 2]));
-                        hit |= (lo..=hi).contains(&c);
-                        i += 3;
-                    } else {
-                        hit |= p[i] == c;
-                        i += 1;
-                    }
-                }
-                if i >= p.len() {
-                    return false;
-                }
-                hit != neg && m(&p[i + 1..], &s[1..], depth + 1)
-            }
-            Some(b'\\') if p.len() > 1 => s.first() == Some(&p[1]) && m(&p[2..], &s[1..], depth + 1),
-            Some(&c) => s.first() == Some(&c) && m(&p[1..], &s[1..], depth + 1),
+            None => return false,
         }
     }
-    m(pattern, s, 0)
+    while p_at(pattern, pi) == Some(b'*') {
+        pi += 1;
+    }
+    pi == pattern.len()
+}
+
+fn p_at(p: &[u8], i: usize) -> Option<u8> {
+    p.get(i).copied()
+}
+
+/// Matches one byte against the pattern element at `pi` (not `*`): the index
+/// after the element when it matches.
+fn glob_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
+    match p.get(pi)? {
+        b'?' => Some(pi + 1),
+        b'[' => {
+            let mut i = pi + 1;
+            let neg = p.get(i) == Some(&b'^');
+            if neg {
+                i += 1;
+            }
+            let mut hit = false;
+            while i < p.len() && p[i] != b']' {
+                if p[i] == b'\\' && i + 1 < p.len() {
+                    hit |= p[i + 1] == c;
+                    i += 2;
+                } else if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
+                    let (lo, hi) = (p[i].min(p[i + 2]), p[i].max(p[i + 2]));
+                    hit |= (lo..=hi).contains(&c);
+                    i += 3;
+                } else {
+                    hit |= p[i] == c;
+                    i += 1;
+                }
+            }
+            // An unterminated class matches nothing.
+            (i < p.len() && hit != neg).then_some(i + 1)
+        }
+        b'\\' if pi + 1 < p.len() => (p[pi + 1] == c).then_some(pi + 2),
+        &lit => (lit == c).then_some(pi + 1),
+    }
 }
 
 #[cfg(test)]
@@ -765,6 +793,64 @@ mod tests {
         assert_eq!(seen.len(), 25);
         assert_eq!(run(&mut c, &mut st, 1000, &["DBSIZE"]), Value::Int(26));
         assert_eq!(run(&mut c, &mut st, 1000, &["SCAN", "12345"]), Value::err("ERR invalid cursor"));
+    }
+
+    /// The former recursive matcher, as a reference for the new one.
+    fn glob_reference(pattern: &[u8], s: &[u8]) -> bool {
+        fn m(p: &[u8], s: &[u8]) -> bool {
+            match p.first() {
+                None => s.is_empty(),
+                Some(b'*') => (0..=s.len()).any(|i| m(&p[1..], &s[i..])),
+                Some(b'?') => !s.is_empty() && m(&p[1..], &s[1..]),
+                Some(b'[') => {
+                    let Some(&c) = s.first() else { return false };
+                    let mut i = 1;
+                    let neg = p.get(1) == Some(&b'^');
+                    if neg {
+                        i += 1;
+                    }
+                    let mut hit = false;
+                    while i < p.len() && p[i] != b']' {
+                        if p[i] == b'\\' && i + 1 < p.len() {
+                            hit |= p[i + 1] == c;
+                            i += 2;
+                        } else if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
+                            hit |= (p[i].min(p[i + 2])..=p[i].max(p[i + 2])).contains(&c);
+                            i += 3;
+                        } else {
+                            hit |= p[i] == c;
+                            i += 1;
+                        }
+                    }
+                    i < p.len() && hit != neg && m(&p[i + 1..], &s[1..])
+                }
+                Some(b'\\') if p.len() > 1 => s.first() == Some(&p[1]) && m(&p[2..], &s[1..]),
+                Some(&c) => s.first() == Some(&c) && m(&p[1..], &s[1..]),
+            }
+        }
+        m(pattern, s)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn glob_agrees_with_the_recursive_reference(
+            p in proptest::collection::vec(proptest::sample::select(b"ab*?[]^-\\".to_vec()), 0..10),
+            s in proptest::collection::vec(proptest::sample::select(b"ab-*".to_vec()), 0..10),
+        ) {
+            proptest::prop_assert_eq!(glob(&p, &s), glob_reference(&p, &s), "pattern {:?} on {:?}", String::from_utf8_lossy(&p), String::from_utf8_lossy(&s));
+        }
+    }
+
+    #[test]
+    fn pathological_patterns_finish_at_once() {
+        // Redis's CVE-2022-36021 patterns and worse: exponential for a backtracking matcher.
+        let s = vec![b'a'; 4096];
+        let t = std::time::Instant::now();
+        for p in [&b"a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b"[..], b"*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b", b"[a]*[a]*[a]*[a]*[a]*[a]*[a]*[a]*c"] {
+            assert!(!glob(p, &s));
+        }
+        assert!(glob(b"a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a", &s));
+        assert!(t.elapsed() < std::time::Duration::from_millis(500), "took {:?}", t.elapsed());
     }
 
     #[test]

@@ -520,3 +520,39 @@ async fn a_stuck_core_is_declared_dead_and_fails_healthz() {
 async fn a_stuck_core_with_more_threads_is_declared_dead() {
     stuck_core("2").await;
 }
+
+/// Secrets are bytes: two binary secrets that differ only in bytes that are not
+/// UTF-8 are different secrets (a lossy decoding made them equal). A secret on
+/// the command line is warned about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_secrets_are_compared_as_bytes_and_argv_secrets_are_warned_about() {
+    let mut cl = LocalCluster::new(&bin(), 2, &["--reload-interval-ms", "50"]).expect("cluster");
+    let (a, b) = (cl.dir.join("secret-a"), cl.dir.join("secret-b"));
+    let mut sa = vec![0xffu8; 20];
+    let mut sb = vec![0xfeu8; 20];
+    sa.push(b'x');
+    sb.push(b'x');
+    std::fs::write(&a, &sa).expect("write");
+    std::fs::write(&b, &sb).expect("write");
+    cl.start_with(0, &["--secret-file", a.to_str().unwrap_or_default()]).expect("start");
+    cl.start_with(1, &["--secret-file", b.to_str().unwrap_or_default()]).expect("start");
+    let refused = wait_for(Duration::from_secs(5), || {
+        let cl = &cl;
+        async move { cl.log_text(0).contains("refused") || cl.log_text(1).contains("refused") }
+    })
+    .await;
+    assert!(refused, "members with different binary secrets did not refuse each other:\n{}", cl.log_tail(1, 10));
+    let mut c = cl.client(0);
+    assert_ne!(member_state(&mut c, "node2").await.as_deref(), Some("alive"));
+    // The same binary secret on both: they form a cluster.
+    cl.kill(1);
+    cl.start_with(1, &["--secret-file", a.to_str().unwrap_or_default()]).expect("start");
+    assert!(wait_state(&mut c, "node2", "alive", Duration::from_secs(5)).await, "{}", cl.log_tail(1, 10));
+    // A secret on the command line works, with a warning.
+    let hex = std::fs::read_to_string(&cl.secret_file).expect("secret");
+    let mut solo = LocalCluster::new(&bin(), 1, &[]).expect("cluster");
+    solo.start_with(0, &["--secret", hex.trim()]).expect("start");
+    assert!(solo.wait_ready(0, Duration::from_secs(10)).await);
+    assert!(solo.log_text(0).contains("visible to every user of this host"), "{}", solo.log_tail(0, 5));
+    assert!(!solo.log_text(0).contains(hex.trim()), "the secret went into the log");
+}

@@ -225,3 +225,22 @@ async fn express_session_survives_sigkill() {
     )
     .await;
 }
+
+/// `SCAN ... MATCH` with a pattern that is exponential for a backtracking
+/// matcher (Redis's CVE-2022-36021) answers at once; the member is not stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pathological_scan_pattern_does_not_stall_the_member() {
+    let cl = cluster(2, &[]).await;
+    let p = port(&cl, 0);
+    let key = "a".repeat(512);
+    assert_eq!(cli(&p, &["SET", &key, "v"]), "OK");
+    let pattern = format!("{}b", "*a".repeat(40));
+    let t = Instant::now();
+    let out = cli(&p, &["SCAN", "0", "MATCH", &pattern, "COUNT", "1000"]);
+    assert!(t.elapsed() < Duration::from_secs(1), "SCAN MATCH took {:?}", t.elapsed());
+    assert_eq!(out.lines().next(), Some("0"), "{out}");
+    assert_eq!(cli(&p, &["SCAN", "0", "MATCH", &format!("{}a", "*a".repeat(40))]).lines().nth(1), Some(key.as_str()));
+    let mut c = cl.client(1);
+    let v = c.get("/v1/cluster").await.expect("cluster").json();
+    assert_eq!(v["members"][0]["state"], "alive", "{v}");
+}
