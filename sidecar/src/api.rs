@@ -407,6 +407,8 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
     g("core_stalled_refusals_total", "counter", "Peer connections closed unanswered because the core task was stuck.", h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64);
     g("core_silent_seconds", "gauge", "Time since the core task last went round its loop.", h.core_silent_ms() as f64 / 1000.0);
+    g("redis_auth_failures_total", "counter", "Failed Redis AUTH and HELLO AUTH attempts.", h.io.redis_auth_failures.load(Ordering::Relaxed) as f64);
+    g("redis_output_stalls_total", "counter", "Redis clients disconnected for reading none of their replies for 30 s.", h.io.redis_output_stalls.load(Ordering::Relaxed) as f64);
     g("redis_clients", "gauge", "Open Redis-protocol connections.", h.io.redis_clients.load(Ordering::Relaxed) as f64);
     let t = &st.stats;
     g("deltas_applied_total", "counter", "Deltas from peers applied to the store.", t.deltas_applied as f64);

@@ -24,9 +24,21 @@ pub struct RespConfig {
     pub limits: resp::Limits,
 }
 
+/// Replies are written out whenever this much is encoded, so a client that
+/// does not read holds back its own connection, not the member's memory.
+const OUT_CHUNK: usize = 1 << 20;
+/// A client that reads none of its replies for this long is disconnected.
+const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most keys one MGET, DEL, UNLINK, EXISTS or TOUCH may name.
+pub const MAX_KEYS_PER_COMMAND: usize = 10_000;
+/// Failed AUTH attempts on one connection before each further one is slowed.
+const AUTH_FREE_FAILURES: u32 = 3;
+const AUTH_PENALTY: std::time::Duration = std::time::Duration::from_millis(200);
+
 struct Conn {
     proto: u8,
     authed: bool,
+    auth_failures: u32,
     name: Option<String>,
     id: u64,
 }
@@ -63,7 +75,7 @@ pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutd
 }
 
 async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
-    let mut conn = Conn { proto: 2, authed: cfg.password.is_none(), name: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) };
+    let mut conn = Conn { proto: 2, authed: cfg.password.is_none(), auth_failures: 0, name: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
@@ -79,10 +91,20 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 Ok(Some(cmd)) => {
                     let name = String::from_utf8_lossy(&cmd[0]).to_ascii_uppercase();
                     if is_data_command(&name) && conn.authed {
+                        if cmd.len() > MAX_KEYS_PER_COMMAND + 1 && matches!(name.as_str(), "MGET" | "DEL" | "UNLINK" | "EXISTS" | "TOUCH") {
+                            if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
+                                return;
+                            }
+                            let e = format!("ERR too many keys for '{}' (at most {MAX_KEYS_PER_COMMAND})", name.to_ascii_lowercase());
+                            resp::encode(&Value::err(e), conn.proto, &mut out);
+                            continue;
+                        }
                         batch.push(cmd);
                         continue;
                     }
-                    flush(h, &mut batch, conn.proto, &mut out).await;
+                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
+                        return;
+                    }
                     let (v, quit) = local(&mut conn, h, cfg, &name, &cmd).await;
                     resp::encode(&v, conn.proto, &mut out);
                     if quit {
@@ -93,19 +115,17 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 Ok(None) => break,
                 Err(e) => {
                     debug!(error = %e, "redis endpoint: protocol error; closing the connection");
-                    flush(h, &mut batch, conn.proto, &mut out).await;
+                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
+                        return;
+                    }
                     resp::encode(&Value::err(format!("ERR {e}")), conn.proto, &mut out);
                     close = true;
                     break;
                 }
             }
         }
-        flush(h, &mut batch, conn.proto, &mut out).await;
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
+        if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() || write_out(&mut stream, h, &mut out).await.is_err() {
+            return;
         }
         if close {
             let _ = stream.shutdown().await;
@@ -114,9 +134,12 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
     }
 }
 
-async fn flush(h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut BytesMut) {
+/// Runs the batched data commands and encodes their replies, writing them out
+/// a chunk at a time: the values themselves are shared with the store, so
+/// what a client that does not read holds is one chunk, not every reply.
+async fn flush(stream: &mut TcpStream, h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut BytesMut) -> std::io::Result<()> {
     if batch.is_empty() {
-        return;
+        return Ok(());
     }
     let cmds = std::mem::take(batch);
     let n = cmds.len();
@@ -124,6 +147,9 @@ async fn flush(h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut Byt
         Some(values) => {
             for v in &values {
                 resp::encode(v, proto, out);
+                if out.len() >= OUT_CHUNK {
+                    write_out(stream, h, out).await?;
+                }
             }
         }
         None => {
@@ -132,6 +158,49 @@ async fn flush(h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut Byt
             }
         }
     }
+    Ok(())
+}
+
+/// Writes what is encoded; a client that reads nothing for `WRITE_STALL` is
+/// disconnected and counted.
+async fn write_out(stream: &mut TcpStream, h: &Handle, out: &mut BytesMut) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    match tokio::time::timeout(WRITE_STALL, stream.write_all(out)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            h.io.redis_output_stalls.fetch_add(1, Ordering::Relaxed);
+            warn!("redis endpoint: a client read none of its replies for 30 s; disconnected");
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+    }
+    out.clear();
+    Ok(())
+}
+
+/// Compares a password in constant time (digests of both, so the length
+/// leaks nothing either). A failure is counted, logged at most every 10 s,
+/// and, past a few on one connection, slowed down.
+async fn auth_ok(conn: &mut Conn, h: &Handle, expected: &str, user: &[u8], pass: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(expected.as_bytes()), Sha256::digest(pass));
+    let same = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if same && user == b"default" {
+        return true;
+    }
+    conn.auth_failures += 1;
+    h.io.redis_auth_failures.fetch_add(1, Ordering::Relaxed);
+    static LAST_LOG_MS: AtomicU64 = AtomicU64::new(0);
+    let now = crate::node::mono_ms() + 10_000;
+    let last = LAST_LOG_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000 && LAST_LOG_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        warn!(total = h.io.redis_auth_failures.load(Ordering::Relaxed), "redis endpoint: failed AUTH (logged at most every 10 s)");
+    }
+    if conn.auth_failures > AUTH_FREE_FAILURES {
+        tokio::time::sleep(AUTH_PENALTY).await;
+    }
+    false
 }
 
 fn lower(b: &Bytes) -> String {
@@ -160,16 +229,19 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
             }
         }
         "AUTH" if a.len() == 1 || a.len() == 2 => {
-            let (user, pass) = if a.len() == 1 { ("default".to_owned(), &a[0]) } else { (String::from_utf8_lossy(&a[0]).into_owned(), &a[1]) };
+            let (user, pass): (&[u8], &Bytes) = if a.len() == 1 { (b"default", &a[0]) } else { (&a[0][..], &a[1]) };
             match &cfg.password {
                 None => Value::err(
                     "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
                 ),
-                Some(p) if user == "default" && p.as_bytes() == &pass[..] => {
-                    conn.authed = true;
-                    Value::ok()
+                Some(p) => {
+                    if auth_ok(conn, h, p, user, pass).await {
+                        conn.authed = true;
+                        Value::ok()
+                    } else {
+                        Value::err("WRONGPASS invalid username-password pair or user is disabled.")
+                    }
                 }
-                Some(_) => Value::err("WRONGPASS invalid username-password pair or user is disabled."),
             }
         }
         "HELLO" => {
@@ -186,11 +258,12 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
             while i < a.len() {
                 match lower(&a[i]).as_str() {
                     "auth" if i + 2 < a.len() => {
-                        let (user, pass) = (String::from_utf8_lossy(&a[i + 1]).into_owned(), &a[i + 2]);
-                        match &cfg.password {
-                            Some(p) if user == "default" && p.as_bytes() == &pass[..] => conn.authed = true,
-                            Some(_) => return (Value::err("WRONGPASS invalid username-password pair or user is disabled."), false),
-                            None => {}
+                        if let Some(p) = &cfg.password {
+                            if auth_ok(conn, h, p, &a[i + 1], &a[i + 2]).await {
+                                conn.authed = true;
+                            } else {
+                                return (Value::err("WRONGPASS invalid username-password pair or user is disabled."), false);
+                            }
                         }
                         i += 3;
                     }

@@ -307,12 +307,23 @@ impl Store {
                     if value.len() > self.limits.max_attr_bytes {
                         return Err(StoreError::AttrTooLarge { size: value.len(), max: self.limits.max_attr_bytes });
                     }
-                    let old = current.and_then(|s| s.attrs.get(name)).and_then(|a| a.value.as_ref());
-                    size += (name.len() + value.len()) as i64 - old.map_or(0, |v| (name.len() + v.len()) as i64);
+                    // A removed attribute's marker already counts its name.
+                    size += match current.and_then(|s| s.attrs.get(name)) {
+                        None => (name.len() + value.len()) as i64,
+                        Some(a) => value.len() as i64 - a.value.as_ref().map_or(0, |v| v.len()) as i64,
+                    };
                 }
                 Op::Remove { name } => {
-                    let old = current.and_then(|s| s.attrs.get(name)).and_then(|a| a.value.as_ref());
-                    size -= old.map_or(0, |v| (name.len() + v.len()) as i64);
+                    if name.is_empty() || name.len() > self.limits.max_attr_name {
+                        return Err(StoreError::BadName { max: self.limits.max_attr_name });
+                    }
+                    // A removal leaves a marker holding the name until the
+                    // tombstone TTL: markers count toward the session's size, or
+                    // removals of many names would grow it past the limit.
+                    size += match current.and_then(|s| s.attrs.get(name)) {
+                        None => name.len() as i64,
+                        Some(a) => -(a.value.as_ref().map_or(0, |v| v.len()) as i64),
+                    };
                 }
                 Op::Rename { to } => {
                     if matches!(self.entries.get(to), Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms))
@@ -829,6 +840,22 @@ mod tests {
     }
     fn val(st: &Store, i: &str, n: &str) -> Option<Bytes> {
         st.get(&id(i), 2000, 0).ok().and_then(|s| s.attrs.get(n)).and_then(|a| a.value.clone())
+    }
+
+    #[test]
+    fn removal_markers_count_toward_the_session_size() {
+        let limits = Limits { max_attr_bytes: 1024, max_session_bytes: 4096, max_sessions: 10, max_attr_name: 128 };
+        let mut st = Store::new(limits);
+        st.apply(&delta("s", h(1_000, 0), vec![Op::Create, set("keep", "v")]), 1_000);
+        let removes: Vec<Op> = (0..100).map(|i| Op::Remove { name: format!("{i:0>100}") }).collect();
+        let d = delta("s", h(1_001, 0), removes);
+        assert!(matches!(st.check_local(&d, 1_000, 0), Err(StoreError::SessionTooLarge { .. })));
+        // Removing what is there is fine, and writing it again costs only the value.
+        let d = delta("s", h(1_002, 0), vec![Op::Remove { name: "keep".into() }]);
+        assert_eq!(st.check_local(&d, 1_000, 0), Ok(()));
+        st.apply(&d, 1_000);
+        let big = Op::Set { name: "keep".into(), value: Bytes::from(vec![b'x'; 1024]) };
+        assert_eq!(st.check_local(&delta("s", h(1_003, 0), vec![big]), 1_000, 0), Ok(()));
     }
 
     #[test]

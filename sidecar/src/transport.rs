@@ -50,6 +50,10 @@ pub struct IoStats {
     pub redis_clients: AtomicU64,
     /// Peer connections closed unanswered because the core task was stuck.
     pub core_stalled_refusals: AtomicU64,
+    /// Failed Redis AUTH / HELLO AUTH attempts.
+    pub redis_auth_failures: AtomicU64,
+    /// Redis clients disconnected for reading none of their replies in time.
+    pub redis_output_stalls: AtomicU64,
 }
 
 #[derive(Clone)]

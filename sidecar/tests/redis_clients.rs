@@ -2,7 +2,7 @@
 //! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
 //! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
 
-use sessionmesh_sidecar::localcluster::{require, require_node_modules, require_python, signal, LocalCluster};
+use sessionmesh_sidecar::localcluster::{require, require_node_modules, require_python, signal, wait_for, LocalCluster};
 use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::process::Command;
@@ -243,4 +243,78 @@ async fn a_pathological_scan_pattern_does_not_stall_the_member() {
     let mut c = cl.client(1);
     let v = c.get("/v1/cluster").await.expect("cluster").json();
     assert_eq!(v["members"][0]["state"], "alive", "{v}");
+}
+
+fn rss_mb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Wrong passwords are counted and, past a few on one connection, slowed down;
+/// the right one still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_auth_is_counted_and_slowed_down() {
+    let cl = cluster(1, &["--redis-password", "s3cret-pass"]).await;
+    let p = port(&cl, 0);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port"))).await.expect("connect");
+    let t = Instant::now();
+    let mut req = Vec::new();
+    for _ in 0..10 {
+        req.extend_from_slice(b"*2\r\n$4\r\nAUTH\r\n$5\r\nwrong\r\n");
+    }
+    req.extend_from_slice(b"*2\r\n$4\r\nAUTH\r\n$11\r\ns3cret-pass\r\n*1\r\n$4\r\nPING\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, &req).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("+PONG") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await.expect("reply in time").expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("WRONGPASS").count(), 10, "{text}");
+    assert!(text.contains("+OK\r\n+PONG"), "{text}");
+    assert!(t.elapsed() >= Duration::from_millis(7 * 200), "10 wrong passwords took only {:?}", t.elapsed());
+    let m = cl.client(0).get("/metrics").await.expect("metrics").text();
+    assert!(m.contains("sessionmesh_redis_auth_failures_total 10\n"), "{m}");
+    assert!(!cl.log_text(0).contains("wrong"), "a guessed password went into the log");
+}
+
+/// Replies are streamed with backpressure: a client that pipelines 400 MiB of
+/// replies and reads none of them does not make the member hold them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_cannot_make_the_member_hold_its_replies() {
+    let cl = cluster(1, &[]).await;
+    let p = port(&cl, 0);
+    let pid = cl.pid(0).expect("pid");
+    let mut w = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port"))).await.expect("connect");
+    let value = vec![b'v'; 512 * 1024];
+    let mut set = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", value.len()).into_bytes();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut w, &set).await.expect("set");
+    let mut ok = [0u8; 5];
+    tokio::io::AsyncReadExt::read_exact(&mut w, &mut ok).await.expect("+OK");
+    let base = rss_mb(pid);
+    // 800 GETs of 512 KiB in one small pipeline: 400 MiB of replies, never read.
+    let gets = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(800);
+    tokio::io::AsyncWriteExt::write_all(&mut w, &gets).await.expect("gets");
+    let grew = wait_for(Duration::from_secs(2), || async move { rss_mb(pid) > base + 64 }).await;
+    assert!(!grew, "RSS grew from {base} MiB to {} MiB for replies nobody read", rss_mb(pid));
+    // Too many keys in one MGET: a clear error, not a huge reply.
+    let keys: Vec<String> = (0..10_001).map(|i| format!("k{i}")).collect();
+    let mut args = vec!["MGET"];
+    args.extend(keys.iter().map(String::as_str));
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port"))).await.expect("connect");
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in &args {
+        req.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    tokio::io::AsyncWriteExt::write_all(&mut c, &req).await.expect("mget");
+    let mut buf = [0u8; 256];
+    let n = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("-ERR too many keys for 'mget'"), "{}", String::from_utf8_lossy(&buf[..n]));
+    drop(w);
 }
