@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,27 +30,52 @@ use tracing::debug;
 
 type Resp = Response<Full<Bytes>>;
 
+/// Bounds on the local HTTP listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Open connections at most; more are closed at once and counted.
+    pub max_connections: usize,
+    /// A connection that sends no complete request header for this long is closed.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits { max_connections: 1024, idle_timeout: std::time::Duration::from_secs(30) }
+    }
+}
+
 /// Serves the API until `shutdown`; open connections finish their request.
-pub async fn serve(listener: TcpListener, handle: Handle, shutdown: CancellationToken) {
-    serve_with(listener, handle, shutdown, false).await
+pub async fn serve(listener: TcpListener, handle: Handle, limits: HttpLimits, shutdown: CancellationToken) {
+    serve_with(listener, handle, limits, shutdown, false).await
 }
 
 /// Serves only `/healthz`, `/readyz` and `/metrics` (for probes from outside the pod).
-pub async fn serve_probes(listener: TcpListener, handle: Handle, shutdown: CancellationToken) {
-    serve_with(listener, handle, shutdown, true).await
+pub async fn serve_probes(listener: TcpListener, handle: Handle, limits: HttpLimits, shutdown: CancellationToken) {
+    serve_with(listener, handle, limits, shutdown, true).await
 }
 
-async fn serve_with(listener: TcpListener, handle: Handle, shutdown: CancellationToken, probes_only: bool) {
+async fn serve_with(listener: TcpListener, handle: Handle, limits: HttpLimits, shutdown: CancellationToken, probes_only: bool) {
     let tracker = TaskTracker::new();
+    let mut acceptor = crate::accept::Acceptor::new(if probes_only { "probes" } else { "http" });
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            x = acceptor.accept(&listener) => x,
         };
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            handle.io.http_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
         let shutdown = shutdown.clone();
+        let open = open.clone();
         tracker.spawn(async move {
+            let _guard = OpenGuard(open);
             let svc = hyper::service::service_fn(move |req| {
                 let handle = handle.clone();
                 async move {
@@ -59,7 +85,10 @@ async fn serve_with(listener: TcpListener, handle: Handle, shutdown: Cancellatio
                     Ok::<_, std::convert::Infallible>(route(req, &handle).await)
                 }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.idle_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "http connection error"); } }
@@ -72,6 +101,15 @@ async fn serve_with(listener: TcpListener, handle: Handle, shutdown: Cancellatio
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
@@ -407,6 +445,7 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
     g("core_stalled_refusals_total", "counter", "Peer connections closed unanswered because the core task was stuck.", h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64);
     g("core_silent_seconds", "gauge", "Time since the core task last went round its loop.", h.core_silent_ms() as f64 / 1000.0);
+    g("http_refused_connections_total", "counter", "Local HTTP connections closed at once: --http-max-connections were open.", h.io.http_refused.load(Ordering::Relaxed) as f64);
     g("redis_auth_failures_total", "counter", "Failed Redis AUTH and HELLO AUTH attempts.", h.io.redis_auth_failures.load(Ordering::Relaxed) as f64);
     g("redis_output_stalls_total", "counter", "Redis clients disconnected for reading none of their replies for 30 s.", h.io.redis_output_stalls.load(Ordering::Relaxed) as f64);
     g("redis_clients", "gauge", "Open Redis-protocol connections.", h.io.redis_clients.load(Ordering::Relaxed) as f64);

@@ -49,8 +49,9 @@ impl App {
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, cfg: AppConfig) {
     let app = Arc::new(App { cfg, pool: Mutex::new(Vec::new()) });
+    let mut acceptor = crate::accept::Acceptor::new("demo-app");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = acceptor.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         tokio::spawn(async move {

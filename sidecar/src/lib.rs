@@ -2,6 +2,7 @@
 //! TCP, detects failed peers, transfers state to joining members, and serves the
 //! local app over HTTP/JSON.
 
+pub mod accept;
 pub mod api;
 pub mod client;
 pub mod core;

@@ -150,6 +150,14 @@ struct RunArgs {
     /// than one core's worth of session traffic (about 20k requests/s).
     #[arg(long, env = "SESSIONMESH_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// Most open connections on the local HTTP API (and on the probe port);
+    /// more are closed at once and counted.
+    #[arg(long, default_value_t = 1024)]
+    http_max_connections: usize,
+    /// A local HTTP connection that sends no complete request header for this
+    /// long is closed.
+    #[arg(long, default_value_t = 30_000)]
+    http_idle_timeout_ms: u64,
     /// Tests only: serve `POST /v1/test/freeze-core?ms=N`, which blocks the
     /// core task as a stuck core would be.
     #[arg(long, hide = true)]
@@ -337,10 +345,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     });
     tracing::info!(http = %http_addr, "local API listening");
     let api_stop = CancellationToken::new();
-    let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), api_stop.clone()));
+    let http_limits = sessionmesh_sidecar::api::HttpLimits {
+        max_connections: a.http_max_connections.max(1),
+        idle_timeout: Duration::from_millis(a.http_idle_timeout_ms.max(10)),
+    };
+    let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), http_limits, api_stop.clone()));
     if let Some(addr) = a.probe {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
-        tokio::spawn(sessionmesh_sidecar::api::serve_probes(l, started.handle.clone(), api_stop.clone()));
+        tokio::spawn(sessionmesh_sidecar::api::serve_probes(l, started.handle.clone(), http_limits, api_stop.clone()));
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -617,17 +617,11 @@ async fn accept_loop(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut acceptor = crate::accept::Acceptor::new("replication");
     loop {
         let (stream, remote) = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            x = acceptor.accept(&listener) => x,
         };
         if !gate.open() {
             // Stuck core: answering the handshake here would tell the peers'

@@ -48,10 +48,11 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     let cfg = Arc::new(cfg);
+    let mut acceptor = crate::accept::Acceptor::new("redis");
     loop {
         let (mut stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            x = acceptor.accept(&listener) => x,
         };
         let clients = &handle.io.redis_clients;
         if clients.load(Ordering::Relaxed) >= cfg.max_clients as u64 {

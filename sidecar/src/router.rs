@@ -74,10 +74,11 @@ impl Router {
     }
 
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        let mut acceptor = crate::accept::Acceptor::new("router");
         loop {
             let (stream, _) = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                x = acceptor.accept(&listener) => x,
             };
             let _ = stream.set_nodelay(true);
             let router = self.clone();

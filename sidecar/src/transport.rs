@@ -50,6 +50,8 @@ pub struct IoStats {
     pub redis_clients: AtomicU64,
     /// Peer connections closed unanswered because the core task was stuck.
     pub core_stalled_refusals: AtomicU64,
+    /// Local HTTP connections closed at once because the cap was reached.
+    pub http_refused: AtomicU64,
     /// Failed Redis AUTH / HELLO AUTH attempts.
     pub redis_auth_failures: AtomicU64,
     /// Redis clients disconnected for reading none of their replies in time.

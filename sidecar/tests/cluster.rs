@@ -556,3 +556,74 @@ async fn binary_secrets_are_compared_as_bytes_and_argv_secrets_are_warned_about(
     assert!(solo.log_text(0).contains("visible to every user of this host"), "{}", solo.log_tail(0, 5));
     assert!(!solo.log_text(0).contains(hex.trim()), "the secret went into the log");
 }
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Out of file descriptors, the local listeners back off instead of spinning,
+/// and the member answers again once connections close. Idle connections are
+/// closed after the idle timeout; past the connection cap, new ones at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_listeners_survive_fd_exhaustion_and_bound_connections() {
+    let mut cl = LocalCluster::new(&bin(), 1, &["--http-idle-timeout-ms", "1500"]).expect("cluster");
+    let wrapper = cl.dir.join("low-fd-limit.sh");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nulimit -n 64\nexec '{}' \"$@\"\n", bin().display())).expect("wrapper");
+    std::process::Command::new("chmod").arg("+x").arg(&wrapper).status().expect("chmod");
+    cl.bin = wrapper;
+    cl.start(0).expect("start");
+    assert!(cl.wait_ready(0, Duration::from_secs(10)).await);
+    let pid = cl.pid(0).expect("pid");
+    let http = cl.nodes[0].http.expect("http");
+    // More idle connections than the process has descriptors.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        if let Ok(s) = tokio::net::TcpStream::connect(http).await {
+            held.push(s);
+        }
+    }
+    let t0 = cpu_seconds(pid);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let used = cpu_seconds(pid) - t0;
+    assert!(used < 0.3, "the member burnt {used:.2} s of CPU in 1 s out of descriptors (spinning accept loop)");
+    assert!(cl.log_text(0).contains("accept failed; backing off"), "{}", cl.log_tail(0, 5));
+    drop(held);
+    // The idle timeout closes what is left in the backlog; the API answers again.
+    assert!(cl.wait_ready(0, Duration::from_secs(10)).await, "the API did not recover after the connections closed");
+    // An idle connection is closed after the idle timeout.
+    let mut idle = tokio::net::TcpStream::connect(http).await.expect("connect");
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut idle, &mut b)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "an idle connection was kept open: {r:?}");
+
+    // The connection cap.
+    let mut capped = LocalCluster::new(&bin(), 1, &["--http-max-connections", "4"]).expect("cluster");
+    capped.start(0).expect("start");
+    assert!(capped.wait_ready(0, Duration::from_secs(10)).await);
+    let http = capped.nodes[0].http.expect("http");
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(tokio::net::TcpStream::connect(http).await.expect("connect"));
+    }
+    let refused = wait_for(Duration::from_secs(5), || async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(http).await else { return false };
+        let mut b = [0u8; 16];
+        matches!(tokio::time::timeout(Duration::from_millis(500), tokio::io::AsyncReadExt::read(&mut s, &mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    })
+    .await;
+    assert!(refused, "a connection past the cap was kept");
+    drop(open);
+    let counted = wait_for(Duration::from_secs(5), || {
+        let mut c = capped.client(0);
+        async move { c.get("/metrics").await.is_ok_and(|r| !r.text().contains("sessionmesh_http_refused_connections_total 0\n")) }
+    })
+    .await;
+    assert!(counted, "refused connections not counted");
+}
