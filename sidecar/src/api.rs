@@ -30,19 +30,61 @@ use tracing::debug;
 
 type Resp = Response<Full<Bytes>>;
 
-/// Bounds on the local HTTP listeners.
-#[derive(Debug, Clone, Copy)]
+/// Bounds and guards of the local HTTP listeners.
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
     /// Open connections at most; more are closed at once and counted.
     pub max_connections: usize,
     /// A connection that sends no complete request header for this long is closed.
     pub idle_timeout: std::time::Duration,
+    /// When set, every API request (not the probes) must carry
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<Arc<Vec<u8>>>,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_connections: 1024, idle_timeout: std::time::Duration::from_secs(30) }
+        HttpLimits { max_connections: 1024, idle_timeout: std::time::Duration::from_secs(30), token: None }
     }
+}
+
+/// Refuses what a web page in a browser on this machine could send to the
+/// loopback API: a foreign `Host` (DNS rebinding), any `Origin` (browsers set
+/// it on cross-origin requests), and a POST that is not JSON (a form or a
+/// `text/plain` fetch needs no CORS preflight; `application/json` does). With a
+/// token configured, also a request without it. `None` lets the request in.
+fn refuse_forgeable(req: &Request<Incoming>, bind: Option<std::net::IpAddr>, token: Option<&[u8]>) -> Option<Resp> {
+    let headers = req.headers();
+    if let Some(host) = headers.get(hyper::header::HOST).map(|v| v.to_str().unwrap_or("")) {
+        let name = host.rsplit_once(':').filter(|(h, p)| !p.contains(']') && !h.is_empty()).map_or(host, |(h, _)| h);
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        let ok = name.eq_ignore_ascii_case("localhost")
+            || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || Some(ip) == bind);
+        if !ok {
+            return Some(err(StatusCode::FORBIDDEN, "forbidden_host", "the Host header must name this member's local address (localhost, 127.0.0.1, ::1)"));
+        }
+    }
+    if headers.contains_key(hyper::header::ORIGIN) {
+        return Some(err(StatusCode::FORBIDDEN, "forbidden_origin", "requests from web pages (with an Origin header) are not accepted"));
+    }
+    if req.method() == Method::POST {
+        let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !ct.trim_start().to_ascii_lowercase().starts_with("application/json") {
+            return Some(err(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "POST bodies must be sent as Content-Type: application/json"));
+        }
+    }
+    let probe = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    if let Some(expected) = token.filter(|_| !probe) {
+        use sha2::{Digest, Sha256};
+        let got = headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        let (a, b) = (Sha256::digest(expected), Sha256::digest(got.trim().as_bytes()));
+        if a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0 {
+            let mut r = err(StatusCode::UNAUTHORIZED, "unauthorized", "this API needs Authorization: Bearer <token> (--api-token-file)");
+            r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+            return Some(r);
+        }
+    }
+    None
 }
 
 /// Serves the API until `shutdown`; open connections finish their request.
@@ -59,6 +101,7 @@ async fn serve_with(listener: TcpListener, handle: Handle, limits: HttpLimits, s
     let tracker = TaskTracker::new();
     let mut acceptor = crate::accept::Acceptor::new(if probes_only { "probes" } else { "http" });
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let bind = listener.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -74,20 +117,30 @@ async fn serve_with(listener: TcpListener, handle: Handle, limits: HttpLimits, s
         let handle = handle.clone();
         let shutdown = shutdown.clone();
         let open = open.clone();
+        let token = limits.token.clone();
+        let idle = limits.idle_timeout;
         tracker.spawn(async move {
             let _guard = OpenGuard(open);
             let svc = hyper::service::service_fn(move |req| {
                 let handle = handle.clone();
+                let token = token.clone();
                 async move {
                     if probes_only && !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
                         return Ok::<_, std::convert::Infallible>(err(StatusCode::NOT_FOUND, "no_route", "only probes are served here"));
+                    }
+                    // The probe port is reached by the kubelet with the pod's IP
+                    // as Host, and serves nothing a page could abuse.
+                    if !probes_only {
+                        if let Some(r) = refuse_forgeable(&req, bind, token.as_deref().map(|t| t.as_slice())) {
+                            return Ok(r);
+                        }
                     }
                     Ok::<_, std::convert::Infallible>(route(req, &handle).await)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.idle_timeout)
+                .header_read_timeout(idle)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {

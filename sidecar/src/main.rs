@@ -150,6 +150,10 @@ struct RunArgs {
     /// than one core's worth of session traffic (about 20k requests/s).
     #[arg(long, env = "SESSIONMESH_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// A file holding a token every local API request must carry as
+    /// `Authorization: Bearer <token>` (the probes excepted).
+    #[arg(long, env = "SESSIONMESH_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Most open connections on the local HTTP API (and on the probe port);
     /// more are closed at once and counted.
     #[arg(long, default_value_t = 1024)]
@@ -345,11 +349,21 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     });
     tracing::info!(http = %http_addr, "local API listening");
     let api_stop = CancellationToken::new();
+    let token = match &a.api_token_file {
+        Some(f) => {
+            let t = std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read --api-token-file {}: {e}", f.display()))?;
+            let t = t.trim_ascii().to_vec();
+            anyhow::ensure!(t.len() >= 16, "the API token in --api-token-file must be at least 16 bytes");
+            Some(std::sync::Arc::new(t))
+        }
+        None => None,
+    };
     let http_limits = sessionmesh_sidecar::api::HttpLimits {
         max_connections: a.http_max_connections.max(1),
         idle_timeout: Duration::from_millis(a.http_idle_timeout_ms.max(10)),
+        token,
     };
-    let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), http_limits, api_stop.clone()));
+    let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), http_limits.clone(), api_stop.clone()));
     if let Some(addr) = a.probe {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
         tokio::spawn(sessionmesh_sidecar::api::serve_probes(l, started.handle.clone(), http_limits, api_stop.clone()));

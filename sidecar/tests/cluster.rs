@@ -627,3 +627,55 @@ async fn local_listeners_survive_fd_exhaustion_and_bound_connections() {
     .await;
     assert!(counted, "refused connections not counted");
 }
+
+/// Sends one raw HTTP/1.1 request and returns the status code.
+fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    s.write_all(request.as_bytes()).expect("write");
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// What a web page in a browser on a developer's machine can send to
+/// 127.0.0.1 is refused: a text/plain or form POST, a foreign Host (DNS
+/// rebinding), any Origin. With --api-token-file, a request without the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_api_refuses_requests_a_browser_can_forge() {
+    let mut cl = LocalCluster::new(&bin(), 1, &[]).expect("cluster");
+    let token_file = cl.dir.join("api-token");
+    std::fs::write(&token_file, "0123456789abcdef0123456789abcdef\n").expect("token");
+    cl.start(0).expect("start");
+    assert!(cl.wait_ready(0, Duration::from_secs(10)).await);
+    let a = cl.nodes[0].http.expect("http");
+    let mut c = cl.client(0);
+    assert_eq!(c.post("/v1/sessions", r#"{"id":"VICTIM"}"#).await.expect("create").status, 201);
+    let body = r#"{"invalidate":true}"#;
+    let forged = [
+        format!("POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n{{\"id\":\"EVIL\"}}"),
+        format!("POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 13\r\n\r\n{{\"id\":\"EVIL\"}}"),
+        format!("POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 13\r\n\r\n{{\"id\":\"EVIL\"}}"),
+        format!("DELETE /v1/sessions/VICTIM HTTP/1.1\r\nHost: attacker.example:{}\r\nContent-Length: 0\r\n\r\n", a.port()),
+        format!("PATCH /v1/sessions/VICTIM HTTP/1.1\r\nHost: localhost\r\nOrigin: http://attacker.example\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+        format!("GET /v1/sessions HTTP/1.1\r\nHost: rebound.attacker.example\r\n\r\n"),
+    ];
+    for req in &forged {
+        let st = raw_status(a, req);
+        assert!(matches!(st, 403 | 415), "forgeable request answered {st}: {}", req.lines().take(3).collect::<Vec<_>>().join(" | "));
+    }
+    assert_eq!(c.get("/v1/sessions/VICTIM").await.expect("get").status, 200, "the session was touched by a forged request");
+    assert_eq!(c.get("/v1/sessions/EVIL").await.expect("get").status, 404);
+    // The real clients' requests still pass.
+    assert_eq!(raw_status(a, &format!("GET /v1/sessions/VICTIM HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", a.port())), 200);
+    assert_eq!(raw_status(a, "GET /v1/sessions/VICTIM HTTP/1.1\r\nHost: [::1]\r\n\r\n"), 200);
+
+    // With a token.
+    let mut t = LocalCluster::new(&bin(), 1, &[]).expect("cluster");
+    t.start_with(0, &["--api-token-file", token_file.to_str().unwrap_or_default()]).expect("start");
+    assert!(t.wait_ready(0, Duration::from_secs(10)).await, "probes need no token");
+    let a = t.nodes[0].http.expect("http");
+    assert_eq!(raw_status(a, "GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\n\r\n"), 401);
+    assert_eq!(raw_status(a, "GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n\r\n"), 401);
+    assert_eq!(raw_status(a, "GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer 0123456789abcdef0123456789abcdef\r\n\r\n"), 200);
+}
