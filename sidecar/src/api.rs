@@ -516,6 +516,7 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("write_timeouts_total", "counter", "Writes whose replication was not acknowledged in time.", t.write_timeouts as f64);
     g("queue_overflows_total", "counter", "Peer backlogs dropped past the hard bound.", t.queue_overflows as f64);
     g("sessions_expired_total", "counter", "Sessions removed by expiry.", t.expired as f64);
+    g("started_empty_with_silent_peers", "gauge", "1 when this member went ready with an empty store because its peers accepted connections but never answered.", t.started_empty_with_silent_peers as f64);
     g("peer_refused_total", "counter", "Peer deltas and states refused for breaking this member's limits (ids, attribute and session sizes, session cap).", t.peer_refused as f64);
     g("clock_refused_total", "counter", "Peer deltas and states refused: their timestamp was ahead of this member's clock by more than --max-clock-skew-ms.", t.clock_refused as f64);
     g("clock_quarantined_total", "counter", "Entries dropped for carrying a timestamp beyond this member's clock bound (repaired by anti-entropy).", t.clock_quarantined as f64);

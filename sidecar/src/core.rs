@@ -21,7 +21,7 @@ use crate::wire::PeerMsg;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +72,9 @@ pub struct CoreConfig {
     /// ahead, it is refused (it would win every later merge); a member whose
     /// clock disagrees with most of its peers by more than this turns not ready.
     pub max_clock_skew_ms: u64,
+    /// How long a starting member waits for peers that accept connections but
+    /// never answer (hung) before it serves with an empty store, loudly.
+    pub silent_peer_wait_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -94,6 +97,7 @@ impl Default for CoreConfig {
             limits: Limits::default(),
             max_frame_bytes: 64 << 20,
             max_clock_skew_ms: 1_000,
+            silent_peer_wait_ms: 30_000,
         }
     }
 }
@@ -115,6 +119,17 @@ pub enum WriteError {
     /// peers by more than the bound, so its timestamps cannot be trusted.
     #[error("this member's clock is {offset_ms} ms off its peers' (bound {bound_ms} ms); fix its time source")]
     ClockSkew { offset_ms: i64, bound_ms: u64 },
+}
+
+/// How a connection to a peer failed, as far as a starting member cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// Nothing answers there, or an established connection broke.
+    Lost,
+    /// The peer answered and turned our handshake down (it may not know us yet).
+    Refused,
+    /// The peer accepted the connection and never answered: alive but hung.
+    Silent,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +166,9 @@ pub struct Stats {
     pub seq_gaps: u64,
     /// Deltas and states refused because their timestamp was too far ahead.
     pub clock_refused: u64,
+    /// 1 when this member went ready with an empty store after waiting
+    /// `silent_peer_wait_ms` for peers that accepted connections but never answered.
+    pub started_empty_with_silent_peers: u64,
     /// Deltas and states from peers refused for breaking the store's limits.
     pub peer_refused: u64,
     /// Entries dropped because their timestamp was beyond the bound of our own
@@ -199,6 +217,8 @@ struct Peer {
     settled: bool,
     /// The peer answered but refused our handshake (it may not know us yet).
     refused: bool,
+    /// The peer accepted our connection but never answered the handshake.
+    silent: bool,
     left_ack: bool,
     /// Replies held until our connection to the peer is up (a joiner's
     /// transfer request can arrive before we have dialed it).
@@ -224,6 +244,7 @@ impl Peer {
             ready: false,
             settled: false,
             refused: false,
+            silent: false,
             left_ack: false,
             held: Vec::new(),
             out: OutLog::fresh(),
@@ -542,6 +563,7 @@ impl Core {
             p.connected = true;
             p.settled = true;
             p.refused = false;
+            p.silent = false;
             p.ready = ready;
             p.ack_due = p.in_seq > 0;
             // Resend everything not acknowledged; the receiver drops duplicates.
@@ -558,11 +580,15 @@ impl Core {
     /// Our connection to `peer` failed or broke. `refused` means the peer
     /// answered but turned our handshake down: it is running (perhaps without
     /// us in its member list yet), so a starting member must wait for it.
-    pub fn on_outbound_down(&mut self, peer: &str, refused: bool, now_ms: u64) {
+    pub fn on_outbound_down(&mut self, peer: &str, down: Down, now_ms: u64) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.connected = false;
-            p.refused = refused;
-            if !refused {
+            p.refused = down == Down::Refused;
+            p.silent = down == Down::Silent;
+            // Nothing there (or the connection broke): the peer no longer
+            // holds the start back. One that refused us or is silent may hold
+            // sessions, so the start waits for it.
+            if down == Down::Lost {
                 p.settled = true;
             }
         }
@@ -940,16 +966,29 @@ impl Core {
                 // ready) or is unreachable: a cold cluster. A peer that refused us
                 // is running and may hold sessions, so wait for it.
                 let all_settled = self.peers.iter().all(|(n, p)| {
-                    !p.refused && (p.settled || matches!(self.detector.state(n), Some(MemberState::Left)))
+                    !p.refused && !p.silent && (p.settled || matches!(self.detector.state(n), Some(MemberState::Left)))
                 });
-                let waited = now_ms.saturating_sub(self.started_ms) >= self.cfg.startup_wait_ms;
+                let waited_ms = now_ms.saturating_sub(self.started_ms);
+                let waited = waited_ms >= self.cfg.startup_wait_ms;
+                let silent: Vec<String> = self.peers.iter().filter(|(_, p)| p.silent).map(|(n, _)| n.clone()).collect();
                 if all_settled && (waited || self.peers.values().all(|p| p.settled)) {
                     info!(peers = self.peers.len(), "no ready peer to transfer from; starting with an empty store");
+                    self.phase = Phase::Ready;
+                } else if !silent.is_empty() && waited_ms >= self.cfg.silent_peer_wait_ms && self.peers.values().all(|p| !p.refused) {
+                    // Every peer that may hold sessions is alive but hung. Serving
+                    // nothing forever helps no one either: after the bound, serve
+                    // what comes (an empty store) and say so loudly.
+                    error!(
+                        ?silent,
+                        waited_ms,
+                        "peers accept connections but do not answer (hung?); starting with an EMPTY store: sessions they hold are not served until they recover and anti-entropy repairs"
+                    );
+                    self.stats.started_empty_with_silent_peers = 1;
                     self.phase = Phase::Ready;
                 } else if waited && now_ms.saturating_sub(self.last_stall_log_ms) > 5_000 {
                     self.last_stall_log_ms = now_ms;
                     let refused: Vec<&String> = self.peers.iter().filter(|(_, p)| p.refused).map(|(n, _)| n).collect();
-                    warn!(?refused, "still waiting for peers before deciding on state transfer");
+                    warn!(?refused, ?silent, "still waiting for peers before deciding on state transfer (not ready meanwhile)");
                 }
             }
             Phase::Transferring { .. } => {

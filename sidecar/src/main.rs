@@ -126,6 +126,10 @@ struct RunArgs {
     /// more than this reports it and turns not ready.
     #[arg(long, env = "SESSIONMESH_MAX_CLOCK_SKEW_MS", default_value_t = 1000)]
     max_clock_skew_ms: u64,
+    /// How long a starting member waits (not ready) for peers that accept
+    /// connections but never answer, before it serves with an empty store.
+    #[arg(long, default_value_t = 30_000)]
+    silent_peer_wait_ms: u64,
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
     #[arg(long, default_value_t = 5000)]
@@ -277,6 +281,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         limits: Limits { max_attr_bytes: a.max_attr_bytes, max_session_bytes: a.max_session_bytes, max_sessions: a.max_sessions, max_attr_name: 1024 },
         max_frame_bytes: a.max_frame_bytes,
         max_clock_skew_ms: a.max_clock_skew_ms,
+        silent_peer_wait_ms: a.silent_peer_wait_ms,
     };
     let members = match (a.members, &a.kube_membership) {
         (Some(p), _) => node::MembershipSource::File(p),

@@ -131,7 +131,7 @@ pub struct MeView {
 enum IoEvent {
     Msg { from: NodeId, msg: PeerMsg },
     OutboundUp { peer: NodeId, ready: bool },
-    OutboundDown { peer: String, refused: bool },
+    OutboundDown { peer: String, down: crate::core::Down },
     InboundUp { peer: NodeId },
     InboundClosed { peer: NodeId },
     Probe { target: String, for_peer: Option<String>, ok: bool },
@@ -474,7 +474,7 @@ impl CoreTask {
         match ev {
             IoEvent::Msg { from, msg } => self.core.on_peer_msg(&from, msg, now),
             IoEvent::OutboundUp { peer, ready } => self.core.on_outbound_up(&peer, ready, now),
-            IoEvent::OutboundDown { peer, refused } => self.core.on_outbound_down(&peer, refused, now),
+            IoEvent::OutboundDown { peer, down } => self.core.on_outbound_down(&peer, down, now),
             IoEvent::InboundUp { peer } => {
                 // The peer is up: if our dialer is backing off, try now.
                 if let Some(l) = self.links.get(&peer.name) {
@@ -721,7 +721,7 @@ async fn outbound_loop(
                     // Our side is shutting down: whatever was queued was written.
                     return;
                 }
-                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), refused: false }).await;
+                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), down: crate::core::Down::Lost }).await;
             }
             Err(e) => {
                 failures += 1;
@@ -736,7 +736,14 @@ async fn outbound_loop(
                     e,
                     transport::TransportError::Auth(_) | transport::TransportError::Rejected(_) | transport::TransportError::Protocol(_)
                 );
-                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), refused }).await;
+                let down = if refused {
+                    crate::core::Down::Refused
+                } else if matches!(e, transport::TransportError::Silent) {
+                    crate::core::Down::Silent
+                } else {
+                    crate::core::Down::Lost
+                };
+                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), down }).await;
                 while rx.try_recv().is_ok() {}
                 tokio::select! {
                     _ = cancel.cancelled() => return,

@@ -200,7 +200,7 @@ impl Sim {
                     self.links.remove(&key);
                     if self.is_up(a) {
                         if let Some(n) = self.nodes.get_mut(a) {
-                            n.core.on_outbound_down(b, false, now);
+                            n.core.on_outbound_down(b, crate::core::Down::Lost, now);
                         }
                         self.dispatch(a);
                     }

@@ -31,6 +31,10 @@ pub enum TransportError {
     Closed,
     #[error("timed out")]
     Timeout,
+    /// The TCP connection was accepted but the handshake got no answer in
+    /// time: something is listening there (a hung process, a stuck core).
+    #[error("connected, but no answer to the handshake in time")]
+    Silent,
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("peer refused us: {0}")]
@@ -163,7 +167,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             other => Err(TransportError::Protocol(format!("expected Welcome, got {other:?}"))),
         }
     };
-    tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Timeout)?
+    tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Silent)?
 }
 
 /// Listener side. `known` says whether a member name belongs to the cluster.

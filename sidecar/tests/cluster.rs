@@ -679,3 +679,52 @@ async fn the_local_api_refuses_requests_a_browser_can_forge() {
     assert_eq!(raw_status(a, "GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n\r\n"), 401);
     assert_eq!(raw_status(a, "GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer 0123456789abcdef0123456789abcdef\r\n\r\n"), 200);
 }
+
+/// A member restarted while every peer is hung (SIGSTOP: the kernel still
+/// accepts connections) does not turn ready with an empty store: it waits,
+/// takes the sessions once the peers resume, and only after
+/// --silent-peer-wait-ms serves empty, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_while_its_peers_hang_does_not_serve_empty() {
+    use sessionmesh_sidecar::localcluster::signal;
+    let mut cl = started(3, &["--send", "sync", "--anti-entropy-interval-ms", "300"]).await;
+    let mut c0 = cl.client(0);
+    for i in 0..20 {
+        assert_eq!(c0.post("/v1/sessions", format!(r#"{{"id":"H{i}"}}"#)).await.expect("create").status, 201);
+    }
+    let peers: Vec<u32> = (0..2).filter_map(|i| cl.pid(i)).collect();
+    cl.kill(2);
+    for &p in &peers {
+        signal(p, libc::SIGSTOP);
+    }
+    cl.start_with(2, &["--silent-peer-wait-ms", "60000"]).expect("restart");
+    let went_ready = cl.wait_ready(2, Duration::from_millis(2500)).await;
+    for &p in &peers {
+        signal(p, libc::SIGCONT);
+    }
+    assert!(!went_ready, "node3 turned ready while its peers were hung:\n{}", cl.log_tail(2, 10));
+    assert!(cl.wait_ready(2, Duration::from_secs(15)).await, "node3 never turned ready after its peers resumed");
+    assert_eq!(count(&mut cl.client(2)).await, 20, "node3 turned ready without the sessions");
+
+    // Past the bound it serves, empty, and says so; anti-entropy repairs later.
+    cl.kill(2);
+    for &p in &peers {
+        signal(p, libc::SIGSTOP);
+    }
+    cl.start_with(2, &["--silent-peer-wait-ms", "1500"]).expect("restart");
+    let ready = cl.wait_ready(2, Duration::from_secs(10)).await;
+    let log = cl.log_text(2);
+    let metrics = cl.client(2).get("/metrics").await.map(|r| r.text()).unwrap_or_default();
+    for &p in &peers {
+        signal(p, libc::SIGCONT);
+    }
+    assert!(ready, "node3 never served after the bound");
+    assert!(log.contains("starting with an EMPTY store"), "{log}");
+    assert!(metrics.contains("sessionmesh_started_empty_with_silent_peers 1\n"), "{metrics}");
+    let repaired = wait_for(Duration::from_secs(15), || {
+        let mut c = cl.client(2);
+        async move { count(&mut c).await == 20 }
+    })
+    .await;
+    assert!(repaired, "anti-entropy did not bring the sessions back");
+}
