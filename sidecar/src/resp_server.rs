@@ -84,7 +84,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let mut batch: Vec<Vec<Bytes>> = Vec::new();
+        let mut batch: Vec<Queued> = Vec::new();
         let mut close = false;
         loop {
             match resp::parse(&mut buf, &cfg.limits) {
@@ -100,7 +100,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                             resp::encode(&Value::err(e), conn.proto, &mut out);
                             continue;
                         }
-                        batch.push(cmd);
+                        batch.push(take_scan_match(cmd));
                         continue;
                     }
                     if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
@@ -135,17 +135,62 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
     }
 }
 
+/// A data command on its way to the core, with what is done to its reply here.
+type Queued = (Vec<Bytes>, Option<Bytes>);
+
+/// Takes `MATCH pattern` out of a `SCAN`: the pattern is matched against the
+/// returned keys in this connection's task, not on the core task that every
+/// client and peer shares.
+fn take_scan_match(cmd: Vec<Bytes>) -> Queued {
+    if !cmd[0].eq_ignore_ascii_case(b"SCAN") {
+        return (cmd, None);
+    }
+    let mut kept = vec![cmd[0].clone()];
+    let mut pattern = None;
+    let mut i = 1;
+    while i < cmd.len() {
+        // Options come in pairs after the cursor; a malformed tail is left for
+        // the core to refuse with Redis's message.
+        if i >= 2 && cmd[i].eq_ignore_ascii_case(b"MATCH") && i + 1 < cmd.len() {
+            pattern = Some(cmd[i + 1].clone());
+            i += 2;
+            continue;
+        }
+        kept.push(cmd[i].clone());
+        i += 1;
+    }
+    (kept, pattern)
+}
+
+/// Keeps the keys of a SCAN reply that match `pattern`.
+fn filter_scan(v: &mut Value, pattern: &[u8]) {
+    if let Value::Array(parts) = v {
+        if let Some(Value::Array(keys)) = parts.get_mut(1) {
+            keys.retain(|k| match k {
+                Value::Bulk(b) => crate::redis::glob(pattern, b),
+                Value::Simple(s) | Value::Verbatim(s) => crate::redis::glob(pattern, s.as_bytes()),
+                _ => true,
+            });
+        }
+    }
+}
+
 /// Runs the batched data commands and encodes their replies, writing them out
 /// a chunk at a time: the values themselves are shared with the store, so
 /// what a client that does not read holds is one chunk, not every reply.
-async fn flush(stream: &mut TcpStream, h: &Handle, batch: &mut Vec<Vec<Bytes>>, proto: u8, out: &mut BytesMut) -> std::io::Result<()> {
+async fn flush(stream: &mut TcpStream, h: &Handle, batch: &mut Vec<Queued>, proto: u8, out: &mut BytesMut) -> std::io::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
-    let cmds = std::mem::take(batch);
+    let (cmds, post): (Vec<Vec<Bytes>>, Vec<Option<Bytes>>) = std::mem::take(batch).into_iter().unzip();
     let n = cmds.len();
     match h.call(|reply| Command::Redis { cmds, reply }).await {
-        Some(values) => {
+        Some(mut values) => {
+            for (v, pattern) in values.iter_mut().zip(&post) {
+                if let Some(p) = pattern {
+                    filter_scan(v, p);
+                }
+            }
             for v in &values {
                 resp::encode(v, proto, out);
                 if out.len() >= OUT_CHUNK {
