@@ -199,6 +199,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     cm_api.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await?;
 
     ensure_peer_secret(&ctx, &sc, &ns, &name).await?;
+    ensure_local_secret(&ctx, &sc, &ns, &name).await?;
     ensure_pdb(&ctx, &sc, &ns, &name).await?;
     ensure_sidecar_rbac(&ctx, &sc, &ns, &name, &members).await?;
 
@@ -269,6 +270,33 @@ async fn ensure_peer_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str
     match api.create(&kube::api::PostParams::default(), &secret).await {
         Ok(_) => {
             info!(cluster = %name, secret = %secret_name, "created the cluster secret");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The credentials of each member's local API, shared by the sidecar and the
+/// app in the same pod: a bearer token for the HTTP API and a password for
+/// the Redis endpoint, random, created once, owned by the SessionCluster.
+async fn ensure_local_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret_name = crate::webhook::local_secret_name(name);
+    if api.get_opt(&secret_name).await?.is_some() {
+        return Ok(());
+    }
+    let mut key = [0u8; 48];
+    getrandom::getrandom(&mut key).map_err(|e| Error::Random(e.to_string()))?;
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
+        "stringData": {"api-token": hex(&key[..24]), "redis-password": hex(&key[24..])}
+    }))?;
+    match api.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(cluster = %name, secret = %secret_name, "created the local API credentials");
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),

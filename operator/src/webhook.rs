@@ -52,6 +52,17 @@ pub struct Injection {
     pub suspect_after: String,
     pub probe_timeout: String,
     pub resources: Option<sessionmesh_api::SidecarResources>,
+    /// Protect the local API with the cluster's token and Redis password
+    /// (off with the pod annotation `sessionmesh.io/local-auth: "false"`).
+    pub local_auth: bool,
+}
+
+/// Pod annotation that turns the local API credentials off for one pod.
+pub const LOCAL_AUTH_ANNOTATION: &str = "sessionmesh.io/local-auth";
+
+/// The Secret with a cluster's local API token and Redis password.
+pub fn local_secret_name(cluster: &str) -> String {
+    format!("{cluster}-local")
 }
 
 fn ms(s: &str) -> u64 {
@@ -73,12 +84,20 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
         ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {}}));
     }
     ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", esc(CLUSTER_LABEL)), "value": inj.cluster}));
-    let app_env = [
+    let local = local_secret_name(&inj.cluster);
+    let from_local = |key: &str| json!({"secretKeyRef": {"name": local, "key": key}});
+    let mut app_env = vec![
         json!({"name": "SESSIONMESH_JVM_ROUTE", "value": inj.route}),
         json!({"name": "SESSIONMESH_CLUSTER", "value": inj.cluster}),
         json!({"name": "SESSIONMESH_HTTP", "value": "127.0.0.1:7070"}),
         json!({"name": "SESSIONMESH_REDIS", "value": "127.0.0.1:6379"}),
     ];
+    if inj.local_auth {
+        // What the app needs to reach its sidecar: the token for the HTTP API,
+        // the password for the Redis endpoint.
+        app_env.push(json!({"name": "SESSIONMESH_API_TOKEN", "valueFrom": from_local("api-token")}));
+        app_env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local("redis-password")}));
+    }
     let containers = pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
     for (i, c) in containers.iter().enumerate() {
         if c.env.is_none() {
@@ -135,6 +154,17 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     if let Some(r) = &inj.resources {
         sidecar["resources"] = json!({"requests": r.requests, "limits": r.limits});
     }
+    if inj.local_auth {
+        if let Some(args) = sidecar["args"].as_array_mut() {
+            args.extend([json!("--api-token-file"), json!("/etc/sessionmesh/local/api-token")]);
+        }
+        if let Some(env) = sidecar["env"].as_array_mut() {
+            env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local("redis-password")}));
+        }
+        if let Some(m) = sidecar["volumeMounts"].as_array_mut() {
+            m.push(json!({"name": "sessionmesh-local", "mountPath": "/etc/sessionmesh/local", "readOnly": true}));
+        }
+    }
     if inj.native {
         sidecar["restartPolicy"] = json!("Always");
         let has_init = pod.spec.as_ref().is_some_and(|s| s.init_containers.is_some());
@@ -154,6 +184,9 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
     }
     ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": {"name": "sessionmesh-peer", "secret": {"secretName": inj.secret_name}}}));
+    if inj.local_auth {
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": {"name": "sessionmesh-local", "secret": {"secretName": local}}}));
+    }
     ops
 }
 
@@ -241,6 +274,7 @@ impl Admission {
             suspect_after: spec.failure_detection.suspect_after.clone(),
             probe_timeout: spec.failure_detection.probe_timeout.clone(),
             resources: spec.sidecar.resources.clone(),
+            local_auth: pod.annotations().get(LOCAL_AUTH_ANNOTATION).is_none_or(|v| v != "false"),
         })
     }
 
@@ -317,6 +351,7 @@ mod tests {
                 requests: [("cpu".to_owned(), "50m".to_owned())].into(),
                 limits: [("memory".to_owned(), "128Mi".to_owned())].into(),
             }),
+            local_auth: false,
         }
     }
     fn apply(p: &Pod, ops: Vec<Value>) -> Value {
@@ -349,6 +384,30 @@ mod tests {
         let args: Vec<&str> = cs[1]["args"].as_array().expect("args").iter().map(|a| a.as_str().unwrap_or("")).collect();
         assert!(args.windows(2).any(|w| w == ["--kube-membership", "$(POD_NAMESPACE)/shop-members"]));
         assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:4001"]));
+    }
+
+    #[test]
+    fn local_auth_gives_sidecar_and_app_the_clusters_local_credentials() {
+        let p = pod(json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}},
+                           "spec": {"containers": [{"name": "app", "image": "app"}, {"name": "worker", "image": "w", "env": []}]}}));
+        let out = apply(&p, patch_for(&p, &Injection { local_auth: true, ..inj(false) }));
+        let cs = out["spec"]["containers"].as_array().expect("containers");
+        for app in &cs[..2] {
+            let env = app["env"].as_array().expect("env");
+            for (name, key) in [("SESSIONMESH_API_TOKEN", "api-token"), ("SESSIONMESH_REDIS_PASSWORD", "redis-password")] {
+                let e = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{} has no {name}", app["name"]));
+                assert_eq!(e["valueFrom"]["secretKeyRef"], json!({"name": "shop-local", "key": key}));
+            }
+        }
+        let side = &cs[2];
+        let args: Vec<&str> = side["args"].as_array().expect("args").iter().map(|a| a.as_str().unwrap_or("")).collect();
+        assert!(args.windows(2).any(|w| w == ["--api-token-file", "/etc/sessionmesh/local/api-token"]), "{args:?}");
+        assert!(side["env"].as_array().expect("env").iter().any(|e| e["name"] == "SESSIONMESH_REDIS_PASSWORD"));
+        assert!(side["volumeMounts"].as_array().expect("mounts").iter().any(|m| m["mountPath"] == "/etc/sessionmesh/local"));
+        assert!(out["spec"]["volumes"].as_array().expect("v").iter().any(|v| v["secret"]["secretName"] == "shop-local"));
+        // Off: none of it.
+        let out = apply(&p, patch_for(&p, &inj(false)));
+        assert!(!out.to_string().contains("shop-local"));
     }
 
     #[test]

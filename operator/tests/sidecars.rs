@@ -73,7 +73,7 @@ fn start_sidecar(env: &KubeEnv, bin: &PathBuf, ns: &str, pod: &str, secret: &Pat
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (0, String::new()) };
-    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out).await;
     let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -84,7 +84,7 @@ async fn send(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return 0 };
     let _ = s
-        .write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .write_all(format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
         .await;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out).await;

@@ -49,19 +49,20 @@ impl Default for HttpLimits {
 }
 
 /// Refuses what a web page in a browser on this machine could send to the
-/// loopback API: a foreign `Host` (DNS rebinding), any `Origin` (browsers set
+/// loopback API: a `Host` naming another host (DNS rebinding), any `Origin` (browsers set
 /// it on cross-origin requests), and a POST that is not JSON (a form or a
 /// `text/plain` fetch needs no CORS preflight; `application/json` does). With a
 /// token configured, also a request without it. `None` lets the request in.
-fn refuse_forgeable(req: &Request<Incoming>, bind: Option<std::net::IpAddr>, token: Option<&[u8]>) -> Option<Resp> {
+fn refuse_forgeable(req: &Request<Incoming>, token: Option<&[u8]>) -> Option<Resp> {
     let headers = req.headers();
     if let Some(host) = headers.get(hyper::header::HOST).map(|v| v.to_str().unwrap_or("")) {
         let name = host.rsplit_once(':').filter(|(h, p)| !p.contains(']') && !h.is_empty()).map_or(host, |(h, _)| h);
         let name = name.trim_start_matches('[').trim_end_matches(']');
-        let ok = name.eq_ignore_ascii_case("localhost")
-            || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback() || Some(ip) == bind);
+        // DNS rebinding needs a host name: an IP literal (as clients of an API
+        // bound to a non-loopback address use) cannot be rebound.
+        let ok = name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok();
         if !ok {
-            return Some(err(StatusCode::FORBIDDEN, "forbidden_host", "the Host header must name this member's local address (localhost, 127.0.0.1, ::1)"));
+            return Some(err(StatusCode::FORBIDDEN, "forbidden_host", "the Host header must be localhost or an IP address"));
         }
     }
     if headers.contains_key(hyper::header::ORIGIN) {
@@ -101,7 +102,6 @@ async fn serve_with(listener: TcpListener, handle: Handle, limits: HttpLimits, s
     let tracker = TaskTracker::new();
     let mut acceptor = crate::accept::Acceptor::new(if probes_only { "probes" } else { "http" });
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let bind = listener.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -131,7 +131,7 @@ async fn serve_with(listener: TcpListener, handle: Handle, limits: HttpLimits, s
                     // The probe port is reached by the kubelet with the pod's IP
                     // as Host, and serves nothing a page could abuse.
                     if !probes_only {
-                        if let Some(r) = refuse_forgeable(&req, bind, token.as_deref().map(|t| t.as_slice())) {
+                        if let Some(r) = refuse_forgeable(&req, token.as_deref().map(|t| t.as_slice())) {
                             return Ok(r);
                         }
                     }

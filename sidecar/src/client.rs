@@ -13,6 +13,8 @@ pub struct Client {
     addr: SocketAddr,
     conn: Option<SendRequest<Full<Bytes>>>,
     pub timeout: Duration,
+    /// Sent as `Authorization: Bearer` when the sidecar has `--api-token-file`.
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,7 +35,13 @@ impl Reply {
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
-        Client { addr, conn: None, timeout: Duration::from_secs(5) }
+        Client { addr, conn: None, timeout: Duration::from_secs(5), token: None }
+    }
+
+    /// A client that authenticates with the sidecar's API token.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     async fn connect(&mut self) -> anyhow::Result<&mut SendRequest<Full<Bytes>>> {
@@ -69,6 +77,7 @@ impl Client {
 
     async fn try_request(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: Bytes) -> anyhow::Result<Reply> {
         let timeout = self.timeout;
+        let token = self.token.clone();
         let fut = async {
             let conn = self.connect().await?;
             conn.ready().await?;
@@ -77,6 +86,9 @@ impl Client {
                 .uri(path)
                 .header("host", "localhost")
                 .header("content-type", "application/json");
+            if let Some(t) = &token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
             for (k, v) in headers {
                 req = req.header(*k, v.as_str());
             }

@@ -26,6 +26,8 @@ pub struct AppConfig {
     /// `sync` or `async` (the counter must survive a crash right after a
     /// response, so the demo defaults to `sync`).
     pub send: String,
+    /// The sidecar's API token, when it has one.
+    pub token: Option<String>,
 }
 
 struct App {
@@ -35,7 +37,7 @@ struct App {
 
 impl App {
     fn client(&self) -> Client {
-        self.pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Client::new(self.cfg.sidecar))
+        self.pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Client::new(self.cfg.sidecar).with_token(self.cfg.token.clone()))
     }
     fn give_back(&self, c: Client) {
         if let Ok(mut p) = self.pool.lock() {

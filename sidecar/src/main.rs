@@ -54,6 +54,9 @@ struct DemoAppArgs {
     /// sync or async writes to the sidecar.
     #[arg(long, default_value = "sync")]
     send: String,
+    /// The sidecar's API token (injected by the operator).
+    #[arg(long, env = "SESSIONMESH_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -234,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?.to_string()}));
             sessionmesh_sidecar::demo_app::serve(
                 listener,
-                sessionmesh_sidecar::demo_app::AppConfig { name: a.name, route: a.route, sidecar: a.sidecar, send: a.send },
+                sessionmesh_sidecar::demo_app::AppConfig { name: a.name, route: a.route, sidecar: a.sidecar, send: a.send, token: a.api_token },
             )
             .await;
             Ok(())
