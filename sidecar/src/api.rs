@@ -498,6 +498,9 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
     g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
     g("core_stalled_refusals_total", "counter", "Peer connections closed unanswered because the core task was stuck.", h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64);
     g("core_silent_seconds", "gauge", "Time since the core task last went round its loop.", h.core_silent_ms() as f64 / 1000.0);
+    g("replication_pending_refused_total", "counter", "Replication connections closed before their handshake: too many were pending (in all, or from one address).", h.io.pending_refused.load(Ordering::Relaxed) as f64);
+    g("send_queue_full_total", "counter", "Times deltas to a peer were held back because its writer queue was full (the peer does not read).", h.io.send_queue_full.load(Ordering::Relaxed) as f64);
+    g("probes_dropped_total", "counter", "Probe requests dropped because too many probes were under way.", h.io.probes_dropped.load(Ordering::Relaxed) as f64);
     g("http_refused_connections_total", "counter", "Local HTTP connections closed at once: --http-max-connections were open.", h.io.http_refused.load(Ordering::Relaxed) as f64);
     g("redis_auth_failures_total", "counter", "Failed Redis AUTH and HELLO AUTH attempts.", h.io.redis_auth_failures.load(Ordering::Relaxed) as f64);
     g("redis_output_stalls_total", "counter", "Redis clients disconnected for reading none of their replies for 30 s.", h.io.redis_output_stalls.load(Ordering::Relaxed) as f64);

@@ -177,6 +177,8 @@ pub struct Stats {
 }
 
 const HELD_MAX: usize = 16;
+/// How long deltas to a peer whose writer is full are held back.
+const WRITER_FULL_PAUSE_MS: u64 = 100;
 /// Outstanding deltas with no acknowledgement for this long are resent.
 const RESEND_AFTER_MS: u64 = 1_000;
 
@@ -234,6 +236,8 @@ struct Peer {
     clock_refused: u64,
     /// Deltas and states from this peer refused for breaking the limits.
     limits_refused: u64,
+    /// No deltas are handed out for this peer before then (its writer was full).
+    hold_until_ms: u64,
 }
 
 impl Peer {
@@ -254,6 +258,7 @@ impl Peer {
             clock_offset_ms: None,
             clock_refused: 0,
             limits_refused: 0,
+            hold_until_ms: 0,
         }
     }
 }
@@ -442,11 +447,11 @@ impl Core {
 
     /// Hands out everything queued since the last call; deltas and acks are
     /// batched per peer here.
-    pub fn drain(&mut self) -> Vec<Output> {
+    pub fn drain(&mut self, now_ms: u64) -> Vec<Output> {
         let max = self.cfg.max_frame_bytes / 2;
         for (name, p) in self.peers.iter_mut() {
             if p.connected {
-                if p.gen.is_some() {
+                if p.gen.is_some() && now_ms >= p.hold_until_ms {
                     let mut batch = Vec::new();
                     let mut first = 0;
                     let mut bytes = 0;
@@ -548,6 +553,16 @@ impl Core {
         let acts = self.detector.heard(&from.name, now_ms);
         self.run_actions(acts, now_ms);
         true
+    }
+
+    /// The runtime's writer to `peer` is full (the peer does not read): stop
+    /// handing it deltas for a moment; they stay in the log and go out again
+    /// from the last acknowledgement.
+    pub fn writer_full(&mut self, peer: &str, now_ms: u64) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.out.sent_upto = p.out.acked;
+            p.hold_until_ms = now_ms + WRITER_FULL_PAUSE_MS;
+        }
     }
 
     /// A peer dialed us and proved the secret: its generation is its current life.

@@ -178,6 +178,8 @@ impl Handle {
 struct PeerLink {
     addr: SocketAddr,
     tx: mpsc::UnboundedSender<PeerMsg>,
+    /// Bytes handed to the writer and not yet written to the socket.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     cancel: CancellationToken,
     kick: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -289,6 +291,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         known,
         core_beat,
         frozen: None,
+        probes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         io_tx,
         tracker: tracker.clone(),
         net_cancel: net_cancel.clone(),
@@ -321,6 +324,8 @@ struct CoreTask {
     core_beat: Arc<std::sync::atomic::AtomicU64>,
     /// Set by the freeze test hook.
     frozen: Option<Duration>,
+    /// Probes (direct and on peers' behalf) under way.
+    probes: Arc<std::sync::atomic::AtomicUsize>,
     io_tx: mpsc::Sender<IoEvent>,
     tracker: TaskTracker,
     net_cancel: CancellationToken,
@@ -453,6 +458,7 @@ impl CoreTask {
                 continue;
             }
             let (tx, rx) = mpsc::unbounded_channel();
+            let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let cancel = self.net_cancel.child_token();
             let kick = Arc::new(tokio::sync::Notify::new());
             let task = self.tracker.spawn(outbound_loop(
@@ -460,12 +466,13 @@ impl CoreTask {
                 m.address,
                 self.sec.clone(),
                 rx,
+                queued.clone(),
                 self.io_tx.clone(),
                 cancel.clone(),
                 kick.clone(),
                 self.cfg.connect_timeout,
             ));
-            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, cancel, kick, task });
+            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, queued, cancel, kick, task });
         }
     }
 
@@ -563,20 +570,39 @@ impl CoreTask {
     }
 
     fn flush(&mut self) {
-        for o in self.core.drain() {
+        for o in self.core.drain(now_ms()) {
             match o {
                 Output::Send { to, msg } => {
                     if let Some(l) = self.links.get(&to) {
+                        let size = msg_size(&msg);
+                        // A peer that does not read: its writer's queue stays
+                        // bounded. Deltas stay in the core's log and are sent
+                        // again once the writer has caught up.
+                        if matches!(msg, PeerMsg::Deltas { .. }) && l.queued.load(Ordering::Relaxed) + size > self.cfg.core.max_queue_bytes {
+                            self.sec.stats.send_queue_full.fetch_add(1, Ordering::Relaxed);
+                            self.core.writer_full(&to, now_ms());
+                            continue;
+                        }
+                        l.queued.fetch_add(size, Ordering::Relaxed);
                         let _ = l.tx.send(msg);
                     }
                 }
                 Output::Probe { target, for_peer } => {
                     let Some(addr) = self.links.get(&target).map(|l| l.addr) else { continue };
+                    // Peers can ask us to probe; a flood of requests must not
+                    // turn into a flood of sockets.
+                    if self.probes.load(Ordering::Relaxed) >= MAX_PROBES_IN_FLIGHT {
+                        self.sec.stats.probes_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.probes.fetch_add(1, Ordering::Relaxed);
+                    let probes = self.probes.clone();
                     let sec = self.sec.clone();
                     let io_tx = self.io_tx.clone();
                     let timeout = Duration::from_millis(self.core.cfg.detector.probe_timeout_ms.saturating_sub(50).max(50));
                     self.tracker.spawn(async move {
                         let ok = transport::probe(addr, &sec, &target, timeout).await;
+                        probes.fetch_sub(1, Ordering::Relaxed);
                         debug!(target = %target, ok, indirect = for_peer.is_some(), "probe finished");
                         let _ = io_tx.send(IoEvent::Probe { target, for_peer, ok }).await;
                     });
@@ -618,6 +644,7 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let mut acceptor = crate::accept::Acceptor::new("replication");
+    let pending = Pending::default();
     loop {
         let (stream, remote) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -630,11 +657,18 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        let Some(guard) = pending.enter(remote.ip()) else {
+            // Before authentication a connection costs us a descriptor and a
+            // task: bound how many a source (or everyone) may hold open.
+            sec.stats.pending_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
         let (sec, ready, known, io_tx, cancel) = (sec.clone(), ready.clone(), known.clone(), io_tx.clone(), cancel.clone());
         tracker.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = inbound(stream, remote, sec, ready, known, io_tx) => {}
+                _ = inbound(stream, remote, sec, ready, known, io_tx, guard) => {}
             }
         });
     }
@@ -647,14 +681,30 @@ async fn inbound(
     ready: Arc<AtomicBool>,
     known: Arc<RwLock<Vec<String>>>,
     io_tx: mpsc::Sender<IoEvent>,
+    pending: PendingGuard,
 ) {
     let _ = stream.set_nodelay(true);
     let is_known = |n: &str| known.read().map(|k| k.iter().any(|m| m == n)).unwrap_or(false);
-    let (peer, probe, mut buf) = match transport::server_handshake(&mut stream, &sec, ready.load(Ordering::Relaxed), is_known).await {
+    let shaken = transport::server_handshake(&mut stream, &sec, ready.load(Ordering::Relaxed), is_known).await;
+    drop(pending);
+    let (peer, probe, mut buf) = match shaken {
         Ok(x) => x,
         Err(e) => {
             sec.stats.frame_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(%remote, error = %e, "refused a replication connection");
+            // One line per failure would let a flood write the log full: at
+            // most 10 lines per 10 s; the metric counts them all.
+            static WINDOW: std::sync::Mutex<(u64, u32)> = std::sync::Mutex::new((0, 0));
+            let log = WINDOW.lock().map(|mut w| {
+                let now = mono_ms();
+                if now.saturating_sub(w.0) >= 10_000 || w.1 == 0 {
+                    *w = (now, 0);
+                }
+                w.1 += 1;
+                w.1 <= 10
+            });
+            if log.unwrap_or(false) {
+                warn!(%remote, error = %e, total = sec.stats.frame_errors.load(Ordering::Relaxed), "refused a replication connection (at most 10 lines per 10 s)");
+            }
             return;
         }
     };
@@ -693,6 +743,7 @@ async fn outbound_loop(
     addr: SocketAddr,
     sec: Security,
     mut rx: mpsc::UnboundedReceiver<PeerMsg>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     io_tx: mpsc::Sender<IoEvent>,
     cancel: CancellationToken,
     kick: Arc<tokio::sync::Notify>,
@@ -712,11 +763,11 @@ async fn outbound_loop(
                 }
                 failures = 0;
                 backoff = Duration::from_millis(25);
-                while rx.try_recv().is_ok() {}
+                drain_queue(&mut rx, &queued);
                 if io_tx.send(IoEvent::OutboundUp { peer: peer.clone(), ready }).await.is_err() {
                     return;
                 }
-                let closed = write_loop(stream, &mut rx, &sec, &cancel).await;
+                let closed = write_loop(stream, &mut rx, &queued, &sec, &cancel).await;
                 if closed {
                     // Our side is shutting down: whatever was queued was written.
                     return;
@@ -744,7 +795,7 @@ async fn outbound_loop(
                     crate::core::Down::Lost
                 };
                 let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), down }).await;
-                while rx.try_recv().is_ok() {}
+                drain_queue(&mut rx, &queued);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -759,7 +810,28 @@ async fn outbound_loop(
 /// Writes queued messages, batching whatever is ready into one syscall.
 /// Returns true when the queue was closed (orderly shutdown), false when the
 /// connection broke.
-async fn write_loop(stream: TcpStream, rx: &mut mpsc::UnboundedReceiver<PeerMsg>, sec: &Security, cancel: &CancellationToken) -> bool {
+/// Empties a writer's queue (the connection is gone), keeping the count right.
+fn drain_queue(rx: &mut mpsc::UnboundedReceiver<PeerMsg>, queued: &std::sync::atomic::AtomicUsize) {
+    while let Ok(m) = rx.try_recv() {
+        queued.fetch_sub(msg_size(&m).min(queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+    }
+}
+
+/// What a message counts for in a writer's queue.
+fn msg_size(m: &PeerMsg) -> usize {
+    match m {
+        PeerMsg::Deltas { deltas, .. } => 16 + deltas.iter().map(|d| d.size_hint()).sum::<usize>(),
+        _ => 64,
+    }
+}
+
+async fn write_loop(
+    stream: TcpStream,
+    rx: &mut mpsc::UnboundedReceiver<PeerMsg>,
+    queued: &std::sync::atomic::AtomicUsize,
+    sec: &Security,
+    cancel: &CancellationToken,
+) -> bool {
     let (mut rd, mut wr) = stream.into_split();
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut scratch = [0u8; 64];
@@ -774,12 +846,14 @@ async fn write_loop(stream: TcpStream, rx: &mut mpsc::UnboundedReceiver<PeerMsg>
                     return true;
                 };
                 out.clear();
+                let mut taken = msg_size(&m);
                 if let Err(e) = transport::encode_peer(&m, &mut out) {
                     warn!(error = %e, "cannot encode a message; dropped");
                 }
                 while out.len() < 1 << 20 {
                     match rx.try_recv() {
                         Ok(m) => {
+                            taken += msg_size(&m);
                             if let Err(e) = transport::encode_peer(&m, &mut out) {
                                 warn!(error = %e, "cannot encode a message; dropped");
                             }
@@ -787,11 +861,56 @@ async fn write_loop(stream: TcpStream, rx: &mut mpsc::UnboundedReceiver<PeerMsg>
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = wr.write_all(&out).await {
+                let written = wr.write_all(&out).await;
+                queued.fetch_sub(taken.min(queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+                if let Err(e) = written {
                     debug!(error = %e, "write to peer failed");
                     return false;
                 }
                 sec.stats.bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Probes under way at most; more requests are dropped (and counted).
+const MAX_PROBES_IN_FLIGHT: usize = 16;
+/// Connections that have not finished their handshake, at most, in all and
+/// from one source address; more are closed at once.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+const MAX_PENDING_PER_SOURCE: usize = 16;
+
+/// Connections accepted and not yet through their handshake, by source.
+#[derive(Clone, Default)]
+struct Pending(Arc<std::sync::Mutex<(usize, HashMap<std::net::IpAddr, usize>)>>);
+
+/// Holds one pending slot until the handshake is over.
+struct PendingGuard(Pending, std::net::IpAddr);
+
+impl Pending {
+    fn enter(&self, ip: std::net::IpAddr) -> Option<PendingGuard> {
+        let mut g = self.0.lock().ok()?;
+        let (total, by_ip) = &mut *g;
+        let n = by_ip.get(&ip).copied().unwrap_or(0);
+        if *total >= MAX_PENDING_HANDSHAKES || n >= MAX_PENDING_PER_SOURCE {
+            return None;
+        }
+        *total += 1;
+        by_ip.insert(ip, n + 1);
+        Some(PendingGuard(self.clone(), ip))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut g) = (self.0).0.lock() {
+            let (total, by_ip) = &mut *g;
+            *total = total.saturating_sub(1);
+            if let Some(n) = by_ip.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&self.1);
+                }
             }
         }
     }

@@ -223,12 +223,13 @@ impl Sim {
     }
 
     fn dispatch(&mut self, name: &str) {
+        let now = self.now;
         let Some(node) = self.nodes.get_mut(name) else { return };
         if !node.up {
-            node.core.drain();
+            node.core.drain(now);
             return;
         }
-        let outs = node.core.drain();
+        let outs = node.core.drain(now);
         let me = node.core.me.clone();
         for o in outs {
             match o {

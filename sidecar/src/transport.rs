@@ -54,6 +54,12 @@ pub struct IoStats {
     pub redis_clients: AtomicU64,
     /// Peer connections closed unanswered because the core task was stuck.
     pub core_stalled_refusals: AtomicU64,
+    /// Probe requests dropped: too many probes were under way.
+    pub probes_dropped: AtomicU64,
+    /// Delta batches held back because a peer's writer queue was full.
+    pub send_queue_full: AtomicU64,
+    /// Replication connections closed before their handshake: too many pending.
+    pub pending_refused: AtomicU64,
     /// Local HTTP connections closed at once because the cap was reached.
     pub http_refused: AtomicU64,
     /// Failed Redis AUTH / HELLO AUTH attempts.
