@@ -254,22 +254,30 @@ async fn ensure_peer_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str
     if sc.spec.peer_auth.is_some() {
         return Ok(());
     }
+    create_secret_once(ctx, sc, ns, name, &format!("{name}-peer"), &[("secret", 32)], "the cluster secret").await
+}
+
+/// Creates a Secret of random hex values (`(key, random bytes)`) owned by the
+/// SessionCluster, unless it exists. Existing values are never replaced.
+async fn create_secret_once(ctx: &Ctx, sc: &SessionCluster, ns: &str, cluster: &str, secret_name: &str, keys: &[(&str, usize)], what: &str) -> Result<(), Error> {
     let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let secret_name = format!("{name}-peer");
-    if api.get_opt(&secret_name).await?.is_some() {
+    if api.get_opt(secret_name).await?.is_some() {
         return Ok(());
     }
-    let mut key = [0u8; 32];
-    getrandom::getrandom(&mut key).map_err(|e| Error::Random(e.to_string()))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut data = serde_json::Map::new();
+    for (key, len) in keys {
+        let mut b = vec![0u8; *len];
+        getrandom::getrandom(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+        data.insert((*key).to_owned(), json!(b.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    }
     let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-        "stringData": {"secret": hex}
+        "stringData": data
     }))?;
     match api.create(&kube::api::PostParams::default(), &secret).await {
         Ok(_) => {
-            info!(cluster = %name, secret = %secret_name, "created the cluster secret");
+            info!(cluster = %cluster, secret = %secret_name, "created {what}");
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
@@ -281,27 +289,8 @@ async fn ensure_peer_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str
 /// app in the same pod: a bearer token for the HTTP API and a password for
 /// the Redis endpoint, random, created once, owned by the SessionCluster.
 async fn ensure_local_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
     let secret_name = crate::webhook::local_secret_name(name);
-    if api.get_opt(&secret_name).await?.is_some() {
-        return Ok(());
-    }
-    let mut key = [0u8; 48];
-    getrandom::getrandom(&mut key).map_err(|e| Error::Random(e.to_string()))?;
-    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
-    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
-        "metadata": {"name": secret_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-        "stringData": {"api-token": hex(&key[..24]), "redis-password": hex(&key[24..])}
-    }))?;
-    match api.create(&kube::api::PostParams::default(), &secret).await {
-        Ok(_) => {
-            info!(cluster = %name, secret = %secret_name, "created the local API credentials");
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    create_secret_once(ctx, sc, ns, name, &secret_name, &[("api-token", 24), ("redis-password", 24)], "the local API credentials").await
 }
 
 /// Least privilege for the sidecars, without manual steps: a Role allowing

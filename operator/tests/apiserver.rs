@@ -98,6 +98,11 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), "shop");
     let secret = secrets.get("web-peer").await.expect("web-peer secret");
     assert_eq!(secret.data.as_ref().and_then(|d| d.get("secret")).map(|s| s.0.len()), Some(64));
+    // The local API credentials the webhook hands to the sidecar and the apps.
+    let local = secrets.get("web-local").await.expect("web-local secret");
+    for key in ["api-token", "redis-password"] {
+        assert_eq!(local.data.as_ref().and_then(|d| d.get(key)).map(|s| s.0.len()), Some(48), "{key}");
+    }
     let pdb_ar = kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"));
     let pdbs: Api<kube::core::DynamicObject> = Api::namespaced_with(env.client.clone(), "shop", &pdb_ar);
     let pdb = pdbs.get("web-members").await.expect("pdb");

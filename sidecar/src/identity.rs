@@ -182,6 +182,14 @@ pub fn fill_random(buf: &mut [u8]) {
     }
 }
 
+/// Compares two secrets in constant time: digests of both, so neither the
+/// position of the first difference nor the length leaks through timing.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
 /// Whether the operating system's random source works.
 pub fn check_random() -> Result<(), String> {
     let mut b = [0u8; 16];

@@ -311,6 +311,34 @@ impl Drop for LocalCluster {
     }
 }
 
+/// Resident memory of a process, in bytes (0 if it is gone).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15, after the parenthesised command.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// One value of a member's `/metrics` (NaN if absent).
+pub async fn metric(c: &mut Client, name: &str) -> f64 {
+    let Ok(r) = c.get("/metrics").await else { return f64::NAN };
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Where an external part the tests use comes from, for the one-line error a
 /// test gives when it is missing.
 fn install_hint(part: &str) -> &'static str {

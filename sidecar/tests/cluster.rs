@@ -2,7 +2,7 @@
 //! bad input. Every wait has a deadline.
 
 use sessionmesh_sidecar::client::Client;
-use sessionmesh_sidecar::localcluster::{wait_for, LocalCluster};
+use sessionmesh_sidecar::localcluster::{cpu_seconds, wait_for, LocalCluster};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -557,13 +557,6 @@ async fn binary_secrets_are_compared_as_bytes_and_argv_secrets_are_warned_about(
     assert!(!solo.log_text(0).contains(hex.trim()), "the secret went into the log");
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
 
 /// Out of file descriptors, the local listeners back off instead of spinning,
 /// and the member answers again once connections close. Idle connections are

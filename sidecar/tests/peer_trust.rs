@@ -6,7 +6,7 @@
 use sessionmesh_sidecar::client::Client;
 use sessionmesh_sidecar::hlc::Hlc;
 use sessionmesh_sidecar::identity::{Generation, NodeId, SessionId};
-use sessionmesh_sidecar::localcluster::{faketime_env, wait_for, LocalCluster};
+use sessionmesh_sidecar::localcluster::{faketime_env, metric, rss_bytes, wait_for, LocalCluster};
 use sessionmesh_sidecar::node::now_ms;
 use sessionmesh_sidecar::store::{Delta, Op};
 use sessionmesh_sidecar::transport::{self, IoStats, Security};
@@ -36,14 +36,6 @@ async fn put(c: &mut Client, id: &str, name: &str, v: &str) -> u16 {
     c.put(&format!("/v1/sessions/{id}/attributes/{name}?send=sync"), v.to_owned()).await.map_or(0, |r| r.status)
 }
 
-async fn metric(c: &mut Client, name: &str) -> f64 {
-    let Ok(r) = c.get("/metrics").await else { return f64::NAN };
-    r.text()
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
 
 /// Writes `rounds` values alternately on the members in `on`, each read back
 /// from every member in `check`: a later acknowledged write must always win.
@@ -277,12 +269,6 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb / 1024)
-}
 
 /// Connections that never authenticate, and a peer's flood of probe requests,
 /// hold a bounded number of descriptors; the member keeps answering.
@@ -384,12 +370,12 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     let pid = cl.pid(0).expect("pid");
     let mut c0 = cl.client(0);
     assert_eq!(c0.post("/v1/sessions", r#"{"id":"SLOW"}"#).await.expect("create").status, 201);
-    let base = rss_mb(pid);
+    let base = rss_bytes(pid) / (1 << 20);
     let value = vec![b'x'; 512 * 1024];
     let mut peak = base;
     for _ in 0..300 {
         let _ = c0.put("/v1/sessions/SLOW/attributes/a?send=async", value.clone()).await;
-        peak = peak.max(rss_mb(pid));
+        peak = peak.max(rss_bytes(pid) / (1 << 20));
     }
     // 150 MiB written toward a peer that reads nothing.
     eprintln!("RSS {base} MiB -> peak {peak} MiB");

@@ -2,7 +2,7 @@
 //! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
 //! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
 
-use sessionmesh_sidecar::localcluster::{require, require_node_modules, require_python, signal, wait_for, LocalCluster};
+use sessionmesh_sidecar::localcluster::{require, require_node_modules, require_python, rss_bytes, signal, wait_for, LocalCluster};
 use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::process::Command;
@@ -245,12 +245,6 @@ async fn a_pathological_scan_pattern_does_not_stall_the_member() {
     assert_eq!(v["members"][0]["state"], "alive", "{v}");
 }
 
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb / 1024)
-}
 
 /// Wrong passwords are counted and, past a few on one connection, slowed down;
 /// the right one still works.
@@ -297,12 +291,12 @@ async fn a_client_that_does_not_read_cannot_make_the_member_hold_its_replies() {
     tokio::io::AsyncWriteExt::write_all(&mut w, &set).await.expect("set");
     let mut ok = [0u8; 5];
     tokio::io::AsyncReadExt::read_exact(&mut w, &mut ok).await.expect("+OK");
-    let base = rss_mb(pid);
+    let base = rss_bytes(pid) >> 20;
     // 800 GETs of 512 KiB in one small pipeline: 400 MiB of replies, never read.
     let gets = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(800);
     tokio::io::AsyncWriteExt::write_all(&mut w, &gets).await.expect("gets");
-    let grew = wait_for(Duration::from_secs(2), || async move { rss_mb(pid) > base + 64 }).await;
-    assert!(!grew, "RSS grew from {base} MiB to {} MiB for replies nobody read", rss_mb(pid));
+    let grew = wait_for(Duration::from_secs(2), || async move { (rss_bytes(pid) >> 20) > base + 64 }).await;
+    assert!(!grew, "RSS grew from {base} MiB to {} MiB for replies nobody read", (rss_bytes(pid) >> 20));
     // Too many keys in one MGET: a clear error, not a huge reply.
     let keys: Vec<String> = (0..10_001).map(|i| format!("k{i}")).collect();
     let mut args = vec!["MGET"];

@@ -4,7 +4,7 @@
 //! and SIGSTOP),
 //! transfer (includes rss), all (default).
 
-use sessionmesh_sidecar::localcluster::LocalCluster;
+use sessionmesh_sidecar::localcluster::{cpu_seconds, metric, rss_bytes, LocalCluster};
 use sessionmesh_sidecar::node::now_ms;
 use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
@@ -177,14 +177,6 @@ async fn detect(rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn metric(c: &mut sessionmesh_sidecar::client::Client, name: &str) -> f64 {
-    let Ok(r) = c.get("/metrics").await else { return f64::NAN };
-    r.text()
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
 
 /// SIGSTOP the third member (a hung process with open sockets), read when the
 /// first declared it dead, then SIGCONT it and wait until it is alive again.
@@ -206,12 +198,6 @@ async fn detect_hung(rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb * 1024)
-}
 
 /// Loads N × 1 KiB sessions, then a fourth member joins; also RSS per session.
 async fn transfer(n: usize) -> anyhow::Result<()> {
@@ -333,22 +319,13 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// CPU time (user + system) a process has used, in microseconds.
-fn cpu_us(pid: u32) -> f64 {
-    // utime and stime are fields 14 and 15, after the parenthesised command.
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks * 1e6 / 100.0
-}
 
 /// CPU microseconds used so far by the stack's sidecars, apps and load balancer.
 fn stack_cpu(st: &Stack) -> [f64; 3] {
-    let sidecars: f64 = (0..st.cl.nodes.len()).filter_map(|i| st.cl.pid(i)).map(cpu_us).sum();
-    let apps: f64 = st.apps.iter().flatten().map(|c| cpu_us(c.id())).sum();
+    let sidecars: f64 = (0..st.cl.nodes.len()).filter_map(|i| st.cl.pid(i)).map(|p| cpu_seconds(p) * 1e6).sum();
+    let apps: f64 = st.apps.iter().flatten().map(|c| cpu_seconds(c.id()) * 1e6).sum();
     let lb = match &st.lb {
-        sessionmesh_sidecar::stack::Lb::Haproxy { child, .. } => cpu_us(child.id()),
+        sessionmesh_sidecar::stack::Lb::Haproxy { child, .. } => cpu_seconds(child.id()) * 1e6,
         sessionmesh_sidecar::stack::Lb::Builtin { .. } => 0.0,
     };
     [sidecars, apps, lb]
