@@ -18,6 +18,7 @@ pub mod redis;
 pub mod resp;
 pub mod resp_server;
 pub mod router;
+pub mod seal;
 pub mod sim;
 pub mod stack;
 pub mod store;

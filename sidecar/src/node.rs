@@ -14,7 +14,7 @@ use crate::identity::{NodeId, SessionId};
 use crate::membership::{MemberFile, MemberSpec};
 use crate::store::{Op, Session};
 use crate::transport::{self, IoStats, Security};
-use crate::wire::{self, FrameType, PeerMsg};
+use crate::wire::PeerMsg;
 use bytes::BytesMut;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -687,7 +687,7 @@ async fn inbound(
     let is_known = |n: &str| known.read().map(|k| k.iter().any(|m| m == n)).unwrap_or(false);
     let shaken = transport::server_handshake(&mut stream, &sec, ready.load(Ordering::Relaxed), is_known).await;
     drop(pending);
-    let (peer, probe, mut buf) = match shaken {
+    let (peer, probe, mut buf, mut keys) = match shaken {
         Ok(x) => x,
         Err(e) => {
             sec.stats.frame_errors.fetch_add(1, Ordering::Relaxed);
@@ -715,7 +715,7 @@ async fn inbound(
     let _ = io_tx.send(IoEvent::InboundUp { peer: peer.clone() }).await;
     loop {
         match transport::read_frame(&mut stream, &mut buf, sec.max_frame, &sec.stats).await {
-            Ok(Some((ty, payload))) => match wire::decode::<PeerMsg>(FrameType::Peer, ty, &payload) {
+            Ok(Some((ty, payload))) => match keys.recv.open(ty, &payload) {
                 Ok(msg) => {
                     if io_tx.send(IoEvent::Msg { from: peer.clone(), msg }).await.is_err() {
                         return;
@@ -757,7 +757,7 @@ async fn outbound_loop(
             r = transport::dial(addr, &sec, &name, false, connect_timeout + sec.handshake_timeout) => r,
         };
         match dialed {
-            Ok((stream, peer, ready)) => {
+            Ok(transport::Dialed { stream, peer, ready, keys }) => {
                 if failures > 0 {
                     info!(peer = %peer, %addr, "connected after {failures} failed attempts");
                 }
@@ -767,7 +767,7 @@ async fn outbound_loop(
                 if io_tx.send(IoEvent::OutboundUp { peer: peer.clone(), ready }).await.is_err() {
                     return;
                 }
-                let closed = write_loop(stream, &mut rx, &queued, &sec, &cancel).await;
+                let closed = write_loop(stream, keys.send, &mut rx, &queued, &sec, &cancel).await;
                 if closed {
                     // Our side is shutting down: whatever was queued was written.
                     return;
@@ -827,6 +827,7 @@ fn msg_size(m: &PeerMsg) -> usize {
 
 async fn write_loop(
     stream: TcpStream,
+    mut sealer: transport::Sealer,
     rx: &mut mpsc::UnboundedReceiver<PeerMsg>,
     queued: &std::sync::atomic::AtomicUsize,
     sec: &Security,
@@ -847,14 +848,14 @@ async fn write_loop(
                 };
                 out.clear();
                 let mut taken = msg_size(&m);
-                if let Err(e) = transport::encode_peer(&m, &mut out) {
+                if let Err(e) = sealer.seal(&m, &mut out) {
                     warn!(error = %e, "cannot encode a message; dropped");
                 }
                 while out.len() < 1 << 20 {
                     match rx.try_recv() {
                         Ok(m) => {
                             taken += msg_size(&m);
-                            if let Err(e) = transport::encode_peer(&m, &mut out) {
+                            if let Err(e) = sealer.seal(&m, &mut out) {
                                 warn!(error = %e, "cannot encode a message; dropped");
                             }
                         }

@@ -8,6 +8,7 @@
 //! are limited to `MAX_HANDSHAKE_FRAME` bytes and the peer gets no data.
 
 use crate::identity::{fill_random, NodeId};
+pub use crate::seal::{Keys, Sealer};
 use crate::wire::{self, FrameType, Handshake, PeerMsg, WireError, MAX_HANDSHAKE_FRAME};
 use bytes::BytesMut;
 use hmac::{Hmac, Mac};
@@ -126,6 +127,22 @@ fn proof(secret: &[u8], label: &str, cluster: &str, nc: &[u8; 32], ns: &[u8; 32]
     mac
 }
 
+/// The keys of one connection, from the same inputs as the proofs: each
+/// direction its own, so the two counters never share a nonce.
+fn keys(sec: &Security, nc: &[u8; 32], ns: &[u8; 32], client: &NodeId, server: &NodeId, dialer: bool) -> Keys {
+    let key = |label: &str| {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&proof(&sec.secret, label, &sec.cluster, nc, ns, client, server).finalize().into_bytes());
+        k
+    };
+    let (c2s, s2c) = (key("sessionmesh key client to server"), key("sessionmesh key server to client"));
+    if dialer {
+        Keys { send: Sealer::new(c2s), recv: Sealer::new(s2c) }
+    } else {
+        Keys { send: Sealer::new(s2c), recv: Sealer::new(c2s) }
+    }
+}
+
 #[allow(clippy::panic)]
 fn unreachable_hmac() -> Hmac<Sha256> {
     panic!("HMAC accepts keys of any length")
@@ -137,7 +154,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sec: &Security,
     to: &str,
     probe: bool,
-) -> Result<(NodeId, bool), TransportError> {
+) -> Result<(NodeId, bool, Keys), TransportError> {
     let fut = async {
         let mut buf = BytesMut::with_capacity(1024);
         let mut nc = [0u8; 32];
@@ -167,7 +184,8 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 if !buf.is_empty() {
                     return Err(TransportError::Protocol("data after Welcome".into()));
                 }
-                Ok((server, ready))
+                let k = keys(sec, &nc, &ns, &sec.me, &server, true);
+                Ok((server, ready, k))
             }
             Handshake::Reject { reason } => Err(TransportError::Rejected(reason)),
             other => Err(TransportError::Protocol(format!("expected Welcome, got {other:?}"))),
@@ -183,7 +201,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sec: &Security,
     ready: bool,
     known: impl Fn(&str) -> bool,
-) -> Result<(NodeId, bool, BytesMut), TransportError> {
+) -> Result<(NodeId, bool, BytesMut, Keys), TransportError> {
     let fut = async {
         let mut buf = BytesMut::with_capacity(1024);
         let (client, nc, probe) = match recv_hs(s, &mut buf, &sec.stats).await? {
@@ -223,7 +241,8 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let mut pb = [0u8; 32];
         pb.copy_from_slice(&p);
         send_hs(s, &Handshake::Welcome { proof: pb, ready }, &sec.stats).await?;
-        Ok((client, probe, buf))
+        let k = keys(sec, &nc, &ns, &client, &sec.me, false);
+        Ok((client, probe, buf, k))
     };
     tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Timeout)?
 }
@@ -240,17 +259,27 @@ fn hs_name(h: &Handshake) -> &'static str {
 
 /// Dials and authenticates. A probe proves the member's process answers, not
 /// just that its kernel accepts connections.
-pub async fn dial(addr: SocketAddr, sec: &Security, to: &str, probe: bool, timeout: Duration) -> Result<(TcpStream, NodeId, bool), TransportError> {
+/// An authenticated connection to a peer, with the keys its frames are sealed with.
+pub struct Dialed {
+    pub stream: TcpStream,
+    pub peer: NodeId,
+    pub ready: bool,
+    pub keys: Keys,
+}
+
+pub async fn dial(addr: SocketAddr, sec: &Security, to: &str, probe: bool, timeout: Duration) -> Result<Dialed, TransportError> {
     let mut s = tokio::time::timeout(timeout, TcpStream::connect(addr)).await.map_err(|_| TransportError::Timeout)??;
     s.set_nodelay(true)?;
-    let (peer, ready) = client_handshake(&mut s, sec, to, probe).await?;
-    Ok((s, peer, ready))
+    let (peer, ready, keys) = client_handshake(&mut s, sec, to, probe).await?;
+    Ok(Dialed { stream: s, peer, ready, keys })
 }
 
 pub async fn probe(addr: SocketAddr, sec: &Security, to: &str, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, dial(addr, sec, to, true, timeout)).await.is_ok_and(|r| r.is_ok())
 }
 
+/// A peer message as an unsealed frame: only for tests that play a peer
+/// without the keys (sealed frames are made by `Sealer::seal`).
 pub fn encode_peer(msg: &PeerMsg, out: &mut BytesMut) -> Result<(), WireError> {
     wire::encode(FrameType::Peer, msg, out)
 }
@@ -276,10 +305,19 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let (sa, sb) = (sec("a", "s3cret"), sec("b", "s3cret"));
         let (c, s) = tokio::join!(client_handshake(&mut a, &sa, "b", false), server_handshake(&mut b, &sb, true, |_| true));
-        let (peer, ready) = c.unwrap();
+        let (peer, ready, mut ck) = c.unwrap();
         assert_eq!(peer.name, "b");
         assert!(ready);
-        assert_eq!(s.unwrap().0.name, "a");
+        let (client, _, _, mut sk) = s.unwrap();
+        assert_eq!(client.name, "a");
+        // Both ends derived the same keys, one per direction.
+        let mut buf = BytesMut::new();
+        ck.send.seal(&PeerMsg::Leave, &mut buf).unwrap();
+        sk.send.seal(&PeerMsg::LeaveAck, &mut buf).unwrap();
+        let (t1, p1) = wire::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        let (t2, p2) = wire::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(sk.recv.open(t1, &p1).unwrap(), PeerMsg::Leave);
+        assert_eq!(ck.recv.open(t2, &p2).unwrap(), PeerMsg::LeaveAck);
     }
 
     #[tokio::test]

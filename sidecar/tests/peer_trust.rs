@@ -133,9 +133,15 @@ async fn a_member_restarted_after_its_clock_stepped_back_rejoins() {
     later_writes_win(&cl, &[0, 1, 2], &[0, 1, 2], "BACK", 6).await;
 }
 
+/// An authenticated connection the test speaks on as a member.
+struct Fake {
+    stream: tokio::net::TcpStream,
+    keys: transport::Keys,
+}
+
 /// Dials `cl`'s node `to` as member `as_name` with the cluster secret and
 /// returns the authenticated connection.
-async fn impersonate(cl: &LocalCluster, to: usize, as_name: &str) -> tokio::net::TcpStream {
+async fn impersonate(cl: &LocalCluster, to: usize, as_name: &str) -> Fake {
     let secret = std::fs::read(&cl.secret_file).expect("secret");
     let sec = Security {
         cluster: cl.cluster.clone(),
@@ -145,14 +151,14 @@ async fn impersonate(cl: &LocalCluster, to: usize, as_name: &str) -> tokio::net:
         handshake_timeout: Duration::from_secs(2),
         stats: Arc::new(IoStats::default()),
     };
-    let (s, _, _) = transport::dial(cl.nodes[to].replication, &sec, &cl.nodes[to].name, false, Duration::from_secs(2)).await.expect("dial");
-    s
+    let d = transport::dial(cl.nodes[to].replication, &sec, &cl.nodes[to].name, false, Duration::from_secs(2)).await.expect("dial");
+    Fake { stream: d.stream, keys: d.keys }
 }
 
-async fn send(s: &mut tokio::net::TcpStream, msg: &PeerMsg) {
+async fn send(s: &mut Fake, msg: &PeerMsg) {
     let mut out = bytes::BytesMut::new();
-    transport::encode_peer(msg, &mut out).expect("encode");
-    s.write_all(&out).await.expect("write");
+    s.keys.send.seal(msg, &mut out).expect("seal");
+    s.stream.write_all(&out).await.expect("write");
 }
 
 fn forged(id: &str, hlc: Hlc, value: &str) -> Arc<Delta> {
@@ -246,12 +252,13 @@ async fn a_hostile_peer_cannot_push_data_past_the_limits() {
     assert_eq!(c0.get("/v1/sessions/HUGE").await.expect("get").status, 404, "a 2 MiB attribute was stored");
     // An id no client could have written: the frame is refused whole.
     let bad = Arc::new(Delta { id: SessionId::key(b"Z").expect("id"), ..(*create("Z", vec![])).clone() });
+    let mut body = postcard::to_allocvec(&PeerMsg::Deltas { epoch: 1, first_seq: n + 1, deltas: vec![bad] }).expect("encode");
+    // Turn the id "Z" into a newline inside the message (postcard writes it as length 1, then the byte).
+    let pos = body.windows(2).position(|w| w == [1, b'Z']).expect("id in frame");
+    body[pos + 1] = b'\n';
     let mut frame = bytes::BytesMut::new();
-    transport::encode_peer(&PeerMsg::Deltas { epoch: 1, first_seq: n + 1, deltas: vec![bad] }, &mut frame).expect("encode");
-    // Turn the id "Z" into a newline inside the encoded frame (postcard writes it as length 1, then the byte).
-    let pos = frame.windows(2).position(|w| w == [1, b'Z']).expect("id in frame");
-    frame[pos + 1] = b'\n';
-    s.write_all(&frame).await.expect("write");
+    s.keys.send.seal_payload(body, &mut frame).expect("seal");
+    s.stream.write_all(&frame).await.expect("write");
     let closed = wait_for(Duration::from_secs(5), || {
         let mut c = Client::new(http(&cl, 0));
         async move { metric(&mut c, "sessionmesh_frame_errors_total").await >= 1.0 }
@@ -305,9 +312,9 @@ async fn floods_before_and_after_authentication_stay_bounded() {
     for _ in 0..3 {
         let mut batch = bytes::BytesMut::new();
         for _ in 0..1000 {
-            transport::encode_peer(&PeerMsg::PingReq { target: "node2".into() }, &mut batch).expect("encode");
+            s.keys.send.seal(&PeerMsg::PingReq { target: "node2".into() }, &mut batch).expect("seal");
         }
-        s.write_all(&batch).await.expect("write");
+        s.stream.write_all(&batch).await.expect("write");
     }
     let dropped = wait_for(Duration::from_secs(5), || {
         let mut c = Client::new(http(&cl, 0));
@@ -344,7 +351,7 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     tokio::spawn(async move {
         let mut kept = Vec::new();
         while let Ok((mut s, _)) = listener.accept().await {
-            if let Ok((_, probe, _)) = transport::server_handshake(&mut s, &server_sec, false, |_| true).await {
+            if let Ok((_, probe, _, _)) = transport::server_handshake(&mut s, &server_sec, false, |_| true).await {
                 if !probe {
                     kept.push(s);
                 }
@@ -358,9 +365,9 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
         loop {
             let hlc = Hlc { wall_ms: now_ms(), logical: 0, node: 9 };
             let mut b = bytes::BytesMut::new();
-            transport::encode_peer(&PeerMsg::Heartbeat { ready: false }, &mut b).expect("encode");
-            transport::encode_peer(&PeerMsg::Clock { hlc }, &mut b).expect("encode");
-            if s.write_all(&b).await.is_err() {
+            s.keys.send.seal(&PeerMsg::Heartbeat { ready: false }, &mut b).expect("seal");
+            s.keys.send.seal(&PeerMsg::Clock { hlc }, &mut b).expect("seal");
+            if s.stream.write_all(&b).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -381,4 +388,85 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     eprintln!("RSS {base} MiB -> peak {peak} MiB");
     assert!(peak < base + 64, "RSS grew from {base} MiB to {peak} MiB");
     assert_eq!(c0.get("/readyz").await.expect("readyz").status, 200);
+}
+
+/// A relay on the path between two members, without the secret: what it
+/// forwards carries no session content in clear, and a frame it injects is
+/// refused (the connection closes and is redialed) and never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_the_secret_can_neither_read_nor_inject() {
+    use tokio::io::AsyncReadExt;
+    let mut cl = LocalCluster::new(&bin(), 2, &["--send", "sync"]).expect("cluster");
+    // node2 binds its real port; the member file sends node1 to the relay instead.
+    let real = cl.nodes[1].replication;
+    let relay = std::net::SocketAddr::from(([127, 0, 0, 1], sessionmesh_sidecar::localcluster::free_port().expect("port")));
+    cl.nodes[1].replication = relay;
+    cl.write_members().expect("members");
+    let listener = tokio::net::TcpListener::bind(relay).await.expect("bind relay");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let (inject_tx, inject_rx) = tokio::sync::watch::channel(false);
+    let recorded = seen.clone();
+    let once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((c, _)) = listener.accept().await {
+            let Ok(s) = tokio::net::TcpStream::connect(real).await else { continue };
+            let (recorded, mut inject_rx, once) = (recorded.clone(), inject_rx.clone(), once.clone());
+            tokio::spawn(async move {
+                let ((mut cr, mut cw), (mut sr, mut sw)) = (c.into_split(), s.into_split());
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                // One injection in all, not one per (re)connection.
+                let mut injected = once.load(std::sync::atomic::Ordering::Relaxed);
+                loop {
+                    tokio::select! {
+                        r = cr.read(&mut buf) => {
+                            let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                            if let Ok(mut v) = recorded.lock() { v.extend_from_slice(&buf[..n]); }
+                            if sw.write_all(&buf[..n]).await.is_err() { return; }
+                        }
+                        _ = inject_rx.changed(), if !injected => {
+                            injected = true;
+                            if once.swap(true, std::sync::atomic::Ordering::Relaxed) { continue; }
+                            // What a relay could do to the old protocol: a plain frame after the handshake.
+                            let forged = Arc::new(Delta {
+                                id: SessionId::parse("RELAY").expect("id"),
+                                hlc: Hlc { wall_ms: now_ms(), logical: 0, node: 1 },
+                                created_ms: now_ms(),
+                                last_accessed_ms: now_ms(),
+                                max_inactive_ms: 600_000,
+                                ops: vec![Op::Set { name: "role".into(), value: bytes::Bytes::from_static(b"admin") }],
+                            });
+                            let mut f = bytes::BytesMut::new();
+                            transport::encode_peer(&PeerMsg::Deltas { epoch: 1, first_seq: 1, deltas: vec![forged] }, &mut f).expect("encode");
+                            if sw.write_all(&f).await.is_err() { return; }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    cl.start(0).expect("start");
+    cl.start_with(1, &["--listen", &real.to_string()]).expect("start");
+    ready(&cl, 0).await;
+    ready(&cl, 1).await;
+    let mut c0 = cl.client(0);
+    assert_eq!(c0.post("/v1/sessions", r#"{"id":"RELAY"}"#).await.expect("create").status, 201);
+    assert_eq!(put(&mut c0, "RELAY", "role", "user-MARKER-4711").await, 204);
+    let mut c1 = cl.client(1);
+    assert_eq!(value(&mut c1, "RELAY", "role").await.as_deref(), Some("user-MARKER-4711"), "replication through the relay");
+    let clear = seen.lock().map(|v| v.windows(11).any(|w| w == b"MARKER-4711")).unwrap_or(true);
+    assert!(!clear, "the relay read session content in clear");
+    let before = metric(&mut c1, "sessionmesh_frame_errors_total").await;
+    inject_tx.send(true).expect("inject");
+    let refused = wait_for(Duration::from_secs(5), || {
+        let mut c = Client::new(http(&cl, 1));
+        async move { metric(&mut c, "sessionmesh_frame_errors_total").await > before }
+    })
+    .await;
+    assert!(refused, "the injected frame was not refused");
+    assert_eq!(value(&mut c1, "RELAY", "role").await.as_deref(), Some("user-MARKER-4711"), "the injected frame was applied");
+    // The members carry on through the relay.
+    later_writes_win(&cl, &[0], &[0, 1], "RELAY", 3).await;
 }
