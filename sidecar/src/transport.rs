@@ -1,15 +1,18 @@
 //! TCP transport between sidecars: the authenticated handshake, frame I/O, and
 //! the direct liveness probe.
 //!
-//! Handshake (both sides prove they hold the cluster secret, HMAC-SHA256 over
-//! both nonces and both identities; the listener proves itself only after the
-//! dialer did, so a peer without the secret learns nothing):
-//! `Hello -> Challenge -> Auth -> Welcome | Reject`. Until it completes, frames
-//! are limited to `MAX_HANDSHAKE_FRAME` bytes and the peer gets no data.
+//! Handshake: `Hello{nonce} -> Challenge{nonce, proof} -> Auth{proof, sealed
+//! identity} -> Welcome{sealed identity} | Reject`. The listener proves it
+//! holds the cluster secret first (HMAC-SHA256 over the cluster and both
+//! nonces); only then does the dialer prove itself and say who it is, sealed
+//! under a key from the secret and both nonces. So nothing names a member or
+//! the cluster in clear, and a dialer tells nothing to an address that does
+//! not hold the secret. Until it completes, frames are limited to
+//! `MAX_HANDSHAKE_FRAME` bytes; after it, every frame is sealed (`seal`).
 
 use crate::identity::{fill_random, NodeId};
 pub use crate::seal::{Keys, Sealer};
-use crate::wire::{self, FrameType, Handshake, PeerMsg, WireError, MAX_HANDSHAKE_FRAME};
+use crate::wire::{self, FrameType, Handshake, HelloInner, PeerMsg, WelcomeInner, WireError, MAX_HANDSHAKE_FRAME};
 use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -148,6 +151,45 @@ fn unreachable_hmac() -> Hmac<Sha256> {
     panic!("HMAC accepts keys of any length")
 }
 
+/// An HMAC over the cluster secret of length-prefixed parts.
+fn mac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable_hmac());
+    for part in parts {
+        m.update(&(part.len() as u32).to_be_bytes());
+        m.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&m.finalize().into_bytes());
+    out
+}
+
+/// The listener's proof, the dialer's proof, and the two handshake keys, all
+/// bound to the cluster and both nonces.
+fn hs_mac(sec: &Security, label: &str, nc: &[u8; 32], ns: &[u8; 32]) -> [u8; 32] {
+    mac(&sec.secret, &[label.as_bytes(), sec.cluster.as_bytes(), nc, ns])
+}
+
+/// Seals one handshake message under a key used once (nonce 0).
+fn seal_hs<T: serde::Serialize>(key: [u8; 32], msg: &T) -> Result<Vec<u8>, TransportError> {
+    use chacha20poly1305::aead::{Aead, KeyInit};
+    let body = postcard::to_allocvec(msg).map_err(WireError::from)?;
+    chacha20poly1305::ChaCha20Poly1305::new(&key.into())
+        .encrypt(&[0u8; 12].into(), body.as_slice())
+        .map_err(|_| TransportError::Protocol("cannot seal".into()))
+}
+
+fn open_hs<T: serde::de::DeserializeOwned>(key: [u8; 32], sealed: &[u8]) -> Result<T, TransportError> {
+    use chacha20poly1305::aead::{Aead, KeyInit};
+    let body = chacha20poly1305::ChaCha20Poly1305::new(&key.into())
+        .decrypt(&[0u8; 12].into(), sealed)
+        .map_err(|_| TransportError::Auth("handshake message failed authentication".into()))?;
+    Ok(postcard::from_bytes(&body).map_err(WireError::from)?)
+}
+
+fn eq32(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Dialer side. Returns the authenticated peer and whether it is ready.
 pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -159,36 +201,42 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let mut buf = BytesMut::with_capacity(1024);
         let mut nc = [0u8; 32];
         fill_random(&mut nc);
-        send_hs(s, &Handshake::Hello { cluster: sec.cluster.clone(), from: sec.me.clone(), to: to.to_owned(), nonce: nc, probe }, &sec.stats)
-            .await?;
-        let (server, ns) = match recv_hs(s, &mut buf, &sec.stats).await? {
-            Handshake::Challenge { from, nonce } => (from, nonce),
+        send_hs(s, &Handshake::Hello { nonce: nc }, &sec.stats).await?;
+        let ns = match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Challenge { nonce, proof } => {
+                // The listener proves first: we say nothing about ourselves to
+                // an address that does not hold this cluster's secret.
+                if !eq32(&proof, &hs_mac(sec, "sessionmesh server proof", &nc, &nonce)) {
+                    sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(TransportError::Auth(format!(
+                        "the peer at {to:?}'s address does not hold the cluster secret (or is in another cluster)"
+                    )));
+                }
+                nonce
+            }
             Handshake::Reject { reason } => return Err(TransportError::Rejected(reason)),
-            other => return Err(TransportError::Protocol(format!("expected Challenge, got {other:?}"))),
+            other => return Err(TransportError::Protocol(format!("expected Challenge, got {}", hs_name(&other)))),
         };
-        if server.name != to {
-            return Err(TransportError::Protocol(format!(
-                "expected member {to:?} at this address but {:?} answered (check the member file's addresses)",
-                server.name
-            )));
-        }
-        let p = proof(&sec.secret, "sessionmesh client", &sec.cluster, &nc, &ns, &sec.me, &server).finalize().into_bytes();
-        let mut pb = [0u8; 32];
-        pb.copy_from_slice(&p);
-        send_hs(s, &Handshake::Auth { proof: pb }, &sec.stats).await?;
+        let inner = HelloInner { from: sec.me.clone(), to: to.to_owned(), probe };
+        let sealed = seal_hs(hs_mac(sec, "sessionmesh hello key", &nc, &ns), &inner)?;
+        send_hs(s, &Handshake::Auth { proof: hs_mac(sec, "sessionmesh client proof", &nc, &ns), sealed }, &sec.stats).await?;
         match recv_hs(s, &mut buf, &sec.stats).await? {
-            Handshake::Welcome { proof: sp, ready } => {
-                proof(&sec.secret, "sessionmesh server", &sec.cluster, &nc, &ns, &sec.me, &server)
-                    .verify_slice(&sp)
-                    .map_err(|_| TransportError::Auth(format!("{} does not hold the cluster secret", server.name)))?;
+            Handshake::Welcome { sealed } => {
+                let w: WelcomeInner = open_hs(hs_mac(sec, "sessionmesh welcome key", &nc, &ns), &sealed)?;
+                if w.from.name != to {
+                    return Err(TransportError::Protocol(format!(
+                        "expected member {to:?} at this address but {:?} answered (check the member file's addresses)",
+                        w.from.name
+                    )));
+                }
                 if !buf.is_empty() {
                     return Err(TransportError::Protocol("data after Welcome".into()));
                 }
-                let k = keys(sec, &nc, &ns, &sec.me, &server, true);
-                Ok((server, ready, k))
+                let k = keys(sec, &nc, &ns, &sec.me, &w.from, true);
+                Ok((w.from, w.ready, k))
             }
             Handshake::Reject { reason } => Err(TransportError::Rejected(reason)),
-            other => Err(TransportError::Protocol(format!("expected Welcome, got {other:?}"))),
+            other => Err(TransportError::Protocol(format!("expected Welcome, got {}", hs_name(&other)))),
         }
     };
     tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Silent)?
@@ -204,45 +252,39 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(NodeId, bool, BytesMut, Keys), TransportError> {
     let fut = async {
         let mut buf = BytesMut::with_capacity(1024);
-        let (client, nc, probe) = match recv_hs(s, &mut buf, &sec.stats).await? {
-            Handshake::Hello { cluster, from, to, nonce, probe } => {
-                if cluster != sec.cluster {
-                    let reason = format!("cluster mismatch: this member is in {:?}", sec.cluster);
-                    send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
-                    return Err(TransportError::Rejected(reason));
-                }
-                if to != sec.me.name {
-                    let reason = format!("this is member {:?}, not {to:?}", sec.me.name);
-                    send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
-                    return Err(TransportError::Rejected(reason));
-                }
-                if !known(&from.name) {
-                    let reason = format!("{:?} is not a member of this cluster", from.name);
-                    send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
-                    return Err(TransportError::Rejected(reason));
-                }
-                (from, nonce, probe)
-            }
+        let nc = match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Hello { nonce } => nonce,
             other => return Err(TransportError::Protocol(format!("expected Hello, got {}", hs_name(&other)))),
         };
         let mut ns = [0u8; 32];
         fill_random(&mut ns);
-        send_hs(s, &Handshake::Challenge { from: sec.me.clone(), nonce: ns }, &sec.stats).await?;
-        let cp = match recv_hs(s, &mut buf, &sec.stats).await? {
-            Handshake::Auth { proof } => proof,
+        let proof = hs_mac(sec, "sessionmesh server proof", &nc, &ns);
+        send_hs(s, &Handshake::Challenge { nonce: ns, proof }, &sec.stats).await?;
+        let (cp, sealed) = match recv_hs(s, &mut buf, &sec.stats).await? {
+            Handshake::Auth { proof, sealed } => (proof, sealed),
             other => return Err(TransportError::Protocol(format!("expected Auth, got {}", hs_name(&other)))),
         };
-        if proof(&sec.secret, "sessionmesh client", &sec.cluster, &nc, &ns, &client, &sec.me).verify_slice(&cp).is_err() {
+        if !eq32(&cp, &hs_mac(sec, "sessionmesh client proof", &nc, &ns)) {
             sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             send_hs(s, &Handshake::Reject { reason: "authentication failed".into() }, &sec.stats).await?;
-            return Err(TransportError::Auth(format!("{} does not hold the cluster secret", client.name)));
+            return Err(TransportError::Auth("the dialer does not hold the cluster secret".into()));
         }
-        let p = proof(&sec.secret, "sessionmesh server", &sec.cluster, &nc, &ns, &client, &sec.me).finalize().into_bytes();
-        let mut pb = [0u8; 32];
-        pb.copy_from_slice(&p);
-        send_hs(s, &Handshake::Welcome { proof: pb, ready }, &sec.stats).await?;
-        let k = keys(sec, &nc, &ns, &client, &sec.me, false);
-        Ok((client, probe, buf, k))
+        let hello: HelloInner = open_hs(hs_mac(sec, "sessionmesh hello key", &nc, &ns), &sealed)?;
+        // The dialer has proved the secret: it may learn why it is refused.
+        if hello.to != sec.me.name {
+            let reason = format!("this is member {:?}, not {:?}", sec.me.name, hello.to);
+            send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+            return Err(TransportError::Rejected(reason));
+        }
+        if !known(&hello.from.name) {
+            let reason = format!("{:?} is not a member of this cluster", hello.from.name);
+            send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+            return Err(TransportError::Rejected(reason));
+        }
+        let sealed = seal_hs(hs_mac(sec, "sessionmesh welcome key", &nc, &ns), &WelcomeInner { from: sec.me.clone(), ready })?;
+        send_hs(s, &Handshake::Welcome { sealed }, &sec.stats).await?;
+        let k = keys(sec, &nc, &ns, &hello.from, &sec.me, false);
+        Ok((hello.from, hello.probe, buf, k))
     };
     tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Timeout)?
 }
@@ -325,9 +367,48 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let (sa, sb) = (sec("a", "wrong"), sec("b", "s3cret"));
         let (c, s) = tokio::join!(client_handshake(&mut a, &sa, "b", false), server_handshake(&mut b, &sb, true, |_| true));
-        assert!(matches!(c, Err(TransportError::Rejected(_))), "{c:?}");
-        assert!(matches!(s, Err(TransportError::Auth(_))));
-        assert_eq!(sb.stats.auth_failures.load(Ordering::Relaxed), 1);
+        // The dialer checks the listener's proof first, and stops there.
+        assert!(matches!(c, Err(TransportError::Auth(_))), "{c:?}");
+        assert!(s.is_err());
+        assert_eq!(sa.stats.auth_failures.load(Ordering::Relaxed), 1);
+    }
+
+    /// Each side, before the other has proved the secret, reveals no name: a
+    /// listener without it hears a nonce; a dialer without it hears a nonce
+    /// and a proof.
+    #[tokio::test]
+    async fn nothing_names_a_member_before_the_secret_is_proved() {
+        use tokio::io::AsyncReadExt;
+        // A listener that does not hold the secret: what does the dialer send it?
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let sa = sec("alice-member", "s3cret");
+        let dial = tokio::spawn(async move { client_handshake(&mut a, &sa, "bob-member", false).await.map(|_| ()) });
+        let mut heard = vec![0u8; 4096];
+        let n = b.read(&mut heard).await.unwrap();
+        let heard = &heard[..n];
+        for name in [&b"alice-member"[..], b"bob-member", b"local"] {
+            assert!(!heard.windows(name.len()).any(|w| w == name), "the dialer said {:?} to an unproved listener", String::from_utf8_lossy(name));
+        }
+        drop(b);
+        assert!(dial.await.unwrap().is_err());
+        // A dialer that does not hold the secret: what does the listener tell it?
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let sb = sec("bob-member", "s3cret");
+        let listen = tokio::spawn(async move { server_handshake(&mut b, &sb, true, |_| true).await.map(|_| ()) });
+        let mut hello = BytesMut::new();
+        wire::encode(FrameType::Handshake, &Handshake::Hello { nonce: [1; 32] }, &mut hello).unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, &hello).await.unwrap();
+        let mut told = vec![0u8; 4096];
+        let n = a.read(&mut told).await.unwrap();
+        let told = &told[..n];
+        for name in [&b"bob-member"[..], b"local"] {
+            assert!(!told.windows(name.len()).any(|w| w == name), "the listener said {:?} to an unproved dialer", String::from_utf8_lossy(name));
+        }
+        // A forged Auth is refused.
+        let mut auth = BytesMut::new();
+        wire::encode(FrameType::Handshake, &Handshake::Auth { proof: [0; 32], sealed: vec![0; 48] }, &mut auth).unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, &auth).await.unwrap();
+        assert!(matches!(listen.await.unwrap(), Err(_)));
     }
 
     #[tokio::test]

@@ -44,18 +44,36 @@ pub enum WireError {
     Payload(#[from] postcard::Error),
 }
 
+/// The handshake. Nothing names a member or the cluster in clear, and the
+/// dialer proves nothing before the listener has: whoever answers at a
+/// member's address learns only a random nonce unless it holds the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Handshake {
-    /// Dialer -> listener.
-    Hello { cluster: String, from: NodeId, to: String, nonce: [u8; 32], probe: bool },
-    /// Listener -> dialer: its identity and its nonce. No proof yet, so a peer
-    /// without the secret learns nothing it can attack offline.
-    Challenge { from: NodeId, nonce: [u8; 32] },
-    /// Dialer proves it holds the secret.
-    Auth { proof: [u8; 32] },
-    /// Listener accepts and proves it holds the secret too.
-    Welcome { proof: [u8; 32], ready: bool },
+    /// Dialer -> listener: a fresh nonce, nothing else.
+    Hello { nonce: [u8; 32] },
+    /// Listener -> dialer: its nonce and its proof over both nonces.
+    Challenge { nonce: [u8; 32], proof: [u8; 32] },
+    /// Dialer -> listener, once the listener's proof holds: its own proof, and
+    /// its identity sealed under the handshake key (`HelloInner`).
+    Auth { proof: [u8; 32], sealed: Vec<u8> },
+    /// Listener -> dialer: its identity sealed (`WelcomeInner`).
+    Welcome { sealed: Vec<u8> },
     Reject { reason: String },
+}
+
+/// What the dialer says about itself, sealed in `Auth`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloInner {
+    pub from: NodeId,
+    pub to: String,
+    pub probe: bool,
+}
+
+/// What the listener says about itself, sealed in `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WelcomeInner {
+    pub from: NodeId,
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
