@@ -186,10 +186,6 @@ fn open_hs<T: serde::de::DeserializeOwned>(key: [u8; 32], sealed: &[u8]) -> Resu
     Ok(postcard::from_bytes(&body).map_err(WireError::from)?)
 }
 
-fn eq32(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Dialer side. Returns the authenticated peer and whether it is ready.
 pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -206,7 +202,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Handshake::Challenge { nonce, proof } => {
                 // The listener proves first: we say nothing about ourselves to
                 // an address that does not hold this cluster's secret.
-                if !eq32(&proof, &hs_mac(sec, "sessionmesh server proof", &nc, &nonce)) {
+                if !crate::identity::ct_eq(&proof, &hs_mac(sec, "sessionmesh server proof", &nc, &nonce)) {
                     sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                     return Err(TransportError::Auth(format!(
                         "the peer at {to:?}'s address does not hold the cluster secret (or is in another cluster)"
@@ -264,7 +260,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Handshake::Auth { proof, sealed } => (proof, sealed),
             other => return Err(TransportError::Protocol(format!("expected Auth, got {}", hs_name(&other)))),
         };
-        if !eq32(&cp, &hs_mac(sec, "sessionmesh client proof", &nc, &ns)) {
+        if !crate::identity::ct_eq(&cp, &hs_mac(sec, "sessionmesh client proof", &nc, &ns)) {
             sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             send_hs(s, &Handshake::Reject { reason: "authentication failed".into() }, &sec.stats).await?;
             return Err(TransportError::Auth("the dialer does not hold the cluster secret".into()));

@@ -161,15 +161,24 @@ async fn send(s: &mut Fake, msg: &PeerMsg) {
     s.stream.write_all(&out).await.expect("write");
 }
 
-fn forged(id: &str, hlc: Hlc, value: &str) -> Arc<Delta> {
+/// A delta a forging peer sends: `ops` on session `id`, stamped `hlc`.
+fn delta(id: &str, hlc: Hlc, ops: Vec<Op>) -> Arc<Delta> {
     Arc::new(Delta {
-        id: SessionId::parse(id).expect("id"),
+        id: SessionId::key(id.as_bytes()).expect("id"),
         hlc,
         created_ms: now_ms(),
         last_accessed_ms: now_ms(),
         max_inactive_ms: 600_000,
-        ops: vec![Op::Set { name: "a".into(), value: bytes::Bytes::from(value.to_owned()) }],
+        ops,
     })
+}
+
+fn set(name: &str, value: Vec<u8>) -> Op {
+    Op::Set { name: name.into(), value: bytes::Bytes::from(value) }
+}
+
+fn forged(id: &str, hlc: Hlc, value: &str) -> Arc<Delta> {
+    delta(id, hlc, vec![set("a", value.as_bytes().to_vec())])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,15 +223,8 @@ async fn count(c: &mut Client) -> u64 {
 
 fn create(id: &str, attrs: Vec<(&str, Vec<u8>)>) -> Arc<Delta> {
     let mut ops = vec![Op::Create];
-    ops.extend(attrs.into_iter().map(|(n, v)| Op::Set { name: n.into(), value: bytes::Bytes::from(v) }));
-    Arc::new(Delta {
-        id: SessionId::key(id.as_bytes()).expect("id"),
-        hlc: Hlc { wall_ms: now_ms(), logical: 0, node: 7 },
-        created_ms: now_ms(),
-        last_accessed_ms: now_ms(),
-        max_inactive_ms: 600_000,
-        ops,
-    })
+    ops.extend(attrs.into_iter().map(|(n, v)| set(n, v)));
+    delta(id, Hlc { wall_ms: now_ms(), logical: 0, node: 7 }, ops)
 }
 
 /// A peer holding the secret that sends more than the limits allow: its data
@@ -430,14 +432,7 @@ async fn a_relay_without_the_secret_can_neither_read_nor_inject() {
                             injected = true;
                             if once.swap(true, std::sync::atomic::Ordering::Relaxed) { continue; }
                             // What a relay could do to the old protocol: a plain frame after the handshake.
-                            let forged = Arc::new(Delta {
-                                id: SessionId::parse("RELAY").expect("id"),
-                                hlc: Hlc { wall_ms: now_ms(), logical: 0, node: 1 },
-                                created_ms: now_ms(),
-                                last_accessed_ms: now_ms(),
-                                max_inactive_ms: 600_000,
-                                ops: vec![Op::Set { name: "role".into(), value: bytes::Bytes::from_static(b"admin") }],
-                            });
+                            let forged = delta("RELAY", Hlc { wall_ms: now_ms(), logical: 0, node: 1 }, vec![set("role", b"admin".to_vec())]);
                             let mut f = bytes::BytesMut::new();
                             transport::encode_peer(&PeerMsg::Deltas { epoch: 1, first_seq: 1, deltas: vec![forged] }, &mut f).expect("encode");
                             if sw.write_all(&f).await.is_err() { return; }
