@@ -69,7 +69,11 @@ pub struct Replication {
 
 impl Default for Replication {
     fn default() -> Self {
-        Replication { mode: default_mode(), backups: default_backups(), send: default_send() }
+        Replication {
+            mode: default_mode(),
+            backups: default_backups(),
+            send: default_send(),
+        }
     }
 }
 
@@ -111,7 +115,10 @@ pub struct PortRange {
 
 impl Default for PortRange {
     fn default() -> Self {
-        PortRange { first: default_first(), last: default_last() }
+        PortRange {
+            first: default_first(),
+            last: default_last(),
+        }
     }
 }
 fn default_first() -> u16 {
@@ -132,7 +139,9 @@ pub struct JvmRouteSpec {
 
 impl Default for JvmRouteSpec {
     fn default() -> Self {
-        JvmRouteSpec { prefix: default_prefix() }
+        JvmRouteSpec {
+            prefix: default_prefix(),
+        }
     }
 }
 fn default_prefix() -> String {
@@ -155,7 +164,11 @@ pub struct FailureDetection {
 
 impl Default for FailureDetection {
     fn default() -> Self {
-        FailureDetection { heartbeat_interval: default_heartbeat(), suspect_after: default_suspect(), probe_timeout: default_probe() }
+        FailureDetection {
+            heartbeat_interval: default_heartbeat(),
+            suspect_after: default_suspect(),
+            probe_timeout: default_probe(),
+        }
     }
 }
 fn default_heartbeat() -> String {
@@ -186,7 +199,11 @@ pub struct Sessions {
 
 impl Default for Sessions {
     fn default() -> Self {
-        Sessions { max_inactive_interval: default_inactive(), max_session_bytes: default_session_bytes(), max_sessions: default_max_sessions() }
+        Sessions {
+            max_inactive_interval: default_inactive(),
+            max_session_bytes: default_session_bytes(),
+            max_sessions: default_max_sessions(),
+        }
     }
 }
 fn default_inactive() -> String {
@@ -307,34 +324,70 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
 impl SessionClusterSpec {
     /// Checks what the schema cannot express.
     pub fn validate(&self) -> Result<(), SpecError> {
-        let err = |field: &str, message: String| SpecError { field: field.into(), message };
+        let err = |field: &str, message: String| SpecError {
+            field: field.into(),
+            message,
+        };
         if self.receiver_ports.first > self.receiver_ports.last {
             return Err(err(
                 "spec.receiverPorts",
-                format!("first ({}) is after last ({})", self.receiver_ports.first, self.receiver_ports.last),
+                format!(
+                    "first ({}) is after last ({})",
+                    self.receiver_ports.first, self.receiver_ports.last
+                ),
             ));
         }
         let p = &self.jvm_route.prefix;
-        if p.is_empty() || p.len() > 12 || !p.starts_with(|c: char| c.is_ascii_lowercase()) || !p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
-            return Err(err("spec.jvmRoute.prefix", format!("{p:?} must match ^[a-z][a-z0-9]{{0,11}}$")));
+        if p.is_empty()
+            || p.len() > 12
+            || !p.starts_with(|c: char| c.is_ascii_lowercase())
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return Err(err(
+                "spec.jvmRoute.prefix",
+                format!("{p:?} must match ^[a-z][a-z0-9]{{0,11}}$"),
+            ));
         }
         for (field, v) in [
-            ("spec.failureDetection.heartbeatInterval", &self.failure_detection.heartbeat_interval),
-            ("spec.failureDetection.suspectAfter", &self.failure_detection.suspect_after),
-            ("spec.failureDetection.probeTimeout", &self.failure_detection.probe_timeout),
-            ("spec.sessions.maxInactiveInterval", &self.sessions.max_inactive_interval),
+            (
+                "spec.failureDetection.heartbeatInterval",
+                &self.failure_detection.heartbeat_interval,
+            ),
+            (
+                "spec.failureDetection.suspectAfter",
+                &self.failure_detection.suspect_after,
+            ),
+            (
+                "spec.failureDetection.probeTimeout",
+                &self.failure_detection.probe_timeout,
+            ),
+            (
+                "spec.sessions.maxInactiveInterval",
+                &self.sessions.max_inactive_interval,
+            ),
         ] {
             if parse_duration_ms(v).is_none() {
-                return Err(err(field, format!("{v:?} is not a duration like 250ms, 5s, 30m or 1h")));
+                return Err(err(
+                    field,
+                    format!("{v:?} is not a duration like 250ms, 5s, 30m or 1h"),
+                ));
             }
         }
         let hb = parse_duration_ms(&self.failure_detection.heartbeat_interval).unwrap_or(0);
         let sa = parse_duration_ms(&self.failure_detection.suspect_after).unwrap_or(0);
         if hb == 0 || sa < 2 * hb {
-            return Err(err("spec.failureDetection.suspectAfter", format!("must be at least twice heartbeatInterval ({hb} ms)")));
+            return Err(err(
+                "spec.failureDetection.suspectAfter",
+                format!("must be at least twice heartbeatInterval ({hb} ms)"),
+            ));
         }
         if self.replication.mode == ReplicationMode::Backup {
-            return Err(err("spec.replication.mode", "backup mode is not implemented yet; use all".into()));
+            return Err(err(
+                "spec.replication.mode",
+                "backup mode is not implemented yet; use all".into(),
+            ));
         }
         Ok(())
     }
@@ -351,7 +404,13 @@ mod tests {
     #[test]
     fn defaults_fill_an_empty_spec() {
         let s = spec();
-        assert_eq!(s.receiver_ports, PortRange { first: 4000, last: 4099 });
+        assert_eq!(
+            s.receiver_ports,
+            PortRange {
+                first: 4000,
+                last: 4099
+            }
+        );
         assert_eq!(s.jvm_route.prefix, "node");
         assert_eq!(s.replication.mode, ReplicationMode::All);
         assert!(s.validate().is_ok());
@@ -360,11 +419,17 @@ mod tests {
     #[test]
     fn invalid_specs_name_the_field() {
         let mut s = spec();
-        s.receiver_ports = PortRange { first: 5000, last: 4000 };
+        s.receiver_ports = PortRange {
+            first: 5000,
+            last: 4000,
+        };
         assert_eq!(s.validate().unwrap_err().field, "spec.receiverPorts");
         let mut s = spec();
         s.failure_detection.suspect_after = "soon".into();
-        assert_eq!(s.validate().unwrap_err().field, "spec.failureDetection.suspectAfter");
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.failureDetection.suspectAfter"
+        );
         let mut s = spec();
         s.jvm_route.prefix = "Node".into();
         assert_eq!(s.validate().unwrap_err().field, "spec.jvmRoute.prefix");

@@ -59,17 +59,30 @@ fn port_space(p: &PodInfo) -> String {
     }
 }
 
-pub fn assign(prefix: &str, ports: PortRange, pods: &[PodInfo]) -> (Vec<Assignment>, Option<AssignError>) {
+pub fn assign(
+    prefix: &str,
+    ports: PortRange,
+    pods: &[PodInfo],
+) -> (Vec<Assignment>, Option<AssignError>) {
     let mut order: Vec<&PodInfo> = pods.iter().collect();
-    order.sort_by(|a, b| (a.created.as_str(), a.name.as_str()).cmp(&(b.created.as_str(), b.name.as_str())));
+    order.sort_by(|a, b| {
+        (a.created.as_str(), a.name.as_str()).cmp(&(b.created.as_str(), b.name.as_str()))
+    });
     let mut used_routes: BTreeSet<u32> = BTreeSet::new();
     let mut used_ports: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
     let mut kept: BTreeMap<&str, (Option<u32>, Option<u16>)> = BTreeMap::new();
     // Pass 1: oldest first, keep valid unique assignments.
     for p in &order {
-        let r = p.route.as_deref().and_then(|r| route_index(prefix, r)).filter(|i| used_routes.insert(*i));
+        let r = p
+            .route
+            .as_deref()
+            .and_then(|r| route_index(prefix, r))
+            .filter(|i| used_routes.insert(*i));
         let space = used_ports.entry(port_space(p)).or_default();
-        let port = p.port.filter(|x| (ports.first..=ports.last).contains(x)).filter(|x| space.insert(*x));
+        let port = p
+            .port
+            .filter(|x| (ports.first..=ports.last).contains(x))
+            .filter(|x| space.insert(*x));
         kept.insert(p.name.as_str(), (r, port));
     }
     // Pass 2: fill the gaps with the lowest free values.
@@ -102,9 +115,18 @@ pub fn assign(prefix: &str, ports: PortRange, pods: &[PodInfo]) -> (Vec<Assignme
         };
         let route = format!("{prefix}{idx}");
         let changed = p.route.as_deref() != Some(route.as_str()) || p.port != Some(port);
-        out.push(Assignment { pod: p.name.clone(), route, port, changed });
+        out.push(Assignment {
+            pod: p.name.clone(),
+            route,
+            port,
+            changed,
+        });
     }
-    let err = (starved > 0).then_some(AssignError::PortsExhausted { first: ports.first, last: ports.last, pods: starved });
+    let err = (starved > 0).then_some(AssignError::PortsExhausted {
+        first: ports.first,
+        last: ports.last,
+        pods: starved,
+    });
     (out, err)
 }
 
@@ -126,7 +148,10 @@ mod tests {
             port: None,
         }
     }
-    const RANGE: PortRange = PortRange { first: 4000, last: 4099 };
+    const RANGE: PortRange = PortRange {
+        first: 4000,
+        last: 4099,
+    };
 
     #[test]
     fn new_pods_get_the_lowest_free_route_and_keep_it() {
@@ -136,8 +161,18 @@ mod tests {
         let pods = vec![a, pod("b", "2"), pod("c", "3")];
         let (out, err) = assign("node", RANGE, &pods);
         assert!(err.is_none());
-        let routes: Vec<(&str, &str, bool)> = out.iter().map(|x| (x.pod.as_str(), x.route.as_str(), x.changed)).collect();
-        assert_eq!(routes, vec![("a", "node2", false), ("b", "node1", true), ("c", "node3", true)]);
+        let routes: Vec<(&str, &str, bool)> = out
+            .iter()
+            .map(|x| (x.pod.as_str(), x.route.as_str(), x.changed))
+            .collect();
+        assert_eq!(
+            routes,
+            vec![
+                ("a", "node2", false),
+                ("b", "node1", true),
+                ("c", "node3", true)
+            ]
+        );
         // Non-hostNetwork pods have their own IPs: the first port for everyone.
         assert!(out.iter().all(|x| x.port == 4000));
     }
@@ -151,7 +186,15 @@ mod tests {
         young.route = Some("node1".into());
         young.port = Some(4000);
         let (out, _) = assign("node", RANGE, &[young, old]);
-        assert_eq!(out[0], Assignment { pod: "old".into(), route: "node1".into(), port: 4000, changed: false });
+        assert_eq!(
+            out[0],
+            Assignment {
+                pod: "old".into(),
+                route: "node1".into(),
+                port: 4000,
+                changed: false
+            }
+        );
         assert_eq!(out[1].route, "node2");
         assert!(out[1].changed);
     }
@@ -165,14 +208,33 @@ mod tests {
                 p
             })
             .collect();
-        let (out, err) = assign("node", PortRange { first: 4000, last: 4001 }, &pods);
-        assert_eq!(out.iter().map(|x| x.port).collect::<Vec<_>>(), vec![4000, 4001]);
-        assert_eq!(err, Some(AssignError::PortsExhausted { first: 4000, last: 4001, pods: 1 }));
+        let (out, err) = assign(
+            "node",
+            PortRange {
+                first: 4000,
+                last: 4001,
+            },
+            &pods,
+        );
+        assert_eq!(
+            out.iter().map(|x| x.port).collect::<Vec<_>>(),
+            vec![4000, 4001]
+        );
+        assert_eq!(
+            err,
+            Some(AssignError::PortsExhausted {
+                first: 4000,
+                last: 4001,
+                pods: 1
+            })
+        );
     }
 
     #[test]
     fn fifty_pods_have_fifty_distinct_routes_and_invalid_ones_are_replaced() {
-        let mut pods: Vec<PodInfo> = (0..50).map(|i| pod(&format!("p{i:02}"), &format!("{i:03}"))).collect();
+        let mut pods: Vec<PodInfo> = (0..50)
+            .map(|i| pod(&format!("p{i:02}"), &format!("{i:03}")))
+            .collect();
         pods[7].route = Some("Node-7".into());
         pods[8].route = Some("node007".into());
         let (out, _) = assign("node", RANGE, &pods);
@@ -184,12 +246,18 @@ mod tests {
 
     #[test]
     fn reassigning_is_idempotent() {
-        let pods: Vec<PodInfo> = (0..5).map(|i| pod(&format!("p{i}"), &format!("{i}"))).collect();
+        let pods: Vec<PodInfo> = (0..5)
+            .map(|i| pod(&format!("p{i}"), &format!("{i}")))
+            .collect();
         let (first, _) = assign("node", RANGE, &pods);
         let again: Vec<PodInfo> = pods
             .iter()
             .zip(&first)
-            .map(|(p, a)| PodInfo { route: Some(a.route.clone()), port: Some(a.port), ..p.clone() })
+            .map(|(p, a)| PodInfo {
+                route: Some(a.route.clone()),
+                port: Some(a.port),
+                ..p.clone()
+            })
             .collect();
         let (second, _) = assign("node", RANGE, &again);
         assert!(second.iter().all(|x| !x.changed));

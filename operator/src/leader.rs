@@ -21,8 +21,19 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
-        Elector { api: Api::namespaced(client, namespace), name: name.into(), identity: identity.into(), duration }
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
+        Elector {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+        }
     }
 
     /// One attempt to take or keep the lease. `Ok(true)` means we hold it.
@@ -63,7 +74,11 @@ impl Elector {
                              "acquireTime": if mine { spec.acquire_time.unwrap_or(MicroTime(now)) } else { MicroTime(now) },
                              "leaseTransitions": transitions}
                 });
-                match self.api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                match self
+                    .api
+                    .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                     Err(e) => Err(e),
@@ -116,7 +131,11 @@ impl Elector {
     /// Gives the lease up at once so a standby can take over without waiting.
     async fn release(&self) {
         let patch = json!({"spec": {"holderIdentity": null, "renewTime": null}});
-        if let Err(e) = self.api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        if let Err(e) = self
+            .api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             warn!(error = %e, "could not release the lease");
         }
     }

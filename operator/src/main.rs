@@ -25,7 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "sessionmesh-operator", version, about = "Reconciles sessionmesh SessionCluster resources")]
+#[command(
+    name = "sessionmesh-operator",
+    version,
+    about = "Reconciles sessionmesh SessionCluster resources"
+)]
 struct Args {
     /// Only watch this namespace (default: all namespaces).
     #[arg(long, env = "SESSIONMESH_WATCH_NAMESPACE")]
@@ -58,20 +62,36 @@ struct Args {
     #[arg(long, default_value = "sessionmesh-webhook.sessionmesh.svc,127.0.0.1")]
     webhook_hosts: String,
     /// Sidecar image injected when the SessionCluster does not name one.
-    #[arg(long, env = "SESSIONMESH_SIDECAR_IMAGE", default_value = "sessionmesh:0.1.0")]
+    #[arg(
+        long,
+        env = "SESSIONMESH_SIDECAR_IMAGE",
+        default_value = "sessionmesh:0.1.0"
+    )]
     sidecar_image: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let client = Client::try_default().await?;
-    let identity = args.identity.clone().unwrap_or_else(|| format!("sessionmesh-operator-{}", std::process::id()));
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "sessionmesh-operator".into(), instance: Some(identity.clone()) });
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("sessionmesh-operator-{}", std::process::id()));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "sessionmesh-operator".into(),
+            instance: Some(identity.clone()),
+        },
+    );
     let ctx = Arc::new(Ctx::new(client.clone(), recorder));
     let shutdown = CancellationToken::new();
     let leading = Arc::new(AtomicBool::new(false));
@@ -92,27 +112,47 @@ async fn main() -> anyhow::Result<()> {
     );
     tokio::spawn(serve_health(health, ctx.clone(), leading.clone()));
     if let Some(listener) = webhook {
-        let hosts: Vec<String> = args.webhook_hosts.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
-        let tls = sessionmesh_operator::tls::load_or_create(&client, &args.lease_namespace, &args.webhook_secret, &hosts).await?;
+        let hosts: Vec<String> = args
+            .webhook_hosts
+            .split(',')
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .collect();
+        let tls = sessionmesh_operator::tls::load_or_create(
+            &client,
+            &args.lease_namespace,
+            &args.webhook_secret,
+            &hosts,
+        )
+        .await?;
         let tls_cfg = sessionmesh_operator::tls::server_config(&tls)?;
-        tokio::spawn(sessionmesh_operator::tls::keep_ca_bundle(client.clone(), args.webhook_config.clone(), tls.ca_pem.clone(), shutdown.clone()));
+        tokio::spawn(sessionmesh_operator::tls::keep_ca_bundle(
+            client.clone(),
+            args.webhook_config.clone(),
+            tls.ca_pem.clone(),
+            shutdown.clone(),
+        ));
         let version = client.apiserver_version().await?;
         let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
         let native = version.major == "1" && minor >= 29;
         info!(native_sidecars = native, server = %version.git_version, "webhook ready");
         let admission = Arc::new(sessionmesh_operator::webhook::Admission::new(
             client.clone(),
-            sessionmesh_operator::webhook::InjectConfig { image: args.sidecar_image.clone(), native_supported: native },
+            sessionmesh_operator::webhook::InjectConfig {
+                image: args.sidecar_image.clone(),
+                native_supported: native,
+            },
         ));
         tokio::spawn(serve_webhook(listener, tls_cfg, admission));
     }
 
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -121,12 +161,23 @@ async fn main() -> anyhow::Result<()> {
         sd.cancel();
     });
 
-    let elector = Elector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity, Duration::from_secs(args.lease_seconds));
-    let Some(lost) = elector.lead(shutdown.clone()).await else { return Ok(()) };
+    let elector = Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_seconds),
+    );
+    let Some(lost) = elector.lead(shutdown.clone()).await else {
+        return Ok(());
+    };
     leading.store(true, Ordering::Relaxed);
 
     let (clusters, pods): (Api<SessionCluster>, Api<Pod>) = match &args.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let stop = {
@@ -141,7 +192,9 @@ async fn main() -> anyhow::Result<()> {
     Controller::new(clusters, watcher::Config::default())
         .watches(pods, watcher::Config::default(), |pod: Pod| {
             let ns = pod.namespace().unwrap_or_default();
-            pod.annotations().get(CLUSTER_ANNOTATION).map(|c| ObjectRef::<SessionCluster>::new(c).within(&ns))
+            pod.annotations()
+                .get(CLUSTER_ANNOTATION)
+                .map(|c| ObjectRef::<SessionCluster>::new(c).within(&ns))
         })
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx.clone())
@@ -164,36 +217,59 @@ async fn serve_webhook(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (acceptor, admission) = (acceptor.clone(), admission.clone());
         tokio::spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await else { return };
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await
+            else {
+                return;
+            };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let admission = admission.clone();
                 async move {
                     use http_body_util::BodyExt;
-                    let ok_path = req.method() == hyper::Method::POST && req.uri().path() == "/mutate";
-                    let body = http_body_util::Limited::new(req.into_body(), 8 << 20).collect().await.map(|b| b.to_bytes());
+                    let ok_path =
+                        req.method() == hyper::Method::POST && req.uri().path() == "/mutate";
+                    let body = http_body_util::Limited::new(req.into_body(), 8 << 20)
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes());
                     let mut r = match (ok_path, body) {
-                        (true, Ok(b)) => Response::new(Full::new(Bytes::from(admission.review(&b).await.to_string()))),
-                        (false, _) => Response::new(Full::new(Bytes::from_static(b"{\"error\":\"POST /mutate\"}"))),
-                        (_, Err(_)) => Response::new(Full::new(Bytes::from_static(b"{\"error\":\"unreadable body\"}"))),
+                        (true, Ok(b)) => Response::new(Full::new(Bytes::from(
+                            admission.review(&b).await.to_string(),
+                        ))),
+                        (false, _) => Response::new(Full::new(Bytes::from_static(
+                            b"{\"error\":\"POST /mutate\"}",
+                        ))),
+                        (_, Err(_)) => Response::new(Full::new(Bytes::from_static(
+                            b"{\"error\":\"unreadable body\"}",
+                        ))),
                     };
-                    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
                     if !ok_path {
                         *r.status_mut() = hyper::StatusCode::NOT_FOUND;
                     }
                     Ok::<_, std::convert::Infallible>(r)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         });
     }
 }
 
 async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, leading: Arc<AtomicBool>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (ctx, leading) = (ctx.clone(), leading.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -229,7 +305,9 @@ async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, leading:
                     Ok(Response::new(Full::new(Bytes::from(body))))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

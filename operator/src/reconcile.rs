@@ -13,8 +13,9 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use sessionmesh_api::{
-    members_configmap, Condition, DocMember, MemberStatus, MembershipDoc, SessionCluster, SessionClusterStatus, CLUSTER_ANNOTATION,
-    CLUSTER_LABEL, MEMBERS_KEY, PORT_ANNOTATION, ROUTE_ANNOTATION,
+    members_configmap, Condition, DocMember, MemberStatus, MembershipDoc, SessionCluster,
+    SessionClusterStatus, CLUSTER_ANNOTATION, CLUSTER_LABEL, MEMBERS_KEY, PORT_ANNOTATION,
+    ROUTE_ANNOTATION,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,12 +55,19 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(client: Client, recorder: Recorder) -> Self {
-        Ctx { client, recorder, metrics: Metrics::default(), failures: Mutex::new(HashMap::new()) }
+        Ctx {
+            client,
+            recorder,
+            metrics: Metrics::default(),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 pub fn pod_info(p: &Pod) -> PodInfo {
@@ -69,8 +77,15 @@ pub fn pod_info(p: &Pod) -> PodInfo {
     PodInfo {
         name: p.name_any(),
         uid: p.uid().unwrap_or_default(),
-        created: p.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
-        ip: status.and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        ip: status
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|ip| !ip.is_empty()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         node: spec.and_then(|s| s.node_name.clone()),
         ready: status
@@ -82,25 +97,54 @@ pub fn pod_info(p: &Pod) -> PodInfo {
     }
 }
 
-fn condition(prev: &[Condition], type_: &str, ok: bool, reason: &str, message: String, generation: i64) -> Condition {
+fn condition(
+    prev: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+) -> Condition {
     let status = if ok { "True" } else { "False" }.to_owned();
     let last = prev
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(now_rfc3339);
-    Condition { type_: type_.into(), status, reason: reason.into(), message, observed_generation: generation, last_transition_time: last }
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last,
+    }
 }
 
 async fn event(ctx: &Ctx, sc: &SessionCluster, type_: EventType, reason: &str, note: String) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
     if let Err(e) = ctx.recorder.publish(&ev, &sc.object_ref(&())).await {
         warn!(error = %e, "could not record an event");
     }
 }
 
-async fn write_status(api: &Api<SessionCluster>, name: &str, status: &SessionClusterStatus) -> Result<(), Error> {
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await?;
+async fn write_status(
+    api: &Api<SessionCluster>,
+    name: &str,
+    status: &SessionClusterStatus,
+) -> Result<(), Error> {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
     Ok(())
 }
 
@@ -116,13 +160,36 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         let status = SessionClusterStatus {
             observed_generation: generation,
             conditions: vec![
-                condition(&prev.conditions, "Ready", false, "InvalidSpec", e.to_string(), generation),
-                condition(&prev.conditions, "Progressing", false, "InvalidSpec", "waiting for a valid spec".into(), generation),
-                condition(&prev.conditions, "Degraded", true, "InvalidSpec", e.to_string(), generation),
+                condition(
+                    &prev.conditions,
+                    "Ready",
+                    false,
+                    "InvalidSpec",
+                    e.to_string(),
+                    generation,
+                ),
+                condition(
+                    &prev.conditions,
+                    "Progressing",
+                    false,
+                    "InvalidSpec",
+                    "waiting for a valid spec".into(),
+                    generation,
+                ),
+                condition(
+                    &prev.conditions,
+                    "Degraded",
+                    true,
+                    "InvalidSpec",
+                    e.to_string(),
+                    generation,
+                ),
             ],
             ..prev.clone()
         };
-        if prev.observed_generation != generation || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec") {
+        if prev.observed_generation != generation
+            || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec")
+        {
             event(&ctx, &sc, EventType::Warning, "InvalidSpec", e.to_string()).await;
         }
         write_status(&sc_api, &name, &status).await?;
@@ -136,31 +203,60 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         .items
         .into_iter()
         .filter(|p| p.annotations().get(CLUSTER_ANNOTATION) == Some(&name))
-        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
         .collect();
     let infos: Vec<PodInfo> = members.iter().map(pod_info).collect();
-    let (assignments, assign_err) = assign(&sc.spec.jvm_route.prefix, sc.spec.receiver_ports, &infos);
+    let (assignments, assign_err) =
+        assign(&sc.spec.jvm_route.prefix, sc.spec.receiver_ports, &infos);
 
-    let unlabeled: std::collections::HashSet<String> =
-        members.iter().filter(|p| p.labels().get(CLUSTER_LABEL) != Some(&name)).map(|p| p.name_any()).collect();
-    for a in assignments.iter().filter(|a| a.changed || unlabeled.contains(&a.pod)) {
+    let unlabeled: std::collections::HashSet<String> = members
+        .iter()
+        .filter(|p| p.labels().get(CLUSTER_LABEL) != Some(&name))
+        .map(|p| p.name_any())
+        .collect();
+    for a in assignments
+        .iter()
+        .filter(|a| a.changed || unlabeled.contains(&a.pod))
+    {
         // The label lets the PodDisruptionBudget (and watches) select members.
         let patch = json!({"metadata": {
             "labels": {CLUSTER_LABEL: name},
             "annotations": {ROUTE_ANNOTATION: a.route, PORT_ANNOTATION: a.port.to_string()}
         }});
-        pods_api.patch(&a.pod, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        pods_api
+            .patch(&a.pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
         if a.changed {
             info!(cluster = %name, pod = %a.pod, route = %a.route, port = a.port, "assigned");
-            event(&ctx, &sc, EventType::Normal, "Assigned", format!("pod {}: jvmRoute {}, receiver port {}", a.pod, a.route, a.port)).await;
+            event(
+                &ctx,
+                &sc,
+                EventType::Normal,
+                "Assigned",
+                format!(
+                    "pod {}: jvmRoute {}, receiver port {}",
+                    a.pod, a.route, a.port
+                ),
+            )
+            .await;
         }
     }
 
     let by_pod: HashMap<&str, &PodInfo> = infos.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut statuses = Vec::new();
-    let mut doc = MembershipDoc { cluster: name.clone(), members: Vec::new() };
+    let mut doc = MembershipDoc {
+        cluster: name.clone(),
+        members: Vec::new(),
+    };
     for a in &assignments {
-        let Some(p) = by_pod.get(a.pod.as_str()) else { continue };
+        let Some(p) = by_pod.get(a.pod.as_str()) else {
+            continue;
+        };
         statuses.push(MemberStatus {
             pod: p.name.clone(),
             uid: p.uid.clone(),
@@ -172,7 +268,11 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         });
         // A member is reachable only once it has an IP.
         if let Some(ip) = &p.ip {
-            let address = if ip.contains(':') { format!("[{ip}]:{}", a.port) } else { format!("{ip}:{}", a.port) };
+            let address = if ip.contains(':') {
+                format!("[{ip}]:{}", a.port)
+            } else {
+                format!("{ip}:{}", a.port)
+            };
             doc.members.push(DocMember {
                 name: p.name.clone(),
                 uid: p.uid.clone(),
@@ -183,12 +283,19 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
             });
         }
     }
-    let route_idx = |r: &str| r.trim_start_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().unwrap_or(u32::MAX);
+    let route_idx = |r: &str| {
+        r.trim_start_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .unwrap_or(u32::MAX)
+    };
     statuses.sort_by_key(|m| route_idx(&m.jvm_route));
     doc.members.sort_by_key(|m| route_idx(&m.jvm_route));
 
     let cm_name = members_configmap(&name);
-    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let owner = sc
+        .controller_owner_ref(&())
+        .map(|o| vec![o])
+        .unwrap_or_default();
     let cm = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -196,7 +303,13 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         "data": {MEMBERS_KEY: serde_yaml::to_string(&doc).unwrap_or_default()},
     });
     let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    cm_api.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await?;
+    cm_api
+        .patch(
+            &cm_name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
+        .await?;
 
     ensure_peer_secret(&ctx, &sc, &ns, &name).await?;
     ensure_local_secret(&ctx, &sc, &ns, &name).await?;
@@ -217,7 +330,13 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
                 &prev.conditions,
                 "Ready",
                 all_ready,
-                if count == 0 { "NoMembers" } else if all_ready { "AllMembersReady" } else { "MembersNotReady" },
+                if count == 0 {
+                    "NoMembers"
+                } else if all_ready {
+                    "AllMembersReady"
+                } else {
+                    "MembersNotReady"
+                },
                 format!("{ready} of {count} members ready"),
                 generation,
             ),
@@ -225,41 +344,95 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
                 &prev.conditions,
                 "Progressing",
                 changed || !all_ready,
-                if changed { "Assigning" } else if all_ready { "Stable" } else { "WaitingForMembers" },
-                format!("{} assignments written", assignments.iter().filter(|a| a.changed).count()),
+                if changed {
+                    "Assigning"
+                } else if all_ready {
+                    "Stable"
+                } else {
+                    "WaitingForMembers"
+                },
+                format!(
+                    "{} assignments written",
+                    assignments.iter().filter(|a| a.changed).count()
+                ),
                 generation,
             ),
             match &assign_err {
-                Some(e @ AssignError::PortsExhausted { .. }) => condition(&prev.conditions, "Degraded", true, "PortsExhausted", e.to_string(), generation),
-                None => condition(&prev.conditions, "Degraded", false, "AsExpected", "spec valid, every member assigned".into(), generation),
+                Some(e @ AssignError::PortsExhausted { .. }) => condition(
+                    &prev.conditions,
+                    "Degraded",
+                    true,
+                    "PortsExhausted",
+                    e.to_string(),
+                    generation,
+                ),
+                None => condition(
+                    &prev.conditions,
+                    "Degraded",
+                    false,
+                    "AsExpected",
+                    "spec valid, every member assigned".into(),
+                    generation,
+                ),
             },
         ],
     };
     if let Some(e) = &assign_err {
-        event(&ctx, &sc, EventType::Warning, "PortsExhausted", e.to_string()).await;
+        event(
+            &ctx,
+            &sc,
+            EventType::Warning,
+            "PortsExhausted",
+            e.to_string(),
+        )
+        .await;
     }
     if Some(&status) != sc.status.as_ref() {
         write_status(&sc_api, &name, &status).await?;
     }
     ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.members.store(count as u64, Ordering::Relaxed);
-    ctx.metrics.last_reconcile_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    ctx.metrics
+        .last_reconcile_us
+        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
 /// The cluster secret the injected sidecars mount, unless the spec names one:
 /// created once with 32 random bytes, owned by the SessionCluster.
-async fn ensure_peer_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
+async fn ensure_peer_secret(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error> {
     if sc.spec.peer_auth.is_some() {
         return Ok(());
     }
-    create_secret_once(ctx, sc, ns, name, &format!("{name}-peer"), &[("secret", 32)], "the cluster secret").await
+    create_secret_once(
+        ctx,
+        sc,
+        ns,
+        name,
+        &format!("{name}-peer"),
+        &[("secret", 32)],
+        "the cluster secret",
+    )
+    .await
 }
 
 /// Creates a Secret of random hex values (`(key, random bytes)`) owned by the
 /// SessionCluster, unless it exists. Existing values are never replaced.
-async fn create_secret_once(ctx: &Ctx, sc: &SessionCluster, ns: &str, cluster: &str, secret_name: &str, keys: &[(&str, usize)], what: &str) -> Result<(), Error> {
+async fn create_secret_once(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    ns: &str,
+    cluster: &str,
+    secret_name: &str,
+    keys: &[(&str, usize)],
+    what: &str,
+) -> Result<(), Error> {
     let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
     if api.get_opt(secret_name).await?.is_some() {
         return Ok(());
@@ -268,9 +441,15 @@ async fn create_secret_once(ctx: &Ctx, sc: &SessionCluster, ns: &str, cluster: &
     for (key, len) in keys {
         let mut b = vec![0u8; *len];
         getrandom::getrandom(&mut b).map_err(|e| Error::Random(e.to_string()))?;
-        data.insert((*key).to_owned(), json!(b.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+        data.insert(
+            (*key).to_owned(),
+            json!(b.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        );
     }
-    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let owner = sc
+        .controller_owner_ref(&())
+        .map(|o| vec![o])
+        .unwrap_or_default();
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
         "stringData": data
@@ -288,38 +467,82 @@ async fn create_secret_once(ctx: &Ctx, sc: &SessionCluster, ns: &str, cluster: &
 /// The credentials of each member's local API, shared by the sidecar and the
 /// app in the same pod: a bearer token for the HTTP API and a password for
 /// the Redis endpoint, random, created once, owned by the SessionCluster.
-async fn ensure_local_secret(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
+async fn ensure_local_secret(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error> {
     let secret_name = crate::webhook::local_secret_name(name);
-    create_secret_once(ctx, sc, ns, name, &secret_name, &[("api-token", 24), ("redis-password", 24)], "the local API credentials").await
+    create_secret_once(
+        ctx,
+        sc,
+        ns,
+        name,
+        &secret_name,
+        &[("api-token", 24), ("redis-password", 24)],
+        "the local API credentials",
+    )
+    .await
 }
 
 /// Least privilege for the sidecars, without manual steps: a Role allowing
 /// get/list/watch on this cluster's membership ConfigMap only, bound to the
 /// service accounts the member pods run as.
-async fn ensure_sidecar_rbac(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str, members: &[Pod]) -> Result<(), Error> {
+async fn ensure_sidecar_rbac(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    ns: &str,
+    name: &str,
+    members: &[Pod],
+) -> Result<(), Error> {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let owner = sc
+        .controller_owner_ref(&())
+        .map(|o| vec![o])
+        .unwrap_or_default();
     let rbac_name = format!("{name}-sessionmesh-sidecar");
     let role = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": rbac_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [members_configmap(name)], "verbs": ["get", "list", "watch"]}]
     });
-    Api::<Role>::namespaced(ctx.client.clone(), ns).patch(&rbac_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&role)).await?;
+    Api::<Role>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &rbac_name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&role),
+        )
+        .await?;
     let mut accounts: Vec<String> = members
         .iter()
-        .map(|p| p.spec.as_ref().and_then(|s| s.service_account_name.clone()).filter(|a| !a.is_empty()).unwrap_or_else(|| "default".into()))
+        .map(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| "default".into())
+        })
         .collect();
     accounts.sort();
     accounts.dedup();
-    let subjects: Vec<serde_json::Value> = accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": ns})).collect();
+    let subjects: Vec<serde_json::Value> = accounts
+        .iter()
+        .map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": ns}))
+        .collect();
     let binding = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": rbac_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac_name},
         "subjects": subjects
     });
-    Api::<RoleBinding>::namespaced(ctx.client.clone(), ns).patch(&rbac_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&binding)).await?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &rbac_name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
     Ok(())
 }
 
@@ -328,18 +551,32 @@ async fn ensure_sidecar_rbac(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &st
 /// goes. policy/v1 (1.21+), else policy/v1beta1.
 async fn ensure_pdb(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
     use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-    let owner = sc.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default();
+    let owner = sc
+        .controller_owner_ref(&())
+        .map(|o| vec![o])
+        .unwrap_or_default();
     let pdb_name = format!("{name}-members");
     let mut last = None;
     for version in ["v1", "v1beta1"] {
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("policy", version, "PodDisruptionBudget"));
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "policy",
+            version,
+            "PodDisruptionBudget",
+        ));
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
         let body = json!({
             "apiVersion": format!("policy/{version}"), "kind": "PodDisruptionBudget",
             "metadata": {"name": pdb_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {CLUSTER_LABEL: name}}}
         });
-        match api.patch(&pdb_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await {
+        match api
+            .patch(
+                &pdb_name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => last = Some(kube::Error::Api(e)),
             Err(e) => return Err(e.into()),
@@ -360,7 +597,8 @@ pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Acti
             *e
         })
         .unwrap_or(1);
-    let delay = Duration::from_millis(500u64.saturating_mul(1 << (n - 1).min(10))).min(Duration::from_secs(300));
+    let delay = Duration::from_millis(500u64.saturating_mul(1 << (n - 1).min(10)))
+        .min(Duration::from_secs(300));
     warn!(cluster = %sc.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

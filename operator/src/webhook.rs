@@ -19,7 +19,9 @@ use kube::api::ListParams;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
-use sessionmesh_api::{SessionCluster, CLUSTER_ANNOTATION, CLUSTER_LABEL, PORT_ANNOTATION, ROUTE_ANNOTATION};
+use sessionmesh_api::{
+    SessionCluster, CLUSTER_ANNOTATION, CLUSTER_LABEL, PORT_ANNOTATION, ROUTE_ANNOTATION,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -77,8 +79,14 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     if !has_ann {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
     }
-    for (k, v) in [(ROUTE_ANNOTATION, inj.route.clone()), (PORT_ANNOTATION, inj.port.to_string()), (INJECTED_ANNOTATION, "v1".to_owned())] {
-        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", esc(k)), "value": v}));
+    for (k, v) in [
+        (ROUTE_ANNOTATION, inj.route.clone()),
+        (PORT_ANNOTATION, inj.port.to_string()),
+        (INJECTED_ANNOTATION, "v1".to_owned()),
+    ] {
+        ops.push(
+            json!({"op": "add", "path": format!("/metadata/annotations/{}", esc(k)), "value": v}),
+        );
     }
     if pod.metadata.labels.is_none() {
         ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {}}));
@@ -95,18 +103,30 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     if inj.local_auth {
         // What the app needs to reach its sidecar: the token for the HTTP API,
         // the password for the Redis endpoint.
-        app_env.push(json!({"name": "SESSIONMESH_API_TOKEN", "valueFrom": from_local("api-token")}));
+        app_env
+            .push(json!({"name": "SESSIONMESH_API_TOKEN", "valueFrom": from_local("api-token")}));
         app_env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local("redis-password")}));
     }
-    let containers = pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
     for (i, c) in containers.iter().enumerate() {
         if c.env.is_none() {
-            ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}));
+            ops.push(
+                json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": []}),
+            );
         }
         for e in &app_env {
-            let present = c.env.as_ref().is_some_and(|env| env.iter().any(|x| Some(x.name.as_str()) == e["name"].as_str()));
+            let present = c.env.as_ref().is_some_and(|env| {
+                env.iter()
+                    .any(|x| Some(x.name.as_str()) == e["name"].as_str())
+            });
             if !present {
-                ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env/-"), "value": e}));
+                ops.push(
+                    json!({"op": "add", "path": format!("/spec/containers/{i}/env/-"), "value": e}),
+                );
             }
         }
     }
@@ -118,7 +138,10 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
         json!({"name": "SESSIONMESH_JVM_ROUTE", "value": inj.route}),
         json!({"name": "SESSIONMESH_RECEIVER_PORT", "value": inj.port.to_string()}),
     ];
-    for (e, p) in env.iter_mut().zip(["metadata.name", "metadata.namespace", "status.podIP"]) {
+    for (e, p) in env
+        .iter_mut()
+        .zip(["metadata.name", "metadata.namespace", "status.podIP"])
+    {
         if let (Some(obj), Some(f)) = (e.as_object_mut(), field(p).as_object()) {
             obj.extend(f.clone());
         }
@@ -156,7 +179,10 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     }
     if inj.local_auth {
         if let Some(args) = sidecar["args"].as_array_mut() {
-            args.extend([json!("--api-token-file"), json!("/etc/sessionmesh/local/api-token")]);
+            args.extend([
+                json!("--api-token-file"),
+                json!("/etc/sessionmesh/local/api-token"),
+            ]);
         }
         if let Some(env) = sidecar["env"].as_array_mut() {
             env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local("redis-password")}));
@@ -167,7 +193,10 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     }
     if inj.native {
         sidecar["restartPolicy"] = json!("Always");
-        let has_init = pod.spec.as_ref().is_some_and(|s| s.init_containers.is_some());
+        let has_init = pod
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.init_containers.is_some());
         if !has_init {
             ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": []}));
         }
@@ -200,27 +229,51 @@ pub struct Admission {
 
 impl Admission {
     pub fn new(client: Client, cfg: InjectConfig) -> Self {
-        Admission { client, cfg, reserved: Mutex::new(HashMap::new()) }
+        Admission {
+            client,
+            cfg,
+            reserved: Mutex::new(HashMap::new()),
+        }
     }
 
-    async fn injection(&self, req: &AdmissionRequest<Pod>, pod: &Pod, cluster: &str) -> anyhow::Result<Injection> {
+    async fn injection(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        pod: &Pod,
+        cluster: &str,
+    ) -> anyhow::Result<Injection> {
         let ns = req.namespace.clone().unwrap_or_default();
-        let sc = Api::<SessionCluster>::namespaced(self.client.clone(), &ns).get_opt(cluster).await?;
-        let Some(sc) = sc else { anyhow::bail!("SessionCluster {ns}/{cluster} does not exist") };
+        let sc = Api::<SessionCluster>::namespaced(self.client.clone(), &ns)
+            .get_opt(cluster)
+            .await?;
+        let Some(sc) = sc else {
+            anyhow::bail!("SessionCluster {ns}/{cluster} does not exist")
+        };
         let spec = &sc.spec;
         let mut guard = self.reserved.lock().await;
         let key = (ns.clone(), cluster.to_owned());
-        let pods = Api::<Pod>::namespaced(self.client.clone(), &ns).list(&ListParams::default()).await?;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?;
         let mut infos: Vec<PodInfo> = pods
             .items
             .iter()
-            .filter(|p| p.annotations().get(CLUSTER_ANNOTATION).map(String::as_str) == Some(cluster))
+            .filter(|p| {
+                p.annotations().get(CLUSTER_ANNOTATION).map(String::as_str) == Some(cluster)
+            })
             .map(crate::reconcile::pod_info)
             .collect();
-        let seen: std::collections::BTreeSet<String> = infos.iter().filter_map(|p| p.route.clone()).collect();
+        let seen: std::collections::BTreeSet<String> =
+            infos.iter().filter_map(|p| p.route.clone()).collect();
         let reserved = guard.entry(key).or_default();
-        reserved.retain(|(route, _, at)| !seen.contains(route) && at.elapsed() < Duration::from_secs(60));
-        let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+        reserved.retain(|(route, _, at)| {
+            !seen.contains(route) && at.elapsed() < Duration::from_secs(60)
+        });
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
         for (i, (route, port, _)) in reserved.iter().enumerate() {
             infos.push(PodInfo {
                 name: format!("\u{0}reserved-{i}"),
@@ -246,11 +299,17 @@ impl Admission {
             ready: false,
             terminating: false,
             route: pod.annotations().get(ROUTE_ANNOTATION).cloned(),
-            port: pod.annotations().get(PORT_ANNOTATION).and_then(|p| p.parse().ok()),
+            port: pod
+                .annotations()
+                .get(PORT_ANNOTATION)
+                .and_then(|p| p.parse().ok()),
         });
         let (out, err) = assign(&spec.jvm_route.prefix, spec.receiver_ports, &infos);
         let Some(a) = out.into_iter().find(|a| a.pod == me) else {
-            anyhow::bail!("no receiver port left: {}", err.map(|e| e.to_string()).unwrap_or_default());
+            anyhow::bail!(
+                "no receiver port left: {}",
+                err.map(|e| e.to_string()).unwrap_or_default()
+            );
         };
         reserved.push((a.route.clone(), a.port, Instant::now()));
         let mode = pod
@@ -258,23 +317,40 @@ impl Admission {
             .get(MODE_ANNOTATION)
             .cloned()
             .or_else(|| spec.sidecar.mode.clone())
-            .unwrap_or_else(|| if self.cfg.native_supported { "native".into() } else { "classic".into() });
+            .unwrap_or_else(|| {
+                if self.cfg.native_supported {
+                    "native".into()
+                } else {
+                    "classic".into()
+                }
+            });
         Ok(Injection {
             cluster: cluster.to_owned(),
             route: a.route,
             port: a.port,
             native: mode == "native" && self.cfg.native_supported,
-            image: spec.sidecar.image.clone().unwrap_or_else(|| self.cfg.image.clone()),
+            image: spec
+                .sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| self.cfg.image.clone()),
             send: match spec.replication.send {
                 sessionmesh_api::SendMode::Sync => "sync".into(),
                 sessionmesh_api::SendMode::Async => "async".into(),
             },
-            secret_name: spec.peer_auth.as_ref().map(|p| p.secret_name.clone()).unwrap_or_else(|| format!("{cluster}-peer")),
+            secret_name: spec
+                .peer_auth
+                .as_ref()
+                .map(|p| p.secret_name.clone())
+                .unwrap_or_else(|| format!("{cluster}-peer")),
             heartbeat: spec.failure_detection.heartbeat_interval.clone(),
             suspect_after: spec.failure_detection.suspect_after.clone(),
             probe_timeout: spec.failure_detection.probe_timeout.clone(),
             resources: spec.sidecar.resources.clone(),
-            local_auth: pod.annotations().get(LOCAL_AUTH_ANNOTATION).is_none_or(|v| v != "false"),
+            local_auth: pod
+                .annotations()
+                .get(LOCAL_AUTH_ANNOTATION)
+                .is_none_or(|v| v != "false"),
         })
     }
 
@@ -305,7 +381,9 @@ impl Admission {
                         let ops = patch_for(pod, &inj);
                         info!(cluster = %cluster, route = %inj.route, port = inj.port, native = inj.native, "injecting the sidecar");
                         match serde_json::from_value::<json_patch::Patch>(Value::Array(ops)) {
-                            Ok(p) => resp.with_patch(p).unwrap_or_else(|e| AdmissionResponse::from(&req).deny(e.to_string())),
+                            Ok(p) => resp.with_patch(p).unwrap_or_else(|e| {
+                                AdmissionResponse::from(&req).deny(e.to_string())
+                            }),
                             Err(e) => resp.deny(format!("internal error building the patch: {e}")),
                         }
                     }
@@ -320,9 +398,14 @@ impl Admission {
         let mut out = serde_json::to_value(resp.into_review()).unwrap_or(Value::Null);
         // The AdmissionReview API carries the patch as a base64 string; the
         // response type serializes its bytes as a JSON array.
-        if let Some(bytes) = out["response"]["patch"].as_array().map(|a| a.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect::<Vec<u8>>()) {
+        if let Some(bytes) = out["response"]["patch"].as_array().map(|a| {
+            a.iter()
+                .filter_map(|b| b.as_u64().map(|b| b as u8))
+                .collect::<Vec<u8>>()
+        }) {
             use base64::Engine;
-            out["response"]["patch"] = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+            out["response"]["patch"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         }
         out
     }
@@ -363,8 +446,10 @@ mod tests {
 
     #[test]
     fn classic_injection_adds_container_env_annotations_and_volume() {
-        let p = pod(json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}},
-                           "spec": {"containers": [{"name": "app", "image": "app", "env": [{"name": "X", "value": "1"}]}]}}));
+        let p = pod(
+            json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}},
+                           "spec": {"containers": [{"name": "app", "image": "app", "env": [{"name": "X", "value": "1"}]}]}}),
+        );
         let out = apply(&p, patch_for(&p, &inj(false)));
         let cs = out["spec"]["containers"].as_array().expect("containers");
         assert_eq!(cs.len(), 2);
@@ -373,38 +458,109 @@ mod tests {
         assert_eq!(cs[1]["resources"]["requests"]["cpu"], "50m");
         assert_eq!(cs[1]["resources"]["limits"]["memory"], "128Mi");
         assert!(cs[1].get("restartPolicy").is_none());
-        let env: Vec<&str> = cs[0]["env"].as_array().expect("env").iter().map(|e| e["name"].as_str().unwrap_or("")).collect();
-        assert_eq!(env, vec!["X", "SESSIONMESH_JVM_ROUTE", "SESSIONMESH_CLUSTER", "SESSIONMESH_HTTP", "SESSIONMESH_REDIS"]);
+        let env: Vec<&str> = cs[0]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .map(|e| e["name"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            env,
+            vec![
+                "X",
+                "SESSIONMESH_JVM_ROUTE",
+                "SESSIONMESH_CLUSTER",
+                "SESSIONMESH_HTTP",
+                "SESSIONMESH_REDIS"
+            ]
+        );
         assert_eq!(cs[0]["env"][1]["value"], "node3");
-        assert_eq!(out["metadata"]["annotations"]["sessionmesh.io/jvm-route"], "node3");
-        assert_eq!(out["metadata"]["annotations"]["sessionmesh.io/receiver-port"], "4001");
+        assert_eq!(
+            out["metadata"]["annotations"]["sessionmesh.io/jvm-route"],
+            "node3"
+        );
+        assert_eq!(
+            out["metadata"]["annotations"]["sessionmesh.io/receiver-port"],
+            "4001"
+        );
         assert_eq!(out["metadata"]["annotations"][INJECTED_ANNOTATION], "v1");
         assert_eq!(out["metadata"]["labels"]["sessionmesh.io/cluster"], "shop");
-        assert_eq!(out["spec"]["volumes"][0]["secret"]["secretName"], "shop-peer");
-        let args: Vec<&str> = cs[1]["args"].as_array().expect("args").iter().map(|a| a.as_str().unwrap_or("")).collect();
-        assert!(args.windows(2).any(|w| w == ["--kube-membership", "$(POD_NAMESPACE)/shop-members"]));
+        assert_eq!(
+            out["spec"]["volumes"][0]["secret"]["secretName"],
+            "shop-peer"
+        );
+        let args: Vec<&str> = cs[1]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().unwrap_or(""))
+            .collect();
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--kube-membership", "$(POD_NAMESPACE)/shop-members"]));
         assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:4001"]));
     }
 
     #[test]
     fn local_auth_gives_sidecar_and_app_the_clusters_local_credentials() {
-        let p = pod(json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}},
-                           "spec": {"containers": [{"name": "app", "image": "app"}, {"name": "worker", "image": "w", "env": []}]}}));
-        let out = apply(&p, patch_for(&p, &Injection { local_auth: true, ..inj(false) }));
+        let p = pod(
+            json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}},
+                           "spec": {"containers": [{"name": "app", "image": "app"}, {"name": "worker", "image": "w", "env": []}]}}),
+        );
+        let out = apply(
+            &p,
+            patch_for(
+                &p,
+                &Injection {
+                    local_auth: true,
+                    ..inj(false)
+                },
+            ),
+        );
         let cs = out["spec"]["containers"].as_array().expect("containers");
         for app in &cs[..2] {
             let env = app["env"].as_array().expect("env");
-            for (name, key) in [("SESSIONMESH_API_TOKEN", "api-token"), ("SESSIONMESH_REDIS_PASSWORD", "redis-password")] {
-                let e = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{} has no {name}", app["name"]));
-                assert_eq!(e["valueFrom"]["secretKeyRef"], json!({"name": "shop-local", "key": key}));
+            for (name, key) in [
+                ("SESSIONMESH_API_TOKEN", "api-token"),
+                ("SESSIONMESH_REDIS_PASSWORD", "redis-password"),
+            ] {
+                let e = env
+                    .iter()
+                    .find(|e| e["name"] == name)
+                    .unwrap_or_else(|| panic!("{} has no {name}", app["name"]));
+                assert_eq!(
+                    e["valueFrom"]["secretKeyRef"],
+                    json!({"name": "shop-local", "key": key})
+                );
             }
         }
         let side = &cs[2];
-        let args: Vec<&str> = side["args"].as_array().expect("args").iter().map(|a| a.as_str().unwrap_or("")).collect();
-        assert!(args.windows(2).any(|w| w == ["--api-token-file", "/etc/sessionmesh/local/api-token"]), "{args:?}");
-        assert!(side["env"].as_array().expect("env").iter().any(|e| e["name"] == "SESSIONMESH_REDIS_PASSWORD"));
-        assert!(side["volumeMounts"].as_array().expect("mounts").iter().any(|m| m["mountPath"] == "/etc/sessionmesh/local"));
-        assert!(out["spec"]["volumes"].as_array().expect("v").iter().any(|v| v["secret"]["secretName"] == "shop-local"));
+        let args: Vec<&str> = side["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().unwrap_or(""))
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--api-token-file", "/etc/sessionmesh/local/api-token"]),
+            "{args:?}"
+        );
+        assert!(side["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "SESSIONMESH_REDIS_PASSWORD"));
+        assert!(side["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/sessionmesh/local"));
+        assert!(out["spec"]["volumes"]
+            .as_array()
+            .expect("v")
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "shop-local"));
         // Off: none of it.
         let out = apply(&p, patch_for(&p, &inj(false)));
         assert!(!out.to_string().contains("shop-local"));
@@ -412,9 +568,11 @@ mod tests {
 
     #[test]
     fn native_injection_is_a_first_init_container_with_restart_policy_always() {
-        let p = pod(json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}, "labels": {"app": "x"}},
+        let p = pod(
+            json!({"metadata": {"name": "a", "annotations": {"sessionmesh.io/cluster": "shop"}, "labels": {"app": "x"}},
                            "spec": {"initContainers": [{"name": "migrate", "image": "m"}], "containers": [{"name": "app", "image": "app"}],
-                                    "volumes": [{"name": "data", "emptyDir": {}}]}}));
+                                    "volumes": [{"name": "data", "emptyDir": {}}]}}),
+        );
         let out = apply(&p, patch_for(&p, &inj(true)));
         let init = out["spec"]["initContainers"].as_array().expect("init");
         assert_eq!(init[0]["name"], SIDECAR_NAME);
@@ -428,10 +586,17 @@ mod tests {
 
     #[test]
     fn a_second_pass_has_nothing_to_add_to_app_env() {
-        let p = pod(json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "app", "image": "app"}]}}));
+        let p = pod(
+            json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "app", "image": "app"}]}}),
+        );
         let once = apply(&p, patch_for(&p, &inj(false)));
         let again: Pod = serde_json::from_value(once).expect("pod");
         let ops = patch_for(&again, &inj(false));
-        assert!(!ops.iter().any(|o| o["path"].as_str().is_some_and(|p| p.starts_with("/spec/containers/0/env"))), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| o["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/spec/containers/0/env"))),
+            "{ops:?}"
+        );
     }
 }

@@ -19,68 +19,127 @@ fn render(values: Option<&str>) -> (String, String) {
         .env("GO111MODULE", "off")
         .env("GOFLAGS", "-mod=mod")
         .env("GOCACHE", std::env::temp_dir().join("sessionmesh-gocache"))
-        .args(["run", "e2e/helm/render.go", "charts/sessionmesh", "sm", "sessionmesh"]);
+        .args([
+            "run",
+            "e2e/helm/render.go",
+            "charts/sessionmesh",
+            "sm",
+            "sessionmesh",
+        ]);
     if let Some(v) = values {
         cmd.arg(v);
     }
-    let out = cmd.output().expect("go (apt-get install golang-go golang-github-masterminds-sprig-dev)");
-    assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = cmd
+        .output()
+        .expect("go (apt-get install golang-go golang-github-masterminds-sprig-dev)");
+    assert!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn the_chart_carries_the_generated_crd() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let top = std::fs::read_to_string(format!("{root}/crds/sessioncluster.yaml")).expect("crds/");
-    let chart = std::fs::read_to_string(format!("{root}/charts/sessionmesh/crds/sessioncluster.yaml")).expect("chart crds/");
-    assert_eq!(top, chart, "charts/sessionmesh/crds/ differs from crds/: copy it over");
+    let chart = std::fs::read_to_string(format!(
+        "{root}/charts/sessionmesh/crds/sessioncluster.yaml"
+    ))
+    .expect("chart crds/");
+    assert_eq!(
+        top, chart,
+        "charts/sessionmesh/crds/ differs from crds/: copy it over"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rendered_chart_applies_to_a_real_api_server() {
     let (manifests, notes) = render(None);
-    assert!(notes.contains("kubectl label namespace"), "NOTES.txt not rendered: {notes}");
+    assert!(
+        notes.contains("kubectl label namespace"),
+        "NOTES.txt not rendered: {notes}"
+    );
     let env = KubeEnv::start().await;
     env.apply_crds().await;
     env.namespace("sessionmesh").await;
     let applied = apply_all(&env, &manifests, "sessionmesh").await;
     let kinds: Vec<&str> = applied.iter().map(|(_, _, k)| k.as_str()).collect();
-    for want in ["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "MutatingWebhookConfiguration"] {
+    for want in [
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "MutatingWebhookConfiguration",
+    ] {
         assert!(kinds.contains(&want), "the chart has no {want}: {kinds:?}");
     }
     for (api, name, kind) in &applied {
-        assert!(api.get_opt(name).await.expect("get").is_some(), "{kind} {name} missing after apply");
+        assert!(
+            api.get_opt(name).await.expect("get").is_some(),
+            "{kind} {name} missing after apply"
+        );
     }
-    let deploy = applied.iter().find(|(_, _, k)| k == "Deployment").expect("deployment");
+    let deploy = applied
+        .iter()
+        .find(|(_, _, k)| k == "Deployment")
+        .expect("deployment");
     let d = deploy.0.get(&deploy.1).await.expect("deployment");
     assert_eq!(d.data["spec"]["replicas"], 2);
 }
 
 /// Applies every manifest with server-side apply, first as a dry run (which
 /// must create nothing), then for real. Returns what was applied.
-async fn apply_all(env: &KubeEnv, manifests: &str, default_ns: &str) -> Vec<(Api<DynamicObject>, String, String)> {
+async fn apply_all(
+    env: &KubeEnv,
+    manifests: &str,
+    default_ns: &str,
+) -> Vec<(Api<DynamicObject>, String, String)> {
     let mut applied = Vec::new();
     for dry_run in [true, false] {
         for doc in manifests.split("\n---\n") {
-            if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            if doc
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            {
                 continue;
             }
-            let obj: DynamicObject = serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("not an object: {e}\n{doc}"));
+            let obj: DynamicObject =
+                serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("not an object: {e}\n{doc}"));
             let tm = obj.types.clone().expect("apiVersion and kind");
             let gvk = GroupVersionKind::try_from(&tm).expect("gvk");
-            let (ar, caps) = pinned_kind(&env.client, &gvk).await.unwrap_or_else(|e| panic!("{} unknown to the API server: {e}", tm.kind));
+            let (ar, caps) = pinned_kind(&env.client, &gvk)
+                .await
+                .unwrap_or_else(|e| panic!("{} unknown to the API server: {e}", tm.kind));
             let name = obj.metadata.name.clone().expect("name");
             let api: Api<DynamicObject> = match caps.scope {
-                Scope::Namespaced => Api::namespaced_with(env.client.clone(), obj.metadata.namespace.as_deref().unwrap_or(default_ns), &ar),
+                Scope::Namespaced => Api::namespaced_with(
+                    env.client.clone(),
+                    obj.metadata.namespace.as_deref().unwrap_or(default_ns),
+                    &ar,
+                ),
                 Scope::Cluster => Api::all_with(env.client.clone(), &ar),
             };
             let mut pp = PatchParams::apply("example-test").force();
             if dry_run {
                 pp = pp.dry_run();
             }
-            api.patch(&name, &pp, &Patch::Apply(&obj)).await.unwrap_or_else(|e| panic!("{} {name} refused (dry run: {dry_run}): {e}", tm.kind));
+            api.patch(&name, &pp, &Patch::Apply(&obj))
+                .await
+                .unwrap_or_else(|e| panic!("{} {name} refused (dry run: {dry_run}): {e}", tm.kind));
             if dry_run {
-                assert!(api.get_opt(&name).await.expect("get").is_none(), "a dry run created {} {name}", tm.kind);
+                assert!(
+                    api.get_opt(&name).await.expect("get").is_none(),
+                    "a dry run created {} {name}",
+                    tm.kind
+                );
             } else {
                 applied.push((api, name, tm.kind.clone()));
             }
@@ -92,25 +151,44 @@ async fn apply_all(env: &KubeEnv, manifests: &str, default_ns: &str) -> Vec<(Api
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_apply_and_the_haproxy_config_is_valid() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/shop");
-    let out = Command::new(sessionmesh_sidecar::localcluster::require("haproxy")).args(["-c", "-f", &format!("{root}/haproxy.cfg")]).output().expect("haproxy");
-    assert!(out.status.success(), "haproxy rejects the example: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sessionmesh_sidecar::localcluster::require("haproxy"))
+        .args(["-c", "-f", &format!("{root}/haproxy.cfg")])
+        .output()
+        .expect("haproxy");
+    assert!(
+        out.status.success(),
+        "haproxy rejects the example: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let env = KubeEnv::start().await;
     env.apply_crds().await;
     env.namespace("shop").await;
     let mut kinds = Vec::new();
     for f in ["sessioncluster.yaml", "deployment.yaml"] {
         let text = std::fs::read_to_string(format!("{root}/{f}")).expect("example");
-        kinds.extend(apply_all(&env, &text, "shop").await.into_iter().map(|(_, _, k)| k));
+        kinds.extend(
+            apply_all(&env, &text, "shop")
+                .await
+                .into_iter()
+                .map(|(_, _, k)| k),
+        );
     }
     for want in ["SessionCluster", "Deployment", "Service", "Ingress"] {
-        assert!(kinds.iter().any(|k| k == want), "examples lack a {want}: {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "examples lack a {want}: {kinds:?}"
+        );
     }
 }
 
 #[test]
 fn values_override_like_helm() {
     let path = std::env::temp_dir().join(format!("sessionmesh-values-{}.yaml", std::process::id()));
-    std::fs::write(&path, "operator:\n  replicas: 3\n  watchNamespace: shop\nwebhook:\n  failurePolicy: Ignore\n").expect("values");
+    std::fs::write(
+        &path,
+        "operator:\n  replicas: 3\n  watchNamespace: shop\nwebhook:\n  failurePolicy: Ignore\n",
+    )
+    .expect("values");
     let (m, _) = render(Some(path.to_str().expect("path")));
     assert!(m.contains("replicas: 3"));
     assert!(m.contains("--namespace=shop"));

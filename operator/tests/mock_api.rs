@@ -27,9 +27,18 @@ fn mock(pods: Value) -> (Client, Arc<Mutex<Vec<Req>>>) {
         async move {
             let method = req.method().to_string();
             let path = req.uri().path().to_owned();
-            let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let bytes = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            log.lock().expect("log").push(Req { method: method.clone(), path: path.clone(), body: body.clone() });
+            log.lock().expect("log").push(Req {
+                method: method.clone(),
+                path: path.clone(),
+                body: body.clone(),
+            });
             if method == "GET" && path.contains("/secrets/") {
                 let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
                 return Ok::<_, std::convert::Infallible>(
@@ -80,7 +89,11 @@ fn sc(spec: Value) -> Arc<SessionCluster> {
 
 fn pod(name: &str, created: &str, ip: Option<&str>, route: Option<&str>, cluster: &str) -> Value {
     let mut ann = json!({"sessionmesh.io/cluster": cluster});
-    let labels = if route.is_some() { json!({"sessionmesh.io/cluster": cluster}) } else { json!({}) };
+    let labels = if route.is_some() {
+        json!({"sessionmesh.io/cluster": cluster})
+    } else {
+        json!({})
+    };
     if let Some(r) = route {
         ann["sessionmesh.io/jvm-route"] = json!(r);
         ann["sessionmesh.io/receiver-port"] = json!("4000");
@@ -93,7 +106,13 @@ fn pod(name: &str, created: &str, ip: Option<&str>, route: Option<&str>, cluster
 }
 
 fn ctx(client: Client) -> Arc<Ctx> {
-    let rec = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
+    let rec = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "test".into(),
+            instance: None,
+        },
+    );
     Arc::new(Ctx::new(client, rec))
 }
 
@@ -106,21 +125,54 @@ async fn assigns_new_pods_publishes_members_and_writes_status() {
         pod("other", "2026-01-01T00:00:03Z", Some("10.0.0.9"), None, "other"),
     ]});
     let (client, log) = mock(pods);
-    reconcile(sc(json!({})), ctx(client)).await.expect("reconcile");
+    reconcile(sc(json!({})), ctx(client))
+        .await
+        .expect("reconcile");
     let log = log.lock().expect("log").clone();
-    let pod_patches: Vec<&Req> = log.iter().filter(|r| r.method == "PATCH" && r.path.contains("/pods/")).collect();
-    assert_eq!(pod_patches.len(), 2, "only the unassigned members are patched: {pod_patches:?}");
-    assert!(pod_patches.iter().any(|r| r.path.ends_with("/web-b") && r.body["metadata"]["annotations"]["sessionmesh.io/jvm-route"] == "node2"));
-    assert!(pod_patches.iter().any(|r| r.path.ends_with("/web-c") && r.body["metadata"]["annotations"]["sessionmesh.io/jvm-route"] == "node3"));
-    assert!(!log.iter().any(|r| r.path.ends_with("/other")), "a pod of another cluster was touched");
-    let cm = log.iter().find(|r| r.path.ends_with("/configmaps/web-members")).expect("membership published");
-    let doc: sessionmesh_api::MembershipDoc = serde_yaml::from_str(cm.body["data"]["members.yaml"].as_str().expect("doc")).expect("yaml");
-    assert_eq!(doc.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["web-a", "web-b"], "web-c has no IP yet");
+    let pod_patches: Vec<&Req> = log
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/pods/"))
+        .collect();
+    assert_eq!(
+        pod_patches.len(),
+        2,
+        "only the unassigned members are patched: {pod_patches:?}"
+    );
+    assert!(pod_patches.iter().any(|r| r.path.ends_with("/web-b")
+        && r.body["metadata"]["annotations"]["sessionmesh.io/jvm-route"] == "node2"));
+    assert!(pod_patches.iter().any(|r| r.path.ends_with("/web-c")
+        && r.body["metadata"]["annotations"]["sessionmesh.io/jvm-route"] == "node3"));
+    assert!(
+        !log.iter().any(|r| r.path.ends_with("/other")),
+        "a pod of another cluster was touched"
+    );
+    let cm = log
+        .iter()
+        .find(|r| r.path.ends_with("/configmaps/web-members"))
+        .expect("membership published");
+    let doc: sessionmesh_api::MembershipDoc =
+        serde_yaml::from_str(cm.body["data"]["members.yaml"].as_str().expect("doc")).expect("yaml");
+    assert_eq!(
+        doc.members
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["web-a", "web-b"],
+        "web-c has no IP yet"
+    );
     assert_eq!(cm.body["metadata"]["ownerReferences"][0]["uid"], "sc-uid");
-    assert!(log.iter().any(|r| r.method == "POST" && r.path.ends_with("/secrets") && r.body["metadata"]["name"] == "web-peer"));
-    let pdb = log.iter().find(|r| r.path.contains("/poddisruptionbudgets/web-members")).expect("pdb");
+    assert!(log.iter().any(|r| r.method == "POST"
+        && r.path.ends_with("/secrets")
+        && r.body["metadata"]["name"] == "web-peer"));
+    let pdb = log
+        .iter()
+        .find(|r| r.path.contains("/poddisruptionbudgets/web-members"))
+        .expect("pdb");
     assert_eq!(pdb.body["spec"]["maxUnavailable"], 1);
-    let status = log.iter().find(|r| r.path.ends_with("/sessionclusters/web/status")).expect("status");
+    let status = log
+        .iter()
+        .find(|r| r.path.ends_with("/sessionclusters/web/status"))
+        .expect("status");
     assert_eq!(status.body["status"]["memberCount"], 3);
     assert_eq!(status.body["status"]["readyMembers"], 3);
     assert_eq!(status.body["status"]["observedGeneration"], 4);
@@ -132,16 +184,38 @@ async fn assigns_new_pods_publishes_members_and_writes_status() {
 #[tokio::test]
 async fn an_invalid_spec_writes_a_condition_and_touches_nothing_else() {
     let (client, log) = mock(json!({"items": []}));
-    reconcile(sc(json!({"receiverPorts": {"first": 5000, "last": 4000}})), ctx(client)).await.expect("no error loop");
+    reconcile(
+        sc(json!({"receiverPorts": {"first": 5000, "last": 4000}})),
+        ctx(client),
+    )
+    .await
+    .expect("no error loop");
     let log = log.lock().expect("log").clone();
-    assert!(!log.iter().any(|r| r.path.ends_with("/pods") || r.path.contains("/configmaps/")), "{log:?}");
-    let status = log.iter().find(|r| r.path.ends_with("/status")).expect("status");
-    let conds = status.body["status"]["conditions"].as_array().expect("conditions");
-    let degraded = conds.iter().find(|c| c["type"] == "Degraded").expect("Degraded");
+    assert!(
+        !log.iter()
+            .any(|r| r.path.ends_with("/pods") || r.path.contains("/configmaps/")),
+        "{log:?}"
+    );
+    let status = log
+        .iter()
+        .find(|r| r.path.ends_with("/status"))
+        .expect("status");
+    let conds = status.body["status"]["conditions"]
+        .as_array()
+        .expect("conditions");
+    let degraded = conds
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .expect("Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "InvalidSpec");
-    assert!(degraded["message"].as_str().unwrap_or("").contains("spec.receiverPorts"));
-    assert!(log.iter().any(|r| r.method == "POST" && r.path.contains("/events") && r.body["reason"] == "InvalidSpec"));
+    assert!(degraded["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("spec.receiverPorts"));
+    assert!(log.iter().any(|r| r.method == "POST"
+        && r.path.contains("/events")
+        && r.body["reason"] == "InvalidSpec"));
 }
 
 #[tokio::test]
@@ -151,12 +225,20 @@ async fn a_route_conflict_from_a_race_is_repaired_for_the_newer_pod() {
         pod("old", "2026-01-01T00:00:00Z", Some("10.0.0.1"), Some("node1"), "web"),
     ]});
     let (client, log) = mock(pods);
-    reconcile(sc(json!({})), ctx(client)).await.expect("reconcile");
+    reconcile(sc(json!({})), ctx(client))
+        .await
+        .expect("reconcile");
     let log = log.lock().expect("log").clone();
-    let patched: Vec<&Req> = log.iter().filter(|r| r.method == "PATCH" && r.path.contains("/pods/")).collect();
+    let patched: Vec<&Req> = log
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/pods/"))
+        .collect();
     assert_eq!(patched.len(), 1);
     assert!(patched[0].path.ends_with("/young"));
-    assert_eq!(patched[0].body["metadata"]["annotations"]["sessionmesh.io/jvm-route"], "node2");
+    assert_eq!(
+        patched[0].body["metadata"]["annotations"]["sessionmesh.io/jvm-route"],
+        "node2"
+    );
 }
 
 #[tokio::test]
@@ -165,7 +247,13 @@ async fn admission_review_in_json_patch_out() {
     use sessionmesh_operator::webhook::{Admission, InjectConfig};
     let pods = json!({"items": [pod("web-a", "2026-01-01T00:00:00Z", Some("10.0.0.1"), Some("node1"), "web")]});
     let (client, _log) = mock(pods);
-    let adm = Admission::new(client, InjectConfig { image: "sessionmesh:test".into(), native_supported: true });
+    let adm = Admission::new(
+        client,
+        InjectConfig {
+            image: "sessionmesh:test".into(),
+            native_supported: true,
+        },
+    );
     let review = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
@@ -181,11 +269,24 @@ async fn admission_review_in_json_patch_out() {
     assert_eq!(resp["uid"], "req-1");
     assert_eq!(resp["allowed"], true);
     assert_eq!(resp["patchType"], "JSONPatch");
-    let patch: Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(resp["patch"].as_str().expect("patch")).expect("b64")).expect("json");
+    let patch: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(resp["patch"].as_str().expect("patch"))
+            .expect("b64"),
+    )
+    .expect("json");
     let ops = patch.as_array().expect("ops");
     // node1 is taken by web-a: the new pod gets node2, and a native sidecar.
-    assert!(ops.iter().any(|o| o["path"] == "/metadata/annotations/sessionmesh.io~1jvm-route" && o["value"] == "node2"), "{ops:?}");
-    assert!(ops.iter().any(|o| o["path"] == "/spec/initContainers/0" && o["value"]["restartPolicy"] == "Always"));
+    assert!(
+        ops.iter().any(
+            |o| o["path"] == "/metadata/annotations/sessionmesh.io~1jvm-route"
+                && o["value"] == "node2"
+        ),
+        "{ops:?}"
+    );
+    assert!(ops
+        .iter()
+        .any(|o| o["path"] == "/spec/initContainers/0" && o["value"]["restartPolicy"] == "Always"));
 
     // Already injected (reinvocation): allowed, nothing to patch.
     let mut again = review.clone();

@@ -17,13 +17,23 @@ use std::time::{Duration, Instant};
 /// The sidecar binary, built by cargo for this workspace.
 fn sidecar_bin() -> PathBuf {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "sessionmesh-sidecar", "--bin", "sessionmesh-sidecar"])
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "sessionmesh-sidecar",
+            "--bin",
+            "sessionmesh-sidecar",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo build");
     assert!(status.success(), "building the sidecar failed");
     let exe = std::env::current_exe().expect("exe");
-    exe.parent().and_then(|d| d.parent()).map(|d| d.join("sessionmesh-sidecar")).expect("target dir")
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("sessionmesh-sidecar"))
+        .expect("target dir")
 }
 
 /// A run of `n` consecutive free ports on 127.0.0.1 (from the test port window,
@@ -59,30 +69,70 @@ fn start_sidecar(env: &KubeEnv, bin: &PathBuf, ns: &str, pod: &str, secret: &Pat
     let log = std::fs::File::create(env.dir.join(format!("{pod}.log"))).expect("log");
     let mut cmd = Command::new(bin);
     cmd.env("KUBECONFIG", env.dir.join("kubeconfig-sidecar"))
-        .args(["run", "--kube-membership", &format!("{ns}/web-members"), "--member", pod, "--http", "127.0.0.1:0", "--send", "sync"])
+        .args([
+            "run",
+            "--kube-membership",
+            &format!("{ns}/web-members"),
+            "--member",
+            pod,
+            "--http",
+            "127.0.0.1:0",
+            "--send",
+            "sync",
+        ])
         .arg("--secret-file")
         .arg(secret)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
-    let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(&mut cmd, Some(Duration::from_secs(30))).expect("spawn");
-    let line = line.unwrap_or_else(|| panic!("sidecar {pod} did not start: {}", env.log_tail(&format!("{pod}.log"))));
+    let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(
+        &mut cmd,
+        Some(Duration::from_secs(30)),
+    )
+    .expect("spawn");
+    let line = line.unwrap_or_else(|| {
+        panic!(
+            "sidecar {pod} did not start: {}",
+            env.log_tail(&format!("{pod}.log"))
+        )
+    });
     let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-    Sidecar { child, http: v["http"].as_str().unwrap_or_default().parse().expect("http") }
+    Sidecar {
+        child,
+        http: v["http"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .expect("http"),
+    }
 }
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (0, String::new()) };
-    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let _ = s
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out).await;
     let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
 }
 
 async fn send(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return 0 };
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return 0;
+    };
     let _ = s
         .write_all(format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
         .await;
@@ -94,7 +144,12 @@ async fn send(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) 
 async fn state_of(addr: std::net::SocketAddr, member: &str) -> Option<String> {
     let (_, body) = get(addr, "/v1/cluster").await;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    v["members"].as_array()?.iter().find(|m| m["name"] == member)?["state"].as_str().map(str::to_owned)
+    v["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == member)?["state"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -115,48 +170,112 @@ async fn sidecars_follow_the_operator_and_survive_sigkill() {
         "spec": {"receiverPorts": {"first": first, "last": first + 9}, "replication": {"send": "sync"}}
     }))
     .expect("sc");
-    api.create(&PostParams::default(), &sc).await.expect("create");
+    api.create(&PostParams::default(), &sc)
+        .await
+        .expect("create");
     let _op = env.operator("shop", "op");
     // hostNetwork pods on one node: one IP, so the operator gives them distinct ports.
     for i in 0..3 {
         env.pod("shop", &format!("web-{i}"), "web", true).await;
-        env.set_running("shop", &format!("web-{i}"), "127.0.0.1", false).await;
+        env.set_running("shop", &format!("web-{i}"), "127.0.0.1", false)
+            .await;
     }
     // Least privilege for sidecars, set up by the operator: they authenticate as
     // the pods' service account (shop/default) and may only read their ConfigMap.
-    eventually(Duration::from_secs(10), "the operator's sidecar Role and binding", || async {
-        let rb = Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(env.client.clone(), "shop").get_opt("web-sessionmesh-sidecar").await.ok()??;
-        rb.subjects?.iter().any(|s| s.kind == "ServiceAccount" && s.name == "default").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the operator's sidecar Role and binding",
+        || async {
+            let rb = Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(
+                env.client.clone(),
+                "shop",
+            )
+            .get_opt("web-sessionmesh-sidecar")
+            .await
+            .ok()??;
+            rb.subjects?
+                .iter()
+                .any(|s| s.kind == "ServiceAccount" && s.name == "default")
+                .then_some(())
+        },
+    )
     .await;
     let limited = common::client_for(&env.dir.join("kubeconfig-sidecar")).await;
-    let denied = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(limited.clone(), "shop").list(&Default::default()).await;
+    let denied = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(limited.clone(), "shop")
+        .list(&Default::default())
+        .await;
     assert!(denied.is_err(), "the sidecar's user must not list pods");
-    let denied = Api::<ConfigMap>::namespaced(limited, "shop").get("some-other-configmap").await;
-    assert!(matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403), "{denied:?}");
+    let denied = Api::<ConfigMap>::namespaced(limited, "shop")
+        .get("some-other-configmap")
+        .await;
+    assert!(
+        matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "{denied:?}"
+    );
     let secret = env.dir.join("secret");
     std::fs::write(&secret, "kubernetes-test-cluster-secret").expect("secret");
-    let mut sidecars: Vec<Option<Sidecar>> = (0..3).map(|i| Some(start_sidecar(&env, &bin, "shop", &format!("web-{i}"), &secret))).collect();
+    let mut sidecars: Vec<Option<Sidecar>> = (0..3)
+        .map(|i| {
+            Some(start_sidecar(
+                &env,
+                &bin,
+                "shop",
+                &format!("web-{i}"),
+                &secret,
+            ))
+        })
+        .collect();
     for (i, s) in sidecars.iter().enumerate() {
         let addr = s.as_ref().expect("sidecar").http;
-        eventually(Duration::from_secs(20), &format!("web-{i} ready"), || async { (get(addr, "/readyz").await.0 == 200).then_some(()) }).await;
+        eventually(
+            Duration::from_secs(20),
+            &format!("web-{i} ready"),
+            || async { (get(addr, "/readyz").await.0 == 200).then_some(()) },
+        )
+        .await;
     }
-    let (a, b, c) = (sidecars[0].as_ref().expect("a").http, sidecars[1].as_ref().expect("b").http, sidecars[2].as_ref().expect("c").http);
+    let (a, b, c) = (
+        sidecars[0].as_ref().expect("a").http,
+        sidecars[1].as_ref().expect("b").http,
+        sidecars[2].as_ref().expect("c").http,
+    );
     // The cluster has formed when every member sees the others alive (a sync
     // write waits only for members its writer considers live).
-    for (x, others) in [(a, ["web-1", "web-2"]), (b, ["web-0", "web-2"]), (c, ["web-0", "web-1"])] {
+    for (x, others) in [
+        (a, ["web-1", "web-2"]),
+        (b, ["web-0", "web-2"]),
+        (c, ["web-0", "web-1"]),
+    ] {
         for o in others {
-            eventually(Duration::from_secs(10), "mutual visibility", || async { (state_of(x, o).await.as_deref() == Some("alive")).then_some(()) }).await;
+            eventually(Duration::from_secs(10), "mutual visibility", || async {
+                (state_of(x, o).await.as_deref() == Some("alive")).then_some(())
+            })
+            .await;
         }
     }
-    assert_eq!(send(a, "POST", "/v1/sessions", r#"{"id":"K8S","attributes":{"user":"YWxpY2U="}}"#).await, 201);
-    assert_eq!(send(a, "PUT", "/v1/sessions/K8S/attributes/cart", "3").await, 204);
+    assert_eq!(
+        send(
+            a,
+            "POST",
+            "/v1/sessions",
+            r#"{"id":"K8S","attributes":{"user":"YWxpY2U="}}"#
+        )
+        .await,
+        201
+    );
+    assert_eq!(
+        send(a, "PUT", "/v1/sessions/K8S/attributes/cart", "3").await,
+        204
+    );
     let (code, body) = get(b, "/v1/sessions/K8S/attributes/cart").await;
     assert_eq!((code, body.as_str()), (200, "3"), "sync write not on web-1");
     // SIGKILL web-0's sidecar: the others declare it dead within a second and keep the session.
     let t = Instant::now();
     drop(sidecars[0].take());
-    eventually(Duration::from_secs(3), "web-0 dead on web-1", || async { (state_of(b, "web-0").await.as_deref() == Some("dead")).then_some(()) }).await;
+    eventually(Duration::from_secs(3), "web-0 dead on web-1", || async {
+        (state_of(b, "web-0").await.as_deref() == Some("dead")).then_some(())
+    })
+    .await;
     let detect = t.elapsed();
     assert!(detect < Duration::from_secs(1), "detection took {detect:?}");
     let (code, body) = get(c, "/v1/sessions/K8S/attributes/user").await;
@@ -173,16 +292,29 @@ async fn sidecars_follow_the_operator_and_survive_sigkill() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t0 = Instant::now();
         env.set_running("shop", &pod, "127.0.0.1", true).await;
-        eventually(Duration::from_secs(10), "document lists the pod", || async {
-            let cm = cms.get("web-members").await.ok()?;
-            let doc: MembershipDoc = serde_yaml::from_str(cm.data?.get("members.yaml")?).ok()?;
-            doc.members.iter().any(|m| m.name == pod && m.ready).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "document lists the pod",
+            || async {
+                let cm = cms.get("web-members").await.ok()?;
+                let doc: MembershipDoc =
+                    serde_yaml::from_str(cm.data?.get("members.yaml")?).ok()?;
+                doc.members
+                    .iter()
+                    .any(|m| m.name == pod && m.ready)
+                    .then_some(())
+            },
+        )
         .await;
         to_doc.push(t0.elapsed().as_secs_f64() * 1000.0);
-        eventually(Duration::from_secs(10), "both sidecars know the pod", || async {
-            (state_of(b, &pod).await.is_some() && state_of(c, &pod).await.is_some()).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "both sidecars know the pod",
+            || async {
+                (state_of(b, &pod).await.is_some() && state_of(c, &pod).await.is_some())
+                    .then_some(())
+            },
+        )
         .await;
         to_sidecars.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
@@ -193,5 +325,8 @@ async fn sidecars_follow_the_operator_and_survive_sigkill() {
         pct(&mut to_sidecars.clone(), 0.5),
         pct(&mut to_sidecars, 0.99)
     );
-    assert!(pct(&mut to_sidecars, 0.99) < 1000.0, "membership took more than a second to reach the sidecars");
+    assert!(
+        pct(&mut to_sidecars, 0.99) < 1000.0,
+        "membership took more than a second to reach the sidecars"
+    );
 }

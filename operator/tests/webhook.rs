@@ -21,10 +21,18 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     env.apply_crds().await;
     let nss: Api<Namespace> = Api::all(env.client.clone());
     for (name, enabled) in [("app", true), ("plain", false)] {
-        let labels = if enabled { json!({"sessionmesh.io/injection": "enabled"}) } else { json!({}) };
-        nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).expect("ns"))
-            .await
-            .expect("namespace");
+        let labels = if enabled {
+            json!({"sessionmesh.io/injection": "enabled"})
+        } else {
+            json!({})
+        };
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+                .expect("ns"),
+        )
+        .await
+        .expect("namespace");
     }
     let scs: Api<SessionCluster> = Api::namespaced(env.client.clone(), "app");
     scs.create(
@@ -35,7 +43,18 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     )
     .await
     .expect("create sc");
-    let op = env.operator_with("app", "op", &["--webhook", "127.0.0.1:0", "--webhook-hosts", "127.0.0.1", "--sidecar-image", "sessionmesh:test"]);
+    let op = env.operator_with(
+        "app",
+        "op",
+        &[
+            "--webhook",
+            "127.0.0.1:0",
+            "--webhook-hosts",
+            "127.0.0.1",
+            "--sidecar-image",
+            "sessionmesh:test",
+        ],
+    );
     let url = format!("https://{}/mutate", op.webhook.expect("webhook address"));
     let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
     mwcs.create(
@@ -60,7 +79,15 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     .expect("create webhook configuration");
     // The operator patches its CA into the configuration.
     eventually(Duration::from_secs(20), "caBundle patched", || async {
-        mwcs.get("sessionmesh-injector").await.ok()?.webhooks?.first()?.client_config.ca_bundle.as_ref().map(|_| ())
+        mwcs.get("sessionmesh-injector")
+            .await
+            .ok()?
+            .webhooks?
+            .first()?
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .map(|_| ())
     })
     .await;
 
@@ -73,24 +100,81 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
         .await
         .expect("create pod through the webhook");
     let ann = created.annotations();
-    assert_eq!(ann.get("sessionmesh.io/jvm-route").map(String::as_str), Some("node1"));
-    assert_eq!(ann.get("sessionmesh.io/receiver-port").map(String::as_str), Some("4000"));
-    assert_eq!(ann.get("sessionmesh.io/injected").map(String::as_str), Some("v1"));
-    assert_eq!(created.labels().get("sessionmesh.io/cluster").map(String::as_str), Some("shop"));
+    assert_eq!(
+        ann.get("sessionmesh.io/jvm-route").map(String::as_str),
+        Some("node1")
+    );
+    assert_eq!(
+        ann.get("sessionmesh.io/receiver-port").map(String::as_str),
+        Some("4000")
+    );
+    assert_eq!(
+        ann.get("sessionmesh.io/injected").map(String::as_str),
+        Some("v1")
+    );
+    assert_eq!(
+        created
+            .labels()
+            .get("sessionmesh.io/cluster")
+            .map(String::as_str),
+        Some("shop")
+    );
     let spec = created.spec.as_ref().expect("spec");
     let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, vec!["app", "sessionmesh-sidecar"], "classic fallback on a 1.20 API server");
+    assert_eq!(
+        names,
+        vec!["app", "sessionmesh-sidecar"],
+        "classic fallback on a 1.20 API server"
+    );
     let sidecar = &spec.containers[1];
     assert_eq!(sidecar.image.as_deref(), Some("sessionmesh:test"));
-    assert!(sidecar.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).is_some(), "classic sidecar needs a preStop wait");
-    assert!(sidecar.readiness_probe.is_some() && sidecar.liveness_probe.is_some() && sidecar.startup_probe.is_some());
-    let res = sidecar.resources.as_ref().expect("resources from the SessionCluster");
-    assert_eq!(res.requests.as_ref().and_then(|r| r.get("cpu")).map(|q| q.0.as_str()), Some("50m"));
-    assert_eq!(res.limits.as_ref().and_then(|r| r.get("memory")).map(|q| q.0.as_str()), Some("128Mi"));
+    assert!(
+        sidecar
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .is_some(),
+        "classic sidecar needs a preStop wait"
+    );
+    assert!(
+        sidecar.readiness_probe.is_some()
+            && sidecar.liveness_probe.is_some()
+            && sidecar.startup_probe.is_some()
+    );
+    let res = sidecar
+        .resources
+        .as_ref()
+        .expect("resources from the SessionCluster");
+    assert_eq!(
+        res.requests
+            .as_ref()
+            .and_then(|r| r.get("cpu"))
+            .map(|q| q.0.as_str()),
+        Some("50m")
+    );
+    assert_eq!(
+        res.limits
+            .as_ref()
+            .and_then(|r| r.get("memory"))
+            .map(|q| q.0.as_str()),
+        Some("128Mi")
+    );
     let app_env = spec.containers[0].env.as_ref().expect("env");
-    assert!(app_env.iter().any(|e| e.name == "SESSIONMESH_JVM_ROUTE" && e.value.as_deref() == Some("node1")), "the app sees its route at first start");
-    assert!(app_env.iter().any(|e| e.name == "JAVA_OPTS"), "existing env kept");
-    assert!(spec.volumes.as_ref().is_some_and(|v| v.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("shop-peer"))));
+    assert!(
+        app_env
+            .iter()
+            .any(|e| e.name == "SESSIONMESH_JVM_ROUTE" && e.value.as_deref() == Some("node1")),
+        "the app sees its route at first start"
+    );
+    assert!(
+        app_env.iter().any(|e| e.name == "JAVA_OPTS"),
+        "existing env kept"
+    );
+    assert!(spec.volumes.as_ref().is_some_and(|v| v.iter().any(|v| v
+        .secret
+        .as_ref()
+        .and_then(|s| s.secret_name.as_deref())
+        == Some("shop-peer"))));
 
     // Not annotated, or in a namespace that did not opt in: untouched.
     let plain = pods
@@ -123,23 +207,46 @@ async fn annotated_pods_come_back_injected_with_unique_routes() {
     let mut routes = BTreeSet::new();
     for t in tasks {
         let p = t.await.expect("task");
-        routes.insert(p.annotations().get("sessionmesh.io/jvm-route").cloned().expect("route"));
+        routes.insert(
+            p.annotations()
+                .get("sessionmesh.io/jvm-route")
+                .cloned()
+                .expect("route"),
+        );
     }
-    assert_eq!(routes.len(), 10, "duplicate routes handed out at admission: {routes:?}");
+    assert_eq!(
+        routes.len(),
+        10,
+        "duplicate routes handed out at admission: {routes:?}"
+    );
     assert!(!routes.contains("node1"));
     // The operator agrees with what admission assigned: after it has reconciled
     // the new pods, nothing is rewritten.
-    let seen = op.metric("sessionmesh_operator_reconciles_total").await.unwrap_or(0.0);
+    let seen = op
+        .metric("sessionmesh_operator_reconciles_total")
+        .await
+        .unwrap_or(0.0);
     let pods_again = pods.clone();
-    eventually(Duration::from_secs(20), "a reconcile that sees all 11 members", || {
-        let op = &op;
-        let pods = pods_again.clone();
-        async move {
-            let n = op.metric("sessionmesh_operator_reconciles_total").await?;
-            let members = pods.list(&Default::default()).await.ok()?.items.iter().filter(|p| p.labels().contains_key("sessionmesh.io/cluster")).count();
-            (n > seen && members == 11).then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "a reconcile that sees all 11 members",
+        || {
+            let op = &op;
+            let pods = pods_again.clone();
+            async move {
+                let n = op.metric("sessionmesh_operator_reconciles_total").await?;
+                let members = pods
+                    .list(&Default::default())
+                    .await
+                    .ok()?
+                    .items
+                    .iter()
+                    .filter(|p| p.labels().contains_key("sessionmesh.io/cluster"))
+                    .count();
+                (n > seen && members == 11).then_some(())
+            }
+        },
+    )
     .await;
     let after: BTreeSet<String> = pods
         .list(&Default::default())

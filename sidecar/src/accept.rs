@@ -20,7 +20,11 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(what: &'static str) -> Self {
-        Acceptor { what, backoff: FIRST, failures: 0 }
+        Acceptor {
+            what,
+            backoff: FIRST,
+            failures: 0,
+        }
     }
 
     /// The next connection; waits out failures with back-off.
@@ -29,7 +33,11 @@ impl Acceptor {
             match listener.accept().await {
                 Ok(x) => {
                     if self.failures > 0 {
-                        tracing::info!(listener = self.what, failures = self.failures, "accepting connections again");
+                        tracing::info!(
+                            listener = self.what,
+                            failures = self.failures,
+                            "accepting connections again"
+                        );
                     }
                     self.failures = 0;
                     self.backoff = FIRST;

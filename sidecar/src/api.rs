@@ -44,7 +44,11 @@ pub struct HttpLimits {
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_connections: 1024, idle_timeout: std::time::Duration::from_secs(30), token: None }
+        HttpLimits {
+            max_connections: 1024,
+            idle_timeout: std::time::Duration::from_secs(30),
+            token: None,
+        }
     }
 }
 
@@ -55,31 +59,67 @@ impl Default for HttpLimits {
 /// token configured, also a request without it. `None` lets the request in.
 fn refuse_forgeable(req: &Request<Incoming>, token: Option<&[u8]>) -> Option<Resp> {
     let headers = req.headers();
-    if let Some(host) = headers.get(hyper::header::HOST).map(|v| v.to_str().unwrap_or("")) {
-        let name = host.rsplit_once(':').filter(|(h, p)| !p.contains(']') && !h.is_empty()).map_or(host, |(h, _)| h);
+    if let Some(host) = headers
+        .get(hyper::header::HOST)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
+        let name = host
+            .rsplit_once(':')
+            .filter(|(h, p)| !p.contains(']') && !h.is_empty())
+            .map_or(host, |(h, _)| h);
         let name = name.trim_start_matches('[').trim_end_matches(']');
         // DNS rebinding needs a host name: an IP literal (as clients of an API
         // bound to a non-loopback address use) cannot be rebound.
         let ok = name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok();
         if !ok {
-            return Some(err(StatusCode::FORBIDDEN, "forbidden_host", "the Host header must be localhost or an IP address"));
+            return Some(err(
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                "the Host header must be localhost or an IP address",
+            ));
         }
     }
     if headers.contains_key(hyper::header::ORIGIN) {
-        return Some(err(StatusCode::FORBIDDEN, "forbidden_origin", "requests from web pages (with an Origin header) are not accepted"));
+        return Some(err(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "requests from web pages (with an Origin header) are not accepted",
+        ));
     }
     if req.method() == Method::POST {
-        let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !ct.trim_start().to_ascii_lowercase().starts_with("application/json") {
-            return Some(err(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "POST bodies must be sent as Content-Type: application/json"));
+        let ct = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ct
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+        {
+            return Some(err(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "POST bodies must be sent as Content-Type: application/json",
+            ));
         }
     }
     let probe = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
     if let Some(expected) = token.filter(|_| !probe) {
-        let got = headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        let got = headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
         if !crate::identity::ct_eq(expected, got.trim().as_bytes()) {
-            let mut r = err(StatusCode::UNAUTHORIZED, "unauthorized", "this API needs Authorization: Bearer <token> (--api-token-file)");
-            r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+            let mut r = err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this API needs Authorization: Bearer <token> (--api-token-file)",
+            );
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
             return Some(r);
         }
     }
@@ -87,16 +127,32 @@ fn refuse_forgeable(req: &Request<Incoming>, token: Option<&[u8]>) -> Option<Res
 }
 
 /// Serves the API until `shutdown`; open connections finish their request.
-pub async fn serve(listener: TcpListener, handle: Handle, limits: HttpLimits, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: Handle,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
     serve_with(listener, handle, limits, shutdown, false).await
 }
 
 /// Serves only `/healthz`, `/readyz` and `/metrics` (for probes from outside the pod).
-pub async fn serve_probes(listener: TcpListener, handle: Handle, limits: HttpLimits, shutdown: CancellationToken) {
+pub async fn serve_probes(
+    listener: TcpListener,
+    handle: Handle,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
     serve_with(listener, handle, limits, shutdown, true).await
 }
 
-async fn serve_with(listener: TcpListener, handle: Handle, limits: HttpLimits, shutdown: CancellationToken, probes_only: bool) {
+async fn serve_with(
+    listener: TcpListener,
+    handle: Handle,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+    probes_only: bool,
+) {
     let tracker = TaskTracker::new();
     let mut acceptor = crate::accept::Acceptor::new(if probes_only { "probes" } else { "http" });
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -166,14 +222,21 @@ impl Drop for OpenGuard {
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn err(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Resp {
-    let mut r = json_resp(status, &json!({"error": code, "message": message.to_string()}));
+    let mut r = json_resp(
+        status,
+        &json!({"error": code, "message": message.to_string()}),
+    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
     }
     r
 }
@@ -190,7 +253,9 @@ fn write_err(e: WriteError) -> Resp {
             StoreError::NotFound => err(StatusCode::NOT_FOUND, "not_found", &e),
             StoreError::Invalidated => err(StatusCode::GONE, "invalidated", &e),
             StoreError::Exists => err(StatusCode::CONFLICT, "exists", &e),
-            StoreError::AttrTooLarge { .. } | StoreError::SessionTooLarge { .. } => err(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e),
+            StoreError::AttrTooLarge { .. } | StoreError::SessionTooLarge { .. } => {
+                err(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e)
+            }
             StoreError::Full { .. } => err(StatusCode::INSUFFICIENT_STORAGE, "store_full", &e),
             StoreError::BadName { .. } => err(StatusCode::BAD_REQUEST, "bad_attribute_name", &e),
         },
@@ -202,7 +267,11 @@ fn write_err(e: WriteError) -> Resp {
 }
 
 fn unavailable() -> Resp {
-    err(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the member is shutting down")
+    err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the member is shutting down",
+    )
 }
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
@@ -212,7 +281,10 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) => (pct_decode(&k.replace('+', " ")), pct_decode(&v.replace('+', " "))),
+            Some((k, v)) => (
+                pct_decode(&k.replace('+', " ")),
+                pct_decode(&v.replace('+', " ")),
+            ),
             None => (pct_decode(&p.replace('+', " ")), String::new()),
         })
         .collect()
@@ -240,7 +312,10 @@ fn pct_decode(s: &str) -> String {
 fn send_mode(q: &BTreeMap<String, String>) -> Result<Option<SendMode>, Resp> {
     match q.get("send").map(String::as_str) {
         None => Ok(None),
-        Some(s) => s.parse().map(Some).map_err(|e: String| err(StatusCode::BAD_REQUEST, "bad_request", e)),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e: String| err(StatusCode::BAD_REQUEST, "bad_request", e)),
     }
 }
 
@@ -248,10 +323,20 @@ async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
     match Limited::new(req.into_body(), max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                Err(err(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body exceeds {max} bytes")))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(err(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body exceeds {max} bytes"),
+                ))
             } else {
-                Err(err(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read body: {e}")))
+                Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("cannot read body: {e}"),
+                ))
             }
         }
     }
@@ -259,17 +344,28 @@ async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
 
 fn parse_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, Resp> {
     if b.is_empty() {
-        return serde_json::from_slice(b"{}").map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", e));
+        return serde_json::from_slice(b"{}")
+            .map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", e));
     }
-    serde_json::from_slice(b).map_err(|e| err(StatusCode::BAD_REQUEST, "malformed_json", format!("malformed JSON: {e}")))
+    serde_json::from_slice(b).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("malformed JSON: {e}"),
+        )
+    })
 }
 
 fn sid(raw: &str) -> Result<SessionId, Resp> {
-    SessionId::parse(&pct_decode(raw)).map_err(|e| err(StatusCode::BAD_REQUEST, "bad_session_id", e))
+    SessionId::parse(&pct_decode(raw))
+        .map_err(|e| err(StatusCode::BAD_REQUEST, "bad_session_id", e))
 }
 
 fn session_json(id: &SessionId, s: &Session, route: &str) -> Value {
-    let attrs: Map<String, Value> = s.live_attrs().map(|(k, v)| (k.clone(), Value::String(B64.encode(v)))).collect();
+    let attrs: Map<String, Value> = s
+        .live_attrs()
+        .map(|(k, v)| (k.clone(), Value::String(B64.encode(v))))
+        .collect();
     json!({
         "id": id.as_str(),
         "routedId": format!("{}.{}", id.as_str(), route),
@@ -310,22 +406,50 @@ fn decode_attrs(m: BTreeMap<String, String>) -> Result<Vec<Op>, Resp> {
     m.into_iter()
         .map(|(name, v)| {
             B64.decode(v.as_bytes())
-                .map(|value| Op::Set { name: name.clone(), value: value.into() })
-                .map_err(|e| err(StatusCode::BAD_REQUEST, "bad_base64", format!("attribute {name:?} is not valid base64: {e}")))
+                .map(|value| Op::Set {
+                    name: name.clone(),
+                    value: value.into(),
+                })
+                .map_err(|e| {
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        "bad_base64",
+                        format!("attribute {name:?} is not valid base64: {e}"),
+                    )
+                })
         })
         .collect()
 }
 
 fn max_inactive(secs: Option<u64>) -> Result<Option<u64>, Resp> {
     match secs {
-        Some(s) if s > 10 * 365 * 24 * 3600 => Err(err(StatusCode::BAD_REQUEST, "bad_request", "maxInactiveSeconds is too large")),
+        Some(s) if s > 10 * 365 * 24 * 3600 => Err(err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "maxInactiveSeconds is too large",
+        )),
         Some(s) => Ok(Some(s * 1000)),
         None => Ok(None),
     }
 }
 
-async fn write(h: &Handle, id: SessionId, ops: Vec<Op>, mi: Option<u64>, mode: Option<SendMode>) -> Result<(), Resp> {
-    match h.call(|reply| Command::Write { id, ops, max_inactive_ms: mi, mode, reply }).await {
+async fn write(
+    h: &Handle,
+    id: SessionId,
+    ops: Vec<Op>,
+    mi: Option<u64>,
+    mode: Option<SendMode>,
+) -> Result<(), Resp> {
+    match h
+        .call(|reply| Command::Write {
+            id,
+            ops,
+            max_inactive_ms: mi,
+            mode,
+            reply,
+        })
+        .await
+    {
         None => Err(unavailable()),
         Some(Err(e)) => Err(write_err(e)),
         Some(Ok(())) => Ok(()),
@@ -353,7 +477,11 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
     let max_body = h.limits.max_session_bytes / 3 * 4 + 64 * 1024;
     match (&method, parts.as_slice()) {
         (&Method::POST, ["v1", "test", "freeze-core"]) if h.test_hooks => {
-            let ms = q.get("ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1_000).min(60_000);
+            let ms = q
+                .get("ms")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1_000)
+                .min(60_000);
             let _ = h.cmd_tx.send(Command::Freeze { ms }).await;
             Ok(json_resp(StatusCode::ACCEPTED, &json!({"frozenMs": ms})))
         }
@@ -362,24 +490,43 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
             // is stuck must be restarted, not kept because its HTTP task runs.
             let silent = h.core_silent_ms();
             if silent > crate::node::CORE_STALL_HEALTH_MS {
-                Ok(json_resp(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "core stalled", "silentMs": silent})))
+                Ok(json_resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "core stalled", "silentMs": silent}),
+                ))
             } else {
                 Ok(json_resp(StatusCode::OK, &json!({"status": "ok"})))
             }
         }
         (&Method::GET, ["readyz"]) => {
             let ready = h.ready.load(Ordering::Relaxed);
-            let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             Ok(json_resp(code, &json!({"ready": ready})))
         }
         (&Method::GET, ["v1", "cluster"]) => {
-            let st = h.call(|reply| Command::Status { reply }).await.ok_or_else(unavailable)?;
-            Ok(json_resp(StatusCode::OK, &serde_json::to_value(&st).unwrap_or(Value::Null)))
+            let st = h
+                .call(|reply| Command::Status { reply })
+                .await
+                .ok_or_else(unavailable)?;
+            Ok(json_resp(
+                StatusCode::OK,
+                &serde_json::to_value(&st).unwrap_or(Value::Null),
+            ))
         }
         (&Method::GET, ["metrics"]) => {
-            let st = h.call(|reply| Command::Status { reply }).await.ok_or_else(unavailable)?;
+            let st = h
+                .call(|reply| Command::Status { reply })
+                .await
+                .ok_or_else(unavailable)?;
             let mut r = Response::new(Full::new(Bytes::from(metrics_text(&st, h))));
-            r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             Ok(r)
         }
         (&Method::POST, ["v1", "sessions"]) => {
@@ -394,24 +541,48 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
             let mi = max_inactive(b.max_inactive_seconds)?;
             write(h, id.clone(), ops, mi, mode).await?;
             let s = read(h, id.clone(), false).await?;
-            Ok(json_resp(StatusCode::CREATED, &session_json(&id, &s, &h.jvm_route)))
+            Ok(json_resp(
+                StatusCode::CREATED,
+                &session_json(&id, &s, &h.jvm_route),
+            ))
         }
         (&Method::GET, ["v1", "sessions"]) => {
-            let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000usize).min(10_000);
+            let limit = q
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(1000usize)
+                .min(10_000);
             let cursor = match q.get("cursor") {
                 Some(c) if !c.is_empty() => Some(sid(c)?),
                 _ => None,
             };
-            let (ids, count) = h.call(|reply| Command::List { cursor, limit, reply }).await.ok_or_else(unavailable)?;
-            let next = if ids.len() == limit { ids.last().map(|i| i.as_str().to_owned()) } else { None };
+            let (ids, count) = h
+                .call(|reply| Command::List {
+                    cursor,
+                    limit,
+                    reply,
+                })
+                .await
+                .ok_or_else(unavailable)?;
+            let next = if ids.len() == limit {
+                ids.last().map(|i| i.as_str().to_owned())
+            } else {
+                None
+            };
             let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-            Ok(json_resp(StatusCode::OK, &json!({"count": count, "ids": ids, "next": next})))
+            Ok(json_resp(
+                StatusCode::OK,
+                &json!({"count": count, "ids": ids, "next": next}),
+            ))
         }
         (&Method::GET, ["v1", "sessions", id]) => {
             let id = sid(id)?;
             let touch = q.get("touch").map_or(true, |t| t != "false");
             let s = read(h, id.clone(), touch).await?;
-            Ok(json_resp(StatusCode::OK, &session_json(&id, &s, &h.jvm_route)))
+            Ok(json_resp(
+                StatusCode::OK,
+                &session_json(&id, &s, &h.jvm_route),
+            ))
         }
         (&Method::PATCH, ["v1", "sessions", id]) => {
             let id = sid(id)?;
@@ -442,7 +613,10 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
                 return Ok(json_resp(StatusCode::OK, &json!({"id": to.as_str()})));
             }
             write(h, id, vec![Op::Rename { to: to.clone() }], None, mode).await?;
-            Ok(json_resp(StatusCode::OK, &json!({"id": to.as_str(), "routedId": format!("{}.{}", to.as_str(), h.jvm_route)})))
+            Ok(json_resp(
+                StatusCode::OK,
+                &json!({"id": to.as_str(), "routedId": format!("{}.{}", to.as_str(), h.jvm_route)}),
+            ))
         }
         (&Method::GET, ["v1", "sessions", id, "attributes", name]) => {
             let id = sid(id)?;
@@ -451,10 +625,17 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
             match s.attrs.get(&name).and_then(|a| a.value.clone()) {
                 Some(v) => {
                     let mut r = Response::new(Full::new(v));
-                    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/octet-stream"),
+                    );
                     Ok(r)
                 }
-                None => Err(err(StatusCode::NOT_FOUND, "no_such_attribute", "attribute not found")),
+                None => Err(err(
+                    StatusCode::NOT_FOUND,
+                    "no_such_attribute",
+                    "attribute not found",
+                )),
             }
         }
         (&Method::PUT, ["v1", "sessions", id, "attributes", name]) => {
@@ -471,10 +652,19 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
             write(h, id, vec![Op::Remove { name }], None, send_mode(&q)?).await?;
             Ok(no_content())
         }
-        (_, ["healthz"] | ["readyz"] | ["metrics"] | ["v1", "cluster"] | ["v1", "sessions", ..]) => {
-            Err(err(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")))
-        }
-        _ => Err(err(StatusCode::NOT_FOUND, "no_route", format!("no such endpoint: {path}"))),
+        (
+            _,
+            ["healthz"] | ["readyz"] | ["metrics"] | ["v1", "cluster"] | ["v1", "sessions", ..],
+        ) => Err(err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )),
+        _ => Err(err(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!("no such endpoint: {path}"),
+        )),
     }
 }
 
@@ -484,39 +674,189 @@ fn metrics_text(st: &Status, h: &Handle) -> String {
         let _ = writeln!(s, "# HELP sessionmesh_{name} {help}\n# TYPE sessionmesh_{name} {kind}\nsessionmesh_{name} {v}");
     };
     let ready = h.ready.load(Ordering::Relaxed);
-    g("ready", "gauge", "1 when this member serves traffic (state transfer complete).", ready as u8 as f64);
-    g("sessions", "gauge", "Live sessions held by this member.", st.sessions as f64);
-    g("tombstones", "gauge", "Invalidation tombstones not yet garbage-collected.", st.tombstones as f64);
-    g("session_payload_bytes", "gauge", "Sum of id, attribute name and value bytes of live sessions.", st.payload_bytes as f64);
-    g("queue_deltas", "gauge", "Deltas waiting for acknowledgement, all peers.", st.queue.0 as f64);
-    g("queue_bytes", "gauge", "Bytes of deltas waiting for acknowledgement, all peers.", st.queue.1 as f64);
-    g("bytes_received_total", "counter", "Bytes read from peer connections.", h.io.bytes_in.load(Ordering::Relaxed) as f64);
-    g("bytes_sent_total", "counter", "Bytes written to peer connections.", h.io.bytes_out.load(Ordering::Relaxed) as f64);
-    g("frame_errors_total", "counter", "Peer connections closed for bad frames or failed handshakes.", h.io.frame_errors.load(Ordering::Relaxed) as f64);
-    g("auth_failures_total", "counter", "Peers refused for not holding the cluster secret.", h.io.auth_failures.load(Ordering::Relaxed) as f64);
-    g("core_stalled_refusals_total", "counter", "Peer connections closed unanswered because the core task was stuck.", h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64);
-    g("core_silent_seconds", "gauge", "Time since the core task last went round its loop.", h.core_silent_ms() as f64 / 1000.0);
+    g(
+        "ready",
+        "gauge",
+        "1 when this member serves traffic (state transfer complete).",
+        ready as u8 as f64,
+    );
+    g(
+        "sessions",
+        "gauge",
+        "Live sessions held by this member.",
+        st.sessions as f64,
+    );
+    g(
+        "tombstones",
+        "gauge",
+        "Invalidation tombstones not yet garbage-collected.",
+        st.tombstones as f64,
+    );
+    g(
+        "session_payload_bytes",
+        "gauge",
+        "Sum of id, attribute name and value bytes of live sessions.",
+        st.payload_bytes as f64,
+    );
+    g(
+        "queue_deltas",
+        "gauge",
+        "Deltas waiting for acknowledgement, all peers.",
+        st.queue.0 as f64,
+    );
+    g(
+        "queue_bytes",
+        "gauge",
+        "Bytes of deltas waiting for acknowledgement, all peers.",
+        st.queue.1 as f64,
+    );
+    g(
+        "bytes_received_total",
+        "counter",
+        "Bytes read from peer connections.",
+        h.io.bytes_in.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "bytes_sent_total",
+        "counter",
+        "Bytes written to peer connections.",
+        h.io.bytes_out.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "frame_errors_total",
+        "counter",
+        "Peer connections closed for bad frames or failed handshakes.",
+        h.io.frame_errors.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "auth_failures_total",
+        "counter",
+        "Peers refused for not holding the cluster secret.",
+        h.io.auth_failures.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "core_stalled_refusals_total",
+        "counter",
+        "Peer connections closed unanswered because the core task was stuck.",
+        h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "core_silent_seconds",
+        "gauge",
+        "Time since the core task last went round its loop.",
+        h.core_silent_ms() as f64 / 1000.0,
+    );
     g("replication_pending_refused_total", "counter", "Replication connections closed before their handshake: too many were pending (in all, or from one address).", h.io.pending_refused.load(Ordering::Relaxed) as f64);
     g("send_queue_full_total", "counter", "Times deltas to a peer were held back because its writer queue was full (the peer does not read).", h.io.send_queue_full.load(Ordering::Relaxed) as f64);
-    g("probes_dropped_total", "counter", "Probe requests dropped because too many probes were under way.", h.io.probes_dropped.load(Ordering::Relaxed) as f64);
-    g("http_refused_connections_total", "counter", "Local HTTP connections closed at once: --http-max-connections were open.", h.io.http_refused.load(Ordering::Relaxed) as f64);
-    g("redis_auth_failures_total", "counter", "Failed Redis AUTH and HELLO AUTH attempts.", h.io.redis_auth_failures.load(Ordering::Relaxed) as f64);
-    g("redis_output_stalls_total", "counter", "Redis clients disconnected for reading none of their replies for 30 s.", h.io.redis_output_stalls.load(Ordering::Relaxed) as f64);
-    g("redis_clients", "gauge", "Open Redis-protocol connections.", h.io.redis_clients.load(Ordering::Relaxed) as f64);
+    g(
+        "probes_dropped_total",
+        "counter",
+        "Probe requests dropped because too many probes were under way.",
+        h.io.probes_dropped.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "http_refused_connections_total",
+        "counter",
+        "Local HTTP connections closed at once: --http-max-connections were open.",
+        h.io.http_refused.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "redis_auth_failures_total",
+        "counter",
+        "Failed Redis AUTH and HELLO AUTH attempts.",
+        h.io.redis_auth_failures.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "redis_output_stalls_total",
+        "counter",
+        "Redis clients disconnected for reading none of their replies for 30 s.",
+        h.io.redis_output_stalls.load(Ordering::Relaxed) as f64,
+    );
+    g(
+        "redis_clients",
+        "gauge",
+        "Open Redis-protocol connections.",
+        h.io.redis_clients.load(Ordering::Relaxed) as f64,
+    );
     let t = &st.stats;
-    g("deltas_applied_total", "counter", "Deltas from peers applied to the store.", t.deltas_applied as f64);
-    g("deltas_sent_total", "counter", "Deltas sent to peers (resends included).", t.deltas_sent as f64);
-    g("delta_seq_gaps_total", "counter", "Gaps seen in a peer's delta stream (repaired by anti-entropy).", t.seq_gaps as f64);
-    g("detections_total", "counter", "Members this member declared dead.", t.detections as f64);
-    g("transfer_sessions_received", "gauge", "Entries received by state transfer.", t.transfer_sessions as f64);
-    g("transfer_sessions_total", "gauge", "Entries the transfer source reported holding.", t.transfer_total as f64);
-    g("transfer_duration_seconds", "gauge", "Duration of the completed state transfer.", t.transfer_ms as f64 / 1000.0);
-    g("transfer_retries_total", "counter", "State transfers moved to another member.", t.transfer_retries as f64);
-    g("anti_entropy_rounds_total", "counter", "Anti-entropy digest exchanges started.", t.ae_rounds as f64);
-    g("anti_entropy_repairs_total", "counter", "Entries repaired by anti-entropy.", t.ae_repairs as f64);
-    g("write_timeouts_total", "counter", "Writes whose replication was not acknowledged in time.", t.write_timeouts as f64);
-    g("queue_overflows_total", "counter", "Peer backlogs dropped past the hard bound.", t.queue_overflows as f64);
-    g("sessions_expired_total", "counter", "Sessions removed by expiry.", t.expired as f64);
+    g(
+        "deltas_applied_total",
+        "counter",
+        "Deltas from peers applied to the store.",
+        t.deltas_applied as f64,
+    );
+    g(
+        "deltas_sent_total",
+        "counter",
+        "Deltas sent to peers (resends included).",
+        t.deltas_sent as f64,
+    );
+    g(
+        "delta_seq_gaps_total",
+        "counter",
+        "Gaps seen in a peer's delta stream (repaired by anti-entropy).",
+        t.seq_gaps as f64,
+    );
+    g(
+        "detections_total",
+        "counter",
+        "Members this member declared dead.",
+        t.detections as f64,
+    );
+    g(
+        "transfer_sessions_received",
+        "gauge",
+        "Entries received by state transfer.",
+        t.transfer_sessions as f64,
+    );
+    g(
+        "transfer_sessions_total",
+        "gauge",
+        "Entries the transfer source reported holding.",
+        t.transfer_total as f64,
+    );
+    g(
+        "transfer_duration_seconds",
+        "gauge",
+        "Duration of the completed state transfer.",
+        t.transfer_ms as f64 / 1000.0,
+    );
+    g(
+        "transfer_retries_total",
+        "counter",
+        "State transfers moved to another member.",
+        t.transfer_retries as f64,
+    );
+    g(
+        "anti_entropy_rounds_total",
+        "counter",
+        "Anti-entropy digest exchanges started.",
+        t.ae_rounds as f64,
+    );
+    g(
+        "anti_entropy_repairs_total",
+        "counter",
+        "Entries repaired by anti-entropy.",
+        t.ae_repairs as f64,
+    );
+    g(
+        "write_timeouts_total",
+        "counter",
+        "Writes whose replication was not acknowledged in time.",
+        t.write_timeouts as f64,
+    );
+    g(
+        "queue_overflows_total",
+        "counter",
+        "Peer backlogs dropped past the hard bound.",
+        t.queue_overflows as f64,
+    );
+    g(
+        "sessions_expired_total",
+        "counter",
+        "Sessions removed by expiry.",
+        t.expired as f64,
+    );
     g("started_empty_with_silent_peers", "gauge", "1 when this member went ready with an empty store because its peers accepted connections but never answered.", t.started_empty_with_silent_peers as f64);
     g("peer_refused_total", "counter", "Peer deltas and states refused for breaking this member's limits (ids, attribute and session sizes, session cap).", t.peer_refused as f64);
     g("clock_refused_total", "counter", "Peer deltas and states refused: their timestamp was ahead of this member's clock by more than --max-clock-skew-ms.", t.clock_refused as f64);

@@ -35,7 +35,12 @@ impl Reply {
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
-        Client { addr, conn: None, timeout: Duration::from_secs(5), token: None }
+        Client {
+            addr,
+            conn: None,
+            timeout: Duration::from_secs(5),
+            token: None,
+        }
     }
 
     /// A client that authenticates with the sidecar's API token.
@@ -54,28 +59,54 @@ impl Client {
             });
             self.conn = Some(tx);
         }
-        self.conn.as_mut().ok_or_else(|| anyhow::anyhow!("no connection"))
+        self.conn
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no connection"))
     }
 
-    pub async fn request(&mut self, method: Method, path: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
         self.request_with(method, path, &[], body).await
     }
 
     /// A request with extra headers (`(name, value)` pairs). A request that
     /// could not even be sent on a kept-alive connection the server had just
     /// closed is retried once on a new connection.
-    pub async fn request_with(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> anyhow::Result<Reply> {
+    pub async fn request_with(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
         let body = body.into();
         let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
-        match self.try_request(method.clone(), path, headers, body.clone()).await {
-            Err(e) if reused && e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_canceled() || h.is_closed()) => {
+        match self
+            .try_request(method.clone(), path, headers, body.clone())
+            .await
+        {
+            Err(e)
+                if reused
+                    && e.downcast_ref::<hyper::Error>()
+                        .is_some_and(|h| h.is_canceled() || h.is_closed()) =>
+            {
                 self.try_request(method, path, headers, body).await
             }
             r => r,
         }
     }
 
-    async fn try_request(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: Bytes) -> anyhow::Result<Reply> {
+    async fn try_request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> anyhow::Result<Reply> {
         let timeout = self.timeout;
         let token = self.token.clone();
         let fut = async {
@@ -96,7 +127,11 @@ impl Client {
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
             let body = resp.into_body().collect().await?.to_bytes();
-            Ok::<_, anyhow::Error>(Reply { status, body, headers })
+            Ok::<_, anyhow::Error>(Reply {
+                status,
+                body,
+                headers,
+            })
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(r)) => Ok(r),
@@ -110,7 +145,6 @@ impl Client {
             }
         }
     }
-
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<Reply> {
         self.request(Method::GET, path, Bytes::new()).await

@@ -134,17 +134,30 @@ pub enum Down {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    Send { to: String, msg: PeerMsg },
+    Send {
+        to: String,
+        msg: PeerMsg,
+    },
     /// Probe `target` directly; `for_peer` asked us to (indirect probe).
-    Probe { target: String, for_peer: Option<String> },
-    WriteDone { write: u64, result: Result<(), WriteError> },
+    Probe {
+        target: String,
+        for_peer: Option<String>,
+    },
+    WriteDone {
+        write: u64,
+        result: Result<(), WriteError>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "phase")]
 pub enum Phase {
     Starting,
-    Transferring { source: String, received: u64, total: u64 },
+    Transferring {
+        source: String,
+        received: u64,
+        total: u64,
+    },
     Ready,
     Leaving,
 }
@@ -200,7 +213,11 @@ impl OutLog {
     fn fresh() -> Self {
         let mut b = [0u8; 8];
         crate::identity::fill_random(&mut b);
-        OutLog { epoch: u64::from_le_bytes(b), next_seq: 1, ..Default::default() }
+        OutLog {
+            epoch: u64::from_le_bytes(b),
+            next_seq: 1,
+            ..Default::default()
+        }
     }
     fn clear(&mut self) {
         // Keep numbering so the receiver sees the gap and repairs by anti-entropy.
@@ -391,7 +408,13 @@ impl Core {
         }
     }
 
-    fn accept_remote(&mut self, from: &str, hlc: crate::hlc::Hlc, skewed: bool, now_ms: u64) -> bool {
+    fn accept_remote(
+        &mut self,
+        from: &str,
+        hlc: crate::hlc::Hlc,
+        skewed: bool,
+        now_ms: u64,
+    ) -> bool {
         match self.clock.observe(hlc, now_ms) {
             Ok(()) => true,
             Err(_) if skewed => true,
@@ -411,7 +434,9 @@ impl Core {
         self.detector.state(peer)
     }
     pub fn queue_totals(&self) -> (usize, usize) {
-        self.peers.values().fold((0, 0), |(n, b), p| (n + p.out.unacked.len(), b + p.out.bytes))
+        self.peers.values().fold((0, 0), |(n, b), p| {
+            (n + p.out.unacked.len(), b + p.out.bytes)
+        })
     }
     pub fn members(&self) -> Vec<MemberView> {
         self.peers
@@ -434,7 +459,12 @@ impl Core {
             .collect()
     }
     pub fn state_counts(&self) -> [(MemberState, usize); 4] {
-        let mut c = [(MemberState::Alive, 0), (MemberState::Suspect, 0), (MemberState::Dead, 0), (MemberState::Left, 0)];
+        let mut c = [
+            (MemberState::Alive, 0),
+            (MemberState::Suspect, 0),
+            (MemberState::Dead, 0),
+            (MemberState::Left, 0),
+        ];
         for (_, h) in self.detector.iter() {
             for e in c.iter_mut() {
                 if e.0 == h.state {
@@ -458,7 +488,9 @@ impl Core {
                     // The log is contiguous by sequence number: start right after
                     // what was already handed out instead of scanning from the front.
                     let skip = match p.out.unacked.front() {
-                        Some((front, _, _)) => (p.out.sent_upto + 1).saturating_sub(*front) as usize,
+                        Some((front, _, _)) => {
+                            (p.out.sent_upto + 1).saturating_sub(*front) as usize
+                        }
                         None => 0,
                     };
                     for (seq, d, sz) in p.out.unacked.range(skip.min(p.out.unacked.len())..) {
@@ -471,7 +503,11 @@ impl Core {
                             self.stats.deltas_sent += batch.len() as u64;
                             self.outbox.push(Output::Send {
                                 to: name.clone(),
-                                msg: PeerMsg::Deltas { epoch: p.out.epoch, first_seq: first, deltas: std::mem::take(&mut batch) },
+                                msg: PeerMsg::Deltas {
+                                    epoch: p.out.epoch,
+                                    first_seq: first,
+                                    deltas: std::mem::take(&mut batch),
+                                },
                             });
                             bytes = 0;
                         }
@@ -480,7 +516,11 @@ impl Core {
                         self.stats.deltas_sent += batch.len() as u64;
                         self.outbox.push(Output::Send {
                             to: name.clone(),
-                            msg: PeerMsg::Deltas { epoch: p.out.epoch, first_seq: first, deltas: batch },
+                            msg: PeerMsg::Deltas {
+                                epoch: p.out.epoch,
+                                first_seq: first,
+                                deltas: batch,
+                            },
                         });
                     }
                     p.out.sent_upto = p.out.next_seq - 1;
@@ -489,7 +529,13 @@ impl Core {
             // Acks wait for our connection to the peer to exist.
             if p.ack_due && p.connected {
                 p.ack_due = false;
-                self.outbox.push(Output::Send { to: name.clone(), msg: PeerMsg::Ack { epoch: p.in_epoch, upto: p.in_seq } });
+                self.outbox.push(Output::Send {
+                    to: name.clone(),
+                    msg: PeerMsg::Ack {
+                        epoch: p.in_epoch,
+                        upto: p.in_seq,
+                    },
+                });
             }
         }
         std::mem::take(&mut self.outbox)
@@ -501,7 +547,12 @@ impl Core {
     /// forgotten; their pending acknowledgements no longer hold writes back.
     pub fn set_members(&mut self, names: &[String], now_ms: u64) {
         let want: BTreeSet<&String> = names.iter().filter(|n| **n != self.me.name).collect();
-        let gone: Vec<String> = self.peers.keys().filter(|k| !want.contains(k)).cloned().collect();
+        let gone: Vec<String> = self
+            .peers
+            .keys()
+            .filter(|k| !want.contains(k))
+            .cloned()
+            .collect();
         for g in gone {
             info!(peer = %g, "member removed from membership");
             self.peers.remove(&g);
@@ -520,7 +571,12 @@ impl Core {
     /// once: no probing, no waiting for their acknowledgements.
     pub fn mark_leaving(&mut self, names: &std::collections::BTreeSet<String>, now_ms: u64) {
         for n in names {
-            if n != &self.me.name && self.detector.state(n).is_some_and(|s| s != MemberState::Left) {
+            if n != &self.me.name
+                && self
+                    .detector
+                    .state(n)
+                    .is_some_and(|s| s != MemberState::Left)
+            {
                 let acts = self.detector.left(n, now_ms);
                 self.run_actions(acts, now_ms);
             }
@@ -532,7 +588,9 @@ impl Core {
     /// it comes with a fresh authenticated connection (`handshake`), never from
     /// a message alone: a late frame of an old life cannot switch back.
     fn admit(&mut self, from: &NodeId, now_ms: u64, handshake: bool) -> bool {
-        let Some(p) = self.peers.get_mut(&from.name) else { return false };
+        let Some(p) = self.peers.get_mut(&from.name) else {
+            return false;
+        };
         match p.gen {
             Some(g) if g == from.generation => {}
             Some(_) if !handshake => return false,
@@ -584,12 +642,23 @@ impl Core {
             // Resend everything not acknowledged; the receiver drops duplicates.
             p.out.sent_upto = p.out.acked;
             let held = std::mem::take(&mut p.held);
-            self.outbox.extend(held.into_iter().map(|msg| Output::Send { to: peer.name.clone(), msg }));
+            self.outbox.extend(held.into_iter().map(|msg| Output::Send {
+                to: peer.name.clone(),
+                msg,
+            }));
         }
-        self.outbox.push(Output::Send { to: peer.name.clone(), msg: PeerMsg::Heartbeat { ready: self.is_ready() } });
+        self.outbox.push(Output::Send {
+            to: peer.name.clone(),
+            msg: PeerMsg::Heartbeat {
+                ready: self.is_ready(),
+            },
+        });
         // Our clock right away, so the peer can judge it before anything is stored.
         let hlc = self.clock.now(now_ms);
-        self.outbox.push(Output::Send { to: peer.name.clone(), msg: PeerMsg::Clock { hlc } });
+        self.outbox.push(Output::Send {
+            to: peer.name.clone(),
+            msg: PeerMsg::Clock { hlc },
+        });
     }
 
     /// Our connection to `peer` failed or broke. `refused` means the peer
@@ -613,7 +682,10 @@ impl Core {
     }
 
     pub fn on_inbound_closed(&mut self, peer: &NodeId, now_ms: u64) {
-        let current = self.peers.get(&peer.name).is_some_and(|p| p.gen == Some(peer.generation));
+        let current = self
+            .peers
+            .get(&peer.name)
+            .is_some_and(|p| p.gen == Some(peer.generation));
         if current {
             let helpers = self.helpers(&peer.name);
             let acts = self.detector.connection_lost(&peer.name, now_ms, &helpers);
@@ -621,9 +693,21 @@ impl Core {
         }
     }
 
-    pub fn on_probe_result(&mut self, target: &str, for_peer: Option<String>, ok: bool, now_ms: u64) {
+    pub fn on_probe_result(
+        &mut self,
+        target: &str,
+        for_peer: Option<String>,
+        ok: bool,
+        now_ms: u64,
+    ) {
         match for_peer {
-            Some(req) => self.send(&req, PeerMsg::PingResp { target: target.to_owned(), alive: ok }),
+            Some(req) => self.send(
+                &req,
+                PeerMsg::PingResp {
+                    target: target.to_owned(),
+                    alive: ok,
+                },
+            ),
             None => {
                 let acts = self.detector.direct_result(target, ok, now_ms);
                 self.run_actions(acts, now_ms);
@@ -636,7 +720,9 @@ impl Core {
             .peers
             .iter()
             .filter(|(n, p)| {
-                n.as_str() != except && p.connected && self.detector.state(n) == Some(MemberState::Alive)
+                n.as_str() != except
+                    && p.connected
+                    && self.detector.state(n) == Some(MemberState::Alive)
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -652,13 +738,23 @@ impl Core {
     fn run_actions(&mut self, acts: Vec<Action>, now_ms: u64) {
         for a in acts {
             match a {
-                Action::DirectProbe { target } => self.outbox.push(Output::Probe { target, for_peer: None }),
+                Action::DirectProbe { target } => self.outbox.push(Output::Probe {
+                    target,
+                    for_peer: None,
+                }),
                 Action::IndirectProbe { helper, target } => {
                     self.send(&helper, PeerMsg::PingReq { target });
                 }
-                Action::Changed { peer, from, to, reason } => {
+                Action::Changed {
+                    peer,
+                    from,
+                    to,
+                    reason,
+                } => {
                     match to {
-                        MemberState::Dead if self.peers.get(&peer).is_some_and(|p| p.gen.is_none()) => {
+                        MemberState::Dead
+                            if self.peers.get(&peer).is_some_and(|p| p.gen.is_none()) =>
+                        {
                             // Never seen in this life of ours: not a failure we detected.
                             info!(peer = %peer, reason, "member not reachable");
                         }
@@ -690,9 +786,14 @@ impl Core {
 
     fn send(&mut self, to: &str, msg: PeerMsg) {
         let live = self.detector.state(to).is_some_and(|s| s.is_live());
-        let Some(p) = self.peers.get_mut(to) else { return };
+        let Some(p) = self.peers.get_mut(to) else {
+            return;
+        };
         if p.connected {
-            self.outbox.push(Output::Send { to: to.to_owned(), msg });
+            self.outbox.push(Output::Send {
+                to: to.to_owned(),
+                msg,
+            });
         } else if live {
             if p.held.len() >= HELD_MAX {
                 p.held.remove(0);
@@ -735,7 +836,11 @@ impl Core {
                 // A clock message stores nothing: a refusal here is only noted.
                 let _ = self.clock.observe(hlc, now_ms);
             }
-            PeerMsg::Deltas { epoch, first_seq, deltas } => self.on_deltas(&name, epoch, first_seq, deltas, now_ms),
+            PeerMsg::Deltas {
+                epoch,
+                first_seq,
+                deltas,
+            } => self.on_deltas(&name, epoch, first_seq, deltas, now_ms),
             PeerMsg::Ack { epoch, upto } => {
                 if let Some(p) = self.peers.get_mut(&name) {
                     // An acknowledgement of an older stream says nothing about this one.
@@ -753,7 +858,10 @@ impl Core {
                 self.check_pending(now_ms);
             }
             PeerMsg::PingReq { target } => {
-                self.outbox.push(Output::Probe { target, for_peer: Some(name) });
+                self.outbox.push(Output::Probe {
+                    target,
+                    for_peer: Some(name),
+                });
             }
             PeerMsg::PingResp { target, alive } => {
                 let acts = self.detector.indirect_result(&target, alive, now_ms);
@@ -769,15 +877,30 @@ impl Core {
                     p.left_ack = true;
                 }
             }
-            PeerMsg::TransferPull { transfer, cursor, max_bytes } => {
+            PeerMsg::TransferPull {
+                transfer,
+                cursor,
+                max_bytes,
+            } => {
                 let cap = (max_bytes as usize).clamp(1024, self.cfg.max_frame_bytes / 2);
                 let (states, next) = self.store.chunk_after(cursor.as_ref(), cap);
                 let total = (self.store.live_count() + self.store.tombstone_count()) as u64;
-                self.send(&name, PeerMsg::TransferChunk { transfer, states, next, total });
+                self.send(
+                    &name,
+                    PeerMsg::TransferChunk {
+                        transfer,
+                        states,
+                        next,
+                        total,
+                    },
+                );
             }
-            PeerMsg::TransferChunk { transfer, states, next, total } => {
-                self.on_chunk(&name, transfer, states, next, total, now_ms)
-            }
+            PeerMsg::TransferChunk {
+                transfer,
+                states,
+                next,
+                total,
+            } => self.on_chunk(&name, transfer, states, next, total, now_ms),
             PeerMsg::AeDigest { round, buckets } => {
                 let mine = self.store.bucket_digest();
                 let diff: Vec<u16> = (0..BUCKETS)
@@ -786,12 +909,24 @@ impl Core {
                     .collect();
                 if !diff.is_empty() {
                     let entries = self.store.bucket_entries(&diff, 100_000);
-                    self.send(&name, PeerMsg::AeDetail { round, buckets: diff, entries });
+                    self.send(
+                        &name,
+                        PeerMsg::AeDetail {
+                            round,
+                            buckets: diff,
+                            entries,
+                        },
+                    );
                 }
             }
-            PeerMsg::AeDetail { round: _, buckets, entries } => self.on_ae_detail(&name, buckets, entries),
+            PeerMsg::AeDetail {
+                round: _,
+                buckets,
+                entries,
+            } => self.on_ae_detail(&name, buckets, entries),
             PeerMsg::AePull { ids } => {
-                let states: Vec<SessionState> = ids.iter().filter_map(|id| self.store.state(id)).collect();
+                let states: Vec<SessionState> =
+                    ids.iter().filter_map(|id| self.store.state(id)).collect();
                 self.send_states(&name, states);
             }
             PeerMsg::AeStates { states } => {
@@ -814,8 +949,17 @@ impl Core {
         }
     }
 
-    fn on_deltas(&mut self, name: &str, epoch: u64, first_seq: u64, deltas: Vec<Arc<Delta>>, now_ms: u64) {
-        let Some(p) = self.peers.get_mut(name) else { return };
+    fn on_deltas(
+        &mut self,
+        name: &str,
+        epoch: u64,
+        first_seq: u64,
+        deltas: Vec<Arc<Delta>>,
+        now_ms: u64,
+    ) {
+        let Some(p) = self.peers.get_mut(name) else {
+            return;
+        };
         if epoch != p.in_epoch {
             // A new stream from this peer (it forgot us and met us again, or
             // restarted): count from its start, not from the old stream's end.
@@ -825,7 +969,10 @@ impl Core {
             p.in_epoch = epoch;
             p.in_seq = 0;
         }
-        let Some(last) = first_seq.checked_add(deltas.len() as u64).and_then(|e| e.checked_sub(1)) else {
+        let Some(last) = first_seq
+            .checked_add(deltas.len() as u64)
+            .and_then(|e| e.checked_sub(1))
+        else {
             return;
         };
         if deltas.is_empty() || last <= p.in_seq {
@@ -861,13 +1008,19 @@ impl Core {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for st in states {
-            bytes += 64 + match &st.entry {
-                crate::store::Entry::Live(s) => s.payload_bytes(),
-                _ => 0,
-            };
+            bytes += 64
+                + match &st.entry {
+                    crate::store::Entry::Live(s) => s.payload_bytes(),
+                    _ => 0,
+                };
             batch.push(st);
             if bytes >= max {
-                self.send(to, PeerMsg::AeStates { states: std::mem::take(&mut batch) });
+                self.send(
+                    to,
+                    PeerMsg::AeStates {
+                        states: std::mem::take(&mut batch),
+                    },
+                );
                 bytes = 0;
             }
         }
@@ -877,15 +1030,22 @@ impl Core {
     }
 
     fn on_ae_detail(&mut self, name: &str, buckets: Vec<u16>, theirs: Vec<(SessionId, u64)>) {
-        let mine: HashMap<SessionId, u64> = self.store.bucket_entries(&buckets, 100_000).into_iter().collect();
+        let mine: HashMap<SessionId, u64> = self
+            .store
+            .bucket_entries(&buckets, 100_000)
+            .into_iter()
+            .collect();
         let theirs_map: HashMap<&SessionId, u64> = theirs.iter().map(|(i, h)| (i, *h)).collect();
         let push: Vec<SessionState> = mine
             .iter()
             .filter(|(id, h)| theirs_map.get(id) != Some(h))
             .filter_map(|(id, _)| self.store.state(id))
             .collect();
-        let pull: Vec<SessionId> =
-            theirs.iter().filter(|(id, h)| mine.get(id) != Some(h)).map(|(id, _)| id.clone()).collect();
+        let pull: Vec<SessionId> = theirs
+            .iter()
+            .filter(|(id, h)| mine.get(id) != Some(h))
+            .map(|(id, _)| id.clone())
+            .collect();
         if !push.is_empty() || !pull.is_empty() {
             debug!(peer = %name, push = push.len(), pull = pull.len(), "anti-entropy found differences");
         }
@@ -900,27 +1060,58 @@ impl Core {
     fn transfer_candidates(&self) -> Vec<String> {
         self.peers
             .iter()
-            .filter(|(n, p)| p.connected && p.ready && self.detector.state(n).is_some_and(|s| s.is_live()))
+            .filter(|(n, p)| {
+                p.connected && p.ready && self.detector.state(n).is_some_and(|s| s.is_live())
+            })
             .map(|(n, _)| n.clone())
             .collect()
     }
 
-    fn start_transfer(&mut self, source: String, cursor: Option<SessionId>, now_ms: u64, tried: BTreeSet<String>) {
+    fn start_transfer(
+        &mut self,
+        source: String,
+        cursor: Option<SessionId>,
+        now_ms: u64,
+        tried: BTreeSet<String>,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
         info!(source = %source, resume = cursor.is_some(), "state transfer started");
         let started_ms = self.transfer.as_ref().map_or(now_ms, |t| t.started_ms);
         let mut tried = tried;
         tried.insert(source.clone());
-        self.phase = Phase::Transferring { source: source.clone(), received: self.stats.transfer_sessions, total: self.stats.transfer_total };
+        self.phase = Phase::Transferring {
+            source: source.clone(),
+            received: self.stats.transfer_sessions,
+            total: self.stats.transfer_total,
+        };
         self.send(
             &source,
-            PeerMsg::TransferPull { transfer: id, cursor: cursor.clone(), max_bytes: self.cfg.transfer_chunk_bytes as u32 },
+            PeerMsg::TransferPull {
+                transfer: id,
+                cursor: cursor.clone(),
+                max_bytes: self.cfg.transfer_chunk_bytes as u32,
+            },
         );
-        self.transfer = Some(Transfer { id, source, cursor, last_progress_ms: now_ms, started_ms, tried });
+        self.transfer = Some(Transfer {
+            id,
+            source,
+            cursor,
+            last_progress_ms: now_ms,
+            started_ms,
+            tried,
+        });
     }
 
-    fn on_chunk(&mut self, name: &str, transfer: u64, states: Vec<SessionState>, next: Option<SessionId>, total: u64, now_ms: u64) {
+    fn on_chunk(
+        &mut self,
+        name: &str,
+        transfer: u64,
+        states: Vec<SessionState>,
+        next: Option<SessionId>,
+        total: u64,
+        now_ms: u64,
+    ) {
         match self.transfer.as_ref() {
             Some(t) if t.id == transfer && t.source == name => {}
             _ => return,
@@ -941,19 +1132,32 @@ impl Core {
         }
         self.stats.transfer_sessions += n;
         self.stats.transfer_total = total;
-        let Some(t) = self.transfer.as_mut() else { return };
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
         t.last_progress_ms = now_ms;
         match next {
             Some(cursor) => {
                 t.cursor = Some(cursor.clone());
                 let id = t.id;
-                self.phase = Phase::Transferring { source: name.to_owned(), received: self.stats.transfer_sessions, total };
+                self.phase = Phase::Transferring {
+                    source: name.to_owned(),
+                    received: self.stats.transfer_sessions,
+                    total,
+                };
                 if now_ms.saturating_sub(self.last_progress_log_ms) >= 1_000 {
                     self.last_progress_log_ms = now_ms;
                     info!(received = self.stats.transfer_sessions, total, source = %name, "state transfer progress");
                 }
                 let max_bytes = self.cfg.transfer_chunk_bytes as u32;
-                self.send(name, PeerMsg::TransferPull { transfer: id, cursor: Some(cursor), max_bytes });
+                self.send(
+                    name,
+                    PeerMsg::TransferPull {
+                        transfer: id,
+                        cursor: Some(cursor),
+                        max_bytes,
+                    },
+                );
             }
             None => {
                 self.stats.transfer_ms = now_ms.saturating_sub(t.started_ms);
@@ -981,15 +1185,28 @@ impl Core {
                 // ready) or is unreachable: a cold cluster. A peer that refused us
                 // is running and may hold sessions, so wait for it.
                 let all_settled = self.peers.iter().all(|(n, p)| {
-                    !p.refused && !p.silent && (p.settled || matches!(self.detector.state(n), Some(MemberState::Left)))
+                    !p.refused
+                        && !p.silent
+                        && (p.settled || matches!(self.detector.state(n), Some(MemberState::Left)))
                 });
                 let waited_ms = now_ms.saturating_sub(self.started_ms);
                 let waited = waited_ms >= self.cfg.startup_wait_ms;
-                let silent: Vec<String> = self.peers.iter().filter(|(_, p)| p.silent).map(|(n, _)| n.clone()).collect();
+                let silent: Vec<String> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.silent)
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 if all_settled && (waited || self.peers.values().all(|p| p.settled)) {
-                    info!(peers = self.peers.len(), "no ready peer to transfer from; starting with an empty store");
+                    info!(
+                        peers = self.peers.len(),
+                        "no ready peer to transfer from; starting with an empty store"
+                    );
                     self.phase = Phase::Ready;
-                } else if !silent.is_empty() && waited_ms >= self.cfg.silent_peer_wait_ms && self.peers.values().all(|p| !p.refused) {
+                } else if !silent.is_empty()
+                    && waited_ms >= self.cfg.silent_peer_wait_ms
+                    && self.peers.values().all(|p| !p.refused)
+                {
                     // Every peer that may hold sessions is alive but hung. Serving
                     // nothing forever helps no one either: after the bound, serve
                     // what comes (an empty store) and say so loudly.
@@ -1002,23 +1219,38 @@ impl Core {
                     self.phase = Phase::Ready;
                 } else if waited && now_ms.saturating_sub(self.last_stall_log_ms) > 5_000 {
                     self.last_stall_log_ms = now_ms;
-                    let refused: Vec<&String> = self.peers.iter().filter(|(_, p)| p.refused).map(|(n, _)| n).collect();
+                    let refused: Vec<&String> = self
+                        .peers
+                        .iter()
+                        .filter(|(_, p)| p.refused)
+                        .map(|(n, _)| n)
+                        .collect();
                     warn!(?refused, ?silent, "still waiting for peers before deciding on state transfer (not ready meanwhile)");
                 }
             }
             Phase::Transferring { .. } => {
-                let Some(t) = self.transfer.as_ref() else { return };
+                let Some(t) = self.transfer.as_ref() else {
+                    return;
+                };
                 let src_ok = self.peers.get(&t.source).is_some_and(|p| p.connected)
                     && self.detector.state(&t.source).is_some_and(|s| s.is_live());
-                let stalled = now_ms.saturating_sub(t.last_progress_ms) > self.cfg.transfer_stall_ms;
+                let stalled =
+                    now_ms.saturating_sub(t.last_progress_ms) > self.cfg.transfer_stall_ms;
                 if src_ok && !stalled {
                     return;
                 }
                 let candidates = self.transfer_candidates();
-                let untried: Vec<&String> = candidates.iter().filter(|c| !t.tried.contains(*c)).collect();
+                let untried: Vec<&String> = candidates
+                    .iter()
+                    .filter(|c| !t.tried.contains(*c))
+                    .collect();
                 let pick = untried.first().map(|s| (*s).clone()).or_else(|| {
                     // Everyone was tried: go round again, preferring someone other than the failed source.
-                    candidates.iter().find(|c| **c != t.source).or(candidates.first()).cloned()
+                    candidates
+                        .iter()
+                        .find(|c| **c != t.source)
+                        .or(candidates.first())
+                        .cloned()
                 });
                 match pick {
                     Some(next) => {
@@ -1047,7 +1279,12 @@ impl Core {
     // ---- local API ------------------------------------------------------
 
     /// Reads a session; `touch` records an access (replicated coalesced).
-    pub fn read(&mut self, id: &SessionId, touch: bool, now_ms: u64) -> Result<Session, WriteError> {
+    pub fn read(
+        &mut self,
+        id: &SessionId,
+        touch: bool,
+        now_ms: u64,
+    ) -> Result<Session, WriteError> {
         self.check_serving()?;
         let grace = self.cfg.touch_flush_ms;
         let s = self.store.get(id, now_ms, grace)?.clone();
@@ -1067,14 +1304,18 @@ impl Core {
     }
 
     pub fn list(&self, cursor: Option<&SessionId>, limit: usize, now_ms: u64) -> Vec<SessionId> {
-        self.store.list(cursor, limit, now_ms, self.cfg.touch_flush_ms)
+        self.store
+            .list(cursor, limit, now_ms, self.cfg.touch_flush_ms)
     }
 
     pub fn check_serving(&self) -> Result<(), WriteError> {
         if self.phase != Phase::Leaving {
             // Whatever the phase, a wrong clock is the reason that matters.
             if let Some(offset_ms) = self.clock_skew() {
-                return Err(WriteError::ClockSkew { offset_ms, bound_ms: self.cfg.max_clock_skew_ms });
+                return Err(WriteError::ClockSkew {
+                    offset_ms,
+                    bound_ms: self.cfg.max_clock_skew_ms,
+                });
             }
         }
         match self.phase {
@@ -1137,13 +1378,20 @@ impl Core {
         self.dirty_touch.remove(&d.id);
         let waits = self.replicate(d, now_ms);
         let mode = mode.unwrap_or(self.cfg.send);
-        let backpressure = self.peers.values().any(|p| p.out.bytes > self.cfg.max_queue_bytes);
+        let backpressure = self
+            .peers
+            .values()
+            .any(|p| p.out.bytes > self.cfg.max_queue_bytes);
         if (mode == SendMode::Async || waits.is_empty()) && !backpressure {
             return Ok(true);
         }
         self.pending.push(PendingWrite {
             write,
-            waits: if mode == SendMode::Sync { waits } else { Vec::new() },
+            waits: if mode == SendMode::Sync {
+                waits
+            } else {
+                Vec::new()
+            },
             backpressure,
             deadline_ms: now_ms + self.cfg.write_timeout_ms,
         });
@@ -1193,29 +1441,45 @@ impl Core {
         let det = &self.detector;
         let mut done = Vec::new();
         self.pending.retain(|w| {
-            let acked = w.waits.iter().all(|(name, gen, seq)| match peers.get(name) {
-                None => true,
-                Some(p) => {
-                    p.gen != *gen && gen.is_some()
-                        || !det.state(name).is_some_and(|s| s.is_live())
-                        || p.out.acked >= *seq
-                }
-            });
+            let acked = w
+                .waits
+                .iter()
+                .all(|(name, gen, seq)| match peers.get(name) {
+                    None => true,
+                    Some(p) => {
+                        p.gen != *gen && gen.is_some()
+                            || !det.state(name).is_some_and(|s| s.is_live())
+                            || p.out.acked >= *seq
+                    }
+                });
             let clear = !w.backpressure || !backlog;
             if acked && clear {
-                done.push(Output::WriteDone { write: w.write, result: Ok(()) });
+                done.push(Output::WriteDone {
+                    write: w.write,
+                    result: Ok(()),
+                });
                 false
             } else if now_ms >= w.deadline_ms {
-                done.push(Output::WriteDone { write: w.write, result: Err(WriteError::Timeout(0)) });
+                done.push(Output::WriteDone {
+                    write: w.write,
+                    result: Err(WriteError::Timeout(0)),
+                });
                 false
             } else {
                 true
             }
         });
         for o in done {
-            if let Output::WriteDone { write, result: Err(_) } = o {
+            if let Output::WriteDone {
+                write,
+                result: Err(_),
+            } = o
+            {
                 self.stats.write_timeouts += 1;
-                self.outbox.push(Output::WriteDone { write, result: Err(WriteError::Timeout(self.cfg.write_timeout_ms)) });
+                self.outbox.push(Output::WriteDone {
+                    write,
+                    result: Err(WriteError::Timeout(self.cfg.write_timeout_ms)),
+                });
             } else {
                 self.outbox.push(o);
             }
@@ -1238,10 +1502,21 @@ impl Core {
             self.last_heartbeat_ms = now_ms;
             let ready = self.is_ready();
             let hlc = self.clock.now(now_ms);
-            let names: Vec<String> = self.peers.iter().filter(|(_, p)| p.connected).map(|(n, _)| n.clone()).collect();
+            let names: Vec<String> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.connected)
+                .map(|(n, _)| n.clone())
+                .collect();
             for n in names {
-                self.outbox.push(Output::Send { to: n.clone(), msg: PeerMsg::Heartbeat { ready } });
-                self.outbox.push(Output::Send { to: n, msg: PeerMsg::Clock { hlc } });
+                self.outbox.push(Output::Send {
+                    to: n.clone(),
+                    msg: PeerMsg::Heartbeat { ready },
+                });
+                self.outbox.push(Output::Send {
+                    to: n,
+                    msg: PeerMsg::Clock { hlc },
+                });
             }
         }
 
@@ -1250,7 +1525,10 @@ impl Core {
         // Nothing acknowledged for a while although deltas are outstanding:
         // resend them (the receiver drops duplicates).
         for p in self.peers.values_mut() {
-            if p.connected && !p.out.unacked.is_empty() && now_ms.saturating_sub(p.out.progress_ms) >= RESEND_AFTER_MS {
+            if p.connected
+                && !p.out.unacked.is_empty()
+                && now_ms.saturating_sub(p.out.progress_ms) >= RESEND_AFTER_MS
+            {
                 if p.out.sent_upto > p.out.acked {
                     debug!("resending unacknowledged deltas");
                 }
@@ -1279,13 +1557,17 @@ impl Core {
 
         if now_ms.saturating_sub(self.last_sweep_ms) >= self.cfg.sweep_interval_ms {
             self.last_sweep_ms = now_ms;
-            let n = self.store.sweep(now_ms, self.cfg.touch_flush_ms, self.cfg.tombstone_ttl_ms);
+            let n = self
+                .store
+                .sweep(now_ms, self.cfg.touch_flush_ms, self.cfg.tombstone_ttl_ms);
             self.stats.expired += n as u64;
             // What was stamped while a clock was wrong (ours, before it was
             // corrected) would win every later merge: drop it and let
             // anti-entropy bring the cluster's version back.
             if self.clock_skew().is_none() {
-                let dropped = self.store.drop_beyond(now_ms.saturating_add(self.cfg.max_clock_skew_ms));
+                let dropped = self
+                    .store
+                    .drop_beyond(now_ms.saturating_add(self.cfg.max_clock_skew_ms));
                 if dropped > 0 {
                     warn!(entries = dropped, "dropped entries stamped beyond this member's clock bound; anti-entropy repairs them");
                     self.stats.clock_quarantined += dropped as u64;
@@ -1298,11 +1580,19 @@ impl Core {
         if self.is_ready() && (now_ms >= self.next_ae_ms || !self.ae_wanted.is_empty()) {
             let targets: Vec<String> = if now_ms >= self.next_ae_ms {
                 let jitter = self.rng_next() % (self.cfg.anti_entropy_interval_ms / 5 + 1);
-                self.next_ae_ms = now_ms + self.cfg.anti_entropy_interval_ms - self.cfg.anti_entropy_interval_ms / 10 + jitter;
+                self.next_ae_ms = now_ms + self.cfg.anti_entropy_interval_ms
+                    - self.cfg.anti_entropy_interval_ms / 10
+                    + jitter;
                 let mut c = self.transfer_candidates();
                 c.retain(|n| !self.ae_wanted.contains(n));
-                let pick = if c.is_empty() { None } else { Some(c[(self.rng_next() as usize) % c.len()].clone()) };
-                pick.into_iter().chain(std::mem::take(&mut self.ae_wanted)).collect()
+                let pick = if c.is_empty() {
+                    None
+                } else {
+                    Some(c[(self.rng_next() as usize) % c.len()].clone())
+                };
+                pick.into_iter()
+                    .chain(std::mem::take(&mut self.ae_wanted))
+                    .collect()
             } else {
                 std::mem::take(&mut self.ae_wanted).into_iter().collect()
             };
@@ -1312,7 +1602,13 @@ impl Core {
                     self.stats.ae_rounds += 1;
                     let round = self.next_id;
                     self.next_id += 1;
-                    self.send(&t, PeerMsg::AeDigest { round, buckets: buckets.clone() });
+                    self.send(
+                        &t,
+                        PeerMsg::AeDigest {
+                            round,
+                            buckets: buckets.clone(),
+                        },
+                    );
                 } else if self.detector.state(&t).is_some_and(|s| s.is_live()) {
                     // Not connected yet: try again on a later tick.
                     self.ae_wanted.insert(t);
@@ -1333,26 +1629,43 @@ impl Core {
     /// True once every live, connected member has acknowledged everything.
     pub fn flushed(&self) -> bool {
         self.peers.iter().all(|(n, p)| {
-            p.out.unacked.is_empty() || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live())
+            p.out.unacked.is_empty()
+                || !p.connected
+                || !self.detector.state(n).is_some_and(|s| s.is_live())
         })
     }
 
     /// True once every connected, live member confirmed our `Leave`.
     pub fn leave_acknowledged(&self) -> bool {
-        self.peers.iter().all(|(n, p)| p.left_ack || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live()))
+        self.peers.iter().all(|(n, p)| {
+            p.left_ack || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live())
+        })
     }
 
     pub fn announce_leave(&mut self) {
-        let names: Vec<String> = self.peers.iter().filter(|(_, p)| p.connected).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .map(|(n, _)| n.clone())
+            .collect();
         for n in names {
-            self.outbox.push(Output::Send { to: n, msg: PeerMsg::Leave });
+            self.outbox.push(Output::Send {
+                to: n,
+                msg: PeerMsg::Leave,
+            });
         }
     }
 }
 
 fn max_hlc(st: &SessionState) -> Option<crate::hlc::Hlc> {
     match &st.entry {
-        crate::store::Entry::Live(s) => s.attrs.values().map(|a| a.hlc).max().map(|h| h.max(s.meta_hlc)),
+        crate::store::Entry::Live(s) => s
+            .attrs
+            .values()
+            .map(|a| a.hlc)
+            .max()
+            .map(|h| h.max(s.meta_hlc)),
         crate::store::Entry::Tombstone { hlc, .. } => Some(*hlc),
     }
 }

@@ -11,8 +11,14 @@ use std::time::{Duration, Instant};
 
 pub async fn run(lb: LbChoice) -> anyhow::Result<()> {
     let bin = std::env::current_exe()?;
-    let mut st = Stack::start(&bin, 3, &[], lb, "sync").await.context("starting the stack")?;
-    println!("sessionmesh demo: 3 app instances, each with a sidecar, behind {} on {}", st.lb_name(), st.lb_addr);
+    let mut st = Stack::start(&bin, 3, &[], lb, "sync")
+        .await
+        .context("starting the stack")?;
+    println!(
+        "sessionmesh demo: 3 app instances, each with a sidecar, behind {} on {}",
+        st.lb_name(),
+        st.lb_addr
+    );
     for i in 0..3 {
         let n = &st.cl.nodes[i];
         println!(
@@ -36,8 +42,19 @@ pub async fn run(lb: LbChoice) -> anyhow::Result<()> {
     }
     let Some(v) = last else { bail!("no response") };
     let holder = v.node.clone();
-    let short = |s: &str| format!("{}…{}", &s[..6.min(s.len())], s.find('.').map(|i| &s[i..]).unwrap_or(""));
-    println!("\nuser clicked 20 times: counter = {:?}, served by {}, cookie JSESSIONID={}", v.counter.unwrap_or(0), holder, short(&v.session));
+    let short = |s: &str| {
+        format!(
+            "{}…{}",
+            &s[..6.min(s.len())],
+            s.find('.').map(|i| &s[i..]).unwrap_or("")
+        )
+    };
+    println!(
+        "\nuser clicked 20 times: counter = {:?}, served by {}, cookie JSESSIONID={}",
+        v.counter.unwrap_or(0),
+        holder,
+        short(&v.session)
+    );
     if v.counter != Some(20) {
         bail!("expected counter 20, got {:?}", v.counter);
     }
@@ -77,8 +94,13 @@ pub async fn run(lb: LbChoice) -> anyhow::Result<()> {
     st.restart_node(i).await?;
     let mut side = st.cl.client(i);
     let key = v.session.split('.').next().unwrap_or_default().to_owned();
-    let r = side.get(&format!("/v1/sessions/{key}/attributes/counter")).await?;
-    println!("{holder} is back in the load balancer and holds the session: counter = {}", r.text());
+    let r = side
+        .get(&format!("/v1/sessions/{key}/attributes/counter"))
+        .await?;
+    println!(
+        "{holder} is back in the load balancer and holds the session: counter = {}",
+        r.text()
+    );
     if r.text() != "21" {
         bail!("restarted {holder} does not hold the session");
     }

@@ -37,7 +37,11 @@ struct App {
 
 impl App {
     fn client(&self) -> Client {
-        self.pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Client::new(self.cfg.sidecar).with_token(self.cfg.token.clone()))
+        self.pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_else(|| Client::new(self.cfg.sidecar).with_token(self.cfg.token.clone()))
     }
     fn give_back(&self, c: Client) {
         if let Ok(mut p) = self.pool.lock() {
@@ -50,7 +54,10 @@ impl App {
 
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, cfg: AppConfig) {
-    let app = Arc::new(App { cfg, pool: Mutex::new(Vec::new()) });
+    let app = Arc::new(App {
+        cfg,
+        pool: Mutex::new(Vec::new()),
+    });
     let mut acceptor = crate::accept::Acceptor::new("demo-app");
     loop {
         let (stream, _) = acceptor.accept(&listener).await;
@@ -61,7 +68,9 @@ pub async fn serve(listener: TcpListener, cfg: AppConfig) {
                 let app = app.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&app, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -69,21 +78,33 @@ pub async fn serve(listener: TcpListener, cfg: AppConfig) {
 fn resp(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 /// The value of cookie `name` in a request.
 pub fn cookie(req_cookies: &str, name: &str) -> Option<String> {
-    req_cookies.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=').map(str::to_owned))
+    req_cookies
+        .split(';')
+        .map(str::trim)
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=').map(str::to_owned))
 }
 
 async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let mut c = app.client();
     let r = match req.uri().path() {
         "/health" => match c.get("/readyz").await {
-            Ok(r) if r.status == 200 => resp(StatusCode::OK, json!({"status": "ok", "node": app.cfg.name})),
-            _ => resp(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "sidecar not ready", "node": app.cfg.name})),
+            Ok(r) if r.status == 200 => resp(
+                StatusCode::OK,
+                json!({"status": "ok", "node": app.cfg.name}),
+            ),
+            _ => resp(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "sidecar not ready", "node": app.cfg.name}),
+            ),
         },
         _ => count(app, &mut c, &req).await,
     };
@@ -92,8 +113,13 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let cookies: String =
-        req.headers().get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join("; ");
+    let cookies: String = req
+        .headers()
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join("; ");
     let presented = cookie(&cookies, "JSESSIONID");
     let send = &app.cfg.send;
     let mut key = None;
@@ -107,8 +133,18 @@ async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<F
             }
             // 404: unknown or expired session, or no counter yet; 410: invalidated.
             Ok(r) if r.status == 404 || r.status == 410 => {}
-            Ok(r) => return resp(StatusCode::BAD_GATEWAY, json!({"error": "sidecar", "status": r.status, "node": app.cfg.name})),
-            Err(e) => return resp(StatusCode::BAD_GATEWAY, json!({"error": e.to_string(), "node": app.cfg.name})),
+            Ok(r) => {
+                return resp(
+                    StatusCode::BAD_GATEWAY,
+                    json!({"error": "sidecar", "status": r.status, "node": app.cfg.name}),
+                )
+            }
+            Err(e) => {
+                return resp(
+                    StatusCode::BAD_GATEWAY,
+                    json!({"error": e.to_string(), "node": app.cfg.name}),
+                )
+            }
         }
     }
     let created = key.is_none();
@@ -116,15 +152,41 @@ async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<F
         Some(k) => k,
         None => match c.post(&format!("/v1/sessions?send={send}"), "{}").await {
             Ok(r) if r.status == 201 => r.json()["id"].as_str().unwrap_or_default().to_owned(),
-            Ok(r) => return resp(StatusCode::BAD_GATEWAY, json!({"error": "create failed", "status": r.status, "node": app.cfg.name})),
-            Err(e) => return resp(StatusCode::BAD_GATEWAY, json!({"error": e.to_string(), "node": app.cfg.name})),
+            Ok(r) => {
+                return resp(
+                    StatusCode::BAD_GATEWAY,
+                    json!({"error": "create failed", "status": r.status, "node": app.cfg.name}),
+                )
+            }
+            Err(e) => {
+                return resp(
+                    StatusCode::BAD_GATEWAY,
+                    json!({"error": e.to_string(), "node": app.cfg.name}),
+                )
+            }
         },
     };
     counter += 1;
-    match c.put(&format!("/v1/sessions/{key}/attributes/counter?send={send}"), counter.to_string()).await {
+    match c
+        .put(
+            &format!("/v1/sessions/{key}/attributes/counter?send={send}"),
+            counter.to_string(),
+        )
+        .await
+    {
         Ok(r) if r.status == 204 => {}
-        Ok(r) => return resp(StatusCode::BAD_GATEWAY, json!({"error": "write failed", "status": r.status, "node": app.cfg.name})),
-        Err(e) => return resp(StatusCode::BAD_GATEWAY, json!({"error": e.to_string(), "node": app.cfg.name})),
+        Ok(r) => {
+            return resp(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "write failed", "status": r.status, "node": app.cfg.name}),
+            )
+        }
+        Err(e) => {
+            return resp(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": e.to_string(), "node": app.cfg.name}),
+            )
+        }
     }
     let routed = format!("{key}.{}", app.cfg.route);
     let rebound = !created && presented.as_deref() != Some(routed.as_str());
@@ -133,7 +195,9 @@ async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<F
         json!({"counter": counter, "session": routed, "node": app.cfg.name, "new": created, "rebound": rebound}),
     );
     if created || rebound {
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("JSESSIONID={routed}; Path=/; HttpOnly")) {
+        if let Ok(v) =
+            hyper::header::HeaderValue::from_str(&format!("JSESSIONID={routed}; Path=/; HttpOnly"))
+        {
             r.headers_mut().insert(SET_COOKIE, v);
         }
     }

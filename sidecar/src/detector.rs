@@ -45,15 +45,29 @@ pub struct DetectorConfig {
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        DetectorConfig { suspect_after_ms: 500, probe_timeout_ms: 300, indirect_probes: 2 }
+        DetectorConfig {
+            suspect_after_ms: 500,
+            probe_timeout_ms: 300,
+            indirect_probes: 2,
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    DirectProbe { target: String },
-    IndirectProbe { helper: String, target: String },
-    Changed { peer: String, from: MemberState, to: MemberState, reason: &'static str },
+    DirectProbe {
+        target: String,
+    },
+    IndirectProbe {
+        helper: String,
+        target: String,
+    },
+    Changed {
+        peer: String,
+        from: MemberState,
+        to: MemberState,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +93,10 @@ pub struct Detector {
 
 impl Detector {
     pub fn new(cfg: DetectorConfig) -> Self {
-        Detector { cfg, peers: BTreeMap::new() }
+        Detector {
+            cfg,
+            peers: BTreeMap::new(),
+        }
     }
 
     /// Starts watching a member, alive as of `now_ms` (it gets a full
@@ -109,10 +126,22 @@ impl Detector {
         self.peers.iter()
     }
 
-    fn set(&mut self, peer: &str, to: MemberState, now_ms: u64, reason: &'static str, out: &mut Vec<Action>) {
+    fn set(
+        &mut self,
+        peer: &str,
+        to: MemberState,
+        now_ms: u64,
+        reason: &'static str,
+        out: &mut Vec<Action>,
+    ) {
         if let Some(p) = self.peers.get_mut(peer) {
             if p.state != to {
-                out.push(Action::Changed { peer: peer.to_owned(), from: p.state, to, reason });
+                out.push(Action::Changed {
+                    peer: peer.to_owned(),
+                    from: p.state,
+                    to,
+                    reason,
+                });
                 p.state = to;
                 p.since_ms = now_ms;
             }
@@ -126,7 +155,9 @@ impl Detector {
     /// member of the same generation that speaks again (a healed partition) too.
     pub fn heard(&mut self, peer: &str, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        let Some(p) = self.peers.get_mut(peer) else { return out };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return out;
+        };
         p.last_heard_ms = now_ms;
         if matches!(p.state, MemberState::Suspect | MemberState::Dead) {
             self.set(peer, MemberState::Alive, now_ms, "heard from", &mut out);
@@ -160,31 +191,66 @@ impl Detector {
         }
     }
 
-    fn suspect(&mut self, peer: &str, now_ms: u64, helpers: &[String], reason: &'static str) -> Vec<Action> {
+    fn suspect(
+        &mut self,
+        peer: &str,
+        now_ms: u64,
+        helpers: &[String],
+        reason: &'static str,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
         self.set(peer, MemberState::Suspect, now_ms, reason, &mut out);
-        let chosen: Vec<String> =
-            helpers.iter().filter(|h| h.as_str() != peer).take(self.cfg.indirect_probes).cloned().collect();
+        let chosen: Vec<String> = helpers
+            .iter()
+            .filter(|h| h.as_str() != peer)
+            .take(self.cfg.indirect_probes)
+            .cloned()
+            .collect();
         if let Some(p) = self.peers.get_mut(peer) {
-            p.probe = Some(Probe { started_ms: now_ms, direct_failed: false, indirect_pending: chosen.len() });
+            p.probe = Some(Probe {
+                started_ms: now_ms,
+                direct_failed: false,
+                indirect_pending: chosen.len(),
+            });
         }
-        out.push(Action::DirectProbe { target: peer.to_owned() });
-        out.extend(chosen.into_iter().map(|helper| Action::IndirectProbe { helper, target: peer.to_owned() }));
+        out.push(Action::DirectProbe {
+            target: peer.to_owned(),
+        });
+        out.extend(chosen.into_iter().map(|helper| Action::IndirectProbe {
+            helper,
+            target: peer.to_owned(),
+        }));
         out
     }
 
     /// Result of our own probe.
     pub fn direct_result(&mut self, peer: &str, ok: bool, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        let Some(p) = self.peers.get_mut(peer) else { return out };
-        let Some(probe) = p.probe.as_mut() else { return out };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return out;
+        };
+        let Some(probe) = p.probe.as_mut() else {
+            return out;
+        };
         if ok {
             p.last_heard_ms = now_ms;
-            self.set(peer, MemberState::Alive, now_ms, "direct probe answered", &mut out);
+            self.set(
+                peer,
+                MemberState::Alive,
+                now_ms,
+                "direct probe answered",
+                &mut out,
+            );
         } else {
             probe.direct_failed = true;
             if probe.indirect_pending == 0 {
-                self.set(peer, MemberState::Dead, now_ms, "direct probe failed", &mut out);
+                self.set(
+                    peer,
+                    MemberState::Dead,
+                    now_ms,
+                    "direct probe failed",
+                    &mut out,
+                );
             }
         }
         out
@@ -193,15 +259,31 @@ impl Detector {
     /// Result of a probe another member made for us.
     pub fn indirect_result(&mut self, peer: &str, ok: bool, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        let Some(p) = self.peers.get_mut(peer) else { return out };
-        let Some(probe) = p.probe.as_mut() else { return out };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return out;
+        };
+        let Some(probe) = p.probe.as_mut() else {
+            return out;
+        };
         if ok {
             p.last_heard_ms = now_ms;
-            self.set(peer, MemberState::Alive, now_ms, "indirect probe answered", &mut out);
+            self.set(
+                peer,
+                MemberState::Alive,
+                now_ms,
+                "indirect probe answered",
+                &mut out,
+            );
         } else {
             probe.indirect_pending = probe.indirect_pending.saturating_sub(1);
             if probe.indirect_pending == 0 && probe.direct_failed {
-                self.set(peer, MemberState::Dead, now_ms, "direct and indirect probes failed", &mut out);
+                self.set(
+                    peer,
+                    MemberState::Dead,
+                    now_ms,
+                    "direct and indirect probes failed",
+                    &mut out,
+                );
             }
         }
         out
@@ -215,11 +297,15 @@ impl Detector {
         let mut to_dead = Vec::new();
         for (name, p) in &self.peers {
             match p.state {
-                MemberState::Alive if now_ms.saturating_sub(p.last_heard_ms) > cfg.suspect_after_ms => {
+                MemberState::Alive
+                    if now_ms.saturating_sub(p.last_heard_ms) > cfg.suspect_after_ms =>
+                {
                     to_suspect.push(name.clone())
                 }
                 MemberState::Suspect => match &p.probe {
-                    Some(pr) if now_ms.saturating_sub(pr.started_ms) > cfg.probe_timeout_ms => to_dead.push(name.clone()),
+                    Some(pr) if now_ms.saturating_sub(pr.started_ms) > cfg.probe_timeout_ms => {
+                        to_dead.push(name.clone())
+                    }
                     None => to_dead.push(name.clone()),
                     _ => {}
                 },
@@ -230,7 +316,13 @@ impl Detector {
             out.extend(self.suspect(&name, now_ms, helpers, "heartbeats missed"));
         }
         for name in to_dead {
-            self.set(&name, MemberState::Dead, now_ms, "probes timed out", &mut out);
+            self.set(
+                &name,
+                MemberState::Dead,
+                now_ms,
+                "probes timed out",
+                &mut out,
+            );
         }
         out
     }
@@ -255,8 +347,14 @@ mod tests {
         let a = d.tick(501, &["c".into()]);
         assert_eq!(changed_to(&a), Some(MemberState::Suspect));
         assert!(a.contains(&Action::DirectProbe { target: "b".into() }));
-        assert!(a.contains(&Action::IndirectProbe { helper: "c".into(), target: "b".into() }));
-        assert!(d.direct_result("b", false, 510).is_empty(), "must wait for the indirect probe");
+        assert!(a.contains(&Action::IndirectProbe {
+            helper: "c".into(),
+            target: "b".into()
+        }));
+        assert!(
+            d.direct_result("b", false, 510).is_empty(),
+            "must wait for the indirect probe"
+        );
         let a = d.indirect_result("b", false, 520);
         assert_eq!(changed_to(&a), Some(MemberState::Dead));
     }
@@ -279,7 +377,10 @@ mod tests {
         let mut d = Detector::new(DetectorConfig::default());
         d.add("b", 0);
         d.connection_lost("b", 10, &[]);
-        assert_eq!(changed_to(&d.direct_result("b", false, 11)), Some(MemberState::Dead));
+        assert_eq!(
+            changed_to(&d.direct_result("b", false, 11)),
+            Some(MemberState::Dead)
+        );
     }
 
     #[test]
@@ -298,6 +399,9 @@ mod tests {
         assert_eq!(changed_to(&d.left("b", 5)), Some(MemberState::Left));
         assert!(d.tick(10_000, &[]).is_empty());
         assert!(d.connection_lost("b", 10_001, &[]).is_empty());
-        assert_eq!(changed_to(&d.new_generation("b", 20_000)), Some(MemberState::Alive));
+        assert_eq!(
+            changed_to(&d.new_generation("b", 20_000)),
+            Some(MemberState::Alive)
+        );
     }
 }

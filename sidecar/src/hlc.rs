@@ -10,7 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Hlc {
     pub wall_ms: u64,
     pub logical: u32,
@@ -34,7 +36,14 @@ pub struct HlcClock {
 
 impl HlcClock {
     pub fn new(node: u32, max_skew_ms: u64) -> Self {
-        HlcClock { last: Hlc { wall_ms: 0, logical: 0, node }, max_skew_ms }
+        HlcClock {
+            last: Hlc {
+                wall_ms: 0,
+                logical: 0,
+                node,
+            },
+            max_skew_ms,
+        }
     }
 
     pub fn max_skew_ms(&self) -> u64 {
@@ -61,7 +70,10 @@ impl HlcClock {
     pub fn check(&self, remote: Hlc, wall_ms: u64) -> Result<(), TooFarAhead> {
         let limit = wall_ms.saturating_add(self.max_skew_ms);
         if remote.wall_ms > limit {
-            return Err(TooFarAhead { ahead_ms: remote.wall_ms - wall_ms, bound_ms: self.max_skew_ms });
+            return Err(TooFarAhead {
+                ahead_ms: remote.wall_ms - wall_ms,
+                bound_ms: self.max_skew_ms,
+            });
         }
         Ok(())
     }
@@ -88,31 +100,88 @@ mod tests {
         let b = c.now(100);
         let d = c.now(90);
         assert!(a < b && b < d);
-        assert!(c.observe(Hlc { wall_ms: 500, logical: 3, node: 2 }, 100).is_ok());
+        assert!(c
+            .observe(
+                Hlc {
+                    wall_ms: 500,
+                    logical: 3,
+                    node: 2
+                },
+                100
+            )
+            .is_ok());
         let e = c.now(100);
-        assert!(e > Hlc { wall_ms: 500, logical: 3, node: 2 });
+        assert!(
+            e > Hlc {
+                wall_ms: 500,
+                logical: 3,
+                node: 2
+            }
+        );
     }
 
     #[test]
     fn a_timestamp_past_the_bound_is_refused_and_does_not_move_the_clock() {
         let mut c = HlcClock::new(1, 1_000);
-        let far = Hlc { wall_ms: 100 + 600_000, logical: 0, node: 2 };
-        assert_eq!(c.observe(far, 100), Err(TooFarAhead { ahead_ms: 600_000, bound_ms: 1_000 }));
+        let far = Hlc {
+            wall_ms: 100 + 600_000,
+            logical: 0,
+            node: 2,
+        };
+        assert_eq!(
+            c.observe(far, 100),
+            Err(TooFarAhead {
+                ahead_ms: 600_000,
+                bound_ms: 1_000
+            })
+        );
         assert_eq!(c.now(100).wall_ms, 100);
         // At the bound exactly it is accepted.
-        assert!(c.observe(Hlc { wall_ms: 1_100, logical: 0, node: 2 }, 100).is_ok());
-        assert!(c.now(100) > Hlc { wall_ms: 1_100, logical: 0, node: 2 });
+        assert!(c
+            .observe(
+                Hlc {
+                    wall_ms: 1_100,
+                    logical: 0,
+                    node: 2
+                },
+                100
+            )
+            .is_ok());
+        assert!(
+            c.now(100)
+                > Hlc {
+                    wall_ms: 1_100,
+                    logical: 0,
+                    node: 2
+                }
+        );
     }
 
     #[test]
     fn the_logical_counter_carries_instead_of_saturating() {
         let mut c = HlcClock::new(1, 1_000);
         // A forged maximal counter from a peer, within the time bound.
-        assert!(c.observe(Hlc { wall_ms: 100, logical: u32::MAX, node: 2 }, 100).is_ok());
+        assert!(c
+            .observe(
+                Hlc {
+                    wall_ms: 100,
+                    logical: u32::MAX,
+                    node: 2
+                },
+                100
+            )
+            .is_ok());
         let a = c.now(100);
         let b = c.now(100);
         let d = c.now(100);
-        assert!(a > Hlc { wall_ms: 100, logical: u32::MAX, node: 2 }, "{a:?}");
+        assert!(
+            a > Hlc {
+                wall_ms: 100,
+                logical: u32::MAX,
+                node: 2
+            },
+            "{a:?}"
+        );
         assert!(a < b && b < d, "{a:?} {b:?} {d:?}");
         assert_eq!(a.wall_ms, 101);
     }
@@ -126,7 +195,11 @@ mod tests {
 /// Returns the median offset to the disagreeing peers when skewed.
 pub fn judge_skew(offsets_ms: &[i64], bound_ms: u64) -> Option<i64> {
     let bound = i64::try_from(bound_ms).unwrap_or(i64::MAX);
-    let mut off: Vec<i64> = offsets_ms.iter().copied().filter(|o| o.abs() > bound).collect();
+    let mut off: Vec<i64> = offsets_ms
+        .iter()
+        .copied()
+        .filter(|o| o.abs() > bound)
+        .collect();
     let agree = 1 + offsets_ms.len() - off.len();
     let we_are_ahead = off.iter().any(|o| *o < 0);
     if off.len() > agree || (off.len() == agree && we_are_ahead) {

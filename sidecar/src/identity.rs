@@ -113,7 +113,8 @@ impl JvmRoute {
         let ok = !b.is_empty()
             && b.len() <= 16
             && b[0].is_ascii_lowercase()
-            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         if ok {
             Ok(JvmRoute(raw.to_owned()))
         } else {
@@ -177,7 +178,9 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn fill_random(buf: &mut [u8]) {
     if let Err(e) = getrandom::getrandom(buf) {
         tracing::error!(error = %e, "the operating system's random source failed; refusing to continue");
-        eprintln!("sessionmesh: the operating system's random source failed ({e}); refusing to continue");
+        eprintln!(
+            "sessionmesh: the operating system's random source failed ({e}); refusing to continue"
+        );
         std::process::exit(71);
     }
 }
@@ -187,13 +190,17 @@ pub fn fill_random(buf: &mut [u8]) {
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     let (x, y) = (Sha256::digest(a), Sha256::digest(b));
-    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
 }
 
 /// Whether the operating system's random source works.
 pub fn check_random() -> Result<(), String> {
     let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).map_err(|e| format!("the operating system's random source failed: {e}"))
+    getrandom::getrandom(&mut b)
+        .map_err(|e| format!("the operating system's random source failed: {e}"))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

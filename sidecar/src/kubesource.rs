@@ -15,14 +15,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 fn parse(cm: &ConfigMap, source: &str) -> Result<MemberFile, String> {
-    let text = cm.data.as_ref().and_then(|d| d.get(MEMBERS_KEY)).ok_or_else(|| format!("{source}: no key {MEMBERS_KEY}"))?;
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(MEMBERS_KEY))
+        .ok_or_else(|| format!("{source}: no key {MEMBERS_KEY}"))?;
     let doc: MembershipDoc = serde_yaml::from_str(text).map_err(|e| format!("{source}: {e}"))?;
     MemberFile::from_doc(&doc, source).map_err(|e| e.to_string())
 }
 
 /// Waits until the document lists `member` (the operator publishes a pod once
 /// it has an IP), and returns it.
-pub async fn wait_for_member(client: &Client, namespace: &str, name: &str, member: &str, within: Duration) -> anyhow::Result<MemberFile> {
+pub async fn wait_for_member(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    member: &str,
+    within: Duration,
+) -> anyhow::Result<MemberFile> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let source = format!("configmap {namespace}/{name}");
     let t = Instant::now();
@@ -37,7 +47,10 @@ pub async fn wait_for_member(client: &Client, namespace: &str, name: &str, membe
             Ok(None) => {}
             Err(e) => warn!(error = %e, "cannot read the membership document"),
         }
-        anyhow::ensure!(t.elapsed() < within, "{member} did not appear in {source} within {within:?}: is the operator running?");
+        anyhow::ensure!(
+            t.elapsed() < within,
+            "{member} did not appear in {source} within {within:?}: is the operator running?"
+        );
         if last_log.elapsed() > Duration::from_secs(5) {
             info!(%source, %member, "waiting for the operator to publish this member");
             last_log = Instant::now();
@@ -48,8 +61,13 @@ pub async fn wait_for_member(client: &Client, namespace: &str, name: &str, membe
 
 /// Watches the document and calls `on_change` with each new, valid membership
 /// until cancelled (or until `on_change` returns false).
-pub async fn watch<F, Fut>(client: Client, namespace: &str, name: &str, on_change: F, cancel: CancellationToken)
-where
+pub async fn watch<F, Fut>(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    on_change: F,
+    cancel: CancellationToken,
+) where
     F: Fn(MemberFile) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
@@ -81,7 +99,9 @@ where
                     }
                 }
             }
-            Err(e) => error!(error = %e, "invalid membership document; keeping the last good membership"),
+            Err(e) => {
+                error!(error = %e, "invalid membership document; keeping the last good membership")
+            }
         }
     }
 }

@@ -113,7 +113,10 @@ impl LocalCluster {
         let mut s = format!("cluster: {}\nmembers:\n", self.cluster);
         for (n, listed) in self.nodes.iter().zip(&self.listed) {
             if *listed {
-                s.push_str(&format!("  - name: {}\n    address: {}\n    jvmRoute: {}\n", n.name, n.replication, n.route));
+                s.push_str(&format!(
+                    "  - name: {}\n    address: {}\n    jvmRoute: {}\n",
+                    n.name, n.replication, n.route
+                ));
             }
         }
         s
@@ -141,8 +144,16 @@ impl LocalCluster {
     }
 
     /// Starts node `i` with extra arguments and environment (e.g. libfaketime's).
-    pub fn start_with_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log)?;
+    pub fn start_with_env(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.nodes[i].log)?;
         let members = if self.standalone {
             let n = &self.nodes[i];
             let own = self.dir.join(format!("members-{}.yaml", n.name));
@@ -163,7 +174,11 @@ impl LocalCluster {
             .arg(&self.nodes[i].name)
             .arg("--http")
             .arg("127.0.0.1:0")
-            .args(if extra.contains(&"--secret-file") { vec![] } else { vec!["--secret-file".into(), self.secret_file.clone()] })
+            .args(if extra.contains(&"--secret-file") {
+                vec![]
+            } else {
+                vec!["--secret-file".into(), self.secret_file.clone()]
+            })
             .args(&self.args)
             .args(extra)
             .env_remove("SESSIONMESH_SECRET")
@@ -173,7 +188,11 @@ impl LocalCluster {
             .stderr(Stdio::from(log));
         let (child, first) = spawn_with_first_line(&mut cmd, Some(Duration::from_secs(15)))?;
         let Some(line) = first else {
-            anyhow::bail!("{} did not start: {}", self.nodes[i].name, self.log_tail(i, 20));
+            anyhow::bail!(
+                "{} did not start: {}",
+                self.nodes[i].name,
+                self.log_tail(i, 20)
+            );
         };
         let v: serde_json::Value = serde_json::from_str(&line)?;
         let http: SocketAddr = v["http"].as_str().unwrap_or_default().parse()?;
@@ -184,7 +203,11 @@ impl LocalCluster {
     }
 
     pub fn client(&self, i: usize) -> Client {
-        Client::new(self.nodes[i].http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9))))
+        Client::new(
+            self.nodes[i]
+                .http
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9))),
+        )
     }
 
     pub fn pid(&self, i: usize) -> Option<u32> {
@@ -219,7 +242,10 @@ impl LocalCluster {
     }
 
     pub fn is_running(&mut self, i: usize) -> bool {
-        self.nodes[i].child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.nodes[i]
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_text(&self, i: usize) -> String {
@@ -251,9 +277,15 @@ impl LocalCluster {
 /// Spawns `cmd` (stdout piped) and, with a timeout, waits for its first stdout
 /// line; stdout keeps being drained so the child never blocks on a full pipe.
 /// A child that prints nothing in time is killed and `None` returned.
-pub fn spawn_with_first_line(cmd: &mut Command, wait: Option<Duration>) -> anyhow::Result<(Child, Option<String>)> {
+pub fn spawn_with_first_line(
+    cmd: &mut Command,
+    wait: Option<Duration>,
+) -> anyhow::Result<(Child, Option<String>)> {
     let mut child = cmd.spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -262,7 +294,9 @@ pub fn spawn_with_first_line(cmd: &mut Command, wait: Option<Duration>) -> anyho
         }
         for _ in lines {}
     });
-    let Some(wait) = wait else { return Ok((child, None)) };
+    let Some(wait) = wait else {
+        return Ok((child, None));
+    };
     match rx.recv_timeout(wait) {
         Ok(l) => Ok((child, Some(l))),
         Err(_) => {
@@ -315,7 +349,11 @@ impl Drop for LocalCluster {
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -331,7 +369,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// One value of a member's `/metrics` (NaN if absent).
 pub async fn metric(c: &mut Client, name: &str) -> f64 {
-    let Ok(r) = c.get("/metrics").await else { return f64::NAN };
+    let Ok(r) = c.get("/metrics").await else {
+        return f64::NAN;
+    };
     r.text()
         .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -350,7 +390,9 @@ fn install_hint(part: &str) -> &'static str {
         "wrk" => "apt-get install wrk",
         "openssl" => "apt-get install openssl",
         "faketime" => "apt-get install faketime",
-        "go" => "apt-get install golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev",
+        "go" => {
+            "apt-get install golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev"
+        }
         "python3" => "apt-get install python3 python3-pip",
         "node" => "apt-get install nodejs npm",
         _ => "see e2e/setup.sh",
@@ -361,10 +403,17 @@ fn install_hint(part: &str) -> &'static str {
 /// fails with one line that names the command installing it.
 pub fn require(program: &str) -> PathBuf {
     let dirs = std::env::var("PATH").unwrap_or_default();
-    let found = dirs.split(':').chain(["/usr/sbin", "/sbin"]).map(|d| Path::new(d).join(program)).find(|p| p.is_file());
+    let found = dirs
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file());
     match found {
         Some(p) => p,
-        None => missing(&format!("{program} is not installed"), install_hint(program)),
+        None => missing(
+            &format!("{program} is not installed"),
+            install_hint(program),
+        ),
     }
 }
 
@@ -378,7 +427,10 @@ pub fn require_python(modules: &[&str]) {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        missing(&format!("python3 cannot import {}", modules.join(", ")), "pip install redis flask flask-session django");
+        missing(
+            &format!("python3 cannot import {}", modules.join(", ")),
+            "pip install redis flask flask-session django",
+        );
     }
 }
 
@@ -395,11 +447,17 @@ pub fn require_node_modules(e2e_node: &Path) {
 /// timers behave. Fails the test with one line when libfaketime is missing.
 pub fn faketime_env(offset: &str) -> Vec<(&'static str, String)> {
     require("faketime");
-    let lib = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
-        .iter()
-        .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
-        .find(|p| p.is_file());
-    let Some(lib) = lib else { missing("libfaketime.so.1 not found", install_hint("faketime")) };
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
+    .find(|p| p.is_file());
+    let Some(lib) = lib else {
+        missing("libfaketime.so.1 not found", install_hint("faketime"))
+    };
     vec![
         ("LD_PRELOAD", lib.display().to_string()),
         ("FAKETIME", offset.to_owned()),
@@ -412,7 +470,8 @@ pub fn faketime_env(offset: &str) -> Vec<(&'static str, String)> {
 pub fn missing(what: &str, install: &str) -> ! {
     // `panic!` would add a location and a backtrace hint; this line is all a
     // user needs. `resume_unwind` fails the test without the panic hook.
-    let line = format!("{what}: run ./e2e/setup.sh (installs every part the tests need), or: {install}");
+    let line =
+        format!("{what}: run ./e2e/setup.sh (installs every part the tests need), or: {install}");
     eprintln!("{line}");
     std::panic::resume_unwind(Box::new(line))
 }
@@ -423,11 +482,14 @@ mod tests {
 
     #[test]
     fn a_missing_part_fails_with_one_line_naming_the_install_command() {
-        let err = std::panic::catch_unwind(|| require("haproxy-that-is-not-installed")).err().map(|e| {
-            e.downcast_ref::<String>().cloned().unwrap_or_default()
-        });
+        let err = std::panic::catch_unwind(|| require("haproxy-that-is-not-installed"))
+            .err()
+            .map(|e| e.downcast_ref::<String>().cloned().unwrap_or_default());
         let line = err.unwrap_or_default();
-        assert!(line.starts_with("haproxy-that-is-not-installed is not installed: run ./e2e/setup.sh"), "{line}");
+        assert!(
+            line.starts_with("haproxy-that-is-not-installed is not installed: run ./e2e/setup.sh"),
+            "{line}"
+        );
         assert_eq!(line.lines().count(), 1, "{line}");
         assert_eq!(install_hint("redis-cli"), "apt-get install redis-tools");
     }

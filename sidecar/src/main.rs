@@ -13,7 +13,11 @@ use tokio_util::sync::CancellationToken;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "sessionmesh-sidecar", version, about = "Replicated HTTP session store for the app next to it")]
+#[command(
+    name = "sessionmesh-sidecar",
+    version,
+    about = "Replicated HTTP session store for the app next to it"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -62,7 +66,11 @@ struct DemoAppArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Static member file (YAML), hot-reloaded.
-    #[arg(long, env = "SESSIONMESH_MEMBERS_FILE", conflicts_with = "kube_membership")]
+    #[arg(
+        long,
+        env = "SESSIONMESH_MEMBERS_FILE",
+        conflicts_with = "kube_membership"
+    )]
     members: Option<PathBuf>,
     /// The operator's membership document, `namespace/configmap`, watched through the API server.
     #[arg(long, env = "SESSIONMESH_KUBE_MEMBERSHIP")]
@@ -179,8 +187,11 @@ struct RunArgs {
 }
 
 fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -194,7 +205,9 @@ fn init_logs(format: &str) {
 /// CPU per demo request 88 -> 65 us; docs/operations.md, "Sizing").
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if threads > 1 {
@@ -246,16 +259,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    sessionmesh_sidecar::identity::check_random().map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
+    sessionmesh_sidecar::identity::check_random()
+        .map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
     for flag in ["--secret", "--redis-password"] {
         if std::env::args().any(|x| x == flag || x.starts_with(&format!("{flag}="))) {
             tracing::warn!(flag, "a secret on the command line is visible to every user of this host (ps); prefer --secret-file or the environment");
         }
     }
     let secret = match (&a.secret_file, &a.secret) {
-        (Some(f), _) => std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read --secret-file {}: {e}", f.display()))?,
+        (Some(f), _) => std::fs::read(f)
+            .map_err(|e| anyhow::anyhow!("cannot read --secret-file {}: {e}", f.display()))?,
         (None, Some(s)) => s.as_bytes().to_vec(),
-        (None, None) => anyhow::bail!("a cluster secret is required: --secret-file or SESSIONMESH_SECRET"),
+        (None, None) => {
+            anyhow::bail!("a cluster secret is required: --secret-file or SESSIONMESH_SECRET")
+        }
     };
     // Bytes as they are (a binary secret stays intact); only surrounding ASCII
     // white space, such as the newline `echo` leaves, is dropped.
@@ -270,7 +287,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         cluster: String::new(),
         send: a.send,
         heartbeat_interval_ms: a.heartbeat_interval_ms,
-        detector: DetectorConfig { suspect_after_ms: a.suspect_after_ms, probe_timeout_ms: a.probe_timeout_ms, indirect_probes: a.indirect_probes },
+        detector: DetectorConfig {
+            suspect_after_ms: a.suspect_after_ms,
+            probe_timeout_ms: a.probe_timeout_ms,
+            indirect_probes: a.indirect_probes,
+        },
         write_timeout_ms: a.write_timeout_ms,
         max_queue_bytes: a.max_queue_bytes,
         transfer_chunk_bytes: a.transfer_chunk_bytes,
@@ -281,7 +302,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         sweep_interval_ms: 1000,
         tombstone_ttl_ms: a.tombstone_ttl_ms,
         default_max_inactive_ms: a.max_inactive_seconds * 1000,
-        limits: Limits { max_attr_bytes: a.max_attr_bytes, max_session_bytes: a.max_session_bytes, max_sessions: a.max_sessions, max_attr_name: 1024 },
+        limits: Limits {
+            max_attr_bytes: a.max_attr_bytes,
+            max_session_bytes: a.max_session_bytes,
+            max_sessions: a.max_sessions,
+            max_attr_name: 1024,
+        },
         max_frame_bytes: a.max_frame_bytes,
         max_clock_skew_ms: a.max_clock_skew_ms,
         silent_peer_wait_ms: a.silent_peer_wait_ms,
@@ -292,9 +318,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let Some((namespace, name)) = k.split_once('/') else {
                 anyhow::bail!("--kube-membership must be namespace/configmap, not {k:?}");
             };
-            node::MembershipSource::Kube { namespace: namespace.into(), name: name.into() }
+            node::MembershipSource::Kube {
+                namespace: namespace.into(),
+                name: name.into(),
+            }
         }
-        (None, None) => anyhow::bail!("give a membership source: --members FILE or --kube-membership NAMESPACE/CONFIGMAP"),
+        (None, None) => anyhow::bail!(
+            "give a membership source: --members FILE or --kube-membership NAMESPACE/CONFIGMAP"
+        ),
     };
     let cfg = NodeConfig {
         core,
@@ -322,7 +353,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let http_addr = http.local_addr()?;
     let redis = match a.redis {
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the Redis endpoint on {addr}: {e}"))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot bind the Redis endpoint on {addr}: {e}"))?;
             if !addr.ip().is_loopback() {
                 tracing::warn!(redis = %addr, "the Redis endpoint is not on loopback");
             }
@@ -353,15 +386,25 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 max_request: (16usize << 20).max(a.max_session_bytes * 2),
             },
         };
-        tokio::spawn(sessionmesh_sidecar::resp_server::serve(l, started.handle.clone(), cfg, redis_stop.clone()))
+        tokio::spawn(sessionmesh_sidecar::resp_server::serve(
+            l,
+            started.handle.clone(),
+            cfg,
+            redis_stop.clone(),
+        ))
     });
     tracing::info!(http = %http_addr, "local API listening");
     let api_stop = CancellationToken::new();
     let token = match &a.api_token_file {
         Some(f) => {
-            let t = std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read --api-token-file {}: {e}", f.display()))?;
+            let t = std::fs::read(f).map_err(|e| {
+                anyhow::anyhow!("cannot read --api-token-file {}: {e}", f.display())
+            })?;
             let t = t.trim_ascii().to_vec();
-            anyhow::ensure!(t.len() >= 16, "the API token in --api-token-file must be at least 16 bytes");
+            anyhow::ensure!(
+                t.len() >= 16,
+                "the API token in --api-token-file must be at least 16 bytes"
+            );
             Some(std::sync::Arc::new(t))
         }
         None => None,
@@ -371,10 +414,22 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_millis(a.http_idle_timeout_ms.max(10)),
         token,
     };
-    let api = tokio::spawn(sessionmesh_sidecar::api::serve(http, started.handle.clone(), http_limits.clone(), api_stop.clone()));
+    let api = tokio::spawn(sessionmesh_sidecar::api::serve(
+        http,
+        started.handle.clone(),
+        http_limits.clone(),
+        api_stop.clone(),
+    ));
     if let Some(addr) = a.probe {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
-        tokio::spawn(sessionmesh_sidecar::api::serve_probes(l, started.handle.clone(), http_limits, api_stop.clone()));
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
+        tokio::spawn(sessionmesh_sidecar::api::serve_probes(
+            l,
+            started.handle.clone(),
+            http_limits,
+            api_stop.clone(),
+        ));
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -77,7 +77,11 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 impl MemberFile {
     pub fn parse(text: &str, file: &str) -> Result<Self, MemberFileError> {
-        let err = |field: String, message: String| MemberFileError { file: file.to_owned(), field, message };
+        let err = |field: String, message: String| MemberFileError {
+            file: file.to_owned(),
+            field,
+            message,
+        };
         let de = serde_yaml::Deserializer::from_str(text);
         let mf: MemberFile = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
@@ -95,21 +99,36 @@ impl MemberFile {
             return Err(err("cluster".into(), "must not be empty".into()));
         }
         if mf.members.is_empty() {
-            return Err(err("members".into(), "must list at least one member".into()));
+            return Err(err(
+                "members".into(),
+                "must list at least one member".into(),
+            ));
         }
         let (mut names, mut addrs, mut routes) = (HashSet::new(), HashSet::new(), HashSet::new());
         for (i, m) in mf.members.iter().enumerate() {
-            if m.name.is_empty() || m.name.len() > 253 || m.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(err(format!("members[{i}].name"), format!("{:?} is not a valid member name", m.name)));
+            if m.name.is_empty()
+                || m.name.len() > 253
+                || m.name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(err(
+                    format!("members[{i}].name"),
+                    format!("{:?} is not a valid member name", m.name),
+                ));
             }
             if let Err(e) = JvmRoute::parse(&m.jvm_route) {
                 return Err(err(format!("members[{i}].jvmRoute"), e.to_string()));
             }
             if m.address.port() == 0 {
-                return Err(err(format!("members[{i}].address"), "port 0 is not a receiver port".into()));
+                return Err(err(
+                    format!("members[{i}].address"),
+                    "port 0 is not a receiver port".into(),
+                ));
             }
             if !names.insert(&m.name) {
-                return Err(err(format!("members[{i}].name"), format!("duplicate member name {:?}", m.name)));
+                return Err(err(
+                    format!("members[{i}].name"),
+                    format!("duplicate member name {:?}", m.name),
+                ));
             }
             if !addrs.insert(m.address) {
                 return Err(err(
@@ -118,7 +137,10 @@ impl MemberFile {
                 ));
             }
             if !routes.insert(&m.jvm_route) {
-                return Err(err(format!("members[{i}].jvmRoute"), format!("duplicate jvmRoute {:?}", m.jvm_route)));
+                return Err(err(
+                    format!("members[{i}].jvmRoute"),
+                    format!("duplicate jvmRoute {:?}", m.jvm_route),
+                ));
             }
         }
         Ok(mf)
@@ -126,13 +148,29 @@ impl MemberFile {
 
     /// Converts the operator's membership document (Kubernetes source) and
     /// validates it like a file.
-    pub fn from_doc(doc: &sessionmesh_api::MembershipDoc, source: &str) -> Result<Self, MemberFileError> {
-        let err = |field: String, message: String| MemberFileError { file: source.to_owned(), field, message };
+    pub fn from_doc(
+        doc: &sessionmesh_api::MembershipDoc,
+        source: &str,
+    ) -> Result<Self, MemberFileError> {
+        let err = |field: String, message: String| MemberFileError {
+            file: source.to_owned(),
+            field,
+            message,
+        };
         let mut members = Vec::with_capacity(doc.members.len());
         let mut leaving = std::collections::BTreeSet::new();
         for (i, m) in doc.members.iter().enumerate() {
-            let address = m.address.parse().map_err(|_| err(format!("members[{i}].address"), format!("{:?} is not ip:port", m.address)))?;
-            members.push(MemberSpec { name: m.name.clone(), address, jvm_route: m.jvm_route.clone() });
+            let address = m.address.parse().map_err(|_| {
+                err(
+                    format!("members[{i}].address"),
+                    format!("{:?} is not ip:port", m.address),
+                )
+            })?;
+            members.push(MemberSpec {
+                name: m.name.clone(),
+                address,
+                jvm_route: m.jvm_route.clone(),
+            });
             if m.leaving {
                 leaving.insert(m.name.clone());
             }
@@ -157,10 +195,18 @@ impl MemberFile {
     /// before reading it. Errors name the file, never its content.
     pub fn read_text(path: &Path) -> Result<String, MemberFileError> {
         let file = path.display().to_string();
-        let err = |message: String| MemberFileError { file: file.clone(), field: ".".into(), message };
-        let len = std::fs::metadata(path).map_err(|e| err(e.to_string()))?.len();
+        let err = |message: String| MemberFileError {
+            file: file.clone(),
+            field: ".".into(),
+            message,
+        };
+        let len = std::fs::metadata(path)
+            .map_err(|e| err(e.to_string()))?
+            .len();
         if len > MAX_FILE_BYTES {
-            return Err(err(format!("the file is {len} bytes; a member file may have at most {MAX_FILE_BYTES}")));
+            return Err(err(format!(
+                "the file is {len} bytes; a member file may have at most {MAX_FILE_BYTES}"
+            )));
         }
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
         String::from_utf8(bytes).map_err(|_| err("the file is not UTF-8 text".into()))
@@ -179,7 +225,13 @@ impl MemberFile {
 mod redact_tests {
     #[test]
     fn a_file_that_is_not_a_member_file_is_refused_without_its_content() {
-        let e = super::MemberFile::parse("8f3c2a9b7e6d5c4b3a2918f7e6d5c4b3a2918f7e6d5c4b3a\n", "secret").err().map(|e| e.to_string()).unwrap_or_default();
+        let e = super::MemberFile::parse(
+            "8f3c2a9b7e6d5c4b3a2918f7e6d5c4b3a2918f7e6d5c4b3a\n",
+            "secret",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(!e.is_empty());
         assert!(!e.contains("8f3c2a9b"), "{e}");
     }
@@ -204,12 +256,30 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert_eq!(field_of(&GOOD.replace("127.0.0.1:4002", "localhost-4002")), "members[1].address");
-        assert_eq!(field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: Node-2")), "members[1].jvmRoute");
-        assert_eq!(field_of(&GOOD.replace("4002", "4001")), "members[1].address");
-        assert_eq!(field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: node1")), "members[1].jvmRoute");
-        assert_eq!(field_of(&GOOD.replace("name: node2", "name: node1")), "members[1].name");
-        assert_eq!(field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: node2\n    colour: red")), "members[1].colour");
+        assert_eq!(
+            field_of(&GOOD.replace("127.0.0.1:4002", "localhost-4002")),
+            "members[1].address"
+        );
+        assert_eq!(
+            field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: Node-2")),
+            "members[1].jvmRoute"
+        );
+        assert_eq!(
+            field_of(&GOOD.replace("4002", "4001")),
+            "members[1].address"
+        );
+        assert_eq!(
+            field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: node1")),
+            "members[1].jvmRoute"
+        );
+        assert_eq!(
+            field_of(&GOOD.replace("name: node2", "name: node1")),
+            "members[1].name"
+        );
+        assert_eq!(
+            field_of(&GOOD.replace("jvmRoute: node2", "jvmRoute: node2\n    colour: red")),
+            "members[1].colour"
+        );
         assert_eq!(field_of("cluster: x\nmembers: []\n"), "members");
         let e = MemberFile::parse(&GOOD.replace("4002", "4001"), "m.yaml").unwrap_err();
         assert!(e.to_string().contains("receiver port"), "{e}");

@@ -34,11 +34,17 @@ use tracing::{debug, error, info, warn};
 /// silences, which a stepped wall clock must not fake.
 pub fn mono_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone)]
@@ -77,16 +83,37 @@ impl std::fmt::Display for MembershipSource {
 }
 
 pub enum Command {
-    Read { id: SessionId, touch: bool, reply: oneshot::Sender<Result<Session, WriteError>> },
-    Write { id: SessionId, ops: Vec<Op>, max_inactive_ms: Option<u64>, mode: Option<SendMode>, reply: oneshot::Sender<Result<(), WriteError>> },
-    List { cursor: Option<SessionId>, limit: usize, reply: oneshot::Sender<(Vec<SessionId>, usize)> },
-    Status { reply: oneshot::Sender<Status> },
+    Read {
+        id: SessionId,
+        touch: bool,
+        reply: oneshot::Sender<Result<Session, WriteError>>,
+    },
+    Write {
+        id: SessionId,
+        ops: Vec<Op>,
+        max_inactive_ms: Option<u64>,
+        mode: Option<SendMode>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    List {
+        cursor: Option<SessionId>,
+        limit: usize,
+        reply: oneshot::Sender<(Vec<SessionId>, usize)>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
     /// Test hook (`--test-hooks`): the core task stops going round its loop
     /// for `ms` while every other task goes on, as a core stuck on an await
     /// (or a deadlock) would.
-    Freeze { ms: u64 },
+    Freeze {
+        ms: u64,
+    },
     /// Redis data commands, run in order; one reply per command.
-    Redis { cmds: Vec<Vec<bytes::Bytes>>, reply: oneshot::Sender<Vec<crate::resp::Value>> },
+    Redis {
+        cmds: Vec<Vec<bytes::Bytes>>,
+        reply: oneshot::Sender<Vec<crate::resp::Value>>,
+    },
 }
 
 /// Replies of a Redis batch waiting for writes to be acknowledged.
@@ -129,12 +156,29 @@ pub struct MeView {
 }
 
 enum IoEvent {
-    Msg { from: NodeId, msg: PeerMsg },
-    OutboundUp { peer: NodeId, ready: bool },
-    OutboundDown { peer: String, down: crate::core::Down },
-    InboundUp { peer: NodeId },
-    InboundClosed { peer: NodeId },
-    Probe { target: String, for_peer: Option<String>, ok: bool },
+    Msg {
+        from: NodeId,
+        msg: PeerMsg,
+    },
+    OutboundUp {
+        peer: NodeId,
+        ready: bool,
+    },
+    OutboundDown {
+        peer: String,
+        down: crate::core::Down,
+    },
+    InboundUp {
+        peer: NodeId,
+    },
+    InboundClosed {
+        peer: NodeId,
+    },
+    Probe {
+        target: String,
+        for_peer: Option<String>,
+        ok: bool,
+    },
     Members(MemberFile),
 }
 
@@ -197,19 +241,35 @@ pub struct Started {
 pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
     let kube = match &cfg.members {
         MembershipSource::Kube { .. } => Some(
-            kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?,
+            kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?,
         ),
         MembershipSource::File(_) => None,
     };
     let mf = match (&cfg.members, &kube) {
-        (MembershipSource::File(path), _) => MemberFile::load(path).map_err(|e| anyhow::anyhow!("member file: {e}"))?,
+        (MembershipSource::File(path), _) => {
+            MemberFile::load(path).map_err(|e| anyhow::anyhow!("member file: {e}"))?
+        }
         (MembershipSource::Kube { namespace, name }, Some(client)) => {
-            crate::kubesource::wait_for_member(client, namespace, name, &cfg.member, Duration::from_secs(120)).await?
+            crate::kubesource::wait_for_member(
+                client,
+                namespace,
+                name,
+                &cfg.member,
+                Duration::from_secs(120),
+            )
+            .await?
         }
         _ => anyhow::bail!("no Kubernetes client"),
     };
     let Some(me_spec) = mf.get(&cfg.member).cloned() else {
-        anyhow::bail!("member {:?} is not in {} (members: {})", cfg.member, cfg.members, mf.names().join(", "));
+        anyhow::bail!(
+            "member {:?} is not in {} (members: {})",
+            cfg.member,
+            cfg.members,
+            mf.names().join(", ")
+        );
     };
     let listen = cfg.listen.unwrap_or(me_spec.address);
     let listener = TcpListener::bind(listen).await.map_err(|e| {
@@ -220,7 +280,10 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         )
     })?;
     let replication_addr = listener.local_addr()?;
-    let me = NodeId { name: cfg.member.clone(), generation: crate::identity::Generation::random() };
+    let me = NodeId {
+        name: cfg.member.clone(),
+        generation: crate::identity::Generation::random(),
+    };
     let mut core_cfg = cfg.core.clone();
     core_cfg.cluster = mf.cluster.clone();
     let io = Arc::new(IoStats::default());
@@ -255,20 +318,44 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let tracker = TaskTracker::new();
     let net_cancel = CancellationToken::new();
-    let gate = CoreGate { beat: core_beat.clone(), stall_ms: peer_stall_ms };
-    tracker.spawn(accept_loop(listener, sec.clone(), ready.clone(), known.clone(), gate, io_tx.clone(), net_cancel.clone(), tracker.clone()));
+    let gate = CoreGate {
+        beat: core_beat.clone(),
+        stall_ms: peer_stall_ms,
+    };
+    tracker.spawn(accept_loop(
+        listener,
+        sec.clone(),
+        ready.clone(),
+        known.clone(),
+        gate,
+        io_tx.clone(),
+        net_cancel.clone(),
+        tracker.clone(),
+    ));
     match (&cfg.members, kube) {
         (MembershipSource::File(path), _) => {
-            tracker.spawn(reload_loop(path.clone(), mf.clone(), cfg.reload_interval, io_tx.clone(), net_cancel.clone()));
+            tracker.spawn(reload_loop(
+                path.clone(),
+                mf.clone(),
+                cfg.reload_interval,
+                io_tx.clone(),
+                net_cancel.clone(),
+            ));
         }
         (MembershipSource::Kube { namespace, name }, Some(client)) => {
             let (tx, cancel) = (io_tx.clone(), net_cancel.clone());
             let (namespace, name) = (namespace.clone(), name.clone());
             tracker.spawn(async move {
-                crate::kubesource::watch(client, &namespace, &name, move |mf| {
-                    let tx = tx.clone();
-                    async move { tx.send(IoEvent::Members(mf)).await.is_ok() }
-                }, cancel)
+                crate::kubesource::watch(
+                    client,
+                    &namespace,
+                    &name,
+                    move |mf| {
+                        let tx = tx.clone();
+                        async move { tx.send(IoEvent::Members(mf)).await.is_ok() }
+                    },
+                    cancel,
+                )
                 .await
             });
         }
@@ -300,11 +387,18 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         runner.run(mf, cmd_rx, io_rx, shutdown).await;
         net_cancel.cancel();
         tracker.close();
-        if tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
+            .await
+            .is_err()
+        {
             warn!("some connections did not close in time");
         }
     });
-    Ok(Started { handle, replication_addr, done })
+    Ok(Started {
+        handle,
+        replication_addr,
+        done,
+    })
 }
 
 struct CoreTask {
@@ -345,7 +439,13 @@ impl CoreGate {
 }
 
 impl CoreTask {
-    async fn run(mut self, mf: MemberFile, mut cmd_rx: mpsc::Receiver<Command>, mut io_rx: mpsc::Receiver<IoEvent>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mf: MemberFile,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        mut io_rx: mpsc::Receiver<IoEvent>,
+        shutdown: CancellationToken,
+    ) {
         self.apply_members(&mf);
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -377,7 +477,11 @@ impl CoreTask {
         self.leave(&mut cmd_rx, &mut io_rx).await;
     }
 
-    async fn leave(&mut self, cmd_rx: &mut mpsc::Receiver<Command>, io_rx: &mut mpsc::Receiver<IoEvent>) {
+    async fn leave(
+        &mut self,
+        cmd_rx: &mut mpsc::Receiver<Command>,
+        io_rx: &mut mpsc::Receiver<IoEvent>,
+    ) {
         info!("leaving: flushing replication queues");
         self.core.begin_leave();
         self.flush();
@@ -472,7 +576,17 @@ impl CoreTask {
                 kick.clone(),
                 self.cfg.connect_timeout,
             ));
-            self.links.insert(m.name.clone(), PeerLink { addr: m.address, tx, queued, cancel, kick, task });
+            self.links.insert(
+                m.name.clone(),
+                PeerLink {
+                    addr: m.address,
+                    tx,
+                    queued,
+                    cancel,
+                    kick,
+                    task,
+                },
+            );
         }
     }
 
@@ -490,7 +604,11 @@ impl CoreTask {
                 self.core.on_inbound_up(&peer, now);
             }
             IoEvent::InboundClosed { peer } => self.core.on_inbound_closed(&peer, now),
-            IoEvent::Probe { target, for_peer, ok } => self.core.on_probe_result(&target, for_peer, ok, now),
+            IoEvent::Probe {
+                target,
+                for_peer,
+                ok,
+            } => self.core.on_probe_result(&target, for_peer, ok, now),
             IoEvent::Members(mf) => {
                 info!(members = mf.members.len(), "member file reloaded");
                 self.apply_members(&mf);
@@ -504,7 +622,13 @@ impl CoreTask {
             Command::Read { id, touch, reply } => {
                 let _ = reply.send(self.core.read(&id, touch, now));
             }
-            Command::Write { id, ops, max_inactive_ms, mode, reply } => {
+            Command::Write {
+                id,
+                ops,
+                max_inactive_ms,
+                mode,
+                reply,
+            } => {
                 let w = self.next_write;
                 self.next_write += 1;
                 match self.core.write(w, id, ops, max_inactive_ms, mode, now) {
@@ -524,7 +648,13 @@ impl CoreTask {
                 let batch = self.next_batch;
                 let mut waiting = 0;
                 for (i, cmd) in cmds.iter().enumerate() {
-                    let ex = crate::redis::exec(&mut self.core, &mut self.redis, cmd, &mut self.next_write, now);
+                    let ex = crate::redis::exec(
+                        &mut self.core,
+                        &mut self.redis,
+                        cmd,
+                        &mut self.next_write,
+                        now,
+                    );
                     for w in ex.writes {
                         self.redis_writes.insert(w, (batch, i));
                         waiting += 1;
@@ -535,14 +665,25 @@ impl CoreTask {
                     let _ = reply.send(values);
                 } else {
                     self.next_batch += 1;
-                    self.redis_batches.insert(batch, RedisBatch { values, waiting, reply });
+                    self.redis_batches.insert(
+                        batch,
+                        RedisBatch {
+                            values,
+                            waiting,
+                            reply,
+                        },
+                    );
                 }
             }
             Command::Freeze { ms } => {
                 warn!(ms, "test hook: freezing the core task");
                 self.frozen = Some(Duration::from_millis(ms));
             }
-            Command::List { cursor, limit, reply } => {
+            Command::List {
+                cursor,
+                limit,
+                reply,
+            } => {
                 let ids = self.core.list(cursor.as_ref(), limit, now);
                 let _ = reply.send((ids, self.core.store.live_count()));
             }
@@ -578,8 +719,14 @@ impl CoreTask {
                         // A peer that does not read: its writer's queue stays
                         // bounded. Deltas stay in the core's log and are sent
                         // again once the writer has caught up.
-                        if matches!(msg, PeerMsg::Deltas { .. }) && l.queued.load(Ordering::Relaxed) + size > self.cfg.core.max_queue_bytes {
-                            self.sec.stats.send_queue_full.fetch_add(1, Ordering::Relaxed);
+                        if matches!(msg, PeerMsg::Deltas { .. })
+                            && l.queued.load(Ordering::Relaxed) + size
+                                > self.cfg.core.max_queue_bytes
+                        {
+                            self.sec
+                                .stats
+                                .send_queue_full
+                                .fetch_add(1, Ordering::Relaxed);
                             self.core.writer_full(&to, now_ms());
                             continue;
                         }
@@ -588,18 +735,30 @@ impl CoreTask {
                     }
                 }
                 Output::Probe { target, for_peer } => {
-                    let Some(addr) = self.links.get(&target).map(|l| l.addr) else { continue };
+                    let Some(addr) = self.links.get(&target).map(|l| l.addr) else {
+                        continue;
+                    };
                     // Peers can ask us to probe; a flood of requests must not
                     // turn into a flood of sockets.
                     if self.probes.load(Ordering::Relaxed) >= MAX_PROBES_IN_FLIGHT {
-                        self.sec.stats.probes_dropped.fetch_add(1, Ordering::Relaxed);
+                        self.sec
+                            .stats
+                            .probes_dropped
+                            .fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     self.probes.fetch_add(1, Ordering::Relaxed);
                     let probes = self.probes.clone();
                     let sec = self.sec.clone();
                     let io_tx = self.io_tx.clone();
-                    let timeout = Duration::from_millis(self.core.cfg.detector.probe_timeout_ms.saturating_sub(50).max(50));
+                    let timeout = Duration::from_millis(
+                        self.core
+                            .cfg
+                            .detector
+                            .probe_timeout_ms
+                            .saturating_sub(50)
+                            .max(50),
+                    );
                     self.tracker.spawn(async move {
                         let ok = transport::probe(addr, &sec, &target, timeout).await;
                         probes.fetch_sub(1, Ordering::Relaxed);
@@ -653,7 +812,9 @@ async fn accept_loop(
         if !gate.open() {
             // Stuck core: answering the handshake here would tell the peers'
             // probes we are alive while nothing is being done.
-            sec.stats.core_stalled_refusals.fetch_add(1, Ordering::Relaxed);
+            sec.stats
+                .core_stalled_refusals
+                .fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         }
@@ -664,7 +825,13 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        let (sec, ready, known, io_tx, cancel) = (sec.clone(), ready.clone(), known.clone(), io_tx.clone(), cancel.clone());
+        let (sec, ready, known, io_tx, cancel) = (
+            sec.clone(),
+            ready.clone(),
+            known.clone(),
+            io_tx.clone(),
+            cancel.clone(),
+        );
         tracker.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -684,8 +851,15 @@ async fn inbound(
     pending: PendingGuard,
 ) {
     let _ = stream.set_nodelay(true);
-    let is_known = |n: &str| known.read().map(|k| k.iter().any(|m| m == n)).unwrap_or(false);
-    let shaken = transport::server_handshake(&mut stream, &sec, ready.load(Ordering::Relaxed), is_known).await;
+    let is_known = |n: &str| {
+        known
+            .read()
+            .map(|k| k.iter().any(|m| m == n))
+            .unwrap_or(false)
+    };
+    let shaken =
+        transport::server_handshake(&mut stream, &sec, ready.load(Ordering::Relaxed), is_known)
+            .await;
     drop(pending);
     let (peer, probe, mut buf, mut keys) = match shaken {
         Ok(x) => x,
@@ -717,7 +891,14 @@ async fn inbound(
         match transport::read_frame(&mut stream, &mut buf, sec.max_frame, &sec.stats).await {
             Ok(Some((ty, payload))) => match keys.recv.open(ty, &payload) {
                 Ok(msg) => {
-                    if io_tx.send(IoEvent::Msg { from: peer.clone(), msg }).await.is_err() {
+                    if io_tx
+                        .send(IoEvent::Msg {
+                            from: peer.clone(),
+                            msg,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -757,14 +938,26 @@ async fn outbound_loop(
             r = transport::dial(addr, &sec, &name, false, connect_timeout + sec.handshake_timeout) => r,
         };
         match dialed {
-            Ok(transport::Dialed { stream, peer, ready, keys }) => {
+            Ok(transport::Dialed {
+                stream,
+                peer,
+                ready,
+                keys,
+            }) => {
                 if failures > 0 {
                     info!(peer = %peer, %addr, "connected after {failures} failed attempts");
                 }
                 failures = 0;
                 backoff = Duration::from_millis(25);
                 drain_queue(&mut rx, &queued);
-                if io_tx.send(IoEvent::OutboundUp { peer: peer.clone(), ready }).await.is_err() {
+                if io_tx
+                    .send(IoEvent::OutboundUp {
+                        peer: peer.clone(),
+                        ready,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 let closed = write_loop(stream, keys.send, &mut rx, &queued, &sec, &cancel).await;
@@ -772,20 +965,31 @@ async fn outbound_loop(
                     // Our side is shutting down: whatever was queued was written.
                     return;
                 }
-                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), down: crate::core::Down::Lost }).await;
+                let _ = io_tx
+                    .send(IoEvent::OutboundDown {
+                        peer: name.clone(),
+                        down: crate::core::Down::Lost,
+                    })
+                    .await;
             }
             Err(e) => {
                 failures += 1;
                 match &e {
-                    transport::TransportError::Auth(_) | transport::TransportError::Rejected(_) | transport::TransportError::Protocol(_) => {
+                    transport::TransportError::Auth(_)
+                    | transport::TransportError::Rejected(_)
+                    | transport::TransportError::Protocol(_) => {
                         error!(peer = %name, %addr, error = %e, "peer refused the handshake; check the cluster secret and member file")
                     }
-                    _ if failures == 1 => info!(peer = %name, %addr, error = %e, "cannot reach peer; retrying with backoff"),
+                    _ if failures == 1 => {
+                        info!(peer = %name, %addr, error = %e, "cannot reach peer; retrying with backoff")
+                    }
                     _ => debug!(peer = %name, %addr, error = %e, "cannot reach peer"),
                 }
                 let refused = matches!(
                     e,
-                    transport::TransportError::Auth(_) | transport::TransportError::Rejected(_) | transport::TransportError::Protocol(_)
+                    transport::TransportError::Auth(_)
+                        | transport::TransportError::Rejected(_)
+                        | transport::TransportError::Protocol(_)
                 );
                 let down = if refused {
                     crate::core::Down::Refused
@@ -794,7 +998,12 @@ async fn outbound_loop(
                 } else {
                     crate::core::Down::Lost
                 };
-                let _ = io_tx.send(IoEvent::OutboundDown { peer: name.clone(), down }).await;
+                let _ = io_tx
+                    .send(IoEvent::OutboundDown {
+                        peer: name.clone(),
+                        down,
+                    })
+                    .await;
                 drain_queue(&mut rx, &queued);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -813,7 +1022,10 @@ async fn outbound_loop(
 /// Empties a writer's queue (the connection is gone), keeping the count right.
 fn drain_queue(rx: &mut mpsc::UnboundedReceiver<PeerMsg>, queued: &std::sync::atomic::AtomicUsize) {
     while let Ok(m) = rx.try_recv() {
-        queued.fetch_sub(msg_size(&m).min(queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+        queued.fetch_sub(
+            msg_size(&m).min(queued.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -920,7 +1132,13 @@ impl Drop for PendingGuard {
 /// How long a changed member file must stay the same before it is applied.
 const RELOAD_SETTLE: Duration = Duration::from_millis(50);
 
-async fn reload_loop(path: PathBuf, mut current: MemberFile, every: Duration, io_tx: mpsc::Sender<IoEvent>, cancel: CancellationToken) {
+async fn reload_loop(
+    path: PathBuf,
+    mut current: MemberFile,
+    every: Duration,
+    io_tx: mpsc::Sender<IoEvent>,
+    cancel: CancellationToken,
+) {
     let mut last_text = std::fs::read_to_string(&path).unwrap_or_default();
     let mut last_err = String::new();
     loop {

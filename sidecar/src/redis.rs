@@ -67,7 +67,11 @@ enum Kind<'s> {
 
 impl Ctx<'_> {
     fn session(&self, id: &SessionId) -> Option<&Session> {
-        self.core.store.get(id, self.now, 0).ok().filter(|s| s.live_attrs().next().is_some())
+        self.core
+            .store
+            .get(id, self.now, 0)
+            .ok()
+            .filter(|s| s.live_attrs().next().is_some())
     }
 
     fn kind<'s>(s: &'s Session) -> Kind<'s> {
@@ -97,7 +101,10 @@ impl Ctx<'_> {
     fn write(&mut self, id: SessionId, ops: Vec<Op>, max_inactive_ms: u64) -> Result<(), Value> {
         let w = *self.next_write;
         *self.next_write += 1;
-        match self.core.write_with(w, id, ops, Some(max_inactive_ms), None, self.now, 0) {
+        match self
+            .core
+            .write_with(w, id, ops, Some(max_inactive_ms), None, self.now, 0)
+        {
             Ok(true) => Ok(()),
             Ok(false) => {
                 self.writes.push(w);
@@ -120,11 +127,18 @@ impl Ctx<'_> {
         let mut ops = Vec::new();
         match self.session(&id) {
             Some(s) => {
-                ops.extend(s.live_attrs().filter(|(k, _)| k.as_str() != STRING_ATTR).map(|(k, _)| Op::Remove { name: k.clone() }));
+                ops.extend(
+                    s.live_attrs()
+                        .filter(|(k, _)| k.as_str() != STRING_ATTR)
+                        .map(|(k, _)| Op::Remove { name: k.clone() }),
+                );
             }
             None => ops.push(Op::Create),
         }
-        ops.push(Op::Set { name: STRING_ATTR.into(), value });
+        ops.push(Op::Set {
+            name: STRING_ATTR.into(),
+            value,
+        });
         self.write(id, ops, ttl_ms)
     }
 
@@ -150,7 +164,10 @@ fn field(b: &Bytes) -> Result<String, Value> {
 }
 
 fn int(b: &Bytes) -> Result<i64, Value> {
-    std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or_else(|| Value::err(NOT_INT))
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Value::err(NOT_INT))
 }
 
 fn upper(b: &Bytes) -> String {
@@ -158,29 +175,77 @@ fn upper(b: &Bytes) -> String {
 }
 
 pub fn arity_error(cmd: &str) -> Value {
-    Value::err(format!("ERR wrong number of arguments for '{}' command", cmd.to_ascii_lowercase()))
+    Value::err(format!(
+        "ERR wrong number of arguments for '{}' command",
+        cmd.to_ascii_lowercase()
+    ))
 }
 
 /// Whether `name` is a data command this module runs.
 pub fn is_data_command(name: &str) -> bool {
     matches!(
         name,
-        "GET" | "SET" | "SETEX" | "PSETEX" | "GETEX" | "GETDEL" | "MGET" | "MSET" | "DEL" | "UNLINK" | "EXISTS" | "EXPIRE"
-            | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "PERSIST" | "TTL" | "PTTL" | "RENAME" | "RENAMENX" | "TYPE" | "SCAN"
-            | "DBSIZE" | "HSET" | "HMSET" | "HGET" | "HMGET" | "HGETALL" | "HDEL" | "HEXISTS" | "HLEN" | "HKEYS"
-            | "HVALS" | "FLUSHDB" | "FLUSHALL"
+        "GET"
+            | "SET"
+            | "SETEX"
+            | "PSETEX"
+            | "GETEX"
+            | "GETDEL"
+            | "MGET"
+            | "MSET"
+            | "DEL"
+            | "UNLINK"
+            | "EXISTS"
+            | "EXPIRE"
+            | "PEXPIRE"
+            | "EXPIREAT"
+            | "PEXPIREAT"
+            | "PERSIST"
+            | "TTL"
+            | "PTTL"
+            | "RENAME"
+            | "RENAMENX"
+            | "TYPE"
+            | "SCAN"
+            | "DBSIZE"
+            | "HSET"
+            | "HMSET"
+            | "HGET"
+            | "HMGET"
+            | "HGETALL"
+            | "HDEL"
+            | "HEXISTS"
+            | "HLEN"
+            | "HKEYS"
+            | "HVALS"
+            | "FLUSHDB"
+            | "FLUSHALL"
     )
 }
 
 pub const COMMAND_COUNT: i64 = 52;
 
 /// Runs one data command.
-pub fn exec(core: &mut Core, st: &mut RedisState, args: &[Bytes], next_write: &mut u64, now: u64) -> Exec {
-    let mut ctx = Ctx { core, next_write, now, writes: Vec::new() };
+pub fn exec(
+    core: &mut Core,
+    st: &mut RedisState,
+    args: &[Bytes],
+    next_write: &mut u64,
+    now: u64,
+) -> Exec {
+    let mut ctx = Ctx {
+        core,
+        next_write,
+        now,
+        writes: Vec::new(),
+    };
     let value = match run(&mut ctx, st, args) {
         Ok(v) | Err(v) => v,
     };
-    Exec { value, writes: ctx.writes }
+    Exec {
+        value,
+        writes: ctx.writes,
+    }
 }
 
 fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Value> {
@@ -205,7 +270,8 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         "SET" => {
             need(2, false)?;
             let id = key(&a[0])?;
-            let (mut ttl, mut nx, mut xx, mut keep, mut get) = (None::<u64>, false, false, false, false);
+            let (mut ttl, mut nx, mut xx, mut keep, mut get) =
+                (None::<u64>, false, false, false, false);
             let mut i = 2;
             while i < a.len() {
                 let opt = upper(&a[i]);
@@ -247,7 +313,11 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             };
             let exists = cur.is_some();
             if (nx && exists) || (xx && !exists) {
-                return Ok(if get { old.map_or(Value::Null, Value::Bulk) } else { Value::Null });
+                return Ok(if get {
+                    old.map_or(Value::Null, Value::Bulk)
+                } else {
+                    Value::Null
+                });
             }
             let ttl = match (ttl, keep) {
                 (Some(t), _) => t,
@@ -255,23 +325,36 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 (None, false) => 0,
             };
             c.set_string(id, a[1].clone(), ttl)?;
-            Ok(if get { old.map_or(Value::Null, Value::Bulk) } else { Value::ok() })
+            Ok(if get {
+                old.map_or(Value::Null, Value::Bulk)
+            } else {
+                Value::ok()
+            })
         }
         "SETEX" | "PSETEX" => {
             need(3, true)?;
             let id = key(&a[0])?;
             let n = int(&a[1])?;
             if n <= 0 {
-                return Err(Value::err(format!("ERR invalid expire time in '{}' command", name.to_ascii_lowercase())));
+                return Err(Value::err(format!(
+                    "ERR invalid expire time in '{}' command",
+                    name.to_ascii_lowercase()
+                )));
             }
-            let ttl = if name == "SETEX" { (n as u64).saturating_mul(1000) } else { n as u64 };
+            let ttl = if name == "SETEX" {
+                (n as u64).saturating_mul(1000)
+            } else {
+                n as u64
+            };
             c.set_string(id, a[2].clone(), ttl)?;
             Ok(Value::ok())
         }
         "GETEX" => {
             need(1, false)?;
             let id = key(&a[0])?;
-            let Some(v) = c.string(&id)? else { return Ok(Value::Null) };
+            let Some(v) = c.string(&id)? else {
+                return Ok(Value::Null);
+            };
             match a.len() {
                 1 => {}
                 2 if upper(&a[1]) == "PERSIST" => c.write(id, vec![Op::MaxInactive], 0)?,
@@ -297,7 +380,9 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         "GETDEL" => {
             need(1, true)?;
             let id = key(&a[0])?;
-            let Some(v) = c.string(&id)? else { return Ok(Value::Null) };
+            let Some(v) = c.string(&id)? else {
+                return Ok(Value::Null);
+            };
             c.delete(&id)?;
             Ok(Value::Bulk(v))
         }
@@ -305,10 +390,12 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             need(1, false)?;
             let mut out = Vec::with_capacity(a.len());
             for k in a {
-                let v = key(k).ok().and_then(|id| match c.session(&id).map(Ctx::kind) {
-                    Some(Kind::Str(v)) => Some(Value::Bulk(v.clone())),
-                    _ => None,
-                });
+                let v = key(k)
+                    .ok()
+                    .and_then(|id| match c.session(&id).map(Ctx::kind) {
+                        Some(Kind::Str(v)) => Some(Value::Bulk(v.clone())),
+                        _ => None,
+                    });
                 out.push(v.unwrap_or(Value::Null));
             }
             Ok(Value::Array(out))
@@ -317,8 +404,10 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             if a.is_empty() || a.len() % 2 != 0 {
                 return Err(arity_error(&name));
             }
-            let pairs: Vec<(SessionId, Bytes)> =
-                a.chunks(2).map(|p| Ok((key(&p[0])?, p[1].clone()))).collect::<Result<_, Value>>()?;
+            let pairs: Vec<(SessionId, Bytes)> = a
+                .chunks(2)
+                .map(|p| Ok((key(&p[0])?, p[1].clone())))
+                .collect::<Result<_, Value>>()?;
             for (id, v) in pairs {
                 c.set_string(id, v, 0)?;
             }
@@ -336,7 +425,10 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         }
         "EXISTS" => {
             need(1, false)?;
-            let n = a.iter().filter(|k| key(k).ok().is_some_and(|id| c.session(&id).is_some())).count();
+            let n = a
+                .iter()
+                .filter(|k| key(k).ok().is_some_and(|id| c.session(&id).is_some()))
+                .count();
             Ok(Value::Int(n as i64))
         }
         "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" => {
@@ -350,7 +442,9 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 _ => n as i128,
             };
             let at = at.clamp(0, u64::MAX as i128 / 2) as u64;
-            let Some(s) = c.session(&id) else { return Ok(Value::Int(0)) };
+            let Some(s) = c.session(&id) else {
+                return Ok(Value::Int(0));
+            };
             let cur = s.expires_at_ms();
             let mut cond = None;
             for o in &a[2..] {
@@ -387,27 +481,41 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         "TTL" | "PTTL" => {
             need(1, true)?;
             let id = key(&a[0])?;
-            Ok(Value::Int(match c.session(&id).map(|s| s.expires_at_ms()) {
-                None => -2,
-                Some(None) => -1,
-                Some(Some(t)) => {
-                    let ms = t.saturating_sub(c.now) as i64;
-                    if name == "TTL" {
-                        (ms + 500) / 1000
-                    } else {
-                        ms
+            Ok(Value::Int(
+                match c.session(&id).map(|s| s.expires_at_ms()) {
+                    None => -2,
+                    Some(None) => -1,
+                    Some(Some(t)) => {
+                        let ms = t.saturating_sub(c.now) as i64;
+                        if name == "TTL" {
+                            (ms + 500) / 1000
+                        } else {
+                            ms
+                        }
                     }
-                }
-            }))
+                },
+            ))
         }
         "RENAME" | "RENAMENX" => {
             need(2, true)?;
             let (from, to) = (key(&a[0])?, key(&a[1])?);
-            let Some(s) = c.session(&from) else { return Err(Value::err("ERR no such key")) };
+            let Some(s) = c.session(&from) else {
+                return Err(Value::err("ERR no such key"));
+            };
             let ttl = c.keep_ttl(Some(s));
-            let attrs: Vec<Op> = s.live_attrs().map(|(k, v)| Op::Set { name: k.clone(), value: v.clone() }).collect();
+            let attrs: Vec<Op> = s
+                .live_attrs()
+                .map(|(k, v)| Op::Set {
+                    name: k.clone(),
+                    value: v.clone(),
+                })
+                .collect();
             if from == to {
-                return Ok(if name == "RENAME" { Value::ok() } else { Value::Int(0) });
+                return Ok(if name == "RENAME" {
+                    Value::ok()
+                } else {
+                    Value::Int(0)
+                });
             }
             if c.session(&to).is_some() {
                 if name == "RENAMENX" {
@@ -419,7 +527,11 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             ops.extend(attrs);
             c.write(to, ops, ttl)?;
             c.delete(&from)?;
-            Ok(if name == "RENAME" { Value::ok() } else { Value::Int(1) })
+            Ok(if name == "RENAME" {
+                Value::ok()
+            } else {
+                Value::Int(1)
+            })
         }
         "TYPE" => {
             need(1, true)?;
@@ -435,7 +547,10 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         }
         "SCAN" => {
             need(1, false)?;
-            let cursor = std::str::from_utf8(&a[0]).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| Value::err("ERR invalid cursor"))?;
+            let cursor = std::str::from_utf8(&a[0])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| Value::err("ERR invalid cursor"))?;
             let (mut pattern, mut count, mut ty) = (None, 10usize, None);
             let mut i = 1;
             while i < a.len() {
@@ -451,12 +566,20 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             let start = if cursor == 0 {
                 None
             } else {
-                Some(st.scans.remove(&cursor).map(|(k, _)| k).ok_or_else(|| Value::err("ERR invalid cursor"))?)
+                Some(
+                    st.scans
+                        .remove(&cursor)
+                        .map(|(k, _)| k)
+                        .ok_or_else(|| Value::err("ERR invalid cursor"))?,
+                )
             };
             let ids = c.core.store.list(start.as_ref(), count, c.now, 0);
             let mut keys = Vec::new();
             for id in &ids {
-                if pattern.as_ref().is_some_and(|p| !glob(p, id.as_str().as_bytes())) {
+                if pattern
+                    .as_ref()
+                    .is_some_and(|p| !glob(p, id.as_str().as_bytes()))
+                {
                     continue;
                 }
                 let Some(s) = c.session(id) else { continue };
@@ -482,13 +605,18 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 }
                 _ => 0,
             };
-            Ok(Value::Array(vec![Value::str(&next.to_string()), Value::Array(keys)]))
+            Ok(Value::Array(vec![
+                Value::str(&next.to_string()),
+                Value::Array(keys),
+            ]))
         }
         "DBSIZE" => {
             need(0, true)?;
             Ok(Value::Int(c.core.store.live_count() as i64))
         }
-        "FLUSHDB" | "FLUSHALL" => Err(Value::err("ERR FLUSHDB is disabled: it would delete every user's session on every member")),
+        "FLUSHDB" | "FLUSHALL" => Err(Value::err(
+            "ERR FLUSHDB is disabled: it would delete every user's session on every member",
+        )),
         "HSET" | "HMSET" => {
             if a.len() < 3 || a.len() % 2 != 1 {
                 return Err(arity_error(&name));
@@ -504,16 +632,28 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             }
             for p in a[1..].chunks(2) {
                 let f = field(&p[0])?;
-                if cur.and_then(|s| s.attrs.get(&f)).and_then(|x| x.value.as_ref()).is_none()
-                    && !ops.iter().any(|o| matches!(o, Op::Set { name, .. } if *name == f))
+                if cur
+                    .and_then(|s| s.attrs.get(&f))
+                    .and_then(|x| x.value.as_ref())
+                    .is_none()
+                    && !ops
+                        .iter()
+                        .any(|o| matches!(o, Op::Set { name, .. } if *name == f))
                 {
                     added += 1;
                 }
-                ops.push(Op::Set { name: f, value: p[1].clone() });
+                ops.push(Op::Set {
+                    name: f,
+                    value: p[1].clone(),
+                });
             }
             let ttl = c.keep_ttl(cur);
             c.write(id, ops, ttl)?;
-            Ok(if name == "HSET" { Value::Int(added) } else { Value::ok() })
+            Ok(if name == "HSET" {
+                Value::Int(added)
+            } else {
+                Value::ok()
+            })
         }
         "HGET" => {
             need(2, true)?;
@@ -523,7 +663,10 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 Some(Kind::Str(_)) => Err(Value::err(WRONGTYPE)),
                 Some(Kind::Hash(s)) => {
                     let f = field(&a[1])?;
-                    Ok(s.attrs.get(&f).and_then(|x| x.value.clone()).map_or(Value::Null, Value::Bulk))
+                    Ok(s.attrs
+                        .get(&f)
+                        .and_then(|x| x.value.clone())
+                        .map_or(Value::Null, Value::Bulk))
                 }
             }
         }
@@ -540,7 +683,9 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                     .iter()
                     .map(|f| {
                         let f = String::from_utf8_lossy(f);
-                        s.and_then(|s| s.attrs.get(&f)).and_then(|x| x.value.clone()).map_or(Value::Null, Value::Bulk)
+                        s.and_then(|s| s.attrs.get(&f))
+                            .and_then(|x| x.value.clone())
+                            .map_or(Value::Null, Value::Bulk)
                     })
                     .collect(),
             ))
@@ -553,11 +698,22 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 Some(Kind::Hash(s)) => Some(s),
                 None => None,
             };
-            let pairs: Vec<(&String, &Bytes)> = s.map(|s| s.live_attrs().collect()).unwrap_or_default();
+            let pairs: Vec<(&String, &Bytes)> =
+                s.map(|s| s.live_attrs().collect()).unwrap_or_default();
             Ok(match name.as_str() {
-                "HGETALL" => Value::Map(pairs.into_iter().map(|(k, v)| (Value::str(k), Value::Bulk(v.clone()))).collect()),
+                "HGETALL" => Value::Map(
+                    pairs
+                        .into_iter()
+                        .map(|(k, v)| (Value::str(k), Value::Bulk(v.clone())))
+                        .collect(),
+                ),
                 "HKEYS" => Value::Array(pairs.into_iter().map(|(k, _)| Value::str(k)).collect()),
-                "HVALS" => Value::Array(pairs.into_iter().map(|(_, v)| Value::Bulk(v.clone())).collect()),
+                "HVALS" => Value::Array(
+                    pairs
+                        .into_iter()
+                        .map(|(_, v)| Value::Bulk(v.clone()))
+                        .collect(),
+                ),
                 _ => Value::Int(pairs.len() as i64),
             })
         }
@@ -586,7 +742,14 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 // Redis removes a hash with no fields.
                 c.delete(&id)?;
             } else {
-                c.write(id, present.into_iter().map(|name| Op::Remove { name }).collect(), ttl)?;
+                c.write(
+                    id,
+                    present
+                        .into_iter()
+                        .map(|name| Op::Remove { name })
+                        .collect(),
+                    ttl,
+                )?;
             }
             Ok(Value::Int(n))
         }
@@ -597,7 +760,9 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                 Some(Kind::Str(_)) => Err(Value::err(WRONGTYPE)),
                 Some(Kind::Hash(s)) => {
                     let f = String::from_utf8_lossy(&a[1]);
-                    Ok(Value::Int(s.attrs.get(&f).and_then(|x| x.value.as_ref()).is_some() as i64))
+                    Ok(Value::Int(
+                        s.attrs.get(&f).and_then(|x| x.value.as_ref()).is_some() as i64,
+                    ))
                 }
                 None => Ok(Value::Int(0)),
             }
@@ -607,9 +772,19 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
 }
 
 pub fn unknown_command(args: &[Bytes]) -> Value {
-    let name = args.first().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-    let rest: String = args.iter().skip(1).take(20).map(|a| format!("'{}' ", String::from_utf8_lossy(a))).collect();
-    Value::err(format!("ERR unknown command '{name}', with args beginning with: {rest}"))
+    let name = args
+        .first()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let rest: String = args
+        .iter()
+        .skip(1)
+        .take(20)
+        .map(|a| format!("'{}' ", String::from_utf8_lossy(a)))
+        .collect();
+    Value::err(format!(
+        "ERR unknown command '{name}', with args beginning with: {rest}"
+    ))
 }
 
 /// Redis glob matching: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`, `\x`.
@@ -693,14 +868,25 @@ mod tests {
     use crate::identity::{Generation, NodeId};
 
     fn core() -> Core {
-        let mut c = Core::new(NodeId { name: "a".into(), generation: Generation(1) }, CoreConfig::default(), &[], 0);
+        let mut c = Core::new(
+            NodeId {
+                name: "a".into(),
+                generation: Generation(1),
+            },
+            CoreConfig::default(),
+            &[],
+            0,
+        );
         c.tick(1);
         assert_eq!(c.phase(), &Phase::Ready);
         c
     }
 
     fn run(c: &mut Core, st: &mut RedisState, now: u64, cmd: &[&str]) -> Value {
-        let args: Vec<Bytes> = cmd.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect();
+        let args: Vec<Bytes> = cmd
+            .iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect();
         let mut w = 1;
         exec(c, st, &args, &mut w, now).value
     }
@@ -708,67 +894,181 @@ mod tests {
     #[test]
     fn strings_ttls_and_types() {
         let (mut c, mut st) = (core(), RedisState::default());
-        assert_eq!(run(&mut c, &mut st, 1000, &["SET", "k", "v", "PX", "2000"]), Value::ok());
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["SET", "k", "v", "PX", "2000"]),
+            Value::ok()
+        );
         assert_eq!(run(&mut c, &mut st, 1500, &["GET", "k"]), Value::str("v"));
         assert_eq!(run(&mut c, &mut st, 1500, &["PTTL", "k"]), Value::Int(1500));
         assert_eq!(run(&mut c, &mut st, 1500, &["TTL", "k"]), Value::Int(2));
-        assert_eq!(run(&mut c, &mut st, 1500, &["SET", "k", "w", "KEEPTTL"]), Value::ok());
-        assert_eq!(run(&mut c, &mut st, 1600, &["PTTL", "k"]), Value::Int(1400), "KEEPTTL kept the absolute expiry");
-        assert_eq!(run(&mut c, &mut st, 3000, &["GET", "k"]), Value::Null, "expired exactly at its time");
+        assert_eq!(
+            run(&mut c, &mut st, 1500, &["SET", "k", "w", "KEEPTTL"]),
+            Value::ok()
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1600, &["PTTL", "k"]),
+            Value::Int(1400),
+            "KEEPTTL kept the absolute expiry"
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["GET", "k"]),
+            Value::Null,
+            "expired exactly at its time"
+        );
         assert_eq!(run(&mut c, &mut st, 3000, &["TTL", "k"]), Value::Int(-2));
-        assert_eq!(run(&mut c, &mut st, 3000, &["SET", "k", "again", "NX"]), Value::ok());
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["SET", "k", "again", "NX"]),
+            Value::ok()
+        );
         assert_eq!(run(&mut c, &mut st, 3000, &["TTL", "k"]), Value::Int(-1));
-        assert_eq!(run(&mut c, &mut st, 3000, &["SET", "k", "x", "NX"]), Value::Null);
-        assert_eq!(run(&mut c, &mut st, 3000, &["SET", "k", "x", "XX", "GET"]), Value::str("again"));
-        assert_eq!(run(&mut c, &mut st, 3000, &["TYPE", "k"]), Value::Simple("string".into()));
-        assert_eq!(run(&mut c, &mut st, 3000, &["HSET", "k", "f", "v"]), Value::err(WRONGTYPE));
-        assert_eq!(run(&mut c, &mut st, 3000, &["DEL", "k", "nope"]), Value::Int(1));
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["SET", "k", "x", "NX"]),
+            Value::Null
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["SET", "k", "x", "XX", "GET"]),
+            Value::str("again")
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["TYPE", "k"]),
+            Value::Simple("string".into())
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["HSET", "k", "f", "v"]),
+            Value::err(WRONGTYPE)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["DEL", "k", "nope"]),
+            Value::Int(1)
+        );
         assert_eq!(run(&mut c, &mut st, 3000, &["EXISTS", "k"]), Value::Int(0));
-        assert_eq!(run(&mut c, &mut st, 3000, &["SET", "k", "reborn"]), Value::ok(), "a deleted key can be set again");
-        assert_eq!(run(&mut c, &mut st, 3000, &["GETDEL", "k"]), Value::str("reborn"));
-        assert_eq!(run(&mut c, &mut st, 3000, &["SET", "k", "v", "EX", "0"]), Value::err("ERR invalid expire time in 'set' command"));
-        assert_eq!(run(&mut c, &mut st, 3000, &["SET", "k", "v", "BOGUS"]), Value::err(SYNTAX));
-        assert_eq!(run(&mut c, &mut st, 3000, &["GET"]), Value::err("ERR wrong number of arguments for 'get' command"));
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["SET", "k", "reborn"]),
+            Value::ok(),
+            "a deleted key can be set again"
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["GETDEL", "k"]),
+            Value::str("reborn")
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["SET", "k", "v", "EX", "0"]),
+            Value::err("ERR invalid expire time in 'set' command")
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["SET", "k", "v", "BOGUS"]),
+            Value::err(SYNTAX)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 3000, &["GET"]),
+            Value::err("ERR wrong number of arguments for 'get' command")
+        );
     }
 
     #[test]
     fn expire_family() {
         let (mut c, mut st) = (core(), RedisState::default());
         run(&mut c, &mut st, 1000, &["SET", "k", "v"]);
-        assert_eq!(run(&mut c, &mut st, 1000, &["EXPIRE", "k", "10", "XX"]), Value::Int(0));
-        assert_eq!(run(&mut c, &mut st, 1000, &["EXPIRE", "k", "10"]), Value::Int(1));
-        assert_eq!(run(&mut c, &mut st, 1000, &["PEXPIREAT", "k", "5000"]), Value::Int(1));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["EXPIRE", "k", "10", "XX"]),
+            Value::Int(0)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["EXPIRE", "k", "10"]),
+            Value::Int(1)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["PEXPIREAT", "k", "5000"]),
+            Value::Int(1)
+        );
         assert_eq!(run(&mut c, &mut st, 1000, &["PTTL", "k"]), Value::Int(4000));
-        assert_eq!(run(&mut c, &mut st, 1000, &["EXPIRE", "k", "100", "LT"]), Value::Int(0));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["EXPIRE", "k", "100", "LT"]),
+            Value::Int(0)
+        );
         assert_eq!(run(&mut c, &mut st, 1000, &["PERSIST", "k"]), Value::Int(1));
         assert_eq!(run(&mut c, &mut st, 1000, &["TTL", "k"]), Value::Int(-1));
-        assert_eq!(run(&mut c, &mut st, 1000, &["EXPIRE", "k", "-1"]), Value::Int(1));
-        assert_eq!(run(&mut c, &mut st, 1000, &["EXISTS", "k"]), Value::Int(0), "a past expiry deletes");
-        assert_eq!(run(&mut c, &mut st, 1000, &["EXPIRE", "missing", "10"]), Value::Int(0));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["EXPIRE", "k", "-1"]),
+            Value::Int(1)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["EXISTS", "k"]),
+            Value::Int(0),
+            "a past expiry deletes"
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["EXPIRE", "missing", "10"]),
+            Value::Int(0)
+        );
     }
 
     #[test]
     fn hashes_like_spring_session() {
         let (mut c, mut st) = (core(), RedisState::default());
-        assert_eq!(run(&mut c, &mut st, 1000, &["HSET", "h", "a", "1", "b", "2"]), Value::Int(2));
-        assert_eq!(run(&mut c, &mut st, 1000, &["HMSET", "h", "b", "3", "c", ""]), Value::ok());
-        assert_eq!(run(&mut c, &mut st, 1000, &["HGET", "h", "b"]), Value::str("3"));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HSET", "h", "a", "1", "b", "2"]),
+            Value::Int(2)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HMSET", "h", "b", "3", "c", ""]),
+            Value::ok()
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HGET", "h", "b"]),
+            Value::str("3")
+        );
         assert_eq!(run(&mut c, &mut st, 1000, &["HLEN", "h"]), Value::Int(3));
-        assert_eq!(run(&mut c, &mut st, 1000, &["PEXPIREAT", "h", "61000"]), Value::Int(1));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["PEXPIREAT", "h", "61000"]),
+            Value::Int(1)
+        );
         assert_eq!(
             run(&mut c, &mut st, 1000, &["HGETALL", "h"]),
-            Value::Map(vec![(Value::str("a"), Value::str("1")), (Value::str("b"), Value::str("3")), (Value::str("c"), Value::str(""))])
+            Value::Map(vec![
+                (Value::str("a"), Value::str("1")),
+                (Value::str("b"), Value::str("3")),
+                (Value::str("c"), Value::str(""))
+            ])
         );
-        assert_eq!(run(&mut c, &mut st, 1000, &["HDEL", "h", "a", "a", "zz"]), Value::Int(1));
-        assert_eq!(run(&mut c, &mut st, 2000, &["PTTL", "h"]), Value::Int(59000), "hash writes keep the TTL");
-        assert_eq!(run(&mut c, &mut st, 1000, &["HEXISTS", "h", "a"]), Value::Int(0));
-        assert_eq!(run(&mut c, &mut st, 1000, &["GET", "h"]), Value::err(WRONGTYPE));
-        assert_eq!(run(&mut c, &mut st, 1000, &["RENAME", "h", "h2"]), Value::ok());
-        assert_eq!(run(&mut c, &mut st, 1000, &["HKEYS", "h2"]), Value::Array(vec![Value::str("b"), Value::str("c")]));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HDEL", "h", "a", "a", "zz"]),
+            Value::Int(1)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 2000, &["PTTL", "h"]),
+            Value::Int(59000),
+            "hash writes keep the TTL"
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HEXISTS", "h", "a"]),
+            Value::Int(0)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["GET", "h"]),
+            Value::err(WRONGTYPE)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["RENAME", "h", "h2"]),
+            Value::ok()
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HKEYS", "h2"]),
+            Value::Array(vec![Value::str("b"), Value::str("c")])
+        );
         assert_eq!(run(&mut c, &mut st, 1000, &["EXISTS", "h"]), Value::Int(0));
-        assert_eq!(run(&mut c, &mut st, 1000, &["HDEL", "h2", "b", "c"]), Value::Int(2));
-        assert_eq!(run(&mut c, &mut st, 1000, &["TYPE", "h2"]), Value::Simple("none".into()));
-        assert_eq!(run(&mut c, &mut st, 1000, &["RENAME", "nope", "x"]), Value::err("ERR no such key"));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["HDEL", "h2", "b", "c"]),
+            Value::Int(2)
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["TYPE", "h2"]),
+            Value::Simple("none".into())
+        );
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["RENAME", "nope", "x"]),
+            Value::err("ERR no such key")
+        );
     }
 
     #[test]
@@ -781,7 +1081,14 @@ mod tests {
         let mut cursor = "0".to_owned();
         let mut seen = Vec::new();
         loop {
-            let Value::Array(r) = run(&mut c, &mut st, 1000, &["SCAN", &cursor, "MATCH", "sess:*", "COUNT", "7"]) else { panic!() };
+            let Value::Array(r) = run(
+                &mut c,
+                &mut st,
+                1000,
+                &["SCAN", &cursor, "MATCH", "sess:*", "COUNT", "7"],
+            ) else {
+                panic!()
+            };
             let Value::Bulk(next) = &r[0] else { panic!() };
             let Value::Array(keys) = &r[1] else { panic!() };
             seen.extend(keys.iter().cloned());
@@ -792,7 +1099,10 @@ mod tests {
         }
         assert_eq!(seen.len(), 25);
         assert_eq!(run(&mut c, &mut st, 1000, &["DBSIZE"]), Value::Int(26));
-        assert_eq!(run(&mut c, &mut st, 1000, &["SCAN", "12345"]), Value::err("ERR invalid cursor"));
+        assert_eq!(
+            run(&mut c, &mut st, 1000, &["SCAN", "12345"]),
+            Value::err("ERR invalid cursor")
+        );
     }
 
     /// The former recursive matcher, as a reference for the new one.
@@ -846,11 +1156,19 @@ mod tests {
         // Redis's CVE-2022-36021 patterns and worse: exponential for a backtracking matcher.
         let s = vec![b'a'; 4096];
         let t = std::time::Instant::now();
-        for p in [&b"a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b"[..], b"*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b", b"[a]*[a]*[a]*[a]*[a]*[a]*[a]*[a]*c"] {
+        for p in [
+            &b"a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b"[..],
+            b"*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b",
+            b"[a]*[a]*[a]*[a]*[a]*[a]*[a]*[a]*c",
+        ] {
             assert!(!glob(p, &s));
         }
         assert!(glob(b"a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a*a", &s));
-        assert!(t.elapsed() < std::time::Duration::from_millis(500), "took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(500),
+            "took {:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub enum ProtocolError {
 }
 
 fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?.windows(2).position(|w| w == b"\r\n").map(|p| p + from)
+    buf.get(from..)?
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map(|p| p + from)
 }
 
 fn parse_int(b: &[u8]) -> Option<i64> {
@@ -51,7 +54,11 @@ pub fn parse(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, Pro
         return parse_inline(buf);
     }
     let Some(end) = find_crlf(buf, 1) else {
-        return if buf.len() > 64 { Err(ProtocolError::MultibulkLength) } else { Ok(None) };
+        return if buf.len() > 64 {
+            Err(ProtocolError::MultibulkLength)
+        } else {
+            Ok(None)
+        };
     };
     let n = parse_int(&buf[1..end]).ok_or(ProtocolError::MultibulkLength)?;
     if n > lim.max_args as i64 {
@@ -72,7 +79,11 @@ pub fn parse(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, Pro
             return Err(ProtocolError::ExpectedBulk(buf[pos] as char));
         }
         let Some(e) = find_crlf(buf, pos + 1) else {
-            return if buf.len() - pos > 32 { Err(ProtocolError::BulkLength) } else { check_partial(buf, lim) };
+            return if buf.len() - pos > 32 {
+                Err(ProtocolError::BulkLength)
+            } else {
+                check_partial(buf, lim)
+            };
         };
         let len = parse_int(&buf[pos + 1..e]).ok_or(ProtocolError::BulkLength)?;
         if len < 0 || len as usize > lim.max_bulk {
@@ -81,7 +92,10 @@ pub fn parse(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, Pro
         let start = e + 2;
         let stop = start + len as usize;
         if stop - (end + 2) > lim.max_request {
-            return Err(ProtocolError::TooBig { len: stop, max: lim.max_request });
+            return Err(ProtocolError::TooBig {
+                len: stop,
+                max: lim.max_request,
+            });
         }
         if buf.len() < stop + 2 {
             return check_partial(buf, lim);
@@ -93,19 +107,28 @@ pub fn parse(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, Pro
         pos = stop + 2;
     }
     let whole = buf.split_to(pos).freeze();
-    Ok(Some(spans.into_iter().map(|(a, b)| whole.slice(a..b)).collect()))
+    Ok(Some(
+        spans.into_iter().map(|(a, b)| whole.slice(a..b)).collect(),
+    ))
 }
 
 fn check_partial(buf: &BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     if buf.len() > lim.max_request + 64 * 1024 {
-        return Err(ProtocolError::TooBig { len: buf.len(), max: lim.max_request });
+        return Err(ProtocolError::TooBig {
+            len: buf.len(),
+            max: lim.max_request,
+        });
     }
     Ok(None)
 }
 
 fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     let Some(nl) = buf.iter().position(|b| *b == b'\n') else {
-        return if buf.len() > 64 * 1024 { Err(ProtocolError::InlineTooBig) } else { Ok(None) };
+        return if buf.len() > 64 * 1024 {
+            Err(ProtocolError::InlineTooBig)
+        } else {
+            Ok(None)
+        };
     };
     let line = buf.split_to(nl + 1);
     let text = line.strip_suffix(b"\n").unwrap_or(&line);
@@ -230,15 +253,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const LIM: Limits = Limits { max_bulk: 1024, max_args: 16, max_request: 4096 };
+    const LIM: Limits = Limits {
+        max_bulk: 1024,
+        max_args: 16,
+        max_request: 4096,
+    };
 
     fn args(v: &[&str]) -> Vec<Bytes> {
-        v.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+        v.iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
     }
 
     #[test]
     fn multibulk_pipelined_and_partial() {
-        let mut b = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGE"[..]);
+        let mut b = BytesMut::from(
+            &b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGE"[..],
+        );
         assert_eq!(parse(&mut b, &LIM).unwrap(), Some(args(&["GET", "k"])));
         assert_eq!(parse(&mut b, &LIM).unwrap(), Some(args(&["PING"])));
         assert_eq!(parse(&mut b, &LIM).unwrap(), None);
@@ -250,7 +281,10 @@ mod tests {
     #[test]
     fn inline_commands() {
         let mut b = BytesMut::from(&b"SET k \"hello world\"\r\nPING\n"[..]);
-        assert_eq!(parse(&mut b, &LIM).unwrap(), Some(args(&["SET", "k", "hello world"])));
+        assert_eq!(
+            parse(&mut b, &LIM).unwrap(),
+            Some(args(&["SET", "k", "hello world"]))
+        );
         assert_eq!(parse(&mut b, &LIM).unwrap(), Some(args(&["PING"])));
         let mut b = BytesMut::from(&b"SET k \"oops\r\n"[..]);
         assert_eq!(parse(&mut b, &LIM), Err(ProtocolError::Unbalanced));
@@ -273,11 +307,19 @@ mod tests {
     #[test]
     fn encodes_both_protocols() {
         let mut o = BytesMut::new();
-        encode(&Value::Map(vec![(Value::str("a"), Value::Int(1))]), 3, &mut o);
+        encode(
+            &Value::Map(vec![(Value::str("a"), Value::Int(1))]),
+            3,
+            &mut o,
+        );
         encode(&Value::Null, 3, &mut o);
         assert_eq!(&o[..], b"%1\r\n$1\r\na\r\n:1\r\n_\r\n");
         let mut o = BytesMut::new();
-        encode(&Value::Map(vec![(Value::str("a"), Value::Int(1))]), 2, &mut o);
+        encode(
+            &Value::Map(vec![(Value::str("a"), Value::Int(1))]),
+            2,
+            &mut o,
+        );
         encode(&Value::Null, 2, &mut o);
         encode(&Value::NullArray, 2, &mut o);
         assert_eq!(&o[..], b"*2\r\n$1\r\na\r\n:1\r\n$-1\r\n*-1\r\n");

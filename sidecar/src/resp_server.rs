@@ -45,7 +45,12 @@ struct Conn {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: Handle,
+    cfg: RespConfig,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let cfg = Arc::new(cfg);
     let mut acceptor = crate::accept::Acceptor::new("redis");
@@ -57,7 +62,9 @@ pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutd
         let clients = &handle.io.redis_clients;
         if clients.load(Ordering::Relaxed) >= cfg.max_clients as u64 {
             warn!(%remote, max = cfg.max_clients, "redis endpoint: connection refused, client limit reached");
-            let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+            let _ = stream
+                .write_all(b"-ERR max number of clients reached\r\n")
+                .await;
             continue;
         }
         let _ = stream.set_nodelay(true);
@@ -76,7 +83,13 @@ pub async fn serve(listener: TcpListener, handle: Handle, cfg: RespConfig, shutd
 }
 
 async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
-    let mut conn = Conn { proto: 2, authed: cfg.password.is_none(), auth_failures: 0, name: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) };
+    let mut conn = Conn {
+        proto: 2,
+        authed: cfg.password.is_none(),
+        auth_failures: 0,
+        name: None,
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+    };
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
@@ -92,18 +105,32 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 Ok(Some(cmd)) => {
                     let name = String::from_utf8_lossy(&cmd[0]).to_ascii_uppercase();
                     if is_data_command(&name) && conn.authed {
-                        if cmd.len() > MAX_KEYS_PER_COMMAND + 1 && matches!(name.as_str(), "MGET" | "DEL" | "UNLINK" | "EXISTS" | "TOUCH") {
-                            if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
+                        if cmd.len() > MAX_KEYS_PER_COMMAND + 1
+                            && matches!(
+                                name.as_str(),
+                                "MGET" | "DEL" | "UNLINK" | "EXISTS" | "TOUCH"
+                            )
+                        {
+                            if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
-                            let e = format!("ERR too many keys for '{}' (at most {MAX_KEYS_PER_COMMAND})", name.to_ascii_lowercase());
+                            let e = format!(
+                                "ERR too many keys for '{}' (at most {MAX_KEYS_PER_COMMAND})",
+                                name.to_ascii_lowercase()
+                            );
                             resp::encode(&Value::err(e), conn.proto, &mut out);
                             continue;
                         }
                         batch.push(take_scan_match(cmd));
                         continue;
                     }
-                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
+                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     let (v, quit) = local(&mut conn, h, cfg, &name, &cmd).await;
@@ -116,7 +143,10 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 Ok(None) => break,
                 Err(e) => {
                     debug!(error = %e, "redis endpoint: protocol error; closing the connection");
-                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() {
+                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     resp::encode(&Value::err(format!("ERR {e}")), conn.proto, &mut out);
@@ -125,7 +155,11 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 }
             }
         }
-        if flush(&mut stream, h, &mut batch, conn.proto, &mut out).await.is_err() || write_out(&mut stream, h, &mut out).await.is_err() {
+        if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+            .await
+            .is_err()
+            || write_out(&mut stream, h, &mut out).await.is_err()
+        {
             return;
         }
         if close {
@@ -178,11 +212,18 @@ fn filter_scan(v: &mut Value, pattern: &[u8]) {
 /// Runs the batched data commands and encodes their replies, writing them out
 /// a chunk at a time: the values themselves are shared with the store, so
 /// what a client that does not read holds is one chunk, not every reply.
-async fn flush(stream: &mut TcpStream, h: &Handle, batch: &mut Vec<Queued>, proto: u8, out: &mut BytesMut) -> std::io::Result<()> {
+async fn flush(
+    stream: &mut TcpStream,
+    h: &Handle,
+    batch: &mut Vec<Queued>,
+    proto: u8,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
-    let (cmds, post): (Vec<Vec<Bytes>>, Vec<Option<Bytes>>) = std::mem::take(batch).into_iter().unzip();
+    let (cmds, post): (Vec<Vec<Bytes>>, Vec<Option<Bytes>>) =
+        std::mem::take(batch).into_iter().unzip();
     let n = cmds.len();
     match h.call(|reply| Command::Redis { cmds, reply }).await {
         Some(mut values) => {
@@ -237,8 +278,15 @@ async fn auth_ok(conn: &mut Conn, h: &Handle, expected: &str, user: &[u8], pass:
     static LAST_LOG_MS: AtomicU64 = AtomicU64::new(0);
     let now = crate::node::mono_ms() + 10_000;
     let last = LAST_LOG_MS.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 10_000 && LAST_LOG_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-        warn!(total = h.io.redis_auth_failures.load(Ordering::Relaxed), "redis endpoint: failed AUTH (logged at most every 10 s)");
+    if now.saturating_sub(last) >= 10_000
+        && LAST_LOG_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        warn!(
+            total = h.io.redis_auth_failures.load(Ordering::Relaxed),
+            "redis endpoint: failed AUTH (logged at most every 10 s)"
+        );
     }
     if conn.auth_failures > AUTH_FREE_FAILURES {
         tokio::time::sleep(AUTH_PENALTY).await;
@@ -251,7 +299,13 @@ fn lower(b: &Bytes) -> String {
 }
 
 /// Commands answered by the connection itself. Returns the reply and whether to close.
-async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &[Bytes]) -> (Value, bool) {
+async fn local(
+    conn: &mut Conn,
+    h: &Handle,
+    cfg: &RespConfig,
+    name: &str,
+    cmd: &[Bytes],
+) -> (Value, bool) {
     let a = &cmd[1..];
     if !conn.authed && !matches!(name, "AUTH" | "HELLO" | "QUIT") {
         return (Value::err("NOAUTH Authentication required."), false);
@@ -272,7 +326,11 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
             }
         }
         "AUTH" if a.len() == 1 || a.len() == 2 => {
-            let (user, pass): (&[u8], &Bytes) = if a.len() == 1 { (b"default", &a[0]) } else { (&a[0][..], &a[1]) };
+            let (user, pass): (&[u8], &Bytes) = if a.len() == 1 {
+                (b"default", &a[0])
+            } else {
+                (&a[0][..], &a[1])
+            };
             match &cfg.password {
                 None => Value::err(
                     "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
@@ -291,10 +349,18 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
             let mut i = 0;
             let mut proto = conn.proto;
             if let Some(v) = a.first() {
-                match std::str::from_utf8(v).ok().and_then(|s| s.parse::<u8>().ok()) {
+                match std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u8>().ok())
+                {
                     Some(p @ 2..=3) => proto = p,
                     Some(_) => return (Value::err("NOPROTO unsupported protocol version"), false),
-                    None => return (Value::err("ERR Protocol version is not an integer or out of range"), false),
+                    None => {
+                        return (
+                            Value::err("ERR Protocol version is not an integer or out of range"),
+                            false,
+                        )
+                    }
                 }
                 i = 1;
             }
@@ -339,9 +405,16 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
             "getname" => conn.name.as_deref().map_or(Value::Null, Value::str),
             "id" => Value::Int(conn.id as i64),
             "setinfo" if a.len() == 3 => Value::ok(),
-            "info" => Value::Verbatim(format!("id={} name={} db=0 resp={}\n", conn.id, conn.name.as_deref().unwrap_or(""), conn.proto)),
+            "info" => Value::Verbatim(format!(
+                "id={} name={} db=0 resp={}\n",
+                conn.id,
+                conn.name.as_deref().unwrap_or(""),
+                conn.proto
+            )),
             "no-evict" | "no-touch" => Value::ok(),
-            other => Value::err(format!("ERR unknown subcommand '{other}'. Try CLIENT HELP.")),
+            other => Value::err(format!(
+                "ERR unknown subcommand '{other}'. Try CLIENT HELP."
+            )),
         },
         "INFO" => {
             let keys = match h.call(|reply| Command::Status { reply }).await {
@@ -375,7 +448,9 @@ async fn local(conn: &mut Conn, h: &Handle, cfg: &RespConfig, name: &str, cmd: &
             Some("count") => Value::Int(COMMAND_COUNT),
             Some("docs") => Value::Map(vec![]),
             Some("info") => Value::Array(a[1..].iter().map(|_| Value::NullArray).collect()),
-            Some(other) => Value::err(format!("ERR unknown subcommand '{other}'. Try COMMAND HELP.")),
+            Some(other) => Value::err(format!(
+                "ERR unknown subcommand '{other}'. Try COMMAND HELP."
+            )),
         },
         "ECHO" | "SELECT" | "AUTH" | "CLIENT" => arity_error(name),
         _ if is_data_command(name) => Value::err("NOAUTH Authentication required."),

@@ -37,7 +37,12 @@ impl Router {
             backends: Arc::new(
                 backends
                     .into_iter()
-                    .map(|(name, addr)| Backend { name, addr, up: AtomicBool::new(false), maint: AtomicBool::new(false) })
+                    .map(|(name, addr)| Backend {
+                        name,
+                        addr,
+                        up: AtomicBool::new(false),
+                        maint: AtomicBool::new(false),
+                    })
                     .collect(),
             ),
             rr: Arc::new(AtomicUsize::new(0)),
@@ -83,27 +88,44 @@ impl Router {
             let _ = stream.set_nodelay(true);
             let router = self.clone();
             tokio::spawn(async move {
-                let mut conns: Vec<Option<Client>> = (0..router.backends.len()).map(|_| None).collect();
+                let mut conns: Vec<Option<Client>> =
+                    (0..router.backends.len()).map(|_| None).collect();
                 let conns = Arc::new(tokio::sync::Mutex::new(std::mem::take(&mut conns)));
                 let svc = hyper::service::service_fn(move |req| {
                     let router = router.clone();
                     let conns = conns.clone();
                     async move { Ok::<_, std::convert::Infallible>(router.forward(req, &conns).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>, conns: &tokio::sync::Mutex<Vec<Option<Client>>>) -> Response<Full<Bytes>> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conns: &tokio::sync::Mutex<Vec<Option<Client>>>,
+    ) -> Response<Full<Bytes>> {
         let method = req.method().clone();
-        let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-        let cookies: String =
-            req.headers().get_all(hyper::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join("; ");
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let cookies: String = req
+            .headers()
+            .get_all(hyper::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join("; ");
         let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
             return status(StatusCode::BAD_REQUEST);
         };
-        let sticky = cookie(&cookies, "SERVERID").and_then(|s| self.backends.iter().position(|b| b.name == s));
+        let sticky = cookie(&cookies, "SERVERID")
+            .and_then(|s| self.backends.iter().position(|b| b.name == s));
         // Persistence first, then round-robin; on connection failure, redispatch.
         let mut tried = Vec::new();
         for _attempt in 0..=self.backends.len() {
@@ -118,20 +140,33 @@ impl Router {
             let mut guard = conns.lock().await;
             let c = guard[i].get_or_insert_with(|| Client::new(self.backends[i].addr));
             let headers = [("cookie", cookies.clone())];
-            match c.request_with(method.clone(), &path, &headers, body.clone()).await {
+            match c
+                .request_with(method.clone(), &path, &headers, body.clone())
+                .await
+            {
                 Ok(r) => {
                     let mut out = Response::new(Full::new(r.body));
-                    *out.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                    *out.status_mut() =
+                        StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
                     for (k, v) in r.headers.iter() {
-                        if k != hyper::header::CONTENT_LENGTH && k != hyper::header::TRANSFER_ENCODING && k != hyper::header::CONNECTION {
+                        if k != hyper::header::CONTENT_LENGTH
+                            && k != hyper::header::TRANSFER_ENCODING
+                            && k != hyper::header::CONNECTION
+                        {
                             out.headers_mut().append(k, v.clone());
                         }
                     }
                     if sticky != Some(i) {
-                        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("SERVERID={}; path=/", self.backends[i].name)) {
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
+                            "SERVERID={}; path=/",
+                            self.backends[i].name
+                        )) {
                             out.headers_mut().append(hyper::header::SET_COOKIE, v);
                         }
-                        out.headers_mut().insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("private"));
+                        out.headers_mut().insert(
+                            hyper::header::CACHE_CONTROL,
+                            hyper::header::HeaderValue::from_static("private"),
+                        );
                     }
                     return out;
                 }

@@ -38,7 +38,9 @@ pub struct Sealer {
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("next", &self.next).finish_non_exhaustive()
+        f.debug_struct("Sealer")
+            .field("next", &self.next)
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,7 +62,10 @@ fn header(ty: FrameType, len: usize) -> [u8; HEADER_LEN] {
 
 impl Sealer {
     pub fn new(key: [u8; 32]) -> Self {
-        Sealer { aead: ChaCha20Poly1305::new(Key::from_slice(&key)), next: 0 }
+        Sealer {
+            aead: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            next: 0,
+        }
     }
 
     fn nonce(&mut self) -> Nonce {
@@ -81,11 +86,17 @@ impl Sealer {
     pub fn seal_payload(&mut self, mut body: Vec<u8>, out: &mut BytesMut) -> Result<(), SealError> {
         let len = body.len() + TAG_LEN;
         if u32::try_from(len).is_err() {
-            return Err(WireError::TooLarge { len, max: u32::MAX as usize }.into());
+            return Err(WireError::TooLarge {
+                len,
+                max: u32::MAX as usize,
+            }
+            .into());
         }
         let h = header(FrameType::Peer, len);
         let nonce = self.nonce();
-        self.aead.encrypt_in_place(&nonce, &h, &mut body).map_err(|_| SealError::Forged)?;
+        self.aead
+            .encrypt_in_place(&nonce, &h, &mut body)
+            .map_err(|_| SealError::Forged)?;
         out.reserve(HEADER_LEN + body.len());
         out.put_slice(&h);
         out.put_slice(&body);
@@ -103,7 +114,9 @@ impl Sealer {
         let h = header(ty, payload.len());
         let nonce = self.nonce();
         let mut body = payload.to_vec();
-        self.aead.decrypt_in_place(&nonce, &h, &mut body).map_err(|_| SealError::Forged)?;
+        self.aead
+            .decrypt_in_place(&nonce, &h, &mut body)
+            .map_err(|_| SealError::Forged)?;
         Ok(postcard::from_bytes(&body).map_err(WireError::from)?)
     }
 }
@@ -129,12 +142,23 @@ mod tests {
     fn sealed_frames_round_trip_in_order_and_hide_their_content() {
         let (mut a, mut b) = pair();
         let mut buf = BytesMut::new();
-        let msgs = [PeerMsg::PingReq { target: "role=admin".into() }, PeerMsg::Ack { epoch: 1, upto: 9 }];
+        let msgs = [
+            PeerMsg::PingReq {
+                target: "role=admin".into(),
+            },
+            PeerMsg::Ack { epoch: 1, upto: 9 },
+        ];
         for m in &msgs {
             a.seal(m, &mut buf).expect("seal");
         }
-        assert!(!buf.windows(10).any(|w| w == b"role=admin"), "plain text on the wire");
-        let got: Vec<PeerMsg> = frames(&mut buf).into_iter().map(|(t, p)| b.open(t, &p).expect("open")).collect();
+        assert!(
+            !buf.windows(10).any(|w| w == b"role=admin"),
+            "plain text on the wire"
+        );
+        let got: Vec<PeerMsg> = frames(&mut buf)
+            .into_iter()
+            .map(|(t, p)| b.open(t, &p).expect("open"))
+            .collect();
         assert_eq!(got, msgs);
     }
 

@@ -39,8 +39,17 @@ impl Rng {
 }
 
 enum Event {
-    Deliver { from: NodeId, to: String, msg: PeerMsg },
-    Probe { at: String, at_gen: Generation, target: String, for_peer: Option<String> },
+    Deliver {
+        from: NodeId,
+        to: String,
+        msg: PeerMsg,
+    },
+    Probe {
+        at: String,
+        at_gen: Generation,
+        target: String,
+        for_peer: Option<String>,
+    },
 }
 
 pub struct SimNode {
@@ -73,7 +82,10 @@ impl Sim {
     /// A cluster whose members all start at time 0. The seed comes from
     /// `SIM_SEED` when set.
     pub fn new(seed: u64, names: &[&str], cfg: CoreConfig) -> Self {
-        let seed = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(seed);
+        let seed = std::env::var("SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(seed);
         eprintln!("sim seed={seed} (rerun with SIM_SEED={seed})");
         let mut sim = Sim {
             seed,
@@ -113,9 +125,13 @@ impl Sim {
             }
         }
         self.gen_counter += 1;
-        let me = NodeId { name: name.to_owned(), generation: Generation(self.now * 1000 + self.gen_counter) };
+        let me = NodeId {
+            name: name.to_owned(),
+            generation: Generation(self.now * 1000 + self.gen_counter),
+        };
         let core = Core::new(me, self.cfg.clone(), &self.names, self.now);
-        self.nodes.insert(name.to_owned(), SimNode { core, up: true });
+        self.nodes
+            .insert(name.to_owned(), SimNode { core, up: true });
         self.refresh_links();
     }
 
@@ -184,7 +200,10 @@ impl Sim {
                 let have = self.links.contains(&key);
                 if want && !have {
                     self.links.insert(key);
-                    let (Some(bid), ready) = (self.id_of(b), self.nodes.get(b).is_some_and(|n| n.core.is_ready())) else {
+                    let (Some(bid), ready) = (
+                        self.id_of(b),
+                        self.nodes.get(b).is_some_and(|n| n.core.is_ready()),
+                    ) else {
                         continue;
                     };
                     if let Some(n) = self.nodes.get_mut(a) {
@@ -224,7 +243,9 @@ impl Sim {
 
     fn dispatch(&mut self, name: &str) {
         let now = self.now;
-        let Some(node) = self.nodes.get_mut(name) else { return };
+        let Some(node) = self.nodes.get_mut(name) else {
+            return;
+        };
         if !node.up {
             node.core.drain(now);
             return;
@@ -241,15 +262,31 @@ impl Sim {
                     if self.drop_rate > 0.0 && self.rng.chance(self.drop_rate) {
                         continue;
                     }
-                    let delay = self.delay_ms.0 + self.rng.below(self.delay_ms.1 - self.delay_ms.0 + 1);
+                    let delay =
+                        self.delay_ms.0 + self.rng.below(self.delay_ms.1 - self.delay_ms.0 + 1);
                     let last = self.link_last.get(&key).copied().unwrap_or(0);
                     let at = (self.now + delay).max(last);
                     self.link_last.insert(key, at);
-                    self.push(at, Event::Deliver { from: me.clone(), to, msg });
+                    self.push(
+                        at,
+                        Event::Deliver {
+                            from: me.clone(),
+                            to,
+                            msg,
+                        },
+                    );
                 }
                 Output::Probe { target, for_peer } => {
                     let at = self.now + 1;
-                    self.push(at, Event::Probe { at: name.to_owned(), at_gen: me.generation, target, for_peer });
+                    self.push(
+                        at,
+                        Event::Probe {
+                            at: name.to_owned(),
+                            at_gen: me.generation,
+                            target,
+                            for_peer,
+                        },
+                    );
                 }
                 Output::WriteDone { write, result } => {
                     self.write_results.insert((name.to_owned(), write), result);
@@ -264,7 +301,9 @@ impl Sim {
         match next_ev {
             Some((at, seq)) if at <= self.next_tick => {
                 self.now = self.now.max(at);
-                let Some(ev) = self.events.remove(&(at, seq)) else { return };
+                let Some(ev) = self.events.remove(&(at, seq)) else {
+                    return;
+                };
                 self.handle(ev);
             }
             _ => {
@@ -289,7 +328,8 @@ impl Sim {
         match ev {
             Event::Deliver { from, to, msg } => {
                 // A message in flight dies with its connection or its receiver.
-                let alive_sender = self.id_of(&from.name).is_some_and(|id| id == from) && self.is_up(&from.name);
+                let alive_sender =
+                    self.id_of(&from.name).is_some_and(|id| id == from) && self.is_up(&from.name);
                 if !alive_sender || !self.links.contains(&(from.name.clone(), to.clone())) {
                     return;
                 }
@@ -298,7 +338,12 @@ impl Sim {
                 }
                 self.dispatch(&to);
             }
-            Event::Probe { at, at_gen, target, for_peer } => {
+            Event::Probe {
+                at,
+                at_gen,
+                target,
+                for_peer,
+            } => {
                 if self.id_of(&at).map(|i| i.generation) != Some(at_gen) || !self.is_up(&at) {
                     return;
                 }
@@ -336,7 +381,9 @@ impl Sim {
         let w = self.next_write;
         self.next_write += 1;
         let now = self.now;
-        let Ok(sid) = SessionId::parse(id) else { return w };
+        let Ok(sid) = SessionId::parse(id) else {
+            return w;
+        };
         if let Some(n) = self.nodes.get_mut(node) {
             match n.core.write(w, sid, ops, None, Some(mode), now) {
                 Ok(true) => {
@@ -353,7 +400,15 @@ impl Sim {
     }
 
     pub fn set(&mut self, node: &str, id: &str, name: &str, value: &str, mode: SendMode) -> u64 {
-        self.write(node, id, vec![Op::Set { name: name.into(), value: value.as_bytes().to_vec().into() }], mode)
+        self.write(
+            node,
+            id,
+            vec![Op::Set {
+                name: name.into(),
+                value: value.as_bytes().to_vec().into(),
+            }],
+            mode,
+        )
     }
 
     pub fn create(&mut self, node: &str, id: &str) -> u64 {
@@ -362,7 +417,11 @@ impl Sim {
 
     pub fn value(&self, node: &str, id: &str, name: &str) -> Option<String> {
         let n = self.nodes.get(node)?;
-        let s = n.core.store.get(&SessionId::parse(id).ok()?, self.now, 0).ok()?;
+        let s = n
+            .core
+            .store
+            .get(&SessionId::parse(id).ok()?, self.now, 0)
+            .ok()?;
         let v = s.attrs.get(name)?.value.as_ref()?;
         Some(String::from_utf8_lossy(v).into_owned())
     }
@@ -388,11 +447,17 @@ mod tests {
     use super::*;
 
     fn cfg() -> CoreConfig {
-        CoreConfig { anti_entropy_interval_ms: 1_000, ..CoreConfig::default() }
+        CoreConfig {
+            anti_entropy_interval_ms: 1_000,
+            ..CoreConfig::default()
+        }
     }
 
     fn all_ready(sim: &Sim) -> bool {
-        sim.nodes.values().filter(|n| n.up).all(|n| n.core.is_ready())
+        sim.nodes
+            .values()
+            .filter(|n| n.up)
+            .all(|n| n.core.is_ready())
     }
 
     const SEEDS: [u64; 4] = [1, 7, 42, 20261122];
@@ -401,7 +466,10 @@ mod tests {
     fn cold_start_all_members_become_ready() {
         for seed in SEEDS {
             let mut sim = Sim::new(seed, &["a", "b", "c"], cfg());
-            assert!(sim.run_until(3_000, all_ready), "seed {seed}: not all ready");
+            assert!(
+                sim.run_until(3_000, all_ready),
+                "seed {seed}: not all ready"
+            );
         }
     }
 
@@ -412,9 +480,16 @@ mod tests {
             assert!(sim.run_until(3_000, all_ready));
             sim.create("a", "S1");
             let w = sim.set("a", "S1", "n", "1", SendMode::Sync);
-            assert!(sim.run_until(100, |s| s.write_results.contains_key(&("a".into(), w))), "seed {seed}");
+            assert!(
+                sim.run_until(100, |s| s.write_results.contains_key(&("a".into(), w))),
+                "seed {seed}"
+            );
             assert_eq!(sim.write_results[&("a".into(), w)], Ok(()));
-            assert_eq!(sim.value("c", "S1", "n").as_deref(), Some("1"), "seed {seed}: sync write not on c");
+            assert_eq!(
+                sim.value("c", "S1", "n").as_deref(),
+                Some("1"),
+                "seed {seed}: sync write not on c"
+            );
             let killed_at = sim.now;
             sim.kill("c");
             assert!(
@@ -422,10 +497,17 @@ mod tests {
                     && s.state_seen("b", "c") == Some(MemberState::Dead)),
                 "seed {seed}: c not declared dead within 1 s"
             );
-            assert!(sim.now - killed_at < 100, "seed {seed}: connection loss should give fast detection");
+            assert!(
+                sim.now - killed_at < 100,
+                "seed {seed}: connection loss should give fast detection"
+            );
             let w = sim.set("b", "S1", "n", "2", SendMode::Sync);
             assert!(sim.run_until(100, |s| s.write_results.contains_key(&("b".into(), w))));
-            assert_eq!(sim.write_results[&("b".into(), w)], Ok(()), "seed {seed}: sync write stuck on dead member");
+            assert_eq!(
+                sim.write_results[&("b".into(), w)],
+                Ok(()),
+                "seed {seed}: sync write stuck on dead member"
+            );
             assert_eq!(sim.value("a", "S1", "n").as_deref(), Some("2"));
         }
     }
@@ -447,7 +529,10 @@ mod tests {
         assert!(sim.run_until(2_000, |s| s.state_seen("a", "c") == Some(MemberState::Dead)));
         let took = sim.now - t0;
         assert!(took <= 1_000, "hung member took {took} ms to detect");
-        assert!(took >= 500, "declared dead before the silence threshold: {took} ms");
+        assert!(
+            took >= 500,
+            "declared dead before the silence threshold: {took} ms"
+        );
     }
 
     #[test]
@@ -466,11 +551,25 @@ mod tests {
             sim.run_for(500);
             assert!(!sim.converged());
             sim.heal();
-            assert!(sim.run_until(5_000, |s| s.converged()), "seed {seed}: did not converge after heal");
+            assert!(
+                sim.run_until(5_000, |s| s.converged()),
+                "seed {seed}: did not converge after heal"
+            );
             for n in ["a", "b", "c"] {
-                assert_eq!(sim.value(n, "S1", "left").as_deref(), Some("from-a"), "seed {seed} node {n}");
-                assert_eq!(sim.value(n, "S1", "right").as_deref(), Some("from-b"), "seed {seed} node {n}");
-                assert_eq!(sim.state_seen(n, if n == "a" { "b" } else { "a" }), Some(MemberState::Alive));
+                assert_eq!(
+                    sim.value(n, "S1", "left").as_deref(),
+                    Some("from-a"),
+                    "seed {seed} node {n}"
+                );
+                assert_eq!(
+                    sim.value(n, "S1", "right").as_deref(),
+                    Some("from-b"),
+                    "seed {seed} node {n}"
+                );
+                assert_eq!(
+                    sim.state_seen(n, if n == "a" { "b" } else { "a" }),
+                    Some(MemberState::Alive)
+                );
             }
         }
     }
@@ -514,18 +613,34 @@ mod tests {
                 sim.run_for(2);
             }
             sim.drop_rate = 0.0;
-            assert!(sim.run_until(10_000, |s| s.converged()), "seed {seed}: lossy run did not converge");
+            assert!(
+                sim.run_until(10_000, |s| s.converged()),
+                "seed {seed}: lossy run did not converge"
+            );
         }
     }
 
     #[test]
     fn join_during_writes_gets_everything_before_ready() {
         for seed in SEEDS {
-            let mut sim = Sim::new(seed, &["a", "b", "c"], CoreConfig { transfer_chunk_bytes: 2048, ..cfg() });
+            let mut sim = Sim::new(
+                seed,
+                &["a", "b", "c"],
+                CoreConfig {
+                    transfer_chunk_bytes: 2048,
+                    ..cfg()
+                },
+            );
             assert!(sim.run_until(3_000, all_ready));
             for i in 0..300 {
                 sim.create("a", &format!("S{i:04}"));
-                sim.set("a", &format!("S{i:04}"), "v", &"x".repeat(100), SendMode::Async);
+                sim.set(
+                    "a",
+                    &format!("S{i:04}"),
+                    "v",
+                    &"x".repeat(100),
+                    SendMode::Async,
+                );
             }
             sim.run_for(100);
             sim.start("d");
@@ -553,7 +668,14 @@ mod tests {
 
     #[test]
     fn transfer_source_dying_moves_to_another_member_and_never_goes_ready_early() {
-        let mut sim = Sim::new(11, &["a", "b", "c"], CoreConfig { transfer_chunk_bytes: 1024, ..cfg() });
+        let mut sim = Sim::new(
+            11,
+            &["a", "b", "c"],
+            CoreConfig {
+                transfer_chunk_bytes: 1024,
+                ..cfg()
+            },
+        );
         assert!(sim.run_until(3_000, all_ready));
         for i in 0..500 {
             sim.create("a", &format!("S{i:04}"));
@@ -561,7 +683,10 @@ mod tests {
         sim.run_for(100);
         sim.delay_ms = (5, 10);
         sim.start("d");
-        assert!(sim.run_until(1_000, |s| matches!(s.nodes["d"].core.phase(), crate::core::Phase::Transferring { .. })));
+        assert!(sim.run_until(1_000, |s| matches!(
+            s.nodes["d"].core.phase(),
+            crate::core::Phase::Transferring { .. }
+        )));
         let src = match sim.nodes["d"].core.phase() {
             crate::core::Phase::Transferring { source, .. } => source.clone(),
             _ => unreachable!(),
@@ -603,7 +728,11 @@ mod tests {
             let w = sim.set("c", "S1", "k", "3", SendMode::Sync);
             assert!(sim.run_until(200, |s| s.write_results.contains_key(&("c".into(), w))));
             assert_eq!(sim.write_results[&("c".into(), w)], Ok(()));
-            assert_eq!(sim.value("b", "S1", "k").as_deref(), Some("3"), "seed {seed}");
+            assert_eq!(
+                sim.value("b", "S1", "k").as_deref(),
+                Some("3"),
+                "seed {seed}"
+            );
         }
     }
 
@@ -617,19 +746,44 @@ mod tests {
         let sent_before = sim.nodes["a"].core.stats.deltas_sent;
         for _ in 0..50 {
             let now = sim.now;
-            sim.nodes.get_mut("a").unwrap().core.read(&sid, true, now).unwrap();
+            sim.nodes
+                .get_mut("a")
+                .unwrap()
+                .core
+                .read(&sid, true, now)
+                .unwrap();
             sim.run_for(10);
         }
-        let last = sim.nodes["a"].core.store.get(&sid, sim.now, 0).unwrap().last_accessed_ms;
+        let last = sim.nodes["a"]
+            .core
+            .store
+            .get(&sid, sim.now, 0)
+            .unwrap()
+            .last_accessed_ms;
         sim.run_for(1_100);
         let sent = sim.nodes["a"].core.stats.deltas_sent - sent_before;
         assert!(sent <= 2, "{sent} deltas for 50 touches: not coalesced");
-        assert_eq!(sim.nodes["b"].core.store.get(&sid, sim.now, 0).unwrap().last_accessed_ms, last);
+        assert_eq!(
+            sim.nodes["b"]
+                .core
+                .store
+                .get(&sid, sim.now, 0)
+                .unwrap()
+                .last_accessed_ms,
+            last
+        );
     }
 
     #[test]
     fn a_slow_peer_applies_backpressure_then_releases_it() {
-        let mut sim = Sim::new(13, &["a", "b"], CoreConfig { max_queue_bytes: 4_000, ..cfg() });
+        let mut sim = Sim::new(
+            13,
+            &["a", "b"],
+            CoreConfig {
+                max_queue_bytes: 4_000,
+                ..cfg()
+            },
+        );
         assert!(sim.run_until(3_000, all_ready));
         sim.create("a", "S1");
         sim.run_for(20);
@@ -638,21 +792,42 @@ mod tests {
         sim.drop_rate = 1.0;
         let mut ws = Vec::new();
         for i in 0..4 {
-            ws.push(sim.set("a", "S1", &format!("k{i}"), &"x".repeat(1000), SendMode::Async));
+            ws.push(sim.set(
+                "a",
+                "S1",
+                &format!("k{i}"),
+                &"x".repeat(1000),
+                SendMode::Async,
+            ));
         }
         let done = |s: &Sim, w: &u64| s.write_results.contains_key(&("a".into(), *w));
         assert!(done(&sim, &ws[0]), "first writes fit in the queue");
-        assert!(!done(&sim, ws.last().unwrap()), "past the bound an async write must wait");
+        assert!(
+            !done(&sim, ws.last().unwrap()),
+            "past the bound an async write must wait"
+        );
         // The peer answers probes, so it stays a member; the waiting write fails
         // with a clear timeout (applied locally, still queued) instead of hanging.
         assert!(sim.run_until(3_000, |s| ws.iter().all(|w| done(s, w))));
         assert_eq!(sim.state_seen("a", "b"), Some(MemberState::Alive));
-        assert!(ws[..3].iter().all(|w| sim.write_results[&("a".into(), *w)].is_ok()));
-        assert!(matches!(sim.write_results[&("a".into(), ws[3])], Err(WriteError::Timeout(_))));
-        assert_eq!(sim.value("a", "S1", "k3").as_deref(), Some(&*"x".repeat(1000)));
+        assert!(ws[..3]
+            .iter()
+            .all(|w| sim.write_results[&("a".into(), *w)].is_ok()));
+        assert!(matches!(
+            sim.write_results[&("a".into(), ws[3])],
+            Err(WriteError::Timeout(_))
+        ));
+        assert_eq!(
+            sim.value("a", "S1", "k3").as_deref(),
+            Some(&*"x".repeat(1000))
+        );
         // When the peer drains again, new writes go through at once.
         sim.drop_rate = 0.0;
-        assert!(sim.run_until(8_000, |s| s.converged() && s.nodes["a"].core.queue_totals().0 == 0), "did not catch up");
+        assert!(
+            sim.run_until(8_000, |s| s.converged()
+                && s.nodes["a"].core.queue_totals().0 == 0),
+            "did not catch up"
+        );
         let w = sim.set("a", "S1", "after", "1", SendMode::Async);
         assert_eq!(sim.write_results.get(&("a".into(), w)), Some(&Ok(())));
     }
@@ -667,6 +842,9 @@ mod tests {
         assert_eq!(sim.state_seen("a", "c"), Some(MemberState::Left));
         assert_eq!(sim.state_seen("b", "c"), Some(MemberState::Left));
         assert_eq!(sim.value("a", "S1", "k").as_deref(), Some("last"));
-        assert_eq!(sim.nodes["a"].core.stats.detections, 0, "a leave must not count as a failure");
+        assert_eq!(
+            sim.nodes["a"].core.stats.detections, 0,
+            "a leave must not count as a failure"
+        );
     }
 }

@@ -22,8 +22,14 @@ pub enum LbChoice {
 }
 
 pub enum Lb {
-    Haproxy { child: Child, admin: PathBuf },
-    Builtin { router: Router, stop: CancellationToken },
+    Haproxy {
+        child: Child,
+        admin: PathBuf,
+    },
+    Builtin {
+        router: Router,
+        stop: CancellationToken,
+    },
 }
 
 /// What runs next to each sidecar.
@@ -91,7 +97,13 @@ pub fn haproxy_config(bind: SocketAddr, admin: &Path, servers: &[(String, Socket
 impl Stack {
     /// Starts `n` sidecars and apps and a load balancer, and waits until the
     /// load balancer sees every app healthy.
-    pub async fn start(bin: &Path, n: usize, sidecar_args: &[&str], lb: LbChoice, app_send: &str) -> anyhow::Result<Stack> {
+    pub async fn start(
+        bin: &Path,
+        n: usize,
+        sidecar_args: &[&str],
+        lb: LbChoice,
+        app_send: &str,
+    ) -> anyhow::Result<Stack> {
         Self::start_apps(bin, n, sidecar_args, lb, app_send, AppSpec::Demo).await
     }
 
@@ -108,20 +120,35 @@ impl Stack {
 
     /// Starts the sidecars of `cl` (clustered, or each on its own when
     /// `cl.standalone`), an app beside each, and the load balancer.
-    pub async fn start_on(mut cl: LocalCluster, lb: LbChoice, app_send: &str, app: AppSpec) -> anyhow::Result<Stack> {
+    pub async fn start_on(
+        mut cl: LocalCluster,
+        lb: LbChoice,
+        app_send: &str,
+        app: AppSpec,
+    ) -> anyhow::Result<Stack> {
         let bin = cl.bin.clone();
         let n = cl.nodes.len();
         for i in 0..n {
             cl.start(i)?;
         }
         for i in 0..n {
-            anyhow::ensure!(cl.wait_ready(i, Duration::from_secs(15)).await, "sidecar node{} not ready", i + 1);
+            anyhow::ensure!(
+                cl.wait_ready(i, Duration::from_secs(15)).await,
+                "sidecar node{} not ready",
+                i + 1
+            );
         }
         let app_ports = (0..n).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
         let lb_port = free_port()?;
         let lb_addr = SocketAddr::from(([127, 0, 0, 1], lb_port));
-        let servers: Vec<(String, SocketAddr)> =
-            (0..n).map(|i| (cl.nodes[i].name.clone(), SocketAddr::from(([127, 0, 0, 1], app_ports[i])))).collect();
+        let servers: Vec<(String, SocketAddr)> = (0..n)
+            .map(|i| {
+                (
+                    cl.nodes[i].name.clone(),
+                    SocketAddr::from(([127, 0, 0, 1], app_ports[i])),
+                )
+            })
+            .collect();
         let use_haproxy = match lb {
             LbChoice::Haproxy => true,
             LbChoice::Builtin => false,
@@ -150,7 +177,16 @@ impl Stack {
             tokio::spawn(router.clone().check_loop(stop.clone()));
             Lb::Builtin { router, stop }
         };
-        let mut st = Stack { cl, app, bin, apps: (0..n).map(|_| None).collect(), app_ports, lb_addr, lb, app_send: app_send.into() };
+        let mut st = Stack {
+            cl,
+            app,
+            bin,
+            apps: (0..n).map(|_| None).collect(),
+            app_ports,
+            lb_addr,
+            lb,
+            app_send: app_send.into(),
+        };
         for i in 0..n {
             st.start_app(i)?;
         }
@@ -159,7 +195,8 @@ impl Stack {
                 st.wait_lb_up(i, Duration::from_secs(60)).await,
                 "load balancer never saw node{} up; app log:\n{}",
                 i + 1,
-                std::fs::read_to_string(st.cl.dir.join(format!("app{}.log", i + 1))).unwrap_or_default()
+                std::fs::read_to_string(st.cl.dir.join(format!("app{}.log", i + 1)))
+                    .unwrap_or_default()
             );
         }
         Ok(st)
@@ -181,8 +218,13 @@ impl Stack {
     }
 
     pub fn start_app(&mut self, i: usize) -> anyhow::Result<()> {
-        let sidecar = self.cl.nodes[i].http.ok_or_else(|| anyhow::anyhow!("sidecar not started"))?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.cl.dir.join(format!("app{}.log", i + 1)))?;
+        let sidecar = self.cl.nodes[i]
+            .http
+            .ok_or_else(|| anyhow::anyhow!("sidecar not started"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.cl.dir.join(format!("app{}.log", i + 1)))?;
         let node = &self.cl.nodes[i];
         let mut cmd = match &self.app {
             AppSpec::Demo => {
@@ -207,7 +249,10 @@ impl Stack {
             }
         };
         cmd.env("PORT", self.app_ports[i].to_string())
-            .env("REDIS_PORT", node.redis.map(|a| a.port().to_string()).unwrap_or_default())
+            .env(
+                "REDIS_PORT",
+                node.redis.map(|a| a.port().to_string()).unwrap_or_default(),
+            )
             .env("SIDECAR_HTTP", sidecar.to_string())
             .env("NODE_NAME", &node.name)
             .env("JVM_ROUTE", &node.route)
@@ -256,26 +301,37 @@ impl Stack {
 
     /// Node `i`'s row of HAProxy's `show stat` CSV.
     fn haproxy_stat(&self, i: usize) -> Option<Vec<String>> {
-        let Lb::Haproxy { admin, .. } = &self.lb else { return None };
+        let Lb::Haproxy { admin, .. } = &self.lb else {
+            return None;
+        };
         let mut s = std::os::unix::net::UnixStream::connect(admin).ok()?;
         s.write_all(b"show stat\n").ok()?;
         let mut out = String::new();
         let _ = std::io::Read::read_to_string(&mut s, &mut out);
         let prefix = format!("app,{},", self.name(i));
-        out.lines().find(|l| l.starts_with(&prefix)).map(|l| l.split(',').map(str::to_owned).collect())
+        out.lines()
+            .find(|l| l.starts_with(&prefix))
+            .map(|l| l.split(',').map(str::to_owned).collect())
     }
 
     /// Current sessions on a server, as the load balancer counts them (0 for
     /// the built-in router, which does not count). CSV field 4 is `scur`.
     pub fn lb_current(&self, i: usize) -> u64 {
-        self.haproxy_stat(i).and_then(|r| r.get(4)?.parse().ok()).unwrap_or(0)
+        self.haproxy_stat(i)
+            .and_then(|r| r.get(4)?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Whether the load balancer considers the app of node `i` up (CSV field 17 is `status`).
     pub fn lb_up(&self, i: usize) -> bool {
         match &self.lb {
-            Lb::Haproxy { .. } => self.haproxy_stat(i).and_then(|r| r.get(17).map(|st| st.starts_with("UP"))).unwrap_or(false),
-            Lb::Builtin { router, .. } => router.backends[i].up.load(std::sync::atomic::Ordering::Relaxed),
+            Lb::Haproxy { .. } => self
+                .haproxy_stat(i)
+                .and_then(|r| r.get(17).map(|st| st.starts_with("UP")))
+                .unwrap_or(false),
+            Lb::Builtin { router, .. } => router.backends[i]
+                .up
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -303,7 +359,11 @@ impl Stack {
             let _ = c.wait();
         }
         let code = self.cl.terminate(i, Duration::from_secs(10));
-        anyhow::ensure!(code == Some(0), "sidecar node{} did not exit cleanly ({code:?})", i + 1);
+        anyhow::ensure!(
+            code == Some(0),
+            "sidecar node{} did not exit cleanly ({code:?})",
+            i + 1
+        );
         Ok(())
     }
 
@@ -311,10 +371,18 @@ impl Stack {
     /// back into the load balancer.
     pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
         self.cl.start(i)?;
-        anyhow::ensure!(self.cl.wait_ready(i, Duration::from_secs(30)).await, "node{} not ready after restart", i + 1);
+        anyhow::ensure!(
+            self.cl.wait_ready(i, Duration::from_secs(30)).await,
+            "node{} not ready after restart",
+            i + 1
+        );
         self.start_app(i)?;
         self.set_maint(i, false)?;
-        anyhow::ensure!(self.wait_lb_up(i, Duration::from_secs(10)).await, "load balancer never saw node{} up again", i + 1);
+        anyhow::ensure!(
+            self.wait_lb_up(i, Duration::from_secs(10)).await,
+            "load balancer never saw node{} up again",
+            i + 1
+        );
         Ok(())
     }
 }
@@ -353,7 +421,10 @@ pub struct Visit {
 
 impl User {
     pub fn new(lb: SocketAddr) -> Self {
-        User { client: Client::new(lb), jar: BTreeMap::new() }
+        User {
+            client: Client::new(lb),
+            jar: BTreeMap::new(),
+        }
     }
 
     pub fn session_cookie(&self) -> Option<&String> {
@@ -362,9 +433,21 @@ impl User {
 
     /// GET `path` with the cookie jar; keeps cookies the response sets.
     pub async fn get(&mut self, path: &str) -> anyhow::Result<crate::client::Reply> {
-        let cookies = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
-        let headers = if cookies.is_empty() { vec![] } else { vec![("cookie", cookies)] };
-        let r = self.client.request_with(hyper::Method::GET, path, &headers, bytes::Bytes::new()).await?;
+        let cookies = self
+            .jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let headers = if cookies.is_empty() {
+            vec![]
+        } else {
+            vec![("cookie", cookies)]
+        };
+        let r = self
+            .client
+            .request_with(hyper::Method::GET, path, &headers, bytes::Bytes::new())
+            .await?;
         for v in r.headers.get_all(hyper::header::SET_COOKIE) {
             if let Ok(v) = v.to_str() {
                 let first = v.split(';').next().unwrap_or_default();

@@ -30,7 +30,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_attr_bytes: 1 << 20, max_session_bytes: 1 << 20, max_sessions: 10_000_000, max_attr_name: 1024 }
+        Limits {
+            max_attr_bytes: 1 << 20,
+            max_session_bytes: 1 << 20,
+            max_sessions: 10_000_000,
+            max_attr_name: 1024,
+        }
     }
 }
 
@@ -94,7 +99,10 @@ impl From<AttrMap> for Vec<(String, Attr)> {
 
 impl AttrMap {
     pub fn get(&self, name: &str) -> Option<&Attr> {
-        self.0.binary_search_by(|(k, _)| k.as_str().cmp(name)).ok().map(|i| &self.0[i].1)
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
     }
     pub fn insert(&mut self, name: String, a: Attr) {
         match self.0.binary_search_by(|(k, _)| k.as_str().cmp(&name)) {
@@ -144,16 +152,27 @@ pub struct Session {
 
 impl Session {
     pub fn expires_at_ms(&self) -> Option<u64> {
-        (self.max_inactive_ms > 0).then(|| self.last_accessed_ms.saturating_add(self.max_inactive_ms))
+        (self.max_inactive_ms > 0)
+            .then(|| self.last_accessed_ms.saturating_add(self.max_inactive_ms))
     }
     pub fn payload_bytes(&self) -> usize {
-        self.attrs.iter().map(|(k, a)| k.len() + a.value.as_ref().map_or(0, |v| v.len())).sum()
+        self.attrs
+            .iter()
+            .map(|(k, a)| k.len() + a.value.as_ref().map_or(0, |v| v.len()))
+            .sum()
     }
     pub fn live_attrs(&self) -> impl Iterator<Item = (&String, &Bytes)> {
-        self.attrs.iter().filter_map(|(k, a)| a.value.as_ref().map(|v| (k, v)))
+        self.attrs
+            .iter()
+            .filter_map(|(k, a)| a.value.as_ref().map(|v| (k, v)))
     }
     fn version(&self) -> Hlc {
-        self.attrs.values().map(|a| a.hlc).max().unwrap_or_default().max(self.meta_hlc)
+        self.attrs
+            .values()
+            .map(|a| a.hlc)
+            .max()
+            .unwrap_or_default()
+            .max(self.meta_hlc)
     }
     /// Drops what a delete at `self.cleared` removed; false when nothing is left.
     fn apply_cleared(&mut self) -> bool {
@@ -168,7 +187,11 @@ pub enum Entry {
     Live(Session),
     /// `reusable: false` is an invalidation (final); `true` is a delete (Redis
     /// `DEL`): a later write re-creates the key, an older one cannot revive it.
-    Tombstone { hlc: Hlc, at_ms: u64, reusable: bool },
+    Tombstone {
+        hlc: Hlc,
+        at_ms: u64,
+        reusable: bool,
+    },
 }
 
 /// A whole entry as it travels in transfer chunks and anti-entropy repairs.
@@ -193,15 +216,22 @@ pub struct Delta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Create,
-    Set { name: String, value: Bytes },
-    Remove { name: String },
+    Set {
+        name: String,
+        value: Bytes,
+    },
+    Remove {
+        name: String,
+    },
     /// The header's `last_accessed_ms` is the new access time.
     Touch,
     /// Marks a change of the interval. Every delta's header carries the
     /// interval as of its write, applied last-writer-wins by HLC.
     MaxInactive,
     Invalidate,
-    Rename { to: SessionId },
+    Rename {
+        to: SessionId,
+    },
     /// Delete the key; unlike `Invalidate`, a later write may create it again.
     Delete,
 }
@@ -243,7 +273,10 @@ pub const BUCKETS: usize = 256;
 
 impl Store {
     pub fn new(limits: Limits) -> Self {
-        Store { limits, ..Default::default() }
+        Store {
+            limits,
+            ..Default::default()
+        }
     }
 
     pub fn live_count(&self) -> usize {
@@ -261,7 +294,9 @@ impl Store {
     pub fn get(&self, id: &SessionId, now_ms: u64, grace_ms: u64) -> Result<&Session, StoreError> {
         match self.entries.get(id) {
             Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms) => Ok(s),
-            Some(Entry::Tombstone { reusable: false, .. }) => Err(StoreError::Invalidated),
+            Some(Entry::Tombstone {
+                reusable: false, ..
+            }) => Err(StoreError::Invalidated),
             _ => Err(StoreError::NotFound),
         }
     }
@@ -282,7 +317,9 @@ impl Store {
     pub fn check_local(&self, d: &Delta, now_ms: u64, grace_ms: u64) -> Result<(), StoreError> {
         let creating = d.ops.iter().any(|o| matches!(o, Op::Create));
         let current = match self.entries.get(&d.id) {
-            Some(Entry::Tombstone { reusable: false, .. }) => return Err(StoreError::Invalidated),
+            Some(Entry::Tombstone {
+                reusable: false, ..
+            }) => return Err(StoreError::Invalidated),
             Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms) => {
                 if creating {
                     return Err(StoreError::Exists);
@@ -291,7 +328,9 @@ impl Store {
             }
             _ if creating => {
                 if self.live >= self.limits.max_sessions {
-                    return Err(StoreError::Full { max: self.limits.max_sessions });
+                    return Err(StoreError::Full {
+                        max: self.limits.max_sessions,
+                    });
                 }
                 None
             }
@@ -302,20 +341,29 @@ impl Store {
             match op {
                 Op::Set { name, value } => {
                     if name.is_empty() || name.len() > self.limits.max_attr_name {
-                        return Err(StoreError::BadName { max: self.limits.max_attr_name });
+                        return Err(StoreError::BadName {
+                            max: self.limits.max_attr_name,
+                        });
                     }
                     if value.len() > self.limits.max_attr_bytes {
-                        return Err(StoreError::AttrTooLarge { size: value.len(), max: self.limits.max_attr_bytes });
+                        return Err(StoreError::AttrTooLarge {
+                            size: value.len(),
+                            max: self.limits.max_attr_bytes,
+                        });
                     }
                     // A removed attribute's marker already counts its name.
                     size += match current.and_then(|s| s.attrs.get(name)) {
                         None => (name.len() + value.len()) as i64,
-                        Some(a) => value.len() as i64 - a.value.as_ref().map_or(0, |v| v.len()) as i64,
+                        Some(a) => {
+                            value.len() as i64 - a.value.as_ref().map_or(0, |v| v.len()) as i64
+                        }
                     };
                 }
                 Op::Remove { name } => {
                     if name.is_empty() || name.len() > self.limits.max_attr_name {
-                        return Err(StoreError::BadName { max: self.limits.max_attr_name });
+                        return Err(StoreError::BadName {
+                            max: self.limits.max_attr_name,
+                        });
                     }
                     // A removal leaves a marker holding the name until the
                     // tombstone TTL: markers count toward the session's size, or
@@ -327,7 +375,13 @@ impl Store {
                 }
                 Op::Rename { to } => {
                     if matches!(self.entries.get(to), Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms))
-                        || matches!(self.entries.get(to), Some(Entry::Tombstone { reusable: false, .. }))
+                        || matches!(
+                            self.entries.get(to),
+                            Some(Entry::Tombstone {
+                                reusable: false,
+                                ..
+                            })
+                        )
                     {
                         return Err(StoreError::Exists);
                     }
@@ -336,7 +390,10 @@ impl Store {
             }
         }
         if size > self.limits.max_session_bytes as i64 {
-            return Err(StoreError::SessionTooLarge { size: size as usize, max: self.limits.max_session_bytes });
+            return Err(StoreError::SessionTooLarge {
+                size: size as usize,
+                max: self.limits.max_session_bytes,
+            });
         }
         Ok(())
     }
@@ -354,18 +411,29 @@ impl Store {
                     self.check_attr(name, value.len())?;
                     size = size.saturating_add(name.len() + value.len());
                 }
-                Op::Remove { name } if name.is_empty() || name.len() > self.limits.max_attr_name => {
-                    return Err(StoreError::BadName { max: self.limits.max_attr_name });
+                Op::Remove { name }
+                    if name.is_empty() || name.len() > self.limits.max_attr_name =>
+                {
+                    return Err(StoreError::BadName {
+                        max: self.limits.max_attr_name,
+                    });
                 }
                 _ => {}
             }
         }
         if size > self.limits.max_session_bytes {
-            return Err(StoreError::SessionTooLarge { size, max: self.limits.max_session_bytes });
+            return Err(StoreError::SessionTooLarge {
+                size,
+                max: self.limits.max_session_bytes,
+            });
         }
-        let creates = !d.ops.contains(&Op::Invalidate) && !d.ops.contains(&Op::Delete) && !self.entries.contains_key(&d.id);
+        let creates = !d.ops.contains(&Op::Invalidate)
+            && !d.ops.contains(&Op::Delete)
+            && !self.entries.contains_key(&d.id);
         if creates && self.live >= self.limits.max_sessions {
-            return Err(StoreError::Full { max: self.limits.max_sessions });
+            return Err(StoreError::Full {
+                max: self.limits.max_sessions,
+            });
         }
         Ok(())
     }
@@ -373,26 +441,40 @@ impl Store {
     /// Checks a peer's whole entry (transfer chunk, anti-entropy repair)
     /// against the limits, as `check_remote_delta` does. Nothing is changed.
     pub fn check_remote_state(&self, st: &SessionState) -> Result<(), StoreError> {
-        let Entry::Live(s) = &st.entry else { return Ok(()) };
+        let Entry::Live(s) = &st.entry else {
+            return Ok(());
+        };
         for (name, a) in s.attrs.iter() {
             self.check_attr(name, a.value.as_ref().map_or(0, |v| v.len()))?;
         }
         let size = s.payload_bytes();
         if size > self.limits.max_session_bytes {
-            return Err(StoreError::SessionTooLarge { size, max: self.limits.max_session_bytes });
+            return Err(StoreError::SessionTooLarge {
+                size,
+                max: self.limits.max_session_bytes,
+            });
         }
-        if self.live >= self.limits.max_sessions && !matches!(self.entries.get(&st.id), Some(Entry::Live(_))) {
-            return Err(StoreError::Full { max: self.limits.max_sessions });
+        if self.live >= self.limits.max_sessions
+            && !matches!(self.entries.get(&st.id), Some(Entry::Live(_)))
+        {
+            return Err(StoreError::Full {
+                max: self.limits.max_sessions,
+            });
         }
         Ok(())
     }
 
     fn check_attr(&self, name: &str, len: usize) -> Result<(), StoreError> {
         if name.is_empty() || name.len() > self.limits.max_attr_name {
-            return Err(StoreError::BadName { max: self.limits.max_attr_name });
+            return Err(StoreError::BadName {
+                max: self.limits.max_attr_name,
+            });
         }
         if len > self.limits.max_attr_bytes {
-            return Err(StoreError::AttrTooLarge { size: len, max: self.limits.max_attr_bytes });
+            return Err(StoreError::AttrTooLarge {
+                size: len,
+                max: self.limits.max_attr_bytes,
+            });
         }
         Ok(())
     }
@@ -403,12 +485,22 @@ impl Store {
         if d.ops.contains(&Op::Invalidate) {
             let before = self.entries.get(&d.id).cloned();
             self.tombstone(&d.id, d.hlc, now_ms, false);
-            return if before.as_ref() == self.entries.get(&d.id) { Applied::Ignored } else { Applied::Changed };
+            return if before.as_ref() == self.entries.get(&d.id) {
+                Applied::Ignored
+            } else {
+                Applied::Changed
+            };
         }
         let mut changed = false;
         let cleared = match self.entries.get(&d.id) {
-            Some(Entry::Tombstone { reusable: false, .. }) => return Applied::Ignored,
-            Some(Entry::Tombstone { hlc, reusable: true, .. }) if d.hlc <= *hlc => return Applied::Ignored,
+            Some(Entry::Tombstone {
+                reusable: false, ..
+            }) => return Applied::Ignored,
+            Some(Entry::Tombstone {
+                hlc,
+                reusable: true,
+                ..
+            }) if d.hlc <= *hlc => return Applied::Ignored,
             Some(Entry::Tombstone { hlc, .. }) => Some(*hlc),
             Some(Entry::Live(s)) if d.hlc <= s.cleared => return Applied::Ignored,
             Some(Entry::Live(_)) => None,
@@ -435,7 +527,9 @@ impl Store {
             Rename(&'a SessionId),
         }
         let mut after_ops = After::Nothing;
-        let Some(Entry::Live(s)) = self.entries.get_mut(&d.id) else { return Applied::Ignored };
+        let Some(Entry::Live(s)) = self.entries.get_mut(&d.id) else {
+            return Applied::Ignored;
+        };
         let before = s.payload_bytes();
         // Every delta states the session's max-inactive interval as of its write:
         // a last-writer-wins register, so replicas agree whatever the order.
@@ -453,13 +547,27 @@ impl Store {
                 Op::MaxInactive => {}
                 Op::Set { name, value } => {
                     if s.attrs.get(name).is_none_or(|a| a.hlc < d.hlc) {
-                        s.attrs.insert(name.clone(), Attr { value: Some(value.clone()), hlc: d.hlc, removed_at_ms: 0 });
+                        s.attrs.insert(
+                            name.clone(),
+                            Attr {
+                                value: Some(value.clone()),
+                                hlc: d.hlc,
+                                removed_at_ms: 0,
+                            },
+                        );
                         changed = true;
                     }
                 }
                 Op::Remove { name } => {
                     if s.attrs.get(name).is_none_or(|a| a.hlc < d.hlc) {
-                        s.attrs.insert(name.clone(), Attr { value: None, hlc: d.hlc, removed_at_ms: now_ms });
+                        s.attrs.insert(
+                            name.clone(),
+                            Attr {
+                                value: None,
+                                hlc: d.hlc,
+                                removed_at_ms: now_ms,
+                            },
+                        );
                         changed = true;
                     }
                 }
@@ -517,19 +625,41 @@ impl Store {
     /// Makes `id` a tombstone. A final one (invalidation) wins over a reusable
     /// one (delete); otherwise the newer wins.
     fn tombstone(&mut self, id: &SessionId, hlc: Hlc, now_ms: u64, reusable: bool) {
-        let new = Entry::Tombstone { hlc, at_ms: now_ms, reusable };
+        let new = Entry::Tombstone {
+            hlc,
+            at_ms: now_ms,
+            reusable,
+        };
         match self.entries.insert(id.clone(), new) {
             Some(Entry::Live(s)) => self.remove_live_accounting(id, &s),
-            Some(Entry::Tombstone { hlc: old, at_ms, reusable: old_reusable }) => {
+            Some(Entry::Tombstone {
+                hlc: old,
+                at_ms,
+                reusable: old_reusable,
+            }) => {
                 let keep_old = match (old_reusable, reusable) {
                     (false, true) => true,
                     (true, false) => false,
                     _ => old > hlc,
                 };
                 if keep_old {
-                    self.entries.insert(id.clone(), Entry::Tombstone { hlc: old, at_ms, reusable: old_reusable });
+                    self.entries.insert(
+                        id.clone(),
+                        Entry::Tombstone {
+                            hlc: old,
+                            at_ms,
+                            reusable: old_reusable,
+                        },
+                    );
                 } else if !reusable && !old_reusable {
-                    self.entries.insert(id.clone(), Entry::Tombstone { hlc: hlc.max(old), at_ms, reusable: false });
+                    self.entries.insert(
+                        id.clone(),
+                        Entry::Tombstone {
+                            hlc: hlc.max(old),
+                            at_ms,
+                            reusable: false,
+                        },
+                    );
                 }
             }
             None => {}
@@ -543,7 +673,13 @@ impl Store {
         };
         self.tombstone(from, hlc, now_ms, false);
         if let Some(s) = moved {
-            self.merge(SessionState { id: to.clone(), entry: Entry::Live(s) }, now_ms);
+            self.merge(
+                SessionState {
+                    id: to.clone(),
+                    entry: Entry::Live(s),
+                },
+                now_ms,
+            );
         }
     }
 
@@ -551,7 +687,14 @@ impl Store {
     pub fn merge(&mut self, st: SessionState, now_ms: u64) -> Applied {
         let SessionState { id, entry } = st;
         match (self.entries.get_mut(&id), entry) {
-            (Some(Entry::Tombstone { hlc, reusable, .. }), Entry::Tombstone { hlc: other, reusable: other_reusable, .. }) => {
+            (
+                Some(Entry::Tombstone { hlc, reusable, .. }),
+                Entry::Tombstone {
+                    hlc: other,
+                    reusable: other_reusable,
+                    ..
+                },
+            ) => {
                 let before = (*hlc, *reusable);
                 if *reusable == other_reusable {
                     *hlc = (*hlc).max(other);
@@ -566,8 +709,20 @@ impl Store {
                     Applied::Ignored
                 }
             }
-            (Some(Entry::Tombstone { reusable: false, .. }), Entry::Live(_)) => Applied::Ignored,
-            (Some(Entry::Tombstone { hlc, reusable: true, .. }), Entry::Live(mut s)) => {
+            (
+                Some(Entry::Tombstone {
+                    reusable: false, ..
+                }),
+                Entry::Live(_),
+            ) => Applied::Ignored,
+            (
+                Some(Entry::Tombstone {
+                    hlc,
+                    reusable: true,
+                    ..
+                }),
+                Entry::Live(mut s),
+            ) => {
                 s.cleared = s.cleared.max(*hlc);
                 if !s.apply_cleared() || expired(&s, now_ms, 0) {
                     return Applied::Ignored;
@@ -576,7 +731,14 @@ impl Store {
                 self.insert_live(id, s);
                 Applied::Changed
             }
-            (Some(Entry::Live(mine)), Entry::Tombstone { hlc, reusable: true, .. }) => {
+            (
+                Some(Entry::Live(mine)),
+                Entry::Tombstone {
+                    hlc,
+                    reusable: true,
+                    ..
+                },
+            ) => {
                 if hlc <= mine.cleared {
                     return Applied::Ignored;
                 }
@@ -654,7 +816,9 @@ impl Store {
             .entries
             .iter()
             .filter(|(_, e)| match e {
-                Entry::Live(s) => s.version().wall_ms > limit_wall_ms || s.cleared.wall_ms > limit_wall_ms,
+                Entry::Live(s) => {
+                    s.version().wall_ms > limit_wall_ms || s.cleared.wall_ms > limit_wall_ms
+                }
                 Entry::Tombstone { hlc, .. } => hlc.wall_ms > limit_wall_ms,
             })
             .map(|(id, _)| id.clone())
@@ -678,7 +842,10 @@ impl Store {
                     if expired(s, now_ms, grace_ms) {
                         expired_ids.push(id.clone());
                     } else {
-                        s.attrs.retain(|_, a| a.value.is_some() || a.removed_at_ms.saturating_add(tombstone_ttl_ms) > now_ms);
+                        s.attrs.retain(|_, a| {
+                            a.value.is_some()
+                                || a.removed_at_ms.saturating_add(tombstone_ttl_ms) > now_ms
+                        });
                     }
                 }
                 Entry::Tombstone { at_ms, .. } => {
@@ -700,7 +867,13 @@ impl Store {
     }
 
     /// Live session ids after `cursor`, in order.
-    pub fn list(&self, cursor: Option<&SessionId>, limit: usize, now_ms: u64, grace_ms: u64) -> Vec<SessionId> {
+    pub fn list(
+        &self,
+        cursor: Option<&SessionId>,
+        limit: usize,
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> Vec<SessionId> {
         self.range_after(cursor)
             .filter(|(_, e)| matches!(e, Entry::Live(s) if !expired(s, now_ms, grace_ms)))
             .take(limit)
@@ -708,16 +881,25 @@ impl Store {
             .collect()
     }
 
-    fn range_after(&self, cursor: Option<&SessionId>) -> std::collections::btree_map::Range<'_, SessionId, Entry> {
+    fn range_after(
+        &self,
+        cursor: Option<&SessionId>,
+    ) -> std::collections::btree_map::Range<'_, SessionId, Entry> {
         match cursor {
-            Some(c) => self.entries.range((Bound::Excluded(c.clone()), Bound::Unbounded)),
+            Some(c) => self
+                .entries
+                .range((Bound::Excluded(c.clone()), Bound::Unbounded)),
             None => self.entries.range::<SessionId, _>(..),
         }
     }
 
     /// Up to `max_bytes` of entries after `cursor`, and the cursor to continue
     /// from (`None` when this chunk reaches the end).
-    pub fn chunk_after(&self, cursor: Option<&SessionId>, max_bytes: usize) -> (Vec<SessionState>, Option<SessionId>) {
+    pub fn chunk_after(
+        &self,
+        cursor: Option<&SessionId>,
+        max_bytes: usize,
+    ) -> (Vec<SessionState>, Option<SessionId>) {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut iter = self.range_after(cursor).peekable();
@@ -728,7 +910,10 @@ impl Store {
                     Entry::Live(s) => s.payload_bytes() + s.attrs.len() * 24,
                     Entry::Tombstone { .. } => 0,
                 };
-            out.push(SessionState { id: id.clone(), entry: e.clone() });
+            out.push(SessionState {
+                id: id.clone(),
+                entry: e.clone(),
+            });
             if bytes >= max_bytes {
                 return (out, iter.peek().map(|_| id.clone()));
             }
@@ -737,7 +922,10 @@ impl Store {
     }
 
     pub fn state(&self, id: &SessionId) -> Option<SessionState> {
-        self.entries.get(id).map(|e| SessionState { id: id.clone(), entry: e.clone() })
+        self.entries.get(id).map(|e| SessionState {
+            id: id.clone(),
+            entry: e.clone(),
+        })
     }
 
     /// Digest of every bucket: a wrapping sum of entry hashes (order-free).
@@ -771,7 +959,9 @@ impl Store {
 
     /// Hash of the whole store's replicated content (tests use it to check convergence).
     pub fn fingerprint(&self) -> u64 {
-        self.entries.iter().fold(0u64, |acc, (id, e)| acc.wrapping_add(entry_hash(id, e)))
+        self.entries
+            .iter()
+            .fold(0u64, |acc, (id, e)| acc.wrapping_add(entry_hash(id, e)))
     }
 
     pub fn version_of(&self, id: &SessionId) -> Option<Hlc> {
@@ -784,7 +974,8 @@ impl Store {
 }
 
 pub fn expired(s: &Session, now_ms: u64, grace_ms: u64) -> bool {
-    s.expires_at_ms().is_some_and(|t| t.saturating_add(grace_ms) <= now_ms)
+    s.expires_at_ms()
+        .is_some_and(|t| t.saturating_add(grace_ms) <= now_ms)
 }
 
 pub fn bucket_of(id: &SessionId) -> usize {
@@ -830,54 +1021,145 @@ mod tests {
         SessionId::parse(s).unwrap()
     }
     fn h(w: u64, n: u32) -> Hlc {
-        Hlc { wall_ms: w, logical: 0, node: n }
+        Hlc {
+            wall_ms: w,
+            logical: 0,
+            node: n,
+        }
     }
     fn delta(i: &str, hlc: Hlc, ops: Vec<Op>) -> Delta {
-        Delta { id: id(i), hlc, created_ms: 1000, last_accessed_ms: hlc.wall_ms, max_inactive_ms: 60_000, ops }
+        Delta {
+            id: id(i),
+            hlc,
+            created_ms: 1000,
+            last_accessed_ms: hlc.wall_ms,
+            max_inactive_ms: 60_000,
+            ops,
+        }
     }
     fn set(n: &str, v: &str) -> Op {
-        Op::Set { name: n.into(), value: Bytes::from(v.to_owned()) }
+        Op::Set {
+            name: n.into(),
+            value: Bytes::from(v.to_owned()),
+        }
     }
     fn val(st: &Store, i: &str, n: &str) -> Option<Bytes> {
-        st.get(&id(i), 2000, 0).ok().and_then(|s| s.attrs.get(n)).and_then(|a| a.value.clone())
+        st.get(&id(i), 2000, 0)
+            .ok()
+            .and_then(|s| s.attrs.get(n))
+            .and_then(|a| a.value.clone())
     }
 
     #[test]
     fn removal_markers_count_toward_the_session_size() {
-        let limits = Limits { max_attr_bytes: 1024, max_session_bytes: 4096, max_sessions: 10, max_attr_name: 128 };
+        let limits = Limits {
+            max_attr_bytes: 1024,
+            max_session_bytes: 4096,
+            max_sessions: 10,
+            max_attr_name: 128,
+        };
         let mut st = Store::new(limits);
-        st.apply(&delta("s", h(1_000, 0), vec![Op::Create, set("keep", "v")]), 1_000);
-        let removes: Vec<Op> = (0..100).map(|i| Op::Remove { name: format!("{i:0>100}") }).collect();
+        st.apply(
+            &delta("s", h(1_000, 0), vec![Op::Create, set("keep", "v")]),
+            1_000,
+        );
+        let removes: Vec<Op> = (0..100)
+            .map(|i| Op::Remove {
+                name: format!("{i:0>100}"),
+            })
+            .collect();
         let d = delta("s", h(1_001, 0), removes);
-        assert!(matches!(st.check_local(&d, 1_000, 0), Err(StoreError::SessionTooLarge { .. })));
+        assert!(matches!(
+            st.check_local(&d, 1_000, 0),
+            Err(StoreError::SessionTooLarge { .. })
+        ));
         // Removing what is there is fine, and writing it again costs only the value.
-        let d = delta("s", h(1_002, 0), vec![Op::Remove { name: "keep".into() }]);
+        let d = delta(
+            "s",
+            h(1_002, 0),
+            vec![Op::Remove {
+                name: "keep".into(),
+            }],
+        );
         assert_eq!(st.check_local(&d, 1_000, 0), Ok(()));
         st.apply(&d, 1_000);
-        let big = Op::Set { name: "keep".into(), value: Bytes::from(vec![b'x'; 1024]) };
-        assert_eq!(st.check_local(&delta("s", h(1_003, 0), vec![big]), 1_000, 0), Ok(()));
+        let big = Op::Set {
+            name: "keep".into(),
+            value: Bytes::from(vec![b'x'; 1024]),
+        };
+        assert_eq!(
+            st.check_local(&delta("s", h(1_003, 0), vec![big]), 1_000, 0),
+            Ok(())
+        );
     }
 
     #[test]
     fn a_peers_data_is_held_to_the_local_limits() {
-        let limits = Limits { max_attr_bytes: 1024, max_session_bytes: 4096, max_sessions: 2, max_attr_name: 16 };
+        let limits = Limits {
+            max_attr_bytes: 1024,
+            max_session_bytes: 4096,
+            max_sessions: 2,
+            max_attr_name: 16,
+        };
         let mut st = Store::new(limits);
-        let big = Op::Set { name: "a".into(), value: Bytes::from(vec![b'x'; 2048]) };
-        assert_eq!(st.check_remote_delta(&delta("s1", h(1, 0), vec![big])), Err(StoreError::AttrTooLarge { size: 2048, max: 1024 }));
-        let long = Op::Set { name: "n".repeat(17), value: Bytes::from_static(b"v") };
-        assert_eq!(st.check_remote_delta(&delta("s1", h(1, 0), vec![long])), Err(StoreError::BadName { max: 16 }));
-        let many: Vec<Op> = (0..5).map(|i| Op::Set { name: format!("a{i}"), value: Bytes::from(vec![b'x'; 1000]) }).collect();
-        assert!(matches!(st.check_remote_delta(&delta("s1", h(1, 0), many)), Err(StoreError::SessionTooLarge { .. })));
+        let big = Op::Set {
+            name: "a".into(),
+            value: Bytes::from(vec![b'x'; 2048]),
+        };
+        assert_eq!(
+            st.check_remote_delta(&delta("s1", h(1, 0), vec![big])),
+            Err(StoreError::AttrTooLarge {
+                size: 2048,
+                max: 1024
+            })
+        );
+        let long = Op::Set {
+            name: "n".repeat(17),
+            value: Bytes::from_static(b"v"),
+        };
+        assert_eq!(
+            st.check_remote_delta(&delta("s1", h(1, 0), vec![long])),
+            Err(StoreError::BadName { max: 16 })
+        );
+        let many: Vec<Op> = (0..5)
+            .map(|i| Op::Set {
+                name: format!("a{i}"),
+                value: Bytes::from(vec![b'x'; 1000]),
+            })
+            .collect();
+        assert!(matches!(
+            st.check_remote_delta(&delta("s1", h(1, 0), many)),
+            Err(StoreError::SessionTooLarge { .. })
+        ));
         for i in ["s1", "s2"] {
             let d = delta(i, h(1, 0), vec![Op::Create, set("a", "1")]);
             assert_eq!(st.check_remote_delta(&d), Ok(()));
             st.apply(&d, 1_000);
         }
         // Full: no new session from a peer, but existing ones take changes.
-        assert_eq!(st.check_remote_delta(&delta("s3", h(2, 0), vec![set("a", "1")])), Err(StoreError::Full { max: 2 }));
-        assert_eq!(st.check_remote_delta(&delta("s1", h(2, 0), vec![set("a", "2")])), Ok(()));
-        let state = SessionState { id: id("s3"), entry: st.state(&id("s1")).map(|s| s.entry).unwrap_or(Entry::Tombstone { hlc: h(0, 0), at_ms: 0, reusable: true }) };
-        assert_eq!(st.check_remote_state(&state), Err(StoreError::Full { max: 2 }));
+        assert_eq!(
+            st.check_remote_delta(&delta("s3", h(2, 0), vec![set("a", "1")])),
+            Err(StoreError::Full { max: 2 })
+        );
+        assert_eq!(
+            st.check_remote_delta(&delta("s1", h(2, 0), vec![set("a", "2")])),
+            Ok(())
+        );
+        let state = SessionState {
+            id: id("s3"),
+            entry: st
+                .state(&id("s1"))
+                .map(|s| s.entry)
+                .unwrap_or(Entry::Tombstone {
+                    hlc: h(0, 0),
+                    at_ms: 0,
+                    reusable: true,
+                }),
+        };
+        assert_eq!(
+            st.check_remote_state(&state),
+            Err(StoreError::Full { max: 2 })
+        );
     }
 
     #[test]
@@ -894,9 +1176,18 @@ mod tests {
     #[test]
     fn entries_stamped_past_the_bound_are_dropped_and_nothing_else() {
         let mut st = Store::new(Limits::default());
-        st.apply(&delta("now", h(1_000, 0), vec![Op::Create, set("a", "1")]), 1_000);
-        st.apply(&delta("future", h(600_000, 0), vec![Op::Create, set("a", "1")]), 1_000);
-        st.apply(&delta("gone", h(700_000, 0), vec![Op::Create, Op::Invalidate]), 1_000);
+        st.apply(
+            &delta("now", h(1_000, 0), vec![Op::Create, set("a", "1")]),
+            1_000,
+        );
+        st.apply(
+            &delta("future", h(600_000, 0), vec![Op::Create, set("a", "1")]),
+            1_000,
+        );
+        st.apply(
+            &delta("gone", h(700_000, 0), vec![Op::Create, Op::Invalidate]),
+            1_000,
+        );
         assert_eq!(st.drop_beyond(2_000), 2);
         assert_eq!(val(&st, "now", "a").as_deref(), Some(&b"1"[..]));
         assert!(st.state(&id("future")).is_none() && st.state(&id("gone")).is_none());
@@ -906,7 +1197,10 @@ mod tests {
     #[test]
     fn delta_for_unknown_session_creates_it() {
         let mut st = Store::default();
-        assert_eq!(st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500), Applied::Changed);
+        assert_eq!(
+            st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500),
+            Applied::Changed
+        );
         assert_eq!(val(&st, "A", "x").as_deref(), Some(&b"1"[..]));
         assert_eq!(st.live_count(), 1);
     }
@@ -928,7 +1222,10 @@ mod tests {
     #[test]
     fn removal_is_not_undone_by_an_older_set() {
         let mut st = Store::default();
-        st.apply(&delta("A", h(1600, 1), vec![Op::Remove { name: "x".into() }]), 1600);
+        st.apply(
+            &delta("A", h(1600, 1), vec![Op::Remove { name: "x".into() }]),
+            1600,
+        );
         st.apply(&delta("A", h(1500, 2), vec![set("x", "stale")]), 1600);
         assert_eq!(val(&st, "A", "x"), None);
     }
@@ -938,8 +1235,14 @@ mod tests {
         let mut st = Store::default();
         st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500);
         st.apply(&delta("A", h(1600, 1), vec![Op::Invalidate]), 1600);
-        assert_eq!(st.get(&id("A"), 1600, 0).unwrap_err(), StoreError::Invalidated);
-        assert_eq!(st.apply(&delta("A", h(1700, 2), vec![set("x", "2")]), 1700), Applied::Ignored);
+        assert_eq!(
+            st.get(&id("A"), 1600, 0).unwrap_err(),
+            StoreError::Invalidated
+        );
+        assert_eq!(
+            st.apply(&delta("A", h(1700, 2), vec![set("x", "2")]), 1700),
+            Applied::Ignored
+        );
         assert_eq!(st.live_count(), 0);
         assert_eq!(st.payload_bytes(), 0);
         st.sweep(1600 + 10_000, 0, 10_000);
@@ -971,23 +1274,46 @@ mod tests {
     #[test]
     fn a_deleted_key_can_be_written_again_but_not_revived_by_older_state() {
         let mut st = Store::default();
-        st.apply(&delta("K", h(1500, 1), vec![set("a", "old"), set("b", "old")]), 1500);
+        st.apply(
+            &delta("K", h(1500, 1), vec![set("a", "old"), set("b", "old")]),
+            1500,
+        );
         let stale = st.state(&id("K")).unwrap();
         st.apply(&delta("K", h(1600, 2), vec![Op::Delete]), 1600);
-        assert_eq!(st.get(&id("K"), 1600, 0).unwrap_err(), StoreError::NotFound, "a delete is not an invalidation");
+        assert_eq!(
+            st.get(&id("K"), 1600, 0).unwrap_err(),
+            StoreError::NotFound,
+            "a delete is not an invalidation"
+        );
         assert_eq!(st.live_count(), 0);
         // An older write or a stale replica's state cannot bring it back.
-        assert_eq!(st.apply(&delta("K", h(1550, 3), vec![set("a", "late")]), 1600), Applied::Ignored);
+        assert_eq!(
+            st.apply(&delta("K", h(1550, 3), vec![set("a", "late")]), 1600),
+            Applied::Ignored
+        );
         assert_eq!(st.merge(stale.clone(), 1600), Applied::Ignored);
         // A newer write creates the key afresh.
-        st.apply(&delta("K", h(1700, 1), vec![Op::Create, set("a", "new")]), 1700);
+        st.apply(
+            &delta("K", h(1700, 1), vec![Op::Create, set("a", "new")]),
+            1700,
+        );
         assert_eq!(val(&st, "K", "a").as_deref(), Some(&b"new"[..]));
         assert_eq!(st.merge(stale, 1700), Applied::Ignored);
-        assert_eq!(val(&st, "K", "b"), None, "an attribute from before the delete came back");
+        assert_eq!(
+            val(&st, "K", "b"),
+            None,
+            "an attribute from before the delete came back"
+        );
         // On a replica that saw the writes in another order, the result is the same.
         let mut other = Store::default();
-        other.apply(&delta("K", h(1700, 1), vec![Op::Create, set("a", "new")]), 1700);
-        other.apply(&delta("K", h(1500, 1), vec![set("a", "old"), set("b", "old")]), 1700);
+        other.apply(
+            &delta("K", h(1700, 1), vec![Op::Create, set("a", "new")]),
+            1700,
+        );
+        other.apply(
+            &delta("K", h(1500, 1), vec![set("a", "old"), set("b", "old")]),
+            1700,
+        );
         other.apply(&delta("K", h(1600, 2), vec![Op::Delete]), 1700);
         assert_eq!(other.fingerprint(), st.fingerprint());
     }
@@ -1056,7 +1382,10 @@ mod tests {
         b.apply(&delta("K", h(1550, 2), vec![Op::Invalidate]), 1600);
         a.merge(b.state(&id("K")).unwrap(), 1600);
         b.merge(a.state(&id("K")).unwrap(), 1600);
-        assert_eq!(a.get(&id("K"), 1600, 0).unwrap_err(), StoreError::Invalidated);
+        assert_eq!(
+            a.get(&id("K"), 1600, 0).unwrap_err(),
+            StoreError::Invalidated
+        );
         assert_eq!(a.fingerprint(), b.fingerprint());
     }
 
@@ -1064,31 +1393,62 @@ mod tests {
     fn rename_moves_attributes_and_tombstones_old_id() {
         let mut st = Store::default();
         st.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500);
-        st.apply(&delta("A", h(1600, 1), vec![Op::Rename { to: id("B") }]), 1600);
+        st.apply(
+            &delta("A", h(1600, 1), vec![Op::Rename { to: id("B") }]),
+            1600,
+        );
         assert_eq!(val(&st, "B", "x").as_deref(), Some(&b"1"[..]));
-        assert_eq!(st.get(&id("A"), 1600, 0).unwrap_err(), StoreError::Invalidated);
+        assert_eq!(
+            st.get(&id("A"), 1600, 0).unwrap_err(),
+            StoreError::Invalidated
+        );
         assert_eq!(st.live_count(), 1);
     }
 
     #[test]
     fn limits_are_checked_before_anything_changes() {
-        let mut st = Store::new(Limits { max_attr_bytes: 4, max_session_bytes: 10, max_sessions: 1, max_attr_name: 8 });
+        let mut st = Store::new(Limits {
+            max_attr_bytes: 4,
+            max_session_bytes: 10,
+            max_sessions: 1,
+            max_attr_name: 8,
+        });
         let big = delta("A", h(1500, 1), vec![Op::Create, set("x", "12345")]);
-        assert!(matches!(st.check_local(&big, 1500, 0), Err(StoreError::AttrTooLarge { size: 5, max: 4 })));
+        assert!(matches!(
+            st.check_local(&big, 1500, 0),
+            Err(StoreError::AttrTooLarge { size: 5, max: 4 })
+        ));
         let ok = delta("A", h(1500, 1), vec![Op::Create, set("x", "1234")]);
         st.check_local(&ok, 1500, 0).unwrap();
         st.apply(&ok, 1500);
         let grow = delta("A", h(1600, 1), vec![set("y", "1234"), set("z", "1234")]);
-        assert!(matches!(st.check_local(&grow, 1600, 0), Err(StoreError::SessionTooLarge { .. })));
+        assert!(matches!(
+            st.check_local(&grow, 1600, 0),
+            Err(StoreError::SessionTooLarge { .. })
+        ));
         let other = delta("B", h(1600, 1), vec![Op::Create]);
-        assert_eq!(st.check_local(&other, 1600, 0), Err(StoreError::Full { max: 1 }));
-        assert_eq!(st.check_local(&delta("C", h(1, 1), vec![set("a", "b")]), 1600, 0), Err(StoreError::NotFound));
+        assert_eq!(
+            st.check_local(&other, 1600, 0),
+            Err(StoreError::Full { max: 1 })
+        );
+        assert_eq!(
+            st.check_local(&delta("C", h(1, 1), vec![set("a", "b")]), 1600, 0),
+            Err(StoreError::NotFound)
+        );
     }
 
     #[test]
     fn attr_map_from_the_wire_is_sorted_and_unique() {
-        let a = |w| Attr { value: Some(Bytes::from_static(b"v")), hlc: h(w, 1), removed_at_ms: 0 };
-        let m = AttrMap::from(vec![("b".into(), a(1)), ("a".into(), a(1)), ("b".into(), a(5))]);
+        let a = |w| Attr {
+            value: Some(Bytes::from_static(b"v")),
+            hlc: h(w, 1),
+            removed_at_ms: 0,
+        };
+        let m = AttrMap::from(vec![
+            ("b".into(), a(1)),
+            ("a".into(), a(1)),
+            ("b".into(), a(5)),
+        ]);
         assert_eq!(m.len(), 2);
         assert_eq!(m.get("b").unwrap().hlc.wall_ms, 5);
         assert!(m.get("a").is_some() && m.get("c").is_none());
@@ -1098,7 +1458,14 @@ mod tests {
     fn chunks_cover_everything_once() {
         let mut st = Store::default();
         for i in 0..100 {
-            st.apply(&delta(&format!("S{i:03}"), h(1500, 1), vec![set("x", "0123456789")]), 1500);
+            st.apply(
+                &delta(
+                    &format!("S{i:03}"),
+                    h(1500, 1),
+                    vec![set("x", "0123456789")],
+                ),
+                1500,
+            );
         }
         let mut cursor = None;
         let mut seen = 0;

@@ -12,7 +12,9 @@
 
 use crate::identity::{fill_random, NodeId};
 pub use crate::seal::{Keys, Sealer};
-use crate::wire::{self, FrameType, Handshake, HelloInner, PeerMsg, WelcomeInner, WireError, MAX_HANDSHAKE_FRAME};
+use crate::wire::{
+    self, FrameType, Handshake, HelloInner, PeerMsg, WelcomeInner, WireError, MAX_HANDSHAKE_FRAME,
+};
 use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -98,32 +100,59 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         let n = r.read_buf(buf).await?;
         if n == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(TransportError::Closed) };
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(TransportError::Closed)
+            };
         }
         stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-async fn send_hs<W: AsyncWrite + Unpin>(w: &mut W, m: &Handshake, stats: &IoStats) -> Result<(), TransportError> {
+async fn send_hs<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    m: &Handshake,
+    stats: &IoStats,
+) -> Result<(), TransportError> {
     let b = wire::encode_vec(FrameType::Handshake, m)?;
     w.write_all(&b).await?;
     stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
     Ok(())
 }
 
-async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, stats: &IoStats) -> Result<Handshake, TransportError> {
+async fn recv_hs<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    stats: &IoStats,
+) -> Result<Handshake, TransportError> {
     match read_frame(r, buf, MAX_HANDSHAKE_FRAME, stats).await? {
         Some((ty, p)) => Ok(wire::decode(FrameType::Handshake, ty, &p)?),
         None => Err(TransportError::Closed),
     }
 }
 
-fn proof(secret: &[u8], label: &str, cluster: &str, nc: &[u8; 32], ns: &[u8; 32], client: &NodeId, server: &NodeId) -> Hmac<Sha256> {
+fn proof(
+    secret: &[u8],
+    label: &str,
+    cluster: &str,
+    nc: &[u8; 32],
+    ns: &[u8; 32],
+    client: &NodeId,
+    server: &NodeId,
+) -> Hmac<Sha256> {
     // A key of any length is accepted by HMAC.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| {
         <Hmac<Sha256> as Mac>::new_from_slice(&[0u8; 32]).unwrap_or_else(|_| unreachable_hmac())
     });
-    for part in [label.as_bytes(), cluster.as_bytes(), &nc[..], &ns[..], client.to_string().as_bytes(), server.to_string().as_bytes()] {
+    for part in [
+        label.as_bytes(),
+        cluster.as_bytes(),
+        &nc[..],
+        &ns[..],
+        client.to_string().as_bytes(),
+        server.to_string().as_bytes(),
+    ] {
         mac.update(&(part.len() as u32).to_be_bytes());
         mac.update(part);
     }
@@ -132,17 +161,37 @@ fn proof(secret: &[u8], label: &str, cluster: &str, nc: &[u8; 32], ns: &[u8; 32]
 
 /// The keys of one connection, from the same inputs as the proofs: each
 /// direction its own, so the two counters never share a nonce.
-fn keys(sec: &Security, nc: &[u8; 32], ns: &[u8; 32], client: &NodeId, server: &NodeId, dialer: bool) -> Keys {
+fn keys(
+    sec: &Security,
+    nc: &[u8; 32],
+    ns: &[u8; 32],
+    client: &NodeId,
+    server: &NodeId,
+    dialer: bool,
+) -> Keys {
     let key = |label: &str| {
         let mut k = [0u8; 32];
-        k.copy_from_slice(&proof(&sec.secret, label, &sec.cluster, nc, ns, client, server).finalize().into_bytes());
+        k.copy_from_slice(
+            &proof(&sec.secret, label, &sec.cluster, nc, ns, client, server)
+                .finalize()
+                .into_bytes(),
+        );
         k
     };
-    let (c2s, s2c) = (key("sessionmesh key client to server"), key("sessionmesh key server to client"));
+    let (c2s, s2c) = (
+        key("sessionmesh key client to server"),
+        key("sessionmesh key server to client"),
+    );
     if dialer {
-        Keys { send: Sealer::new(c2s), recv: Sealer::new(s2c) }
+        Keys {
+            send: Sealer::new(c2s),
+            recv: Sealer::new(s2c),
+        }
     } else {
-        Keys { send: Sealer::new(s2c), recv: Sealer::new(c2s) }
+        Keys {
+            send: Sealer::new(s2c),
+            recv: Sealer::new(c2s),
+        }
     }
 }
 
@@ -153,7 +202,8 @@ fn unreachable_hmac() -> Hmac<Sha256> {
 
 /// An HMAC over the cluster secret of length-prefixed parts.
 fn mac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable_hmac());
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable_hmac());
     for part in parts {
         m.update(&(part.len() as u32).to_be_bytes());
         m.update(part);
@@ -166,7 +216,10 @@ fn mac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 /// The listener's proof, the dialer's proof, and the two handshake keys, all
 /// bound to the cluster and both nonces.
 fn hs_mac(sec: &Security, label: &str, nc: &[u8; 32], ns: &[u8; 32]) -> [u8; 32] {
-    mac(&sec.secret, &[label.as_bytes(), sec.cluster.as_bytes(), nc, ns])
+    mac(
+        &sec.secret,
+        &[label.as_bytes(), sec.cluster.as_bytes(), nc, ns],
+    )
 }
 
 /// Seals one handshake message under a key used once (nonce 0).
@@ -178,7 +231,10 @@ fn seal_hs<T: serde::Serialize>(key: [u8; 32], msg: &T) -> Result<Vec<u8>, Trans
         .map_err(|_| TransportError::Protocol("cannot seal".into()))
 }
 
-fn open_hs<T: serde::de::DeserializeOwned>(key: [u8; 32], sealed: &[u8]) -> Result<T, TransportError> {
+fn open_hs<T: serde::de::DeserializeOwned>(
+    key: [u8; 32],
+    sealed: &[u8],
+) -> Result<T, TransportError> {
     use chacha20poly1305::aead::{Aead, KeyInit};
     let body = chacha20poly1305::ChaCha20Poly1305::new(&key.into())
         .decrypt(&[0u8; 12].into(), sealed)
@@ -202,7 +258,10 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Handshake::Challenge { nonce, proof } => {
                 // The listener proves first: we say nothing about ourselves to
                 // an address that does not hold this cluster's secret.
-                if !crate::identity::ct_eq(&proof, &hs_mac(sec, "sessionmesh server proof", &nc, &nonce)) {
+                if !crate::identity::ct_eq(
+                    &proof,
+                    &hs_mac(sec, "sessionmesh server proof", &nc, &nonce),
+                ) {
                     sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                     return Err(TransportError::Auth(format!(
                         "the peer at {to:?}'s address does not hold the cluster secret (or is in another cluster)"
@@ -211,14 +270,32 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 nonce
             }
             Handshake::Reject { reason } => return Err(TransportError::Rejected(reason)),
-            other => return Err(TransportError::Protocol(format!("expected Challenge, got {}", hs_name(&other)))),
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "expected Challenge, got {}",
+                    hs_name(&other)
+                )))
+            }
         };
-        let inner = HelloInner { from: sec.me.clone(), to: to.to_owned(), probe };
+        let inner = HelloInner {
+            from: sec.me.clone(),
+            to: to.to_owned(),
+            probe,
+        };
         let sealed = seal_hs(hs_mac(sec, "sessionmesh hello key", &nc, &ns), &inner)?;
-        send_hs(s, &Handshake::Auth { proof: hs_mac(sec, "sessionmesh client proof", &nc, &ns), sealed }, &sec.stats).await?;
+        send_hs(
+            s,
+            &Handshake::Auth {
+                proof: hs_mac(sec, "sessionmesh client proof", &nc, &ns),
+                sealed,
+            },
+            &sec.stats,
+        )
+        .await?;
         match recv_hs(s, &mut buf, &sec.stats).await? {
             Handshake::Welcome { sealed } => {
-                let w: WelcomeInner = open_hs(hs_mac(sec, "sessionmesh welcome key", &nc, &ns), &sealed)?;
+                let w: WelcomeInner =
+                    open_hs(hs_mac(sec, "sessionmesh welcome key", &nc, &ns), &sealed)?;
                 if w.from.name != to {
                     return Err(TransportError::Protocol(format!(
                         "expected member {to:?} at this address but {:?} answered (check the member file's addresses)",
@@ -232,10 +309,15 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok((w.from, w.ready, k))
             }
             Handshake::Reject { reason } => Err(TransportError::Rejected(reason)),
-            other => Err(TransportError::Protocol(format!("expected Welcome, got {}", hs_name(&other)))),
+            other => Err(TransportError::Protocol(format!(
+                "expected Welcome, got {}",
+                hs_name(&other)
+            ))),
         }
     };
-    tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Silent)?
+    tokio::time::timeout(sec.handshake_timeout, fut)
+        .await
+        .map_err(|_| TransportError::Silent)?
 }
 
 /// Listener side. `known` says whether a member name belongs to the cluster.
@@ -250,7 +332,12 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let mut buf = BytesMut::with_capacity(1024);
         let nc = match recv_hs(s, &mut buf, &sec.stats).await? {
             Handshake::Hello { nonce } => nonce,
-            other => return Err(TransportError::Protocol(format!("expected Hello, got {}", hs_name(&other)))),
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "expected Hello, got {}",
+                    hs_name(&other)
+                )))
+            }
         };
         let mut ns = [0u8; 32];
         fill_random(&mut ns);
@@ -258,31 +345,67 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         send_hs(s, &Handshake::Challenge { nonce: ns, proof }, &sec.stats).await?;
         let (cp, sealed) = match recv_hs(s, &mut buf, &sec.stats).await? {
             Handshake::Auth { proof, sealed } => (proof, sealed),
-            other => return Err(TransportError::Protocol(format!("expected Auth, got {}", hs_name(&other)))),
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "expected Auth, got {}",
+                    hs_name(&other)
+                )))
+            }
         };
         if !crate::identity::ct_eq(&cp, &hs_mac(sec, "sessionmesh client proof", &nc, &ns)) {
             sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-            send_hs(s, &Handshake::Reject { reason: "authentication failed".into() }, &sec.stats).await?;
-            return Err(TransportError::Auth("the dialer does not hold the cluster secret".into()));
+            send_hs(
+                s,
+                &Handshake::Reject {
+                    reason: "authentication failed".into(),
+                },
+                &sec.stats,
+            )
+            .await?;
+            return Err(TransportError::Auth(
+                "the dialer does not hold the cluster secret".into(),
+            ));
         }
         let hello: HelloInner = open_hs(hs_mac(sec, "sessionmesh hello key", &nc, &ns), &sealed)?;
         // The dialer has proved the secret: it may learn why it is refused.
         if hello.to != sec.me.name {
             let reason = format!("this is member {:?}, not {:?}", sec.me.name, hello.to);
-            send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+            send_hs(
+                s,
+                &Handshake::Reject {
+                    reason: reason.clone(),
+                },
+                &sec.stats,
+            )
+            .await?;
             return Err(TransportError::Rejected(reason));
         }
         if !known(&hello.from.name) {
             let reason = format!("{:?} is not a member of this cluster", hello.from.name);
-            send_hs(s, &Handshake::Reject { reason: reason.clone() }, &sec.stats).await?;
+            send_hs(
+                s,
+                &Handshake::Reject {
+                    reason: reason.clone(),
+                },
+                &sec.stats,
+            )
+            .await?;
             return Err(TransportError::Rejected(reason));
         }
-        let sealed = seal_hs(hs_mac(sec, "sessionmesh welcome key", &nc, &ns), &WelcomeInner { from: sec.me.clone(), ready })?;
+        let sealed = seal_hs(
+            hs_mac(sec, "sessionmesh welcome key", &nc, &ns),
+            &WelcomeInner {
+                from: sec.me.clone(),
+                ready,
+            },
+        )?;
         send_hs(s, &Handshake::Welcome { sealed }, &sec.stats).await?;
         let k = keys(sec, &nc, &ns, &hello.from, &sec.me, false);
         Ok((hello.from, hello.probe, buf, k))
     };
-    tokio::time::timeout(sec.handshake_timeout, fut).await.map_err(|_| TransportError::Timeout)?
+    tokio::time::timeout(sec.handshake_timeout, fut)
+        .await
+        .map_err(|_| TransportError::Timeout)?
 }
 
 fn hs_name(h: &Handshake) -> &'static str {
@@ -305,15 +428,30 @@ pub struct Dialed {
     pub keys: Keys,
 }
 
-pub async fn dial(addr: SocketAddr, sec: &Security, to: &str, probe: bool, timeout: Duration) -> Result<Dialed, TransportError> {
-    let mut s = tokio::time::timeout(timeout, TcpStream::connect(addr)).await.map_err(|_| TransportError::Timeout)??;
+pub async fn dial(
+    addr: SocketAddr,
+    sec: &Security,
+    to: &str,
+    probe: bool,
+    timeout: Duration,
+) -> Result<Dialed, TransportError> {
+    let mut s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| TransportError::Timeout)??;
     s.set_nodelay(true)?;
     let (peer, ready, keys) = client_handshake(&mut s, sec, to, probe).await?;
-    Ok(Dialed { stream: s, peer, ready, keys })
+    Ok(Dialed {
+        stream: s,
+        peer,
+        ready,
+        keys,
+    })
 }
 
 pub async fn probe(addr: SocketAddr, sec: &Security, to: &str, timeout: Duration) -> bool {
-    tokio::time::timeout(timeout, dial(addr, sec, to, true, timeout)).await.is_ok_and(|r| r.is_ok())
+    tokio::time::timeout(timeout, dial(addr, sec, to, true, timeout))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// A peer message as an unsealed frame: only for tests that play a peer
@@ -330,7 +468,10 @@ mod tests {
     fn sec(name: &str, secret: &str) -> Security {
         Security {
             cluster: "c".into(),
-            me: NodeId { name: name.into(), generation: Generation(1) },
+            me: NodeId {
+                name: name.into(),
+                generation: Generation(1),
+            },
             secret: Arc::new(secret.as_bytes().to_vec()),
             max_frame: 1 << 20,
             handshake_timeout: Duration::from_secs(2),
@@ -342,7 +483,10 @@ mod tests {
     async fn handshake_succeeds_with_the_same_secret() {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let (sa, sb) = (sec("a", "s3cret"), sec("b", "s3cret"));
-        let (c, s) = tokio::join!(client_handshake(&mut a, &sa, "b", false), server_handshake(&mut b, &sb, true, |_| true));
+        let (c, s) = tokio::join!(
+            client_handshake(&mut a, &sa, "b", false),
+            server_handshake(&mut b, &sb, true, |_| true)
+        );
         let (peer, ready, mut ck) = c.unwrap();
         assert_eq!(peer.name, "b");
         assert!(ready);
@@ -362,7 +506,10 @@ mod tests {
     async fn wrong_secret_is_refused_on_both_sides() {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let (sa, sb) = (sec("a", "wrong"), sec("b", "s3cret"));
-        let (c, s) = tokio::join!(client_handshake(&mut a, &sa, "b", false), server_handshake(&mut b, &sb, true, |_| true));
+        let (c, s) = tokio::join!(
+            client_handshake(&mut a, &sa, "b", false),
+            server_handshake(&mut b, &sb, true, |_| true)
+        );
         // The dialer checks the listener's proof first, and stops there.
         assert!(matches!(c, Err(TransportError::Auth(_))), "{c:?}");
         assert!(s.is_err());
@@ -378,32 +525,65 @@ mod tests {
         // A listener that does not hold the secret: what does the dialer send it?
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let sa = sec("alice-member", "s3cret");
-        let dial = tokio::spawn(async move { client_handshake(&mut a, &sa, "bob-member", false).await.map(|_| ()) });
+        let dial = tokio::spawn(async move {
+            client_handshake(&mut a, &sa, "bob-member", false)
+                .await
+                .map(|_| ())
+        });
         let mut heard = vec![0u8; 4096];
         let n = b.read(&mut heard).await.unwrap();
         let heard = &heard[..n];
         for name in [&b"alice-member"[..], b"bob-member", b"local"] {
-            assert!(!heard.windows(name.len()).any(|w| w == name), "the dialer said {:?} to an unproved listener", String::from_utf8_lossy(name));
+            assert!(
+                !heard.windows(name.len()).any(|w| w == name),
+                "the dialer said {:?} to an unproved listener",
+                String::from_utf8_lossy(name)
+            );
         }
         drop(b);
         assert!(dial.await.unwrap().is_err());
         // A dialer that does not hold the secret: what does the listener tell it?
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let sb = sec("bob-member", "s3cret");
-        let listen = tokio::spawn(async move { server_handshake(&mut b, &sb, true, |_| true).await.map(|_| ()) });
+        let listen = tokio::spawn(async move {
+            server_handshake(&mut b, &sb, true, |_| true)
+                .await
+                .map(|_| ())
+        });
         let mut hello = BytesMut::new();
-        wire::encode(FrameType::Handshake, &Handshake::Hello { nonce: [1; 32] }, &mut hello).unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut a, &hello).await.unwrap();
+        wire::encode(
+            FrameType::Handshake,
+            &Handshake::Hello { nonce: [1; 32] },
+            &mut hello,
+        )
+        .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, &hello)
+            .await
+            .unwrap();
         let mut told = vec![0u8; 4096];
         let n = a.read(&mut told).await.unwrap();
         let told = &told[..n];
         for name in [&b"bob-member"[..], b"local"] {
-            assert!(!told.windows(name.len()).any(|w| w == name), "the listener said {:?} to an unproved dialer", String::from_utf8_lossy(name));
+            assert!(
+                !told.windows(name.len()).any(|w| w == name),
+                "the listener said {:?} to an unproved dialer",
+                String::from_utf8_lossy(name)
+            );
         }
         // A forged Auth is refused.
         let mut auth = BytesMut::new();
-        wire::encode(FrameType::Handshake, &Handshake::Auth { proof: [0; 32], sealed: vec![0; 48] }, &mut auth).unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut a, &auth).await.unwrap();
+        wire::encode(
+            FrameType::Handshake,
+            &Handshake::Auth {
+                proof: [0; 32],
+                sealed: vec![0; 48],
+            },
+            &mut auth,
+        )
+        .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, &auth)
+            .await
+            .unwrap();
         assert!(matches!(listen.await.unwrap(), Err(_)));
     }
 
@@ -411,7 +591,10 @@ mod tests {
     async fn wrong_member_at_address_is_named() {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let (sa, sb) = (sec("a", "k"), sec("b", "k"));
-        let (c, _) = tokio::join!(client_handshake(&mut a, &sa, "x", false), server_handshake(&mut b, &sb, true, |_| true));
+        let (c, _) = tokio::join!(
+            client_handshake(&mut a, &sa, "x", false),
+            server_handshake(&mut b, &sb, true, |_| true)
+        );
         let e = c.unwrap_err().to_string();
         assert!(e.contains("not \"x\""), "{e}");
     }

@@ -50,15 +50,27 @@ pub enum WireError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Handshake {
     /// Dialer -> listener: a fresh nonce, nothing else.
-    Hello { nonce: [u8; 32] },
+    Hello {
+        nonce: [u8; 32],
+    },
     /// Listener -> dialer: its nonce and its proof over both nonces.
-    Challenge { nonce: [u8; 32], proof: [u8; 32] },
+    Challenge {
+        nonce: [u8; 32],
+        proof: [u8; 32],
+    },
     /// Dialer -> listener, once the listener's proof holds: its own proof, and
     /// its identity sealed under the handshake key (`HelloInner`).
-    Auth { proof: [u8; 32], sealed: Vec<u8> },
+    Auth {
+        proof: [u8; 32],
+        sealed: Vec<u8>,
+    },
     /// Listener -> dialer: its identity sealed (`WelcomeInner`).
-    Welcome { sealed: Vec<u8> },
-    Reject { reason: String },
+    Welcome {
+        sealed: Vec<u8>,
+    },
+    Reject {
+        reason: String,
+    },
 }
 
 /// What the dialer says about itself, sealed in `Auth`.
@@ -78,29 +90,65 @@ pub struct WelcomeInner {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMsg {
-    Heartbeat { ready: bool },
+    Heartbeat {
+        ready: bool,
+    },
     /// Deltas numbered `first_seq..` in the sender's stream `epoch` to this
     /// receiver. A stream is the sender's log for one receiver; a new epoch
     /// (the sender forgot the receiver and met it again) numbers from 1 anew.
-    Deltas { epoch: u64, first_seq: u64, deltas: Vec<std::sync::Arc<Delta>> },
+    Deltas {
+        epoch: u64,
+        first_seq: u64,
+        deltas: Vec<std::sync::Arc<Delta>>,
+    },
     /// Cumulative: every delta of stream `epoch` up to `upto` is applied.
-    Ack { epoch: u64, upto: u64 },
+    Ack {
+        epoch: u64,
+        upto: u64,
+    },
     /// Asks the receiver to probe `target` on the sender's behalf.
-    PingReq { target: String },
-    PingResp { target: String, alive: bool },
-    TransferPull { transfer: u64, cursor: Option<SessionId>, max_bytes: u32 },
+    PingReq {
+        target: String,
+    },
+    PingResp {
+        target: String,
+        alive: bool,
+    },
+    TransferPull {
+        transfer: u64,
+        cursor: Option<SessionId>,
+        max_bytes: u32,
+    },
     /// `next == None` ends the transfer.
-    TransferChunk { transfer: u64, states: Vec<SessionState>, next: Option<SessionId>, total: u64 },
-    AeDigest { round: u64, buckets: Vec<u64> },
-    AeDetail { round: u64, buckets: Vec<u16>, entries: Vec<(SessionId, u64)> },
-    AePull { ids: Vec<SessionId> },
-    AeStates { states: Vec<SessionState> },
+    TransferChunk {
+        transfer: u64,
+        states: Vec<SessionState>,
+        next: Option<SessionId>,
+        total: u64,
+    },
+    AeDigest {
+        round: u64,
+        buckets: Vec<u64>,
+    },
+    AeDetail {
+        round: u64,
+        buckets: Vec<u16>,
+        entries: Vec<(SessionId, u64)>,
+    },
+    AePull {
+        ids: Vec<SessionId>,
+    },
+    AeStates {
+        states: Vec<SessionState>,
+    },
     /// The sender is leaving on purpose; mark it `left` at once.
     Leave,
     /// The receiver of a `Leave` has marked the sender `left`.
     LeaveAck,
     /// The sender's clock, so receivers keep their HLC ahead of it.
-    Clock { hlc: Hlc },
+    Clock {
+        hlc: Hlc,
+    },
 }
 
 impl PeerMsg {
@@ -128,7 +176,10 @@ impl PeerMsg {
 pub fn encode<T: Serialize>(ty: FrameType, msg: &T, out: &mut BytesMut) -> Result<(), WireError> {
     // postcard writes a Vec with bulk copies; extending a BytesMut would go byte by byte.
     let payload = postcard::to_allocvec(msg)?;
-    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge { len: payload.len(), max: u32::MAX as usize })?;
+    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge {
+        len: payload.len(),
+        max: u32::MAX as usize,
+    })?;
     out.reserve(HEADER_LEN + payload.len());
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
@@ -145,7 +196,10 @@ pub fn encode_vec<T: Serialize>(ty: FrameType, msg: &T) -> Result<BytesMut, Wire
 }
 
 /// Splits one whole frame off `buf`: `Ok(None)` until it is all there.
-pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(FrameType, BytesMut)>, WireError> {
+pub fn split_frame(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(FrameType, BytesMut)>, WireError> {
     if buf.len() < HEADER_LEN {
         // Reject garbage as soon as the magic is visibly wrong.
         let n = buf.len().min(4);
@@ -181,7 +235,11 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(FrameType, 
     Ok(Some((ty, buf.split_to(len))))
 }
 
-pub fn decode<T: for<'de> Deserialize<'de>>(want: FrameType, ty: FrameType, payload: &[u8]) -> Result<T, WireError> {
+pub fn decode<T: for<'de> Deserialize<'de>>(
+    want: FrameType,
+    ty: FrameType,
+    payload: &[u8],
+) -> Result<T, WireError> {
     if ty != want {
         return Err(WireError::UnexpectedType { got: ty, want });
     }
@@ -209,7 +267,10 @@ mod tests {
             assert!(split_frame(&mut b, 1024).unwrap().is_none(), "cut at {cut}");
         }
         let mut g = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
-        assert!(matches!(split_frame(&mut g, 1024), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            split_frame(&mut g, 1024),
+            Err(WireError::BadMagic(_))
+        ));
         let mut g = BytesMut::from(&b"SM"[..]);
         assert!(split_frame(&mut g, 1024).unwrap().is_none());
         let mut g = BytesMut::from(&b"SX"[..]);
@@ -224,7 +285,10 @@ mod tests {
         b.put_u8(2);
         b.put_u32(u32::MAX);
         let cap = b.capacity();
-        assert!(matches!(split_frame(&mut b, 1 << 20), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            split_frame(&mut b, 1 << 20),
+            Err(WireError::TooLarge { .. })
+        ));
         assert_eq!(b.capacity(), cap);
     }
 
@@ -232,7 +296,10 @@ mod tests {
     fn wrong_version_and_type() {
         let mut b = encode_vec(FrameType::Peer, &PeerMsg::Leave).unwrap();
         b[4] = 9;
-        assert!(matches!(split_frame(&mut b, 1024), Err(WireError::Version(9))));
+        assert!(matches!(
+            split_frame(&mut b, 1024),
+            Err(WireError::Version(9))
+        ));
         let mut b = encode_vec(FrameType::Peer, &PeerMsg::Leave).unwrap();
         let (ty, p) = split_frame(&mut b, 1024).unwrap().unwrap();
         assert!(decode::<Handshake>(FrameType::Handshake, ty, &p).is_err());
@@ -243,17 +310,27 @@ mod tests {
             "[A-Za-z0-9]{1,40}",
             any::<u64>(),
             any::<u32>(),
-            prop::collection::vec(("[a-z]{1,10}", prop::collection::vec(any::<u8>(), 0..64)), 0..5),
+            prop::collection::vec(
+                ("[a-z]{1,10}", prop::collection::vec(any::<u8>(), 0..64)),
+                0..5,
+            ),
         )
             .prop_map(|(id, w, n, attrs)| Delta {
                 id: SessionId::parse(&id).unwrap(),
-                hlc: Hlc { wall_ms: w, logical: n, node: n ^ 7 },
+                hlc: Hlc {
+                    wall_ms: w,
+                    logical: n,
+                    node: n ^ 7,
+                },
                 created_ms: w / 2,
                 last_accessed_ms: w,
                 max_inactive_ms: 1800_000,
                 ops: attrs
                     .into_iter()
-                    .map(|(name, v)| Op::Set { name, value: v.into() })
+                    .map(|(name, v)| Op::Set {
+                        name,
+                        value: v.into(),
+                    })
                     .chain([Op::Touch, Op::Remove { name: "r".into() }])
                     .collect(),
             })

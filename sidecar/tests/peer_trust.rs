@@ -24,26 +24,49 @@ fn http(cl: &LocalCluster, i: usize) -> std::net::SocketAddr {
 }
 
 async fn ready(cl: &LocalCluster, i: usize) {
-    assert!(cl.wait_ready(i, Duration::from_secs(15)).await, "node{} not ready:\n{}", i + 1, cl.log_tail(i, 30));
+    assert!(
+        cl.wait_ready(i, Duration::from_secs(15)).await,
+        "node{} not ready:\n{}",
+        i + 1,
+        cl.log_tail(i, 30)
+    );
 }
 
 async fn value(c: &mut Client, id: &str, name: &str) -> Option<String> {
-    let r = c.get(&format!("/v1/sessions/{id}/attributes/{name}?touch=false")).await.ok()?;
+    let r = c
+        .get(&format!("/v1/sessions/{id}/attributes/{name}?touch=false"))
+        .await
+        .ok()?;
     (r.status == 200).then(|| r.text())
 }
 
 async fn put(c: &mut Client, id: &str, name: &str, v: &str) -> u16 {
-    c.put(&format!("/v1/sessions/{id}/attributes/{name}?send=sync"), v.to_owned()).await.map_or(0, |r| r.status)
+    c.put(
+        &format!("/v1/sessions/{id}/attributes/{name}?send=sync"),
+        v.to_owned(),
+    )
+    .await
+    .map_or(0, |r| r.status)
 }
-
 
 /// Writes `rounds` values alternately on the members in `on`, each read back
 /// from every member in `check`: a later acknowledged write must always win.
-async fn later_writes_win(cl: &LocalCluster, on: &[usize], check: &[usize], id: &str, rounds: usize) {
+async fn later_writes_win(
+    cl: &LocalCluster,
+    on: &[usize],
+    check: &[usize],
+    id: &str,
+    rounds: usize,
+) {
     for r in 0..rounds {
         let i = on[r % on.len()];
         let v = format!("v{r}");
-        assert_eq!(put(&mut cl.client(i), id, "a", &v).await, 204, "write {r} on node{}", i + 1);
+        assert_eq!(
+            put(&mut cl.client(i), id, "a", &v).await,
+            204,
+            "write {r} on node{}",
+            i + 1
+        );
         for &j in check {
             let mut c = cl.client(j);
             let addr = http(cl, j);
@@ -53,7 +76,12 @@ async fn later_writes_win(cl: &LocalCluster, on: &[usize], check: &[usize], id: 
                 async move { value(&mut c, id, "a").await.as_deref() == Some(v.as_str()) }
             })
             .await;
-            assert!(ok, "node{} lost acknowledged write {v}: has {:?}", j + 1, value(&mut c, id, "a").await);
+            assert!(
+                ok,
+                "node{} lost acknowledged write {v}: has {:?}",
+                j + 1,
+                value(&mut c, id, "a").await
+            );
         }
     }
 }
@@ -66,7 +94,13 @@ async fn a_member_ten_minutes_ahead_is_reported_and_loses_no_write_of_the_others
     ready(&cl, 0).await;
     ready(&cl, 1).await;
     let mut c0 = cl.client(0);
-    assert_eq!(c0.post("/v1/sessions", r#"{"id":"SKEW"}"#).await.expect("create").status, 201);
+    assert_eq!(
+        c0.post("/v1/sessions", r#"{"id":"SKEW"}"#)
+            .await
+            .expect("create")
+            .status,
+        201
+    );
     let env = faketime_env("+10m");
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     cl.start_with_env(2, &[], &env).expect("start ahead");
@@ -74,14 +108,35 @@ async fn a_member_ten_minutes_ahead_is_reported_and_loses_no_write_of_the_others
     // The fast member learns from its peers that its clock is off, and says so.
     let reported = wait_for(Duration::from_secs(10), || {
         let mut c = Client::new(http(&cl, 2));
-        async move { c.get("/v1/cluster").await.is_ok_and(|r| r.json()["me"]["clockSkewMs"].as_i64().unwrap_or(0) > 500_000) }
+        async move {
+            c.get("/v1/cluster")
+                .await
+                .is_ok_and(|r| r.json()["me"]["clockSkewMs"].as_i64().unwrap_or(0) > 500_000)
+        }
     })
     .await;
-    assert!(reported, "node3 never reported its clock skew: {}", c2.get("/v1/cluster").await.map(|r| r.text()).unwrap_or_default());
-    assert_eq!(c2.get("/readyz").await.expect("readyz").status, 503, "a member with a wrong clock must not take traffic");
+    assert!(
+        reported,
+        "node3 never reported its clock skew: {}",
+        c2.get("/v1/cluster")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    );
+    assert_eq!(
+        c2.get("/readyz").await.expect("readyz").status,
+        503,
+        "a member with a wrong clock must not take traffic"
+    );
     assert_eq!(metric(&mut c2, "sessionmesh_clock_skewed").await, 1.0);
     // A write there is refused with a reason, not stamped 10 minutes ahead.
-    let r = c2.put("/v1/sessions/SKEW/attributes/a?send=sync", "from-the-future").await.expect("put");
+    let r = c2
+        .put(
+            "/v1/sessions/SKEW/attributes/a?send=sync",
+            "from-the-future",
+        )
+        .await
+        .expect("put");
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("clock_skew"), "{}", r.text());
     // A touch from its reads is stamped ahead and refused by the others.
@@ -93,7 +148,13 @@ async fn a_member_ten_minutes_ahead_is_reported_and_loses_no_write_of_the_others
         let mut c = Client::new(http(&cl, 1));
         async move {
             c.get("/v1/cluster").await.is_ok_and(|r| {
-                r.json()["members"].as_array().into_iter().flatten().any(|m| m["name"] == "node3" && m["clockOffsetMs"].as_i64().unwrap_or(0) > 500_000)
+                r.json()["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| {
+                        m["name"] == "node3" && m["clockOffsetMs"].as_i64().unwrap_or(0) > 500_000
+                    })
             })
         }
     })
@@ -117,7 +178,13 @@ async fn a_member_restarted_after_its_clock_stepped_back_rejoins() {
         let mut c = Client::new(http(&cl, 0));
         async move {
             c.get("/v1/cluster").await.is_ok_and(|r| {
-                r.json()["members"].as_array().into_iter().flatten().any(|m| m["name"] == "node3" && m["state"] == "alive" && m["connected"] == true)
+                r.json()["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| {
+                        m["name"] == "node3" && m["state"] == "alive" && m["connected"] == true
+                    })
             })
         }
     })
@@ -125,11 +192,24 @@ async fn a_member_restarted_after_its_clock_stepped_back_rejoins() {
     assert!(seen, "node1 never saw node3");
     cl.kill(2);
     let mut c0 = cl.client(0);
-    assert_eq!(c0.post("/v1/sessions?send=sync", r#"{"id":"BACK","attributes":{"a":"MQ=="}}"#).await.expect("create").status, 201);
+    assert_eq!(
+        c0.post(
+            "/v1/sessions?send=sync",
+            r#"{"id":"BACK","attributes":{"a":"MQ=="}}"#
+        )
+        .await
+        .expect("create")
+        .status,
+        201
+    );
     cl.start(2).expect("restart");
     ready(&cl, 2).await;
     let mut c2 = cl.client(2);
-    assert_eq!(value(&mut c2, "BACK", "a").await.as_deref(), Some("1"), "the restarted member lacks what was written meanwhile");
+    assert_eq!(
+        value(&mut c2, "BACK", "a").await.as_deref(),
+        Some("1"),
+        "the restarted member lacks what was written meanwhile"
+    );
     later_writes_win(&cl, &[0, 1, 2], &[0, 1, 2], "BACK", 6).await;
 }
 
@@ -145,14 +225,28 @@ async fn impersonate(cl: &LocalCluster, to: usize, as_name: &str) -> Fake {
     let secret = std::fs::read(&cl.secret_file).expect("secret");
     let sec = Security {
         cluster: cl.cluster.clone(),
-        me: NodeId { name: as_name.into(), generation: Generation::random() },
+        me: NodeId {
+            name: as_name.into(),
+            generation: Generation::random(),
+        },
         secret: Arc::new(String::from_utf8_lossy(&secret).trim().as_bytes().to_vec()),
         max_frame: 1 << 20,
         handshake_timeout: Duration::from_secs(2),
         stats: Arc::new(IoStats::default()),
     };
-    let d = transport::dial(cl.nodes[to].replication, &sec, &cl.nodes[to].name, false, Duration::from_secs(2)).await.expect("dial");
-    Fake { stream: d.stream, keys: d.keys }
+    let d = transport::dial(
+        cl.nodes[to].replication,
+        &sec,
+        &cl.nodes[to].name,
+        false,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("dial");
+    Fake {
+        stream: d.stream,
+        keys: d.keys,
+    }
 }
 
 async fn send(s: &mut Fake, msg: &PeerMsg) {
@@ -174,7 +268,10 @@ fn delta(id: &str, hlc: Hlc, ops: Vec<Op>) -> Arc<Delta> {
 }
 
 fn set(name: &str, value: Vec<u8>) -> Op {
-    Op::Set { name: name.into(), value: bytes::Bytes::from(value) }
+    Op::Set {
+        name: name.into(),
+        value: bytes::Bytes::from(value),
+    }
 }
 
 fn forged(id: &str, hlc: Hlc, value: &str) -> Arc<Delta> {
@@ -191,17 +288,47 @@ async fn forged_timestamps_neither_win_nor_freeze_the_clock() {
     ready(&cl, 1).await;
     let mut c0 = cl.client(0);
     for id in ["FUTURE", "MAXLOG"] {
-        assert_eq!(c0.post("/v1/sessions?send=sync", format!(r#"{{"id":"{id}"}}"#)).await.expect("create").status, 201);
+        assert_eq!(
+            c0.post("/v1/sessions?send=sync", format!(r#"{{"id":"{id}"}}"#))
+                .await
+                .expect("create")
+                .status,
+            201
+        );
     }
     let mut s = impersonate(&cl, 0, "node3").await;
     let now = now_ms();
     let deltas = vec![
         // Ten minutes ahead: would win every later write.
-        forged("FUTURE", Hlc { wall_ms: now + 600_000, logical: 0, node: 7 }, "forged"),
+        forged(
+            "FUTURE",
+            Hlc {
+                wall_ms: now + 600_000,
+                logical: 0,
+                node: 7,
+            },
+            "forged",
+        ),
         // Within the time bound, but a saturated logical counter.
-        forged("MAXLOG", Hlc { wall_ms: now + 500, logical: u32::MAX, node: 7 }, "forged"),
+        forged(
+            "MAXLOG",
+            Hlc {
+                wall_ms: now + 500,
+                logical: u32::MAX,
+                node: 7,
+            },
+            "forged",
+        ),
     ];
-    send(&mut s, &PeerMsg::Deltas { epoch: 1, first_seq: 1, deltas }).await;
+    send(
+        &mut s,
+        &PeerMsg::Deltas {
+            epoch: 1,
+            first_seq: 1,
+            deltas,
+        },
+    )
+    .await;
     // Deltas apply in order: once the second is visible, the first was handled.
     let handled = wait_for(Duration::from_secs(5), || {
         let mut c = Client::new(http(&cl, 0));
@@ -212,26 +339,47 @@ async fn forged_timestamps_neither_win_nor_freeze_the_clock() {
     // Every later write wins, on both members, on both keys.
     later_writes_win(&cl, &[1, 0], &[0, 1], "FUTURE", 4).await;
     later_writes_win(&cl, &[0, 1], &[0, 1], "MAXLOG", 8).await;
-    assert!(metric(&mut c0, "sessionmesh_clock_refused_total").await >= 1.0, "the future delta was not counted");
+    assert!(
+        metric(&mut c0, "sessionmesh_clock_refused_total").await >= 1.0,
+        "the future delta was not counted"
+    );
     drop(s);
     assert_eq!(c0.get("/readyz").await.expect("readyz").status, 200);
 }
 
 async fn count(c: &mut Client) -> u64 {
-    c.get("/v1/sessions?limit=1").await.map(|r| r.json()["count"].as_u64().unwrap_or(0)).unwrap_or(0)
+    c.get("/v1/sessions?limit=1")
+        .await
+        .map(|r| r.json()["count"].as_u64().unwrap_or(0))
+        .unwrap_or(0)
 }
 
 fn create(id: &str, attrs: Vec<(&str, Vec<u8>)>) -> Arc<Delta> {
     let mut ops = vec![Op::Create];
     ops.extend(attrs.into_iter().map(|(n, v)| set(n, v)));
-    delta(id, Hlc { wall_ms: now_ms(), logical: 0, node: 7 }, ops)
+    delta(
+        id,
+        Hlc {
+            wall_ms: now_ms(),
+            logical: 0,
+            node: 7,
+        },
+        ops,
+    )
 }
 
 /// A peer holding the secret that sends more than the limits allow: its data
 /// is refused and counted, never applied; the members stay ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_cannot_push_data_past_the_limits() {
-    let limits = ["--max-sessions", "100", "--max-attr-bytes", "1024", "--max-session-bytes", "4096"];
+    let limits = [
+        "--max-sessions",
+        "100",
+        "--max-attr-bytes",
+        "1024",
+        "--max-session-bytes",
+        "4096",
+    ];
     let mut cl = LocalCluster::new(&bin(), 3, &limits).expect("cluster");
     cl.start(0).expect("start");
     cl.start(1).expect("start");
@@ -240,23 +388,52 @@ async fn a_hostile_peer_cannot_push_data_past_the_limits() {
     let mut c0 = cl.client(0);
     let mut s = impersonate(&cl, 0, "node3").await;
     // 150 sessions against a cap of 100, one 2 MiB attribute against 1 KiB.
-    let mut deltas: Vec<Arc<Delta>> = (0..150).map(|i| create(&format!("H{i}"), vec![("a", b"1".to_vec())])).collect();
+    let mut deltas: Vec<Arc<Delta>> = (0..150)
+        .map(|i| create(&format!("H{i}"), vec![("a", b"1".to_vec())]))
+        .collect();
     deltas.push(create("HUGE", vec![("a", vec![b'x'; 2 << 20])]));
     let n = deltas.len() as u64;
-    send(&mut s, &PeerMsg::Deltas { epoch: 1, first_seq: 1, deltas }).await;
+    send(
+        &mut s,
+        &PeerMsg::Deltas {
+            epoch: 1,
+            first_seq: 1,
+            deltas,
+        },
+    )
+    .await;
     let refused = wait_for(Duration::from_secs(5), || {
         let mut c = Client::new(http(&cl, 0));
         async move { metric(&mut c, "sessionmesh_peer_refused_total").await >= 51.0 }
     })
     .await;
-    assert!(refused, "over-limit deltas not refused: {}", metric(&mut c0, "sessionmesh_peer_refused_total").await);
+    assert!(
+        refused,
+        "over-limit deltas not refused: {}",
+        metric(&mut c0, "sessionmesh_peer_refused_total").await
+    );
     assert!(count(&mut c0).await <= 100, "the session cap was passed");
-    assert_eq!(c0.get("/v1/sessions/HUGE").await.expect("get").status, 404, "a 2 MiB attribute was stored");
+    assert_eq!(
+        c0.get("/v1/sessions/HUGE").await.expect("get").status,
+        404,
+        "a 2 MiB attribute was stored"
+    );
     // An id no client could have written: the frame is refused whole.
-    let bad = Arc::new(Delta { id: SessionId::key(b"Z").expect("id"), ..(*create("Z", vec![])).clone() });
-    let mut body = postcard::to_allocvec(&PeerMsg::Deltas { epoch: 1, first_seq: n + 1, deltas: vec![bad] }).expect("encode");
+    let bad = Arc::new(Delta {
+        id: SessionId::key(b"Z").expect("id"),
+        ..(*create("Z", vec![])).clone()
+    });
+    let mut body = postcard::to_allocvec(&PeerMsg::Deltas {
+        epoch: 1,
+        first_seq: n + 1,
+        deltas: vec![bad],
+    })
+    .expect("encode");
     // Turn the id "Z" into a newline inside the message (postcard writes it as length 1, then the byte).
-    let pos = body.windows(2).position(|w| w == [1, b'Z']).expect("id in frame");
+    let pos = body
+        .windows(2)
+        .position(|w| w == [1, b'Z'])
+        .expect("id in frame");
     body[pos + 1] = b'\n';
     let mut frame = bytes::BytesMut::new();
     s.keys.send.seal_payload(body, &mut frame).expect("seal");
@@ -268,16 +445,22 @@ async fn a_hostile_peer_cannot_push_data_past_the_limits() {
     .await;
     assert!(closed, "a frame with a bad id was not refused");
     for i in 0..2 {
-        assert_eq!(cl.client(i).get("/readyz").await.expect("readyz").status, 200, "node{} not ready", i + 1);
+        assert_eq!(
+            cl.client(i).get("/readyz").await.expect("readyz").status,
+            200,
+            "node{} not ready",
+            i + 1
+        );
     }
     // The honest member never got past the limits either (anti-entropy copies only what node1 holds).
     assert!(count(&mut cl.client(1)).await <= 100);
 }
 
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
-
 
 /// Connections that never authenticate, and a peer's flood of probe requests,
 /// hold a bounded number of descriptors; the member keeps answering.
@@ -305,8 +488,15 @@ async fn floods_before_and_after_authentication_stay_bounded() {
     let mut c0 = cl.client(0);
     let t = std::time::Instant::now();
     assert_eq!(c0.get("/readyz").await.expect("readyz").status, 200);
-    assert!(t.elapsed() < Duration::from_millis(500), "the API answered in {:?} under a connection flood", t.elapsed());
-    assert!(peak < before + 100, "600 unauthenticated connections held {peak} descriptors (from {before})");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "the API answered in {:?} under a connection flood",
+        t.elapsed()
+    );
+    assert!(
+        peak < before + 100,
+        "600 unauthenticated connections held {peak} descriptors (from {before})"
+    );
     assert!(metric(&mut c0, "sessionmesh_replication_pending_refused_total").await > 0.0);
     drop(held);
     // 3,000 probe requests from an authenticated peer: a bounded number of probes.
@@ -314,7 +504,15 @@ async fn floods_before_and_after_authentication_stay_bounded() {
     for _ in 0..3 {
         let mut batch = bytes::BytesMut::new();
         for _ in 0..1000 {
-            s.keys.send.seal(&PeerMsg::PingReq { target: "node2".into() }, &mut batch).expect("seal");
+            s.keys
+                .send
+                .seal(
+                    &PeerMsg::PingReq {
+                        target: "node2".into(),
+                    },
+                    &mut batch,
+                )
+                .expect("seal");
         }
         s.stream.write_all(&batch).await.expect("write");
     }
@@ -330,20 +528,33 @@ async fn floods_before_and_after_authentication_stay_bounded() {
         peak = peak.max(fds(pid));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(peak < before + 60, "a probe-request flood held {peak} descriptors (from {before})");
+    assert!(
+        peak < before + 60,
+        "a probe-request flood held {peak} descriptors (from {before})"
+    );
 }
 
 /// A peer that authenticates and then reads nothing: the queue toward it stays
 /// bounded, whatever is written meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
-    let mut cl = LocalCluster::new(&bin(), 2, &["--max-queue-bytes", "4194304", "--write-timeout-ms", "100"]).expect("cluster");
+    let mut cl = LocalCluster::new(
+        &bin(),
+        2,
+        &["--max-queue-bytes", "4194304", "--write-timeout-ms", "100"],
+    )
+    .expect("cluster");
     // node2 is the test: it listens where node2 should, authenticates, and never reads.
-    let listener = tokio::net::TcpListener::bind(cl.nodes[1].replication).await.expect("bind node2's address");
+    let listener = tokio::net::TcpListener::bind(cl.nodes[1].replication)
+        .await
+        .expect("bind node2's address");
     let secret = std::fs::read(&cl.secret_file).expect("secret");
     let sec = Security {
         cluster: cl.cluster.clone(),
-        me: NodeId { name: "node2".into(), generation: Generation::random() },
+        me: NodeId {
+            name: "node2".into(),
+            generation: Generation::random(),
+        },
         secret: Arc::new(String::from_utf8_lossy(&secret).trim().as_bytes().to_vec()),
         max_frame: 64 << 20,
         handshake_timeout: Duration::from_secs(2),
@@ -353,7 +564,9 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     tokio::spawn(async move {
         let mut kept = Vec::new();
         while let Ok((mut s, _)) = listener.accept().await {
-            if let Ok((_, probe, _, _)) = transport::server_handshake(&mut s, &server_sec, false, |_| true).await {
+            if let Ok((_, probe, _, _)) =
+                transport::server_handshake(&mut s, &server_sec, false, |_| true).await
+            {
                 if !probe {
                     kept.push(s);
                 }
@@ -365,10 +578,20 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     let mut s = impersonate(&cl, 0, "node2").await;
     tokio::spawn(async move {
         loop {
-            let hlc = Hlc { wall_ms: now_ms(), logical: 0, node: 9 };
+            let hlc = Hlc {
+                wall_ms: now_ms(),
+                logical: 0,
+                node: 9,
+            };
             let mut b = bytes::BytesMut::new();
-            s.keys.send.seal(&PeerMsg::Heartbeat { ready: false }, &mut b).expect("seal");
-            s.keys.send.seal(&PeerMsg::Clock { hlc }, &mut b).expect("seal");
+            s.keys
+                .send
+                .seal(&PeerMsg::Heartbeat { ready: false }, &mut b)
+                .expect("seal");
+            s.keys
+                .send
+                .seal(&PeerMsg::Clock { hlc }, &mut b)
+                .expect("seal");
             if s.stream.write_all(&b).await.is_err() {
                 return;
             }
@@ -378,12 +601,20 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     ready(&cl, 0).await;
     let pid = cl.pid(0).expect("pid");
     let mut c0 = cl.client(0);
-    assert_eq!(c0.post("/v1/sessions", r#"{"id":"SLOW"}"#).await.expect("create").status, 201);
+    assert_eq!(
+        c0.post("/v1/sessions", r#"{"id":"SLOW"}"#)
+            .await
+            .expect("create")
+            .status,
+        201
+    );
     let base = rss_bytes(pid) / (1 << 20);
     let value = vec![b'x'; 512 * 1024];
     let mut peak = base;
     for _ in 0..300 {
-        let _ = c0.put("/v1/sessions/SLOW/attributes/a?send=async", value.clone()).await;
+        let _ = c0
+            .put("/v1/sessions/SLOW/attributes/a?send=async", value.clone())
+            .await;
         peak = peak.max(rss_bytes(pid) / (1 << 20));
     }
     // 150 MiB written toward a peer that reads nothing.
@@ -401,18 +632,26 @@ async fn a_relay_without_the_secret_can_neither_read_nor_inject() {
     let mut cl = LocalCluster::new(&bin(), 2, &["--send", "sync"]).expect("cluster");
     // node2 binds its real port; the member file sends node1 to the relay instead.
     let real = cl.nodes[1].replication;
-    let relay = std::net::SocketAddr::from(([127, 0, 0, 1], sessionmesh_sidecar::localcluster::free_port().expect("port")));
+    let relay = std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        sessionmesh_sidecar::localcluster::free_port().expect("port"),
+    ));
     cl.nodes[1].replication = relay;
     cl.write_members().expect("members");
-    let listener = tokio::net::TcpListener::bind(relay).await.expect("bind relay");
+    let listener = tokio::net::TcpListener::bind(relay)
+        .await
+        .expect("bind relay");
     let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
     let (inject_tx, inject_rx) = tokio::sync::watch::channel(false);
     let recorded = seen.clone();
     let once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         while let Ok((c, _)) = listener.accept().await {
-            let Ok(s) = tokio::net::TcpStream::connect(real).await else { continue };
-            let (recorded, mut inject_rx, once) = (recorded.clone(), inject_rx.clone(), once.clone());
+            let Ok(s) = tokio::net::TcpStream::connect(real).await else {
+                continue;
+            };
+            let (recorded, mut inject_rx, once) =
+                (recorded.clone(), inject_rx.clone(), once.clone());
             tokio::spawn(async move {
                 let ((mut cr, mut cw), (mut sr, mut sw)) = (c.into_split(), s.into_split());
                 tokio::spawn(async move {
@@ -443,15 +682,29 @@ async fn a_relay_without_the_secret_can_neither_read_nor_inject() {
         }
     });
     cl.start(0).expect("start");
-    cl.start_with(1, &["--listen", &real.to_string()]).expect("start");
+    cl.start_with(1, &["--listen", &real.to_string()])
+        .expect("start");
     ready(&cl, 0).await;
     ready(&cl, 1).await;
     let mut c0 = cl.client(0);
-    assert_eq!(c0.post("/v1/sessions", r#"{"id":"RELAY"}"#).await.expect("create").status, 201);
+    assert_eq!(
+        c0.post("/v1/sessions", r#"{"id":"RELAY"}"#)
+            .await
+            .expect("create")
+            .status,
+        201
+    );
     assert_eq!(put(&mut c0, "RELAY", "role", "user-MARKER-4711").await, 204);
     let mut c1 = cl.client(1);
-    assert_eq!(value(&mut c1, "RELAY", "role").await.as_deref(), Some("user-MARKER-4711"), "replication through the relay");
-    let clear = seen.lock().map(|v| v.windows(11).any(|w| w == b"MARKER-4711")).unwrap_or(true);
+    assert_eq!(
+        value(&mut c1, "RELAY", "role").await.as_deref(),
+        Some("user-MARKER-4711"),
+        "replication through the relay"
+    );
+    let clear = seen
+        .lock()
+        .map(|v| v.windows(11).any(|w| w == b"MARKER-4711"))
+        .unwrap_or(true);
     assert!(!clear, "the relay read session content in clear");
     let before = metric(&mut c1, "sessionmesh_frame_errors_total").await;
     inject_tx.send(true).expect("inject");
@@ -461,7 +714,11 @@ async fn a_relay_without_the_secret_can_neither_read_nor_inject() {
     })
     .await;
     assert!(refused, "the injected frame was not refused");
-    assert_eq!(value(&mut c1, "RELAY", "role").await.as_deref(), Some("user-MARKER-4711"), "the injected frame was applied");
+    assert_eq!(
+        value(&mut c1, "RELAY", "role").await.as_deref(),
+        Some("user-MARKER-4711"),
+        "the injected frame was applied"
+    );
     // The members carry on through the relay.
     later_writes_win(&cl, &[0], &[0, 1], "RELAY", 3).await;
 }

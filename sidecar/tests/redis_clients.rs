@@ -2,7 +2,9 @@
 //! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
 //! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
 
-use sessionmesh_sidecar::localcluster::{require, require_node_modules, require_python, rss_bytes, signal, wait_for, LocalCluster};
+use sessionmesh_sidecar::localcluster::{
+    require, require_node_modules, require_python, rss_bytes, signal, wait_for, LocalCluster,
+};
 use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,7 +15,9 @@ fn bin() -> PathBuf {
 }
 
 fn e2e(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../e2e")
+        .join(path)
 }
 
 async fn cluster(n: usize, args: &[&str]) -> LocalCluster {
@@ -24,17 +28,29 @@ async fn cluster(n: usize, args: &[&str]) -> LocalCluster {
         cl.start(i).expect("start");
     }
     for i in 0..n {
-        assert!(cl.wait_ready(i, Duration::from_secs(15)).await, "node{} not ready", i + 1);
+        assert!(
+            cl.wait_ready(i, Duration::from_secs(15)).await,
+            "node{} not ready",
+            i + 1
+        );
     }
     cl
 }
 
 fn port(cl: &LocalCluster, i: usize) -> String {
-    cl.nodes[i].redis.expect("redis endpoint").port().to_string()
+    cl.nodes[i]
+        .redis
+        .expect("redis endpoint")
+        .port()
+        .to_string()
 }
 
 fn cli(port: &str, args: &[&str]) -> String {
-    let out = Command::new(require("redis-cli")).args(["-p", port]).args(args).output().expect("redis-cli (apt-get install redis-tools)");
+    let out = Command::new(require("redis-cli"))
+        .args(["-p", port])
+        .args(args)
+        .output()
+        .expect("redis-cli (apt-get install redis-tools)");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -44,30 +60,89 @@ async fn redis_cli_resp2_and_resp3() {
     let (p1, p2) = (port(&cl, 0), port(&cl, 1));
     assert_eq!(cli(&p1, &["PING"]), "PONG");
     assert_eq!(cli(&p1, &["SET", "k", "v", "EX", "100"]), "OK");
-    assert_eq!(cli(&p2, &["GET", "k"]), "v", "a write on one member is readable on another");
+    assert_eq!(
+        cli(&p2, &["GET", "k"]),
+        "v",
+        "a write on one member is readable on another"
+    );
     assert_eq!(cli(&p2, &["TTL", "k"]), "100");
     assert_eq!(cli(&p1, &["-3", "HSET", "h", "a", "1"]), "1");
-    assert_eq!(cli(&p2, &["-3", "--no-raw", "HGETALL", "h"]), "1# \"a\" => \"1\"");
+    assert_eq!(
+        cli(&p2, &["-3", "--no-raw", "HGETALL", "h"]),
+        "1# \"a\" => \"1\""
+    );
     assert_eq!(cli(&p2, &["HGETALL", "h"]), "a\n1");
-    assert_eq!(cli(&p1, &["-3", "--no-raw", "HELLO", "3"]).lines().next(), Some("1# \"server\" => \"redis\""));
-    assert_eq!(cli(&p1, &["FOO", "bar"]), "ERR unknown command 'FOO', with args beginning with: 'bar'");
-    assert_eq!(cli(&p1, &["GET", "h"]), "WRONGTYPE Operation against a key holding the wrong kind of value");
+    assert_eq!(
+        cli(&p1, &["-3", "--no-raw", "HELLO", "3"]).lines().next(),
+        Some("1# \"server\" => \"redis\"")
+    );
+    assert_eq!(
+        cli(&p1, &["FOO", "bar"]),
+        "ERR unknown command 'FOO', with args beginning with: 'bar'"
+    );
+    assert_eq!(
+        cli(&p1, &["GET", "h"]),
+        "WRONGTYPE Operation against a key holding the wrong kind of value"
+    );
     assert_eq!(cli(&p1, &["SELECT", "1"]), "ERR DB index is out of range");
     assert_eq!(cli(&p1, &["DBSIZE"]), "2");
-    assert_eq!(cli(&p1, &["FLUSHALL"]).split(':').next(), Some("ERR FLUSHDB is disabled"));
+    assert_eq!(
+        cli(&p1, &["FLUSHALL"]).split(':').next(),
+        Some("ERR FLUSHDB is disabled")
+    );
     assert!(cli(&p1, &["INFO"]).contains("loading:0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_limits_and_bad_input() {
-    let cl = cluster(1, &["--redis-password", "s3cret-password", "--redis-max-clients", "3", "--max-attr-bytes", "1024"]).await;
+    let cl = cluster(
+        1,
+        &[
+            "--redis-password",
+            "s3cret-password",
+            "--redis-max-clients",
+            "3",
+            "--max-attr-bytes",
+            "1024",
+        ],
+    )
+    .await;
     let p = port(&cl, 0);
     assert_eq!(cli(&p, &["GET", "k"]), "NOAUTH Authentication required.");
-    assert_eq!(cli(&p, &["AUTH", "nope"]), "WRONGPASS invalid username-password pair or user is disabled.");
-    assert_eq!(cli(&p, &["-a", "s3cret-password", "--no-auth-warning", "SET", "k", "v"]), "OK");
+    assert_eq!(
+        cli(&p, &["AUTH", "nope"]),
+        "WRONGPASS invalid username-password pair or user is disabled."
+    );
+    assert_eq!(
+        cli(
+            &p,
+            &[
+                "-a",
+                "s3cret-password",
+                "--no-auth-warning",
+                "SET",
+                "k",
+                "v"
+            ]
+        ),
+        "OK"
+    );
     let big = "x".repeat(2048);
-    let r = cli(&p, &["-a", "s3cret-password", "--no-auth-warning", "SET", "k", &big]);
-    assert!(r.starts_with("ERR Protocol error: invalid bulk length") || r.contains("exceeds the limit"), "{r}");
+    let r = cli(
+        &p,
+        &[
+            "-a",
+            "s3cret-password",
+            "--no-auth-warning",
+            "SET",
+            "k",
+            &big,
+        ],
+    );
+    assert!(
+        r.starts_with("ERR Protocol error: invalid bulk length") || r.contains("exceeds the limit"),
+        "{r}"
+    );
     // Garbage on the port: an error, the connection closes, the member is fine.
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect");
@@ -78,15 +153,27 @@ async fn auth_limits_and_bad_input() {
     assert!(out.starts_with("-ERR Protocol error"), "{out}");
     // The client limit: three connections are held open, the fourth is refused.
     let mut http = cl.client(0);
-    let clients = |m: &str| m.lines().find(|l| l.starts_with("sessionmesh_redis_clients ")).and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok());
+    let clients = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("sessionmesh_redis_clients "))
+            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+    };
     let t = Instant::now();
     while clients(&http.get("/metrics").await.expect("metrics").text()) != Some(0.0) {
-        assert!(t.elapsed() < Duration::from_secs(5), "earlier connections never closed");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "earlier connections never closed"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let held: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect")).collect();
+    let held: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect"))
+        .collect();
     while clients(&http.get("/metrics").await.expect("metrics").text()) != Some(3.0) {
-        assert!(t.elapsed() < Duration::from_secs(5), "the three connections were not accepted");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the three connections were not accepted"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut s = std::net::TcpStream::connect(cl.nodes[0].redis.expect("redis")).expect("connect");
@@ -97,11 +184,17 @@ async fn auth_limits_and_bad_input() {
     drop(held);
     let t = Instant::now();
     loop {
-        let r = cli(&p, &["-a", "s3cret-password", "--no-auth-warning", "GET", "k"]);
+        let r = cli(
+            &p,
+            &["-a", "s3cret-password", "--no-auth-warning", "GET", "k"],
+        );
         if r == "v" {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "endpoint unusable after the limit: {r}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "endpoint unusable after the limit: {r}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -111,12 +204,29 @@ async fn redis_benchmark_runs_clean_against_a_replicating_member() {
     let cl = cluster(3, &[]).await;
     let p = port(&cl, 0);
     let out = Command::new(require("redis-benchmark"))
-        .args(["-p", &p, "-q", "-t", "set,get,hset", "-n", "5000", "-d", "1024", "-c", "20", "-P", "8"])
+        .args([
+            "-p",
+            &p,
+            "-q",
+            "-t",
+            "set,get,hset",
+            "-n",
+            "5000",
+            "-d",
+            "1024",
+            "-c",
+            "20",
+            "-P",
+            "8",
+        ])
         .output()
         .expect("redis-benchmark (apt-get install redis-tools)");
     let text = String::from_utf8_lossy(&out.stdout);
     for t in ["SET", "GET", "HSET"] {
-        assert!(text.contains(&format!("{t}: ")), "no {t} result in:\n{text}");
+        assert!(
+            text.contains(&format!("{t}: ")),
+            "no {t} result in:\n{text}"
+        );
     }
     assert!(out.status.success());
     // redis-benchmark writes key:__rand_int__; it must be on the peers too.
@@ -125,7 +235,10 @@ async fn redis_benchmark_runs_clean_against_a_replicating_member() {
         if cli(&port(&cl, 2), &["EXISTS", "key:__rand_int__"]) == "1" {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "benchmark keys did not replicate");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "benchmark keys did not replicate"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -164,15 +277,27 @@ async fn an_expired_key_is_not_resurrected_by_a_late_replica() {
     // Several anti-entropy rounds later, the key is gone everywhere.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..3 {
-        assert_eq!(cli(&port(&cl, i), &["EXISTS", "short"]), "0", "node{} has the expired key", i + 1);
+        assert_eq!(
+            cli(&port(&cl, i), &["EXISTS", "short"]),
+            "0",
+            "node{} has the expired key",
+            i + 1
+        );
     }
 }
 
 async fn framework_survives_sigkill(app: AppSpec, what: &str) {
     require("haproxy");
-    let mut st = Stack::start_apps(&bin(), 3, &["--redis", "127.0.0.1:0", "--send", "sync"], LbChoice::Haproxy, "sync", app)
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let mut st = Stack::start_apps(
+        &bin(),
+        3,
+        &["--redis", "127.0.0.1:0", "--send", "sync"],
+        LbChoice::Haproxy,
+        "sync",
+        app,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e:#}"));
     let mut u = User::new(st.lb_addr);
     let r = u.get("/login?user=alice").await.expect("login");
     assert_eq!(r.status, 200, "{what}: login: {}", r.text());
@@ -186,10 +311,18 @@ async fn framework_survives_sigkill(app: AppSpec, what: &str) {
     let r = loop {
         match u.get("/whoami").await {
             Ok(r) if r.status == 200 || r.status == 401 => break r,
-            _ => assert!(t.elapsed() < Duration::from_secs(10), "{what}: no answer after the kill"),
+            _ => assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{what}: no answer after the kill"
+            ),
         }
     };
-    assert_eq!(r.status, 200, "{what}: logged out after SIGKILL of {holder}: {}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "{what}: logged out after SIGKILL of {holder}: {}",
+        r.text()
+    );
     assert_eq!(r.json()["user"], "alice");
     assert_ne!(r.json()["node"], holder.as_str());
     let r = u.get("/whoami").await.expect("again");
@@ -200,7 +333,10 @@ async fn framework_survives_sigkill(app: AppSpec, what: &str) {
 async fn flask_session_survives_sigkill() {
     require_python(&["redis", "flask", "flask_session"]);
     framework_survives_sigkill(
-        AppSpec::External { program: "python3".into(), args: vec![e2e("python/flask_app.py").display().to_string()] },
+        AppSpec::External {
+            program: "python3".into(),
+            args: vec![e2e("python/flask_app.py").display().to_string()],
+        },
         "Flask-Session",
     )
     .await;
@@ -210,7 +346,10 @@ async fn flask_session_survives_sigkill() {
 async fn django_cache_sessions_survive_sigkill() {
     require_python(&["redis", "django"]);
     framework_survives_sigkill(
-        AppSpec::External { program: "python3".into(), args: vec![e2e("python/django_app.py").display().to_string()] },
+        AppSpec::External {
+            program: "python3".into(),
+            args: vec![e2e("python/django_app.py").display().to_string()],
+        },
         "Django",
     )
     .await;
@@ -220,7 +359,10 @@ async fn django_cache_sessions_survive_sigkill() {
 async fn express_session_survives_sigkill() {
     require_node_modules(&e2e("node"));
     framework_survives_sigkill(
-        AppSpec::External { program: "node".into(), args: vec![e2e("node/app.js").display().to_string()] },
+        AppSpec::External {
+            program: "node".into(),
+            args: vec![e2e("node/app.js").display().to_string()],
+        },
         "express-session",
     )
     .await;
@@ -237,14 +379,25 @@ async fn a_pathological_scan_pattern_does_not_stall_the_member() {
     let pattern = format!("{}b", "*a".repeat(40));
     let t = Instant::now();
     let out = cli(&p, &["SCAN", "0", "MATCH", &pattern, "COUNT", "1000"]);
-    assert!(t.elapsed() < Duration::from_secs(1), "SCAN MATCH took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "SCAN MATCH took {:?}",
+        t.elapsed()
+    );
     assert_eq!(out.lines().next(), Some("0"), "{out}");
-    assert_eq!(cli(&p, &["SCAN", "0", "MATCH", &format!("{}a", "*a".repeat(40))]).lines().nth(1), Some(key.as_str()));
+    assert_eq!(
+        cli(
+            &p,
+            &["SCAN", "0", "MATCH", &format!("{}a", "*a".repeat(40))]
+        )
+        .lines()
+        .nth(1),
+        Some(key.as_str())
+    );
     let mut c = cl.client(1);
     let v = c.get("/v1/cluster").await.expect("cluster").json();
     assert_eq!(v["members"][0]["state"], "alive", "{v}");
 }
-
 
 /// Wrong passwords are counted and, past a few on one connection, slowed down;
 /// the right one still works.
@@ -252,28 +405,48 @@ async fn a_pathological_scan_pattern_does_not_stall_the_member() {
 async fn failed_auth_is_counted_and_slowed_down() {
     let cl = cluster(1, &["--redis-password", "s3cret-pass"]).await;
     let p = port(&cl, 0);
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port"))).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port")))
+        .await
+        .expect("connect");
     let t = Instant::now();
     let mut req = Vec::new();
     for _ in 0..10 {
         req.extend_from_slice(b"*2\r\n$4\r\nAUTH\r\n$5\r\nwrong\r\n");
     }
     req.extend_from_slice(b"*2\r\n$4\r\nAUTH\r\n$11\r\ns3cret-pass\r\n*1\r\n$4\r\nPING\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut s, &req).await.expect("write");
+    tokio::io::AsyncWriteExt::write_all(&mut s, &req)
+        .await
+        .expect("write");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&got).contains("+PONG") {
-        let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await.expect("reply in time").expect("read");
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await
+        .expect("reply in time")
+        .expect("read");
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
     let text = String::from_utf8_lossy(&got);
     assert_eq!(text.matches("WRONGPASS").count(), 10, "{text}");
     assert!(text.contains("+OK\r\n+PONG"), "{text}");
-    assert!(t.elapsed() >= Duration::from_millis(7 * 200), "10 wrong passwords took only {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(7 * 200),
+        "10 wrong passwords took only {:?}",
+        t.elapsed()
+    );
     let m = cl.client(0).get("/metrics").await.expect("metrics").text();
-    assert!(m.contains("sessionmesh_redis_auth_failures_total 10\n"), "{m}");
-    assert!(!cl.log_text(0).contains("wrong"), "a guessed password went into the log");
+    assert!(
+        m.contains("sessionmesh_redis_auth_failures_total 10\n"),
+        "{m}"
+    );
+    assert!(
+        !cl.log_text(0).contains("wrong"),
+        "a guessed password went into the log"
+    );
 }
 
 /// Replies are streamed with backpressure: a client that pipelines 400 MiB of
@@ -283,32 +456,57 @@ async fn a_client_that_does_not_read_cannot_make_the_member_hold_its_replies() {
     let cl = cluster(1, &[]).await;
     let p = port(&cl, 0);
     let pid = cl.pid(0).expect("pid");
-    let mut w = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port"))).await.expect("connect");
+    let mut w = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port")))
+        .await
+        .expect("connect");
     let value = vec![b'v'; 512 * 1024];
     let mut set = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", value.len()).into_bytes();
     set.extend_from_slice(&value);
     set.extend_from_slice(b"\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut w, &set).await.expect("set");
+    tokio::io::AsyncWriteExt::write_all(&mut w, &set)
+        .await
+        .expect("set");
     let mut ok = [0u8; 5];
-    tokio::io::AsyncReadExt::read_exact(&mut w, &mut ok).await.expect("+OK");
+    tokio::io::AsyncReadExt::read_exact(&mut w, &mut ok)
+        .await
+        .expect("+OK");
     let base = rss_bytes(pid) >> 20;
     // 800 GETs of 512 KiB in one small pipeline: 400 MiB of replies, never read.
     let gets = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(800);
-    tokio::io::AsyncWriteExt::write_all(&mut w, &gets).await.expect("gets");
-    let grew = wait_for(Duration::from_secs(2), || async move { (rss_bytes(pid) >> 20) > base + 64 }).await;
-    assert!(!grew, "RSS grew from {base} MiB to {} MiB for replies nobody read", (rss_bytes(pid) >> 20));
+    tokio::io::AsyncWriteExt::write_all(&mut w, &gets)
+        .await
+        .expect("gets");
+    let grew = wait_for(Duration::from_secs(2), || async move {
+        (rss_bytes(pid) >> 20) > base + 64
+    })
+    .await;
+    assert!(
+        !grew,
+        "RSS grew from {base} MiB to {} MiB for replies nobody read",
+        (rss_bytes(pid) >> 20)
+    );
     // Too many keys in one MGET: a clear error, not a huge reply.
     let keys: Vec<String> = (0..10_001).map(|i| format!("k{i}")).collect();
     let mut args = vec!["MGET"];
     args.extend(keys.iter().map(String::as_str));
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port"))).await.expect("connect");
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p.parse::<u16>().expect("port")))
+        .await
+        .expect("connect");
     let mut req = format!("*{}\r\n", args.len()).into_bytes();
     for a in &args {
         req.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
     }
-    tokio::io::AsyncWriteExt::write_all(&mut c, &req).await.expect("mget");
+    tokio::io::AsyncWriteExt::write_all(&mut c, &req)
+        .await
+        .expect("mget");
     let mut buf = [0u8; 256];
-    let n = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await.expect("read");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("-ERR too many keys for 'mget'"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let n = tokio::io::AsyncReadExt::read(&mut c, &mut buf)
+        .await
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("-ERR too many keys for 'mget'"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     drop(w);
 }

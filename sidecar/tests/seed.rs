@@ -14,7 +14,9 @@ fn bin() -> std::path::PathBuf {
 
 async fn stack() -> Stack {
     sessionmesh_sidecar::localcluster::require("haproxy");
-    Stack::start(&bin(), 3, &[], LbChoice::Haproxy, "sync").await.expect("stack with HAProxy (is haproxy installed?)")
+    Stack::start(&bin(), 3, &[], LbChoice::Haproxy, "sync")
+        .await
+        .expect("stack with HAProxy (is haproxy installed?)")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +27,9 @@ async fn a_sigkill_of_the_node_holding_the_session_keeps_the_user_logged_in() {
 /// The demo's fallback when HAProxy is not installed behaves the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_with_the_builtin_router() {
-    let st = Stack::start(&bin(), 3, &[], LbChoice::Builtin, "sync").await.expect("stack");
+    let st = Stack::start(&bin(), 3, &[], LbChoice::Builtin, "sync")
+        .await
+        .expect("stack");
     assert_eq!(st.lb_name(), "built-in cookie-sticky router");
     scenario_a(st).await;
 }
@@ -43,7 +47,9 @@ async fn scenario_a(mut st: Stack) {
         }
         holder = v.node.clone();
     }
-    assert!(user.session_cookie().is_some_and(|c| c.ends_with(&format!(".{holder}"))));
+    assert!(user
+        .session_cookie()
+        .is_some_and(|c| c.ends_with(&format!(".{holder}"))));
     let i = st.index_of(&holder).expect("holder");
     st.kill_node(i);
     let t = Instant::now();
@@ -53,14 +59,27 @@ async fn scenario_a(mut st: Stack) {
             Ok(v) if v.status == 200 => break v,
             _ => failed += 1,
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no good response after the kill");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no good response after the kill"
+        );
     };
     let took = t.elapsed();
-    eprintln!("first good response {} ms after SIGKILL, {failed} failed before it", took.as_millis());
+    eprintln!(
+        "first good response {} ms after SIGKILL, {failed} failed before it",
+        took.as_millis()
+    );
     assert_eq!(v.counter, Some(21), "the user's counter did not continue");
     assert_ne!(v.node, holder);
-    assert!(v.rebound, "the new node did not rebind the session to its route");
-    assert!(user.session_cookie().is_some_and(|c| c.ends_with(&format!(".{}", v.node))), "cookie not rebound");
+    assert!(
+        v.rebound,
+        "the new node did not rebind the session to its route"
+    );
+    assert!(
+        user.session_cookie()
+            .is_some_and(|c| c.ends_with(&format!(".{}", v.node))),
+        "cookie not rebound"
+    );
     assert_eq!(failed, 0, "HAProxy should redispatch the first request");
     assert!(took < Duration::from_secs(1), "failover took {took:?}");
     // And it keeps counting on the new node.
@@ -69,7 +88,12 @@ async fn scenario_a(mut st: Stack) {
     assert!(!v.rebound);
 }
 
-async fn users_loop(lb: std::net::SocketAddr, n: usize, stop: Arc<AtomicBool>, stats: Arc<[AtomicU64; 4]>) -> Vec<tokio::task::JoinHandle<()>> {
+async fn users_loop(
+    lb: std::net::SocketAddr,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    stats: Arc<[AtomicU64; 4]>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     // stats: [requests, failed, sessions lost, regressions]
     (0..n)
         .map(|_| {
@@ -115,7 +139,10 @@ async fn b_graceful_shutdown_after_draining_fails_no_request() {
         u.await.expect("user");
     }
     let s: Vec<u64> = stats.iter().map(|a| a.load(Ordering::Relaxed)).collect();
-    eprintln!("requests {} failed {} lost {} regressions {}", s[0], s[1], s[2], s[3]);
+    eprintln!(
+        "requests {} failed {} lost {} regressions {}",
+        s[0], s[1], s[2], s[3]
+    );
     assert!(s[0] > 100, "too little load to mean anything");
     assert_eq!(s[1], 0, "a request failed during a drained shutdown");
     assert_eq!(s[2], 0, "a session was lost");
@@ -139,7 +166,10 @@ async fn c_rolling_restart_under_load_loses_no_session() {
         u.await.expect("user");
     }
     let s: Vec<u64> = stats.iter().map(|a| a.load(Ordering::Relaxed)).collect();
-    eprintln!("rolling restart: requests {} failed {} lost {} regressions {}", s[0], s[1], s[2], s[3]);
+    eprintln!(
+        "rolling restart: requests {} failed {} lost {} regressions {}",
+        s[0], s[1], s[2], s[3]
+    );
     assert!(s[0] > 1000, "too little load to mean anything");
     assert_eq!(s[2], 0, "sessions lost in a rolling restart");
     assert_eq!(s[3], 0, "counter regressions in a rolling restart");
@@ -156,9 +186,17 @@ async fn d_colliding_receiver_ports_are_a_clear_startup_error() {
     }
     cl.write_members().expect("members");
     for i in 0..3 {
-        assert!(cl.start(i).is_err(), "node{} started with a colliding receiver port", i + 1);
+        assert!(
+            cl.start(i).is_err(),
+            "node{} started with a colliding receiver port",
+            i + 1
+        );
         let log = cl.log_text(i);
         assert!(log.contains("members[1].address"), "node{}: {log}", i + 1);
-        assert!(log.contains("every member needs its own receiver port"), "node{}: {log}", i + 1);
+        assert!(
+            log.contains("every member needs its own receiver port"),
+            "node{}: {log}",
+            i + 1
+        );
     }
 }

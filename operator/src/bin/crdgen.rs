@@ -2,6 +2,9 @@
 use kube::CustomResourceExt;
 
 fn main() -> anyhow::Result<()> {
-    print!("{}", serde_yaml::to_string(&sessionmesh_api::SessionCluster::crd())?);
+    print!(
+        "{}",
+        serde_yaml::to_string(&sessionmesh_api::SessionCluster::crd())?
+    );
     Ok(())
 }

@@ -23,7 +23,9 @@ pub fn apiserver_bin() -> PathBuf {
     }
     let cache = std::env::var_os("SESSIONMESH_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sessionmesh"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sessionmesh")
+        });
     cache.join("kube-apiserver-1.20.2")
 }
 
@@ -56,7 +58,12 @@ impl KubeEnv {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let run = |args: &[&str]| {
-            let ok = Command::new(&openssl).args(args).current_dir(&dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            let ok = Command::new(&openssl)
+                .args(args)
+                .current_dir(&dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
             assert!(ok, "openssl {args:?}");
         };
         run(&["genrsa", "-out", "sa.key", "2048"]);
@@ -66,11 +73,26 @@ impl KubeEnv {
         let log = |n: &str| Stdio::from(std::fs::File::create(dir.join(n)).expect("log"));
         let etcd = Command::new(&etcd_bin)
             .args(["--data-dir", "etcd", "--name", "test"])
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
-            .args(["--initial-cluster", &format!("test=http://127.0.0.1:{peer_port}")])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client_port}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client_port}"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("test=http://127.0.0.1:{peer_port}"),
+            ])
             .current_dir(&dir)
             .stdout(log("etcd.log"))
             .stderr(log("etcd.err"))
@@ -78,11 +100,35 @@ impl KubeEnv {
             .expect("etcd (apt-get install etcd-server)");
         let api = Command::new(&bin)
             .args(["--etcd-servers", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--bind-address", "127.0.0.1", "--secure-port", &api_port.to_string(), "--insecure-port", "0"])
-            .args(["--cert-dir", "certs", "--token-auth-file", "tokens.csv", "--authorization-mode", "RBAC"])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                &api_port.to_string(),
+                "--insecure-port",
+                "0",
+            ])
+            .args([
+                "--cert-dir",
+                "certs",
+                "--token-auth-file",
+                "tokens.csv",
+                "--authorization-mode",
+                "RBAC",
+            ])
             .args(["--service-account-issuer", "https://kubernetes.default.svc"])
-            .args(["--service-account-key-file", "sa.pub", "--service-account-signing-key-file", "sa.key"])
-            .args(["--service-cluster-ip-range", "10.96.0.0/24", "--disable-admission-plugins", "ServiceAccount"])
+            .args([
+                "--service-account-key-file",
+                "sa.pub",
+                "--service-account-signing-key-file",
+                "sa.key",
+            ])
+            .args([
+                "--service-cluster-ip-range",
+                "10.96.0.0/24",
+                "--disable-admission-plugins",
+                "ServiceAccount",
+            ])
             .current_dir(&dir)
             .stdout(log("apiserver.log"))
             .stderr(log("apiserver.err"))
@@ -109,15 +155,28 @@ impl KubeEnv {
         )
         .expect("kubeconfig");
         let client = client_for(&kubeconfig).await;
-        let env = KubeEnv { dir, url, kubeconfig, client, children: vec![etcd, api] };
+        let env = KubeEnv {
+            dir,
+            url,
+            kubeconfig,
+            client,
+            children: vec![etcd, api],
+        };
         let t = Instant::now();
         loop {
             if env.client.apiserver_version().await.is_ok()
-                && Api::<Namespace>::all(env.client.clone()).get_opt("default").await.is_ok_and(|n| n.is_some())
+                && Api::<Namespace>::all(env.client.clone())
+                    .get_opt("default")
+                    .await
+                    .is_ok_and(|n| n.is_some())
             {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "kube-apiserver did not come up: {}", env.log_tail("apiserver.err"));
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "kube-apiserver did not come up: {}",
+                env.log_tail("apiserver.err")
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         env
@@ -125,19 +184,42 @@ impl KubeEnv {
 
     pub fn log_tail(&self, name: &str) -> String {
         let t = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-        t.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        t.lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Applies `crds/` and waits until the CRD is established.
     pub async fn apply_crds(&self) {
-        let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/sessioncluster.yaml")).expect("crd");
+        let yaml = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/sessioncluster.yaml"
+        ))
+        .expect("crd");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("crd yaml");
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        api.patch("sessionclusters.sessionmesh.io", &PatchParams::apply("test").force(), &Patch::Apply(&crd)).await.expect("apply crd");
+        api.patch(
+            "sessionclusters.sessionmesh.io",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply crd");
         let t = Instant::now();
         loop {
-            let c = api.get("sessionclusters.sessionmesh.io").await.expect("get crd");
-            let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+            let c = api
+                .get("sessionclusters.sessionmesh.io")
+                .await
+                .expect("get crd");
+            let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
             if established {
                 break;
             }
@@ -148,8 +230,11 @@ impl KubeEnv {
 
     pub async fn namespace(&self, name: &str) {
         let api: Api<Namespace> = Api::all(self.client.clone());
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
-        api.create(&PostParams::default(), &ns).await.expect("create namespace");
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
     }
 
     /// Creates a member pod (annotated), as the webhook-less API server sees it.
@@ -160,7 +245,9 @@ impl KubeEnv {
             "spec": {"hostNetwork": host_network, "containers": [{"name": "app", "image": "app:1"}]}
         }))
         .expect("pod");
-        api.create(&PostParams::default(), &pod).await.expect("create pod")
+        api.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod")
     }
 
     /// There is no kubelet: a test says the pod runs, with this IP, and is ready or not.
@@ -170,7 +257,9 @@ impl KubeEnv {
             "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
             "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
         }});
-        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("patch pod status");
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("patch pod status");
     }
 
     /// Starts the operator binary against this API server.
@@ -180,21 +269,41 @@ impl KubeEnv {
 
     pub fn operator_with(&self, lease_ns: &str, identity: &str, extra: &[&str]) -> Operator {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionmesh-operator"));
-        cmd
-            .env("KUBECONFIG", &self.kubeconfig)
+        cmd.env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
-            .args(["--lease-namespace", lease_ns, "--identity", identity, "--health", "127.0.0.1:0", "--lease-seconds", "3"])
+            .args([
+                "--lease-namespace",
+                lease_ns,
+                "--identity",
+                identity,
+                "--health",
+                "127.0.0.1:0",
+                "--lease-seconds",
+                "3",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
-                std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{identity}.log"))).expect("log"),
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(format!("{identity}.log")))
+                    .expect("log"),
             ));
-        let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(&mut cmd, Some(Duration::from_secs(20))).expect("spawn");
+        let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(
+            &mut cmd,
+            Some(Duration::from_secs(20)),
+        )
+        .expect("spawn");
         let line = line.expect("operator did not start");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
         Operator {
             child: Some(child),
-            health: v["health"].as_str().unwrap_or_default().parse().expect("addr"),
+            health: v["health"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .expect("addr"),
             webhook: v["webhook"].as_str().and_then(|w| w.parse().ok()),
         }
     }
@@ -214,7 +323,9 @@ impl Drop for KubeEnv {
 
 pub async fn client_for(kubeconfig: &std::path::Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
     Client::try_from(cfg).expect("client")
 }
 
@@ -243,7 +354,12 @@ impl Operator {
     }
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let text = http_get(self.health, "/metrics").await?;
-        text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.split_whitespace().nth(1)?.parse().ok()
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 }
 
@@ -256,7 +372,9 @@ impl Drop for Operator {
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
@@ -273,7 +391,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(t.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        assert!(
+            t.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

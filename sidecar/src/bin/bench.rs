@@ -16,15 +16,29 @@ fn sidecar_bin() -> PathBuf {
 }
 
 /// `(state, sinceMs)` of `name` in a member's `/v1/cluster`.
-async fn member(c: &mut sessionmesh_sidecar::client::Client, name: &str) -> anyhow::Result<Option<(String, u64)>> {
+async fn member(
+    c: &mut sessionmesh_sidecar::client::Client,
+    name: &str,
+) -> anyhow::Result<Option<(String, u64)>> {
     let j = c.get("/v1/cluster").await?.json();
-    Ok(j["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).map(|m| {
-        (m["state"].as_str().unwrap_or_default().to_owned(), m["sinceMs"].as_u64().unwrap_or(0))
-    }))
+    Ok(j["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name))
+        .map(|m| {
+            (
+                m["state"].as_str().unwrap_or_default().to_owned(),
+                m["sinceMs"].as_u64().unwrap_or(0),
+            )
+        }))
 }
 
 /// Polls until `name` is in `state`; returns its `sinceMs`.
-async fn wait_member(c: &mut sessionmesh_sidecar::client::Client, name: &str, state: &str, within: Duration) -> anyhow::Result<u64> {
+async fn wait_member(
+    c: &mut sessionmesh_sidecar::client::Client,
+    name: &str,
+    state: &str,
+    within: Duration,
+) -> anyhow::Result<u64> {
     let t0 = Instant::now();
     loop {
         if let Some((s, since)) = member(c, name).await? {
@@ -32,7 +46,10 @@ async fn wait_member(c: &mut sessionmesh_sidecar::client::Client, name: &str, st
                 return Ok(since);
             }
         }
-        anyhow::ensure!(t0.elapsed() < within, "{name} not {state} within {within:?}");
+        anyhow::ensure!(
+            t0.elapsed() < within,
+            "{name} not {state} within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -88,7 +105,13 @@ async fn writes(mode: &str, secs: u64) -> anyhow::Result<()> {
             let mut errors = 0u64;
             while Instant::now() < end {
                 let t0 = Instant::now();
-                match c.put(&format!("/v1/sessions/{}/attributes/data", ids[i % ids.len()]), value.clone()).await {
+                match c
+                    .put(
+                        &format!("/v1/sessions/{}/attributes/data", ids[i % ids.len()]),
+                        value.clone(),
+                    )
+                    .await
+                {
                     Ok(r) if r.status == 204 => lat.push(t0.elapsed().as_secs_f64() * 1000.0),
                     _ => errors += 1,
                 }
@@ -120,7 +143,11 @@ async fn writes(mode: &str, secs: u64) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    figure(&format!("replicated_writes_{mode}"), n / secs as f64, "writes/s");
+    figure(
+        &format!("replicated_writes_{mode}"),
+        n / secs as f64,
+        "writes/s",
+    );
     figure(&format!("replication_coverage_{mode}"), coverage, "ratio");
     figure(&format!("write_{mode}_p50_ms"), pct(&mut lat, 0.5), "ms");
     figure(&format!("write_{mode}_p99_ms"), pct(&mut lat, 0.99), "ms");
@@ -137,7 +164,9 @@ async fn lag(samples: usize) -> anyhow::Result<()> {
     let pad = "x".repeat(1000);
     for i in 0..samples {
         let val = format!("{i:08}{pad}");
-        let r = a.put("/v1/sessions/LAG/attributes/k?send=async", val.clone()).await?;
+        let r = a
+            .put("/v1/sessions/LAG/attributes/k?send=async", val.clone())
+            .await?;
         anyhow::ensure!(r.status == 204, "write failed: {}", r.status);
         let t0 = Instant::now();
         loop {
@@ -167,7 +196,10 @@ async fn detect(rounds: usize) -> anyhow::Result<()> {
         let since = wait_member(&mut c, "node3", "dead", Duration::from_secs(5)).await?;
         v.push(since.saturating_sub(killed) as f64);
         cl.start(2)?;
-        anyhow::ensure!(cl.wait_ready(2, Duration::from_secs(10)).await, "node3 not ready after restart");
+        anyhow::ensure!(
+            cl.wait_ready(2, Duration::from_secs(10)).await,
+            "node3 not ready after restart"
+        );
         wait_member(&mut c, "node3", "alive", Duration::from_secs(5)).await?;
     }
     figure("failure_detect_p50_ms", pct(&mut v, 0.5), "ms");
@@ -176,7 +208,6 @@ async fn detect(rounds: usize) -> anyhow::Result<()> {
     figure("failure_detect_rounds", v.len() as f64, "count");
     Ok(())
 }
-
 
 /// SIGSTOP the third member (a hung process with open sockets), read when the
 /// first declared it dead, then SIGCONT it and wait until it is alive again.
@@ -198,7 +229,6 @@ async fn detect_hung(rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 /// Loads N × 1 KiB sessions, then a fourth member joins; also RSS per session.
 async fn transfer(n: usize) -> anyhow::Result<()> {
     let mut cl = cluster(3, &[]).await?;
@@ -216,7 +246,10 @@ async fn transfer(n: usize) -> anyhow::Result<()> {
             let mut i = t;
             while i < n {
                 let body = format!(r#"{{"id":"T{i:08}","attributes":{{"data":"{payload}"}}}}"#);
-                if c.post("/v1/sessions", body).await.is_ok_and(|r| r.status == 201) {
+                if c.post("/v1/sessions", body)
+                    .await
+                    .is_ok_and(|r| r.status == 201)
+                {
                     ok += 1;
                 }
                 i += conns;
@@ -229,7 +262,11 @@ async fn transfer(n: usize) -> anyhow::Result<()> {
         loaded += t.await?;
     }
     anyhow::ensure!(loaded == n, "loaded only {loaded} of {n}");
-    figure("load_sessions_per_s", n as f64 / t0.elapsed().as_secs_f64(), "sessions/s");
+    figure(
+        "load_sessions_per_s",
+        n as f64 / t0.elapsed().as_secs_f64(),
+        "sessions/s",
+    );
     // Let replication settle before measuring memory and joining.
     let mut c1 = cl.client(1);
     let t1 = Instant::now();
@@ -251,10 +288,15 @@ async fn transfer(n: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let t2 = Instant::now();
     cl.start(i)?;
-    anyhow::ensure!(cl.wait_ready(i, Duration::from_secs(60)).await, "joiner not ready");
+    anyhow::ensure!(
+        cl.wait_ready(i, Duration::from_secs(60)).await,
+        "joiner not ready"
+    );
     let wall = t2.elapsed().as_secs_f64();
     let mut c4 = cl.client(i);
-    let have = c4.get("/v1/sessions?limit=1").await?.json()["count"].as_u64().unwrap_or(0);
+    let have = c4.get("/v1/sessions?limit=1").await?.json()["count"]
+        .as_u64()
+        .unwrap_or(0);
     anyhow::ensure!(have == n as u64, "joiner ready with {have} of {n}");
     let m = c4.get("/metrics").await?.text();
     let inner = m
@@ -263,12 +305,21 @@ async fn transfer(n: usize) -> anyhow::Result<()> {
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .unwrap_or(f64::NAN);
     figure(&format!("state_transfer_{}k_s", n / 1000), inner, "s");
-    figure(&format!("state_transfer_{}k_start_to_ready_s", n / 1000), wall, "s");
+    figure(
+        &format!("state_transfer_{}k_start_to_ready_s", n / 1000),
+        wall,
+        "s",
+    );
     Ok(())
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').chain(["/usr/sbin"]).map(|d| PathBuf::from(d).join(cmd)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin"])
+        .map(|d| PathBuf::from(d).join(cmd))
+        .find(|p| p.is_file())
 }
 
 /// wrk's latency figure, e.g. `1.23ms`, `850.00us`, `1.02s`, in ms.
@@ -286,16 +337,34 @@ fn wrk_ms(s: &str) -> f64 {
 }
 
 /// Runs wrk and returns (requests/s, p50 ms, p99 ms, non-2xx).
-fn wrk(url: &str, conns: usize, secs: u64, script: &std::path::Path) -> anyhow::Result<(f64, f64, f64, u64)> {
+fn wrk(
+    url: &str,
+    conns: usize,
+    secs: u64,
+    script: &std::path::Path,
+) -> anyhow::Result<(f64, f64, f64, u64)> {
     let wrk = which("wrk").ok_or_else(|| anyhow::anyhow!("wrk is not installed"))?;
     let threads = conns.clamp(1, 2);
     let out = std::process::Command::new(wrk)
-        .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{secs}s"), "--latency", "-s"])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            "-s",
+        ])
         .arg(script)
         .arg(url)
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
     let lat = |p: &str| {
         text.lines()
             .map(str::trim)
@@ -308,7 +377,11 @@ fn wrk(url: &str, conns: usize, secs: u64, script: &std::path::Path) -> anyhow::
         .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    anyhow::ensure!(rps.is_finite(), "wrk printed no result:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        rps.is_finite(),
+        "wrk printed no result:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok((rps, lat("50%"), lat("99%"), non2xx))
 }
 
@@ -319,11 +392,18 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-
 /// CPU microseconds used so far by the stack's sidecars, apps and load balancer.
 fn stack_cpu(st: &Stack) -> [f64; 3] {
-    let sidecars: f64 = (0..st.cl.nodes.len()).filter_map(|i| st.cl.pid(i)).map(|p| cpu_seconds(p) * 1e6).sum();
-    let apps: f64 = st.apps.iter().flatten().map(|c| cpu_seconds(c.id()) * 1e6).sum();
+    let sidecars: f64 = (0..st.cl.nodes.len())
+        .filter_map(|i| st.cl.pid(i))
+        .map(|p| cpu_seconds(p) * 1e6)
+        .sum();
+    let apps: f64 = st
+        .apps
+        .iter()
+        .flatten()
+        .map(|c| cpu_seconds(c.id()) * 1e6)
+        .sum();
     let lb = match &st.lb {
         sessionmesh_sidecar::stack::Lb::Haproxy { child, .. } => cpu_seconds(child.id()) * 1e6,
         sessionmesh_sidecar::stack::Lb::Builtin { .. } => 0.0,
@@ -338,10 +418,20 @@ async fn cookie_script(st: &Stack, users: usize) -> anyhow::Result<PathBuf> {
         for _ in 0..users {
             let mut u = User::new(st.lb_addr);
             u.visit().await?;
-            cookies.push(u.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "));
+            cookies.push(
+                u.jar
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
         }
         let script = st.cl.dir.join("cookies.lua");
-        let list = cookies.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(",\n  ");
+        let list = cookies
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<Vec<_>>()
+            .join(",\n  ");
         std::fs::write(
             &script,
             format!(
@@ -370,17 +460,38 @@ async fn demo(secs: u64, rounds: usize) -> anyhow::Result<()> {
     let mut standalone = LocalCluster::new(&bin, 3, &[])?;
     standalone.standalone = true;
     let stacks = [
-        ("sync", Stack::start(&bin, 3, &["--send", "sync"], LbChoice::Haproxy, "sync").await?),
-        ("async", Stack::start(&bin, 3, &["--send", "async"], LbChoice::Haproxy, "async").await?),
-        ("standalone", Stack::start_on(standalone, LbChoice::Haproxy, "sync", AppSpec::Demo).await?),
+        (
+            "sync",
+            Stack::start(&bin, 3, &["--send", "sync"], LbChoice::Haproxy, "sync").await?,
+        ),
+        (
+            "async",
+            Stack::start(&bin, 3, &["--send", "async"], LbChoice::Haproxy, "async").await?,
+        ),
+        (
+            "standalone",
+            Stack::start_on(standalone, LbChoice::Haproxy, "sync", AppSpec::Demo).await?,
+        ),
     ];
     let mut scripts = Vec::new();
     for (name, st) in &stacks {
         scripts.push(cookie_script(st, USERS).await?);
         // For `perf record -p`: which processes belong to which stack.
-        let sidecars: Vec<String> = (0..st.cl.nodes.len()).filter_map(|i| st.cl.pid(i)).map(|p| p.to_string()).collect();
-        let apps: Vec<String> = st.apps.iter().flatten().map(|c| c.id().to_string()).collect();
-        println!("# {name} stack: sidecar pids {}, app pids {}", sidecars.join(","), apps.join(","));
+        let sidecars: Vec<String> = (0..st.cl.nodes.len())
+            .filter_map(|i| st.cl.pid(i))
+            .map(|p| p.to_string())
+            .collect();
+        let apps: Vec<String> = st
+            .apps
+            .iter()
+            .flatten()
+            .map(|c| c.id().to_string())
+            .collect();
+        println!(
+            "# {name} stack: sidecar pids {}, app pids {}",
+            sidecars.join(","),
+            apps.join(",")
+        );
     }
     let mut rps: [Vec<f64>; 3] = Default::default();
     let mut p99: [Vec<f64>; 3] = Default::default();
@@ -412,17 +523,41 @@ async fn demo(secs: u64, rounds: usize) -> anyhow::Result<()> {
     }
     for (k, (name, _)) in stacks.iter().enumerate() {
         let (lo, hi) = (pct(&mut rps[k], 0.0), pct(&mut rps[k], 1.0));
-        figure(&format!("demo_rps_c{CONNS}_{name}"), pct(&mut rps[k], 0.5), "req/s");
+        figure(
+            &format!("demo_rps_c{CONNS}_{name}"),
+            pct(&mut rps[k], 0.5),
+            "req/s",
+        );
         figure(&format!("demo_rps_c{CONNS}_{name}_min"), lo, "req/s");
         figure(&format!("demo_rps_c{CONNS}_{name}_max"), hi, "req/s");
-        figure(&format!("demo_p99_ms_c{CONNS}_{name}"), pct(&mut p99[k], 0.5), "ms");
-        figure(&format!("demo_sidecar_cpu_us_per_req_{name}"), pct(&mut cpu[k][0], 0.5), "us");
-        figure(&format!("demo_app_cpu_us_per_req_{name}"), pct(&mut cpu[k][1], 0.5), "us");
-        figure(&format!("demo_haproxy_cpu_us_per_req_{name}"), pct(&mut cpu[k][2], 0.5), "us");
+        figure(
+            &format!("demo_p99_ms_c{CONNS}_{name}"),
+            pct(&mut p99[k], 0.5),
+            "ms",
+        );
+        figure(
+            &format!("demo_sidecar_cpu_us_per_req_{name}"),
+            pct(&mut cpu[k][0], 0.5),
+            "us",
+        );
+        figure(
+            &format!("demo_app_cpu_us_per_req_{name}"),
+            pct(&mut cpu[k][1], 0.5),
+            "us",
+        );
+        figure(
+            &format!("demo_haproxy_cpu_us_per_req_{name}"),
+            pct(&mut cpu[k][2], 0.5),
+            "us",
+        );
     }
     for (k, mode) in ["sync", "async"].iter().enumerate() {
         let (lo, hi) = (pct(&mut ratios[k], 0.0), pct(&mut ratios[k], 1.0));
-        figure(&format!("demo_ratio_{mode}"), pct(&mut ratios[k], 0.5), "ratio");
+        figure(
+            &format!("demo_ratio_{mode}"),
+            pct(&mut ratios[k], 0.5),
+            "ratio",
+        );
         figure(&format!("demo_ratio_{mode}_min"), lo, "ratio");
         figure(&format!("demo_ratio_{mode}_max"), hi, "ratio");
     }
@@ -448,8 +583,12 @@ async fn failover(rounds: usize) -> anyhow::Result<()> {
         for _ in 0..5 {
             last = Some(u.visit().await?);
         }
-        let Some(before) = last else { anyhow::bail!("no visit") };
-        let i = st.index_of(&before.node).ok_or_else(|| anyhow::anyhow!("unknown node"))?;
+        let Some(before) = last else {
+            anyhow::bail!("no visit")
+        };
+        let i = st
+            .index_of(&before.node)
+            .ok_or_else(|| anyhow::anyhow!("unknown node"))?;
         st.kill_node(i);
         let t0 = Instant::now();
         let after = loop {
@@ -458,7 +597,10 @@ async fn failover(rounds: usize) -> anyhow::Result<()> {
                     break r;
                 }
             }
-            anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "no good response within 10 s");
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no good response within 10 s"
+            );
         };
         v.push(t0.elapsed().as_secs_f64() * 1000.0);
         if after.counter != before.counter.map(|c| c + 1) {
@@ -482,7 +624,8 @@ async fn rolling() -> anyhow::Result<()> {
         let stop = stop.clone();
         let lb = st.lb_addr;
         users.push(tokio::spawn(async move {
-            let (mut ok, mut failed, mut lost, mut regress, mut last) = (0u64, 0u64, 0u64, 0u64, 0u64);
+            let (mut ok, mut failed, mut lost, mut regress, mut last) =
+                (0u64, 0u64, 0u64, 0u64, 0u64);
             let mut u = User::new(lb);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match u.visit().await {
@@ -530,15 +673,28 @@ struct RedisServer {
 
 /// A standalone redis-server on a free loopback port, no persistence: the reference.
 async fn redis_server() -> anyhow::Result<RedisServer> {
-    let redis = which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
+    let redis =
+        which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
     let port = sessionmesh_sidecar::localcluster::free_port()?;
     let server = std::process::Command::new(redis)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()?;
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "redis-server did not start");
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(5),
+            "redis-server did not start"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(RedisServer { port, server })
@@ -548,12 +704,14 @@ async fn redis_server() -> anyhow::Result<RedisServer> {
 /// (PUT of a 1 KiB attribute, replicated to two peers) versus a standalone
 /// redis-server (SET of 1 KiB), 32 connections each, same run.
 async fn store(secs: u64) -> anyhow::Result<()> {
-    let rb = which("redis-benchmark").ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
+    let rb = which("redis-benchmark")
+        .ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
     let RedisServer { port, mut server } = redis_server().await?;
     let cl = cluster(3, &[]).await?;
     let mut c = cl.client(0);
     for i in 0..64 {
-        c.post("/v1/sessions", format!(r#"{{"id":"R{i}"}}"#)).await?;
+        c.post("/v1/sessions", format!(r#"{{"id":"R{i}"}}"#))
+            .await?;
     }
     let script = cl.dir.join("put.lua");
     std::fs::write(
@@ -563,11 +721,30 @@ async fn store(secs: u64) -> anyhow::Result<()> {
     )?;
     let mut ratios = Vec::new();
     for round in 0..3 {
-        let url = format!("http://{}/", cl.nodes[0].http.ok_or_else(|| anyhow::anyhow!("no http"))?);
+        let url = format!(
+            "http://{}/",
+            cl.nodes[0].http.ok_or_else(|| anyhow::anyhow!("no http"))?
+        );
         let (sm, _, p99, bad) = wrk(&url, 32, secs, &script)?;
         anyhow::ensure!(bad == 0, "{bad} failed PUTs");
         let out = std::process::Command::new(&rb)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set", "-d", "1024", "-c", "32", "-n", "200000", "-r", "64", "-q"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                "set",
+                "-d",
+                "1024",
+                "-c",
+                "32",
+                "-n",
+                "200000",
+                "-r",
+                "64",
+                "-q",
+            ])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let rr: f64 = text
@@ -590,19 +767,43 @@ async fn store(secs: u64) -> anyhow::Result<()> {
 }
 
 /// redis-benchmark's `-q` results: test name -> requests per second.
-fn redis_benchmark(port: u16, tests: &str, pipeline: usize, n: usize) -> anyhow::Result<Vec<(String, f64)>> {
-    let rb = which("redis-benchmark").ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
+fn redis_benchmark(
+    port: u16,
+    tests: &str,
+    pipeline: usize,
+    n: usize,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let rb = which("redis-benchmark")
+        .ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
     // HSET writes fields of one hash: keep it session-sized (500 fields of 1 KiB).
     let keyspace = if tests == "hset" { "500" } else { "10000" };
     let out = std::process::Command::new(rb)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "-t", tests, "-d", "1024", "-c", "50", "-r", keyspace])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "-t",
+            tests,
+            "-d",
+            "1024",
+            "-c",
+            "50",
+            "-r",
+            keyspace,
+        ])
         .args(["-n", &n.to_string(), "-P", &pipeline.to_string()])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut res = Vec::new();
     for part in text.split(['\r', '\n']) {
         if let Some((name, rest)) = part.trim().split_once(": ") {
-            if let Some(v) = rest.strip_suffix(" requests per second").or_else(|| rest.split(" requests per second").next().filter(|_| rest.contains("requests per second"))) {
+            if let Some(v) = rest.strip_suffix(" requests per second").or_else(|| {
+                rest.split(" requests per second")
+                    .next()
+                    .filter(|_| rest.contains("requests per second"))
+            }) {
                 if let Ok(v) = v.trim().parse::<f64>() {
                     res.retain(|(n, _): &(String, f64)| n != name);
                     res.push((name.to_owned(), v));
@@ -619,9 +820,18 @@ fn redis_benchmark(port: u16, tests: &str, pipeline: usize, n: usize) -> anyhow:
 async fn resp(quick: bool) -> anyhow::Result<()> {
     let RedisServer { port, mut server } = redis_server().await?;
     let cl = cluster(3, &["--redis", "127.0.0.1:0"]).await?;
-    let sm = cl.nodes[0].redis.ok_or_else(|| anyhow::anyhow!("no redis endpoint"))?.port();
+    let sm = cl.nodes[0]
+        .redis
+        .ok_or_else(|| anyhow::anyhow!("no redis endpoint"))?
+        .port();
     for pipeline in [1usize, 16] {
-        let n = if quick { 20_000 } else if pipeline == 1 { 100_000 } else { 400_000 };
+        let n = if quick {
+            20_000
+        } else if pipeline == 1 {
+            100_000
+        } else {
+            400_000
+        };
         let mut ratios: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
         for _round in 0..if quick { 1 } else { 3 } {
             let mut ours = redis_benchmark(sm, "set,get", pipeline, n)?;
@@ -631,14 +841,22 @@ async fn resp(quick: bool) -> anyhow::Result<()> {
             for (name, v) in &ours {
                 if let Some((_, r)) = theirs.iter().find(|(t, _)| t == name) {
                     let key = name.to_ascii_lowercase();
-                    figure(&format!("resp_{key}_p{pipeline}_sessionmesh_rps"), *v, "req/s");
+                    figure(
+                        &format!("resp_{key}_p{pipeline}_sessionmesh_rps"),
+                        *v,
+                        "req/s",
+                    );
                     figure(&format!("resp_{key}_p{pipeline}_redis_rps"), *r, "req/s");
                     ratios.entry(key).or_default().push(v / r);
                 }
             }
         }
         for (key, mut r) in ratios {
-            figure(&format!("resp_{key}_p{pipeline}_ratio_median"), pct(&mut r, 0.5), "ratio");
+            figure(
+                &format!("resp_{key}_p{pipeline}_ratio_median"),
+                pct(&mut r, 0.5),
+                "ratio",
+            );
         }
     }
     // Everything written on node1 reached the peers.
@@ -651,14 +869,20 @@ async fn resp(quick: bool) -> anyhow::Result<()> {
 
 /// Rounds of the interleaved demo scenario: `BENCH_ROUNDS`, else 1 quick or 5.
 fn demo_rounds(quick: bool) -> usize {
-    std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 1 } else { 5 })
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 1 } else { 5 })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let quick = std::env::var("BENCH_QUICK").is_ok();
-    let secs = std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 2 } else { 5 });
+    let secs = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 2 } else { 5 });
     match what.as_str() {
         "writes" => {
             writes("async", secs).await?;
