@@ -320,6 +320,27 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| TransportError::Silent)?
 }
 
+/// Tells the dialer why it is refused (it has proved the secret by then) and
+/// returns the error for our side; a failed send is reported as such.
+async fn reject<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    sec: &Security,
+    reason: String,
+) -> TransportError {
+    match send_hs(
+        s,
+        &Handshake::Reject {
+            reason: reason.clone(),
+        },
+        &sec.stats,
+    )
+    .await
+    {
+        Ok(()) => TransportError::Rejected(reason),
+        Err(e) => e,
+    }
+}
+
 /// Listener side. `known` says whether a member name belongs to the cluster.
 /// Returns the authenticated peer and whether it only came to probe us.
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
@@ -369,28 +390,20 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let hello: HelloInner = open_hs(hs_mac(sec, "sessionmesh hello key", &nc, &ns), &sealed)?;
         // The dialer has proved the secret: it may learn why it is refused.
         if hello.to != sec.me.name {
-            let reason = format!("this is member {:?}, not {:?}", sec.me.name, hello.to);
-            send_hs(
+            return Err(reject(
                 s,
-                &Handshake::Reject {
-                    reason: reason.clone(),
-                },
-                &sec.stats,
+                sec,
+                format!("this is member {:?}, not {:?}", sec.me.name, hello.to),
             )
-            .await?;
-            return Err(TransportError::Rejected(reason));
+            .await);
         }
         if !known(&hello.from.name) {
-            let reason = format!("{:?} is not a member of this cluster", hello.from.name);
-            send_hs(
+            return Err(reject(
                 s,
-                &Handshake::Reject {
-                    reason: reason.clone(),
-                },
-                &sec.stats,
+                sec,
+                format!("{:?} is not a member of this cluster", hello.from.name),
             )
-            .await?;
-            return Err(TransportError::Rejected(reason));
+            .await);
         }
         let sealed = seal_hs(
             hs_mac(sec, "sessionmesh welcome key", &nc, &ns),

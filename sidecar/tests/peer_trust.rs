@@ -213,6 +213,22 @@ async fn a_member_restarted_after_its_clock_stepped_back_rejoins() {
     later_writes_win(&cl, &[0, 1, 2], &[0, 1, 2], "BACK", 6).await;
 }
 
+/// What member `name` of `cl` would present: the cluster's secret, a new life.
+fn member_security(cl: &LocalCluster, name: &str) -> Security {
+    let secret = std::fs::read(&cl.secret_file).expect("secret");
+    Security {
+        cluster: cl.cluster.clone(),
+        me: NodeId {
+            name: name.into(),
+            generation: Generation::random(),
+        },
+        secret: Arc::new(secret.trim_ascii().to_vec()),
+        max_frame: 64 << 20,
+        handshake_timeout: Duration::from_secs(2),
+        stats: Arc::new(IoStats::default()),
+    }
+}
+
 /// An authenticated connection the test speaks on as a member.
 struct Fake {
     stream: tokio::net::TcpStream,
@@ -222,18 +238,7 @@ struct Fake {
 /// Dials `cl`'s node `to` as member `as_name` with the cluster secret and
 /// returns the authenticated connection.
 async fn impersonate(cl: &LocalCluster, to: usize, as_name: &str) -> Fake {
-    let secret = std::fs::read(&cl.secret_file).expect("secret");
-    let sec = Security {
-        cluster: cl.cluster.clone(),
-        me: NodeId {
-            name: as_name.into(),
-            generation: Generation::random(),
-        },
-        secret: Arc::new(String::from_utf8_lossy(&secret).trim().as_bytes().to_vec()),
-        max_frame: 1 << 20,
-        handshake_timeout: Duration::from_secs(2),
-        stats: Arc::new(IoStats::default()),
-    };
+    let sec = member_security(cl, as_name);
     let d = transport::dial(
         cl.nodes[to].replication,
         &sec,
@@ -548,18 +553,7 @@ async fn a_peer_that_does_not_read_cannot_grow_the_send_queue() {
     let listener = tokio::net::TcpListener::bind(cl.nodes[1].replication)
         .await
         .expect("bind node2's address");
-    let secret = std::fs::read(&cl.secret_file).expect("secret");
-    let sec = Security {
-        cluster: cl.cluster.clone(),
-        me: NodeId {
-            name: "node2".into(),
-            generation: Generation::random(),
-        },
-        secret: Arc::new(String::from_utf8_lossy(&secret).trim().as_bytes().to_vec()),
-        max_frame: 64 << 20,
-        handshake_timeout: Duration::from_secs(2),
-        stats: Arc::new(IoStats::default()),
-    };
+    let sec = member_security(&cl, "node2");
     let server_sec = sec.clone();
     tokio::spawn(async move {
         let mut kept = Vec::new();
