@@ -13,7 +13,7 @@ use std::process::Command;
 
 fn render(values: Option<&str>) -> (String, String) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let mut cmd = Command::new(sessionmesh_sidecar::localcluster::require("go"));
+    let mut cmd = Command::new(sessionmesh_sidecar::demo::localcluster::require("go"));
     cmd.current_dir(root)
         .env("GOPATH", "/usr/share/gocode")
         .env("GO111MODULE", "off")
@@ -151,7 +151,7 @@ async fn apply_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_apply_and_the_haproxy_config_is_valid() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/shop");
-    let out = Command::new(sessionmesh_sidecar::localcluster::require("haproxy"))
+    let out = Command::new(sessionmesh_sidecar::demo::localcluster::require("haproxy"))
         .args(["-c", "-f", &format!("{root}/haproxy.cfg")])
         .output()
         .expect("haproxy");

@@ -84,7 +84,7 @@ fn start_sidecar(env: &KubeEnv, bin: &PathBuf, ns: &str, pod: &str, secret: &Pat
         .arg(secret)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
-    let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(
+    let (child, line) = sessionmesh_sidecar::demo::localcluster::spawn_with_first_line(
         &mut cmd,
         Some(Duration::from_secs(30)),
     )

@@ -1,16 +1,14 @@
 //! `sessionmesh-sidecar`: `run` a member, or run the `demo`.
 
 use clap::{Args, Parser, Subcommand};
+use sessionmesh_sidecar::core::detector::DetectorConfig;
+use sessionmesh_sidecar::core::store::Limits;
 use sessionmesh_sidecar::core::{CoreConfig, SendMode};
-use sessionmesh_sidecar::detector::DetectorConfig;
 use sessionmesh_sidecar::node::{self, NodeConfig};
-use sessionmesh_sidecar::store::Limits;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-mod demo;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +25,7 @@ struct Cli {
 enum Cmd {
     /// Run one member of a cluster.
     Run(Box<RunArgs>),
+    #[cfg(feature = "demo")]
     /// The seed scenario on loopback: 3 app instances with sidecars behind a load balancer;
     /// SIGKILL the node holding a user's session and show the session survive.
     Demo {
@@ -34,6 +33,7 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         lb: String,
     },
+    #[cfg(feature = "demo")]
     /// The demo web app: a per-user counter in the session, through the local sidecar.
     DemoApp(DemoAppArgs),
     /// Wait, then exit (a preStop hook for images without a shell).
@@ -43,6 +43,7 @@ enum Cmd {
     },
 }
 
+#[cfg(feature = "demo")]
 #[derive(Args)]
 struct DemoAppArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -222,6 +223,7 @@ fn main() -> anyhow::Result<()> {
     let threads = match &cli.cmd {
         Cmd::Run(a) => a.worker_threads,
         // The demo drives processes with blocking waits next to its built-in router.
+        #[cfg(feature = "demo")]
         Cmd::Demo { .. } => 0,
         // The demo app is small; one thread is plenty.
         _ => 1,
@@ -232,25 +234,27 @@ fn main() -> anyhow::Result<()> {
             init_logs(&a.log_format);
             rt.block_on(run(*a))
         }
+        #[cfg(feature = "demo")]
         Cmd::Demo { lb } => {
             let lb = match lb.as_str() {
-                "auto" => sessionmesh_sidecar::stack::LbChoice::Auto,
-                "haproxy" => sessionmesh_sidecar::stack::LbChoice::Haproxy,
-                "builtin" => sessionmesh_sidecar::stack::LbChoice::Builtin,
+                "auto" => sessionmesh_sidecar::demo::stack::LbChoice::Auto,
+                "haproxy" => sessionmesh_sidecar::demo::stack::LbChoice::Haproxy,
+                "builtin" => sessionmesh_sidecar::demo::stack::LbChoice::Builtin,
                 other => anyhow::bail!("--lb must be auto, haproxy or builtin, not {other:?}"),
             };
-            rt.block_on(demo::run(lb))
+            rt.block_on(sessionmesh_sidecar::demo::scenario::run(lb))
         }
         Cmd::Pause { seconds } => {
             std::thread::sleep(Duration::from_secs(seconds));
             Ok(())
         }
+        #[cfg(feature = "demo")]
         Cmd::DemoApp(a) => rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind(a.listen).await?;
             println!("{}", serde_json::json!({"event": "listening", "http": listener.local_addr()?.to_string()}));
-            sessionmesh_sidecar::demo_app::serve(
+            sessionmesh_sidecar::demo::app::serve(
                 listener,
-                sessionmesh_sidecar::demo_app::AppConfig { name: a.name, route: a.route, sidecar: a.sidecar, send: a.send, token: a.api_token },
+                sessionmesh_sidecar::demo::app::AppConfig { name: a.name, route: a.route, sidecar: a.sidecar, send: a.send, token: a.api_token },
             )
             .await;
             Ok(())
@@ -259,7 +263,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    sessionmesh_sidecar::identity::check_random()
+    sessionmesh_sidecar::core::identity::check_random()
         .map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
     for flag in ["--secret", "--redis-password"] {
         if std::env::args().any(|x| x == flag || x.starts_with(&format!("{flag}="))) {
@@ -377,16 +381,16 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let redis_stop = CancellationToken::new();
     let redis_task = redis.map(|l| {
         tracing::info!(redis = ?redis_addr, "Redis endpoint listening");
-        let cfg = sessionmesh_sidecar::resp_server::RespConfig {
+        let cfg = sessionmesh_sidecar::front::resp::server::RespConfig {
             password: a.redis_password.clone(),
             max_clients: a.redis_max_clients,
-            limits: sessionmesh_sidecar::resp::Limits {
+            limits: sessionmesh_sidecar::front::resp::protocol::Limits {
                 max_bulk: a.max_attr_bytes.max(a.max_session_bytes),
                 max_args: 1 << 20,
                 max_request: (16usize << 20).max(a.max_session_bytes * 2),
             },
         };
-        tokio::spawn(sessionmesh_sidecar::resp_server::serve(
+        tokio::spawn(sessionmesh_sidecar::front::resp::server::serve(
             l,
             started.handle.clone(),
             cfg,
@@ -409,12 +413,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let http_limits = sessionmesh_sidecar::api::HttpLimits {
+    let http_limits = sessionmesh_sidecar::front::http::HttpLimits {
         max_connections: a.http_max_connections.max(1),
         idle_timeout: Duration::from_millis(a.http_idle_timeout_ms.max(10)),
         token,
     };
-    let api = tokio::spawn(sessionmesh_sidecar::api::serve(
+    let api = tokio::spawn(sessionmesh_sidecar::front::http::serve(
         http,
         started.handle.clone(),
         http_limits.clone(),
@@ -424,7 +428,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
-        tokio::spawn(sessionmesh_sidecar::api::serve_probes(
+        tokio::spawn(sessionmesh_sidecar::front::http::serve_probes(
             l,
             started.handle.clone(),
             http_limits,

@@ -4,11 +4,11 @@
 //!
 //! Every run prints its seed; rerun a failure with `SIM_SEED=<seed>`.
 
+use crate::core::detector::MemberState;
+use crate::core::identity::{Generation, NodeId, SessionId};
+use crate::core::message::PeerMsg;
+use crate::core::store::Op;
 use crate::core::{Core, CoreConfig, Output, SendMode, WriteError};
-use crate::detector::MemberState;
-use crate::identity::{Generation, NodeId, SessionId};
-use crate::store::Op;
-use crate::wire::PeerMsg;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// SplitMix64: tiny, seedable, good enough for a simulation.

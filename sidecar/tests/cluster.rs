@@ -1,8 +1,8 @@
 //! Real sidecar processes on loopback: replication, SIGKILL, join, leave, and
 //! bad input. Every wait has a deadline.
 
-use sessionmesh_sidecar::client::Client;
-use sessionmesh_sidecar::localcluster::{cpu_seconds, wait_for, LocalCluster};
+use sessionmesh_sidecar::demo::client::Client;
+use sessionmesh_sidecar::demo::localcluster::{cpu_seconds, wait_for, LocalCluster};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -291,7 +291,7 @@ async fn garbage_and_oversized_frames_are_refused_and_the_node_stays_healthy() {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(3))).ok();
     let mut hdr = b"SMSH".to_vec();
-    hdr.extend_from_slice(&[sessionmesh_sidecar::wire::VERSION, 1]);
+    hdr.extend_from_slice(&[sessionmesh_sidecar::net::frame::VERSION, 1]);
     hdr.extend_from_slice(&u32::MAX.to_be_bytes());
     s.write_all(&hdr).expect("write");
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
@@ -1070,7 +1070,7 @@ async fn the_local_api_refuses_requests_a_browser_can_forge() {
 /// --silent-peer-wait-ms serves empty, saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restarted_while_its_peers_hang_does_not_serve_empty() {
-    use sessionmesh_sidecar::localcluster::signal;
+    use sessionmesh_sidecar::demo::localcluster::signal;
     let mut cl = started(3, &["--send", "sync", "--anti-entropy-interval-ms", "300"]).await;
     let mut c0 = cl.client(0);
     for i in 0..20 {

@@ -3,14 +3,16 @@
 //! stepped back, and a peer that forges timestamps. In every case no
 //! acknowledged write is lost and every member with a good clock stays ready.
 
-use sessionmesh_sidecar::client::Client;
-use sessionmesh_sidecar::hlc::Hlc;
-use sessionmesh_sidecar::identity::{Generation, NodeId, SessionId};
-use sessionmesh_sidecar::localcluster::{faketime_env, metric, rss_bytes, wait_for, LocalCluster};
+use sessionmesh_sidecar::core::hlc::Hlc;
+use sessionmesh_sidecar::core::identity::{Generation, NodeId, SessionId};
+use sessionmesh_sidecar::core::message::PeerMsg;
+use sessionmesh_sidecar::core::store::{Delta, Op};
+use sessionmesh_sidecar::demo::client::Client;
+use sessionmesh_sidecar::demo::localcluster::{
+    faketime_env, metric, rss_bytes, wait_for, LocalCluster,
+};
+use sessionmesh_sidecar::net::transport::{self, IoStats, Security};
 use sessionmesh_sidecar::node::now_ms;
-use sessionmesh_sidecar::store::{Delta, Op};
-use sessionmesh_sidecar::transport::{self, IoStats, Security};
-use sessionmesh_sidecar::wire::PeerMsg;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -628,7 +630,7 @@ async fn a_relay_without_the_secret_can_neither_read_nor_inject() {
     let real = cl.nodes[1].replication;
     let relay = std::net::SocketAddr::from((
         [127, 0, 0, 1],
-        sessionmesh_sidecar::localcluster::free_port().expect("port"),
+        sessionmesh_sidecar::demo::localcluster::free_port().expect("port"),
     ));
     cl.nodes[1].replication = relay;
     cl.write_members().expect("members");

@@ -2,10 +2,10 @@
 //! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
 //! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
 
-use sessionmesh_sidecar::localcluster::{
+use sessionmesh_sidecar::demo::localcluster::{
     require, require_node_modules, require_python, rss_bytes, signal, wait_for, LocalCluster,
 };
-use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
+use sessionmesh_sidecar::demo::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -2,8 +2,8 @@
 //! by each test): three app instances, each with a sidecar, cookie persistence,
 //! SIGKILL, graceful shutdown, and a rolling restart under load.
 
-use sessionmesh_sidecar::localcluster::LocalCluster;
-use sessionmesh_sidecar::stack::{LbChoice, Stack, User};
+use sessionmesh_sidecar::demo::localcluster::LocalCluster;
+use sessionmesh_sidecar::demo::stack::{LbChoice, Stack, User};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ fn bin() -> std::path::PathBuf {
 }
 
 async fn stack() -> Stack {
-    sessionmesh_sidecar::localcluster::require("haproxy");
+    sessionmesh_sidecar::demo::localcluster::require("haproxy");
     Stack::start(&bin(), 3, &[], LbChoice::Haproxy, "sync")
         .await
         .expect("stack with HAProxy (is haproxy installed?)")

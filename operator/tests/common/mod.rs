@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
-    sessionmesh_sidecar::localcluster::free_port().unwrap_or(0)
+    sessionmesh_sidecar::demo::localcluster::free_port().unwrap_or(0)
 }
 
 pub fn apiserver_bin() -> PathBuf {
@@ -43,13 +43,13 @@ impl KubeEnv {
     pub async fn start() -> KubeEnv {
         let bin = apiserver_bin();
         if !bin.is_file() {
-            sessionmesh_sidecar::localcluster::missing(
+            sessionmesh_sidecar::demo::localcluster::missing(
                 &format!("kube-apiserver not found at {}", bin.display()),
                 "bash e2e/kube/build-apiserver.sh",
             );
         }
-        let openssl = sessionmesh_sidecar::localcluster::require("openssl");
-        let etcd_bin = sessionmesh_sidecar::localcluster::require("etcd");
+        let openssl = sessionmesh_sidecar::demo::localcluster::require("openssl");
+        let etcd_bin = sessionmesh_sidecar::demo::localcluster::require("etcd");
         let dir = std::env::temp_dir().join(format!(
             "sessionmesh-kube-{}-{}",
             std::process::id(),
@@ -290,7 +290,7 @@ impl KubeEnv {
                     .open(self.dir.join(format!("{identity}.log")))
                     .expect("log"),
             ));
-        let (child, line) = sessionmesh_sidecar::localcluster::spawn_with_first_line(
+        let (child, line) = sessionmesh_sidecar::demo::localcluster::spawn_with_first_line(
             &mut cmd,
             Some(Duration::from_secs(20)),
         )

@@ -4,9 +4,9 @@
 //! and SIGSTOP),
 //! transfer (includes rss), all (default).
 
-use sessionmesh_sidecar::localcluster::{cpu_seconds, metric, rss_bytes, LocalCluster};
+use sessionmesh_sidecar::demo::localcluster::{cpu_seconds, metric, rss_bytes, LocalCluster};
+use sessionmesh_sidecar::demo::stack::{AppSpec, LbChoice, Stack, User};
 use sessionmesh_sidecar::node::now_ms;
-use sessionmesh_sidecar::stack::{AppSpec, LbChoice, Stack, User};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ fn sidecar_bin() -> PathBuf {
 
 /// `(state, sinceMs)` of `name` in a member's `/v1/cluster`.
 async fn member(
-    c: &mut sessionmesh_sidecar::client::Client,
+    c: &mut sessionmesh_sidecar::demo::client::Client,
     name: &str,
 ) -> anyhow::Result<Option<(String, u64)>> {
     let j = c.get("/v1/cluster").await?.json();
@@ -34,7 +34,7 @@ async fn member(
 
 /// Polls until `name` is in `state`; returns its `sinceMs`.
 async fn wait_member(
-    c: &mut sessionmesh_sidecar::client::Client,
+    c: &mut sessionmesh_sidecar::demo::client::Client,
     name: &str,
     state: &str,
     within: Duration,
@@ -218,9 +218,9 @@ async fn detect_hung(rounds: usize) -> anyhow::Result<()> {
     let mut v = Vec::new();
     for _ in 0..rounds {
         let stopped = now_ms();
-        sessionmesh_sidecar::localcluster::signal(pid, libc::SIGSTOP);
+        sessionmesh_sidecar::demo::localcluster::signal(pid, libc::SIGSTOP);
         let since = wait_member(&mut c, "node3", "dead", Duration::from_secs(5)).await;
-        sessionmesh_sidecar::localcluster::signal(pid, libc::SIGCONT);
+        sessionmesh_sidecar::demo::localcluster::signal(pid, libc::SIGCONT);
         v.push(since?.saturating_sub(stopped) as f64);
         wait_member(&mut c, "node3", "alive", Duration::from_secs(5)).await?;
     }
@@ -405,8 +405,10 @@ fn stack_cpu(st: &Stack) -> [f64; 3] {
         .map(|c| cpu_seconds(c.id()) * 1e6)
         .sum();
     let lb = match &st.lb {
-        sessionmesh_sidecar::stack::Lb::Haproxy { child, .. } => cpu_seconds(child.id()) * 1e6,
-        sessionmesh_sidecar::stack::Lb::Builtin { .. } => 0.0,
+        sessionmesh_sidecar::demo::stack::Lb::Haproxy { child, .. } => {
+            cpu_seconds(child.id()) * 1e6
+        }
+        sessionmesh_sidecar::demo::stack::Lb::Builtin { .. } => 0.0,
     };
     [sidecars, apps, lb]
 }
@@ -675,7 +677,7 @@ struct RedisServer {
 async fn redis_server() -> anyhow::Result<RedisServer> {
     let redis =
         which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
-    let port = sessionmesh_sidecar::localcluster::free_port()?;
+    let port = sessionmesh_sidecar::demo::localcluster::free_port()?;
     let server = std::process::Command::new(redis)
         .args([
             "--port",

@@ -6,7 +6,7 @@
 //! The sidecar keys sessions by `ABC`, so nothing is copied. It never logs
 //! session ids.
 
-use crate::client::Client;
+use crate::demo::client::Client;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -58,7 +58,7 @@ pub async fn serve(listener: TcpListener, cfg: AppConfig) {
         cfg,
         pool: Mutex::new(Vec::new()),
     });
-    let mut acceptor = crate::accept::Acceptor::new("demo-app");
+    let mut acceptor = crate::net::accept::Acceptor::new("demo-app");
     loop {
         let (stream, _) = acceptor.accept(&listener).await;
         let _ = stream.set_nodelay(true);

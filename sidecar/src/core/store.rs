@@ -11,8 +11,8 @@
 //!   (a late replica cannot resurrect an expired session);
 //! - `payload_bytes` is the sum of id, attribute name and value lengths of live sessions.
 
-use crate::hlc::Hlc;
-use crate::identity::{fnv1a, SessionId};
+use crate::core::hlc::Hlc;
+use crate::core::identity::{fnv1a, SessionId};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -4,9 +4,9 @@
 //! core task in batches (one batch per read from the socket), so a pipeline
 //! costs one round trip to the core.
 
+use crate::front::resp::commands::{arity_error, is_data_command, unknown_command, COMMAND_COUNT};
+use crate::front::resp::protocol::{self, Value};
 use crate::node::{Command, Handle};
-use crate::redis::{arity_error, is_data_command, unknown_command, COMMAND_COUNT};
-use crate::resp::{self, Value};
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,7 @@ pub struct RespConfig {
     /// Required by AUTH/HELLO when set (user `default`).
     pub password: Option<String>,
     pub max_clients: usize,
-    pub limits: resp::Limits,
+    pub limits: protocol::Limits,
 }
 
 /// Replies are written out whenever this much is encoded, so a client that
@@ -53,7 +53,7 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let cfg = Arc::new(cfg);
-    let mut acceptor = crate::accept::Acceptor::new("redis");
+    let mut acceptor = crate::net::accept::Acceptor::new("redis");
     loop {
         let (mut stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -100,7 +100,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
         let mut batch: Vec<Queued> = Vec::new();
         let mut close = false;
         loop {
-            match resp::parse(&mut buf, &cfg.limits) {
+            match protocol::parse(&mut buf, &cfg.limits) {
                 Ok(Some(cmd)) if cmd.is_empty() => {}
                 Ok(Some(cmd)) => {
                     let name = String::from_utf8_lossy(&cmd[0]).to_ascii_uppercase();
@@ -121,7 +121,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                                 "ERR too many keys for '{}' (at most {MAX_KEYS_PER_COMMAND})",
                                 name.to_ascii_lowercase()
                             );
-                            resp::encode(&Value::err(e), conn.proto, &mut out);
+                            protocol::encode(&Value::err(e), conn.proto, &mut out);
                             continue;
                         }
                         batch.push(take_scan_match(cmd));
@@ -134,7 +134,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                         return;
                     }
                     let (v, quit) = local(&mut conn, h, cfg, &name, &cmd).await;
-                    resp::encode(&v, conn.proto, &mut out);
+                    protocol::encode(&v, conn.proto, &mut out);
                     if quit {
                         close = true;
                         break;
@@ -149,7 +149,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                     {
                         return;
                     }
-                    resp::encode(&Value::err(format!("ERR {e}")), conn.proto, &mut out);
+                    protocol::encode(&Value::err(format!("ERR {e}")), conn.proto, &mut out);
                     close = true;
                     break;
                 }
@@ -201,8 +201,10 @@ fn filter_scan(v: &mut Value, pattern: &[u8]) {
     if let Value::Array(parts) = v {
         if let Some(Value::Array(keys)) = parts.get_mut(1) {
             keys.retain(|k| match k {
-                Value::Bulk(b) => crate::redis::glob(pattern, b),
-                Value::Simple(s) | Value::Verbatim(s) => crate::redis::glob(pattern, s.as_bytes()),
+                Value::Bulk(b) => crate::front::resp::commands::glob(pattern, b),
+                Value::Simple(s) | Value::Verbatim(s) => {
+                    crate::front::resp::commands::glob(pattern, s.as_bytes())
+                }
                 _ => true,
             });
         }
@@ -233,7 +235,7 @@ async fn flush(
                 }
             }
             for v in &values {
-                resp::encode(v, proto, out);
+                protocol::encode(v, proto, out);
                 if out.len() >= OUT_CHUNK {
                     write_out(stream, h, out).await?;
                 }
@@ -241,7 +243,7 @@ async fn flush(
         }
         None => {
             for _ in 0..n {
-                resp::encode(&Value::err("ERR this member is shutting down"), proto, out);
+                protocol::encode(&Value::err("ERR this member is shutting down"), proto, out);
             }
         }
     }
@@ -270,7 +272,7 @@ async fn write_out(stream: &mut TcpStream, h: &Handle, out: &mut BytesMut) -> st
 /// leaks nothing either). A failure is counted, logged at most every 10 s,
 /// and, past a few on one connection, slowed down.
 async fn auth_ok(conn: &mut Conn, h: &Handle, expected: &str, user: &[u8], pass: &[u8]) -> bool {
-    if crate::identity::ct_eq(expected.as_bytes(), pass) && user == b"default" {
+    if crate::core::identity::ct_eq(expected.as_bytes(), pass) && user == b"default" {
         return true;
     }
     conn.auth_failures += 1;

@@ -11,7 +11,8 @@
 //! forward secrecy: whoever learns the secret later can read recorded
 //! traffic.
 
-use crate::wire::{FrameType, PeerMsg, WireError, HEADER_LEN, MAGIC, VERSION};
+use crate::core::message::PeerMsg;
+use crate::net::frame::{FrameType, WireError, HEADER_LEN, MAGIC, VERSION};
 use bytes::{BufMut, BytesMut};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -124,7 +125,7 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::split_frame;
+    use crate::net::frame::split_frame;
 
     fn pair() -> (Sealer, Sealer) {
         (Sealer::new([7; 32]), Sealer::new([7; 32]))
@@ -187,7 +188,8 @@ mod tests {
         let f = frames(&mut buf);
         let (_, mut b) = pair();
         assert!(matches!(b.open(f[0].0, &f[0].1), Err(SealError::Forged)));
-        let plain = crate::wire::encode_vec(FrameType::Peer, &PeerMsg::Leave).expect("encode");
+        let plain =
+            crate::net::frame::encode_vec(FrameType::Peer, &PeerMsg::Leave).expect("encode");
         let mut plain = plain;
         let f = frames(&mut plain);
         assert!(b.open(f[0].0, &f[0].1).is_err());

@@ -5,10 +5,10 @@
 //! whether anything changed (4xx: nothing; 504: applied locally, replication
 //! not confirmed in time). Bodies are read with a size limit before parsing.
 
+use crate::core::identity::SessionId;
+use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
-use crate::identity::SessionId;
 use crate::node::{Command, Handle, Status};
-use crate::store::{Op, Session, StoreError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
@@ -110,7 +110,7 @@ fn refuse_forgeable(req: &Request<Incoming>, token: Option<&[u8]>) -> Option<Res
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !crate::identity::ct_eq(expected, got.trim().as_bytes()) {
+        if !crate::core::identity::ct_eq(expected, got.trim().as_bytes()) {
             let mut r = err(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -154,7 +154,8 @@ async fn serve_with(
     probes_only: bool,
 ) {
     let tracker = TaskTracker::new();
-    let mut acceptor = crate::accept::Acceptor::new(if probes_only { "probes" } else { "http" });
+    let mut acceptor =
+        crate::net::accept::Acceptor::new(if probes_only { "probes" } else { "http" });
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let (stream, _) = tokio::select! {

@@ -5,9 +5,7 @@
 //! Invariants: a length is checked against the caller's maximum before any
 //! allocation; a partial frame is `Ok(None)`; nothing decoded here can panic.
 
-use crate::hlc::Hlc;
-use crate::identity::{NodeId, SessionId};
-use crate::store::{Delta, SessionState};
+use crate::core::identity::NodeId;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
@@ -88,90 +86,6 @@ pub struct WelcomeInner {
     pub ready: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PeerMsg {
-    Heartbeat {
-        ready: bool,
-    },
-    /// Deltas numbered `first_seq..` in the sender's stream `epoch` to this
-    /// receiver. A stream is the sender's log for one receiver; a new epoch
-    /// (the sender forgot the receiver and met it again) numbers from 1 anew.
-    Deltas {
-        epoch: u64,
-        first_seq: u64,
-        deltas: Vec<std::sync::Arc<Delta>>,
-    },
-    /// Cumulative: every delta of stream `epoch` up to `upto` is applied.
-    Ack {
-        epoch: u64,
-        upto: u64,
-    },
-    /// Asks the receiver to probe `target` on the sender's behalf.
-    PingReq {
-        target: String,
-    },
-    PingResp {
-        target: String,
-        alive: bool,
-    },
-    TransferPull {
-        transfer: u64,
-        cursor: Option<SessionId>,
-        max_bytes: u32,
-    },
-    /// `next == None` ends the transfer.
-    TransferChunk {
-        transfer: u64,
-        states: Vec<SessionState>,
-        next: Option<SessionId>,
-        total: u64,
-    },
-    AeDigest {
-        round: u64,
-        buckets: Vec<u64>,
-    },
-    AeDetail {
-        round: u64,
-        buckets: Vec<u16>,
-        entries: Vec<(SessionId, u64)>,
-    },
-    AePull {
-        ids: Vec<SessionId>,
-    },
-    AeStates {
-        states: Vec<SessionState>,
-    },
-    /// The sender is leaving on purpose; mark it `left` at once.
-    Leave,
-    /// The receiver of a `Leave` has marked the sender `left`.
-    LeaveAck,
-    /// The sender's clock, so receivers keep their HLC ahead of it.
-    Clock {
-        hlc: Hlc,
-    },
-}
-
-impl PeerMsg {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            PeerMsg::Heartbeat { .. } => "heartbeat",
-            PeerMsg::Deltas { .. } => "deltas",
-            PeerMsg::Ack { .. } => "ack",
-            PeerMsg::PingReq { .. } => "ping_req",
-            PeerMsg::PingResp { .. } => "ping_resp",
-            PeerMsg::TransferPull { .. } => "transfer_pull",
-            PeerMsg::TransferChunk { .. } => "transfer_chunk",
-            PeerMsg::AeDigest { .. } => "ae_digest",
-            PeerMsg::AeDetail { .. } => "ae_detail",
-            PeerMsg::AePull { .. } => "ae_pull",
-            PeerMsg::AeStates { .. } => "ae_states",
-            PeerMsg::Leave => "leave",
-            PeerMsg::LeaveAck => "leave_ack",
-            PeerMsg::Clock { .. } => "clock",
-        }
-    }
-}
-
 /// Appends one frame to `out`.
 pub fn encode<T: Serialize>(ty: FrameType, msg: &T, out: &mut BytesMut) -> Result<(), WireError> {
     // postcard writes a Vec with bulk copies; extending a BytesMut would go byte by byte.
@@ -249,7 +163,10 @@ pub fn decode<T: for<'de> Deserialize<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Op;
+    use crate::core::hlc::Hlc;
+    use crate::core::identity::SessionId;
+    use crate::core::message::PeerMsg;
+    use crate::core::store::{Delta, Op};
     use proptest::prelude::*;
 
     fn roundtrip(msg: &PeerMsg) -> PeerMsg {

@@ -13,11 +13,19 @@
 //!   peer exists at start-up: a cold cluster);
 //! - nothing here logs session contents or whole session ids.
 
-use crate::detector::{Action, Detector, DetectorConfig, MemberState};
-use crate::hlc::HlcClock;
-use crate::identity::{fnv1a, Generation, NodeId, SessionId};
-use crate::store::{Applied, Delta, Limits, Op, Session, SessionState, Store, StoreError, BUCKETS};
-use crate::wire::PeerMsg;
+pub mod detector;
+pub mod hlc;
+pub mod identity;
+pub mod message;
+pub mod store;
+
+use crate::core::detector::{Action, Detector, DetectorConfig, MemberState};
+use crate::core::hlc::HlcClock;
+use crate::core::identity::{fnv1a, Generation, NodeId, SessionId};
+use crate::core::message::PeerMsg;
+use crate::core::store::{
+    Applied, Delta, Limits, Op, Session, SessionState, Store, StoreError, BUCKETS,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -212,7 +220,7 @@ struct OutLog {
 impl OutLog {
     fn fresh() -> Self {
         let mut b = [0u8; 8];
-        crate::identity::fill_random(&mut b);
+        crate::core::identity::fill_random(&mut b);
         OutLog {
             epoch: u64::from_le_bytes(b),
             next_seq: 1,
@@ -390,7 +398,7 @@ impl Core {
             .filter(|(n, _)| self.detector.state(n).is_some_and(|s| s.is_live()))
             .filter_map(|(_, p)| p.clock_offset_ms)
             .collect();
-        crate::hlc::judge_skew(&offsets, self.cfg.max_clock_skew_ms)
+        crate::core::hlc::judge_skew(&offsets, self.cfg.max_clock_skew_ms)
     }
 
     /// Whether a peer's timestamp may be stored: within the bound of our clock,
@@ -398,7 +406,7 @@ impl Core {
     /// is the better one, and we refuse local writes instead). Counts and logs
     /// (once per peer) what it refuses.
     /// Counts and logs (once per peer) a delta or state refused for its limits.
-    fn refuse_over_limits(&mut self, from: &str, e: &crate::store::StoreError) {
+    fn refuse_over_limits(&mut self, from: &str, e: &crate::core::store::StoreError) {
         self.stats.peer_refused += 1;
         if let Some(p) = self.peers.get_mut(from) {
             if p.limits_refused == 0 {
@@ -411,7 +419,7 @@ impl Core {
     fn accept_remote(
         &mut self,
         from: &str,
-        hlc: crate::hlc::Hlc,
+        hlc: crate::core::hlc::Hlc,
         skewed: bool,
         now_ms: u64,
     ) -> bool {
@@ -1010,7 +1018,7 @@ impl Core {
         for st in states {
             bytes += 64
                 + match &st.entry {
-                    crate::store::Entry::Live(s) => s.payload_bytes(),
+                    crate::core::store::Entry::Live(s) => s.payload_bytes(),
                     _ => 0,
                 };
             batch.push(st);
@@ -1658,14 +1666,14 @@ impl Core {
     }
 }
 
-fn max_hlc(st: &SessionState) -> Option<crate::hlc::Hlc> {
+fn max_hlc(st: &SessionState) -> Option<crate::core::hlc::Hlc> {
     match &st.entry {
-        crate::store::Entry::Live(s) => s
+        crate::core::store::Entry::Live(s) => s
             .attrs
             .values()
             .map(|a| a.hlc)
             .max()
             .map(|h| h.max(s.meta_hlc)),
-        crate::store::Entry::Tombstone { hlc, .. } => Some(*hlc),
+        crate::core::store::Entry::Tombstone { hlc, .. } => Some(*hlc),
     }
 }

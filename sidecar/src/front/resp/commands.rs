@@ -7,10 +7,10 @@
 //! with `last accessed` = the time of the write), replicated with every delta.
 //! Reads never extend a TTL. Error replies use Redis's exact shapes.
 
+use crate::core::identity::SessionId;
+use crate::core::store::{Op, Session, StoreError};
 use crate::core::{Core, WriteError};
-use crate::identity::SessionId;
-use crate::resp::Value;
-use crate::store::{Op, Session, StoreError};
+use crate::front::resp::protocol::Value;
 use bytes::Bytes;
 use std::collections::HashMap;
 
@@ -864,8 +864,8 @@ fn glob_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::identity::{Generation, NodeId};
     use crate::core::{CoreConfig, Phase};
-    use crate::identity::{Generation, NodeId};
 
     fn core() -> Core {
         let mut c = Core::new(

@@ -11,7 +11,9 @@
 //! jvmRoutes match `^[a-z][a-z0-9]{0,15}$`. Errors name the offending field
 //! (`members[2].address: ...`), and a bad file never replaces a good one.
 
-use crate::identity::JvmRoute;
+pub mod kube;
+
+use crate::core::identity::JvmRoute;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;

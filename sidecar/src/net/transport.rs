@@ -10,11 +10,12 @@
 //! not hold the secret. Until it completes, frames are limited to
 //! `MAX_HANDSHAKE_FRAME` bytes; after it, every frame is sealed (`seal`).
 
-use crate::identity::{fill_random, NodeId};
-pub use crate::seal::{Keys, Sealer};
-use crate::wire::{
-    self, FrameType, Handshake, HelloInner, PeerMsg, WelcomeInner, WireError, MAX_HANDSHAKE_FRAME,
+use crate::core::identity::{fill_random, NodeId};
+use crate::core::message::PeerMsg;
+use crate::net::frame::{
+    self, FrameType, Handshake, HelloInner, WelcomeInner, WireError, MAX_HANDSHAKE_FRAME,
 };
+pub use crate::net::seal::{Keys, Sealer};
 use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -92,7 +93,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     stats: &IoStats,
 ) -> Result<Option<(FrameType, BytesMut)>, TransportError> {
     loop {
-        if let Some(f) = wire::split_frame(buf, max)? {
+        if let Some(f) = frame::split_frame(buf, max)? {
             return Ok(Some(f));
         }
         if buf.capacity() - buf.len() < 4096 {
@@ -115,7 +116,7 @@ async fn send_hs<W: AsyncWrite + Unpin>(
     m: &Handshake,
     stats: &IoStats,
 ) -> Result<(), TransportError> {
-    let b = wire::encode_vec(FrameType::Handshake, m)?;
+    let b = frame::encode_vec(FrameType::Handshake, m)?;
     w.write_all(&b).await?;
     stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
     Ok(())
@@ -127,7 +128,7 @@ async fn recv_hs<R: AsyncRead + Unpin>(
     stats: &IoStats,
 ) -> Result<Handshake, TransportError> {
     match read_frame(r, buf, MAX_HANDSHAKE_FRAME, stats).await? {
-        Some((ty, p)) => Ok(wire::decode(FrameType::Handshake, ty, &p)?),
+        Some((ty, p)) => Ok(frame::decode(FrameType::Handshake, ty, &p)?),
         None => Err(TransportError::Closed),
     }
 }
@@ -258,7 +259,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             Handshake::Challenge { nonce, proof } => {
                 // The listener proves first: we say nothing about ourselves to
                 // an address that does not hold this cluster's secret.
-                if !crate::identity::ct_eq(
+                if !crate::core::identity::ct_eq(
                     &proof,
                     &hs_mac(sec, "sessionmesh server proof", &nc, &nonce),
                 ) {
@@ -373,7 +374,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 )))
             }
         };
-        if !crate::identity::ct_eq(&cp, &hs_mac(sec, "sessionmesh client proof", &nc, &ns)) {
+        if !crate::core::identity::ct_eq(&cp, &hs_mac(sec, "sessionmesh client proof", &nc, &ns)) {
             sec.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             send_hs(
                 s,
@@ -470,13 +471,13 @@ pub async fn probe(addr: SocketAddr, sec: &Security, to: &str, timeout: Duration
 /// A peer message as an unsealed frame: only for tests that play a peer
 /// without the keys (sealed frames are made by `Sealer::seal`).
 pub fn encode_peer(msg: &PeerMsg, out: &mut BytesMut) -> Result<(), WireError> {
-    wire::encode(FrameType::Peer, msg, out)
+    frame::encode(FrameType::Peer, msg, out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Generation;
+    use crate::core::identity::Generation;
 
     fn sec(name: &str, secret: &str) -> Security {
         Security {
@@ -509,8 +510,8 @@ mod tests {
         let mut buf = BytesMut::new();
         ck.send.seal(&PeerMsg::Leave, &mut buf).unwrap();
         sk.send.seal(&PeerMsg::LeaveAck, &mut buf).unwrap();
-        let (t1, p1) = wire::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
-        let (t2, p2) = wire::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        let (t1, p1) = frame::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        let (t2, p2) = frame::split_frame(&mut buf, 1 << 20).unwrap().unwrap();
         assert_eq!(sk.recv.open(t1, &p1).unwrap(), PeerMsg::Leave);
         assert_eq!(ck.recv.open(t2, &p2).unwrap(), PeerMsg::LeaveAck);
     }
@@ -564,7 +565,7 @@ mod tests {
                 .map(|_| ())
         });
         let mut hello = BytesMut::new();
-        wire::encode(
+        frame::encode(
             FrameType::Handshake,
             &Handshake::Hello { nonce: [1; 32] },
             &mut hello,
@@ -585,7 +586,7 @@ mod tests {
         }
         // A forged Auth is refused.
         let mut auth = BytesMut::new();
-        wire::encode(
+        frame::encode(
             FrameType::Handshake,
             &Handshake::Auth {
                 proof: [0; 32],

@@ -8,13 +8,13 @@
 //! stops serving, flushes its replication queues (bounded), announces its
 //! leave, and returns.
 
+use crate::core::detector::MemberState;
+use crate::core::identity::{NodeId, SessionId};
+use crate::core::message::PeerMsg;
+use crate::core::store::{Op, Session};
 use crate::core::{Core, CoreConfig, MemberView, Output, Phase, SendMode, Stats, WriteError};
-use crate::detector::MemberState;
-use crate::identity::{NodeId, SessionId};
 use crate::membership::{MemberFile, MemberSpec};
-use crate::store::{Op, Session};
-use crate::transport::{self, IoStats, Security};
-use crate::wire::PeerMsg;
+use crate::net::transport::{self, IoStats, Security};
 use bytes::BytesMut;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -112,15 +112,15 @@ pub enum Command {
     /// Redis data commands, run in order; one reply per command.
     Redis {
         cmds: Vec<Vec<bytes::Bytes>>,
-        reply: oneshot::Sender<Vec<crate::resp::Value>>,
+        reply: oneshot::Sender<Vec<crate::front::resp::protocol::Value>>,
     },
 }
 
 /// Replies of a Redis batch waiting for writes to be acknowledged.
 struct RedisBatch {
-    values: Vec<crate::resp::Value>,
+    values: Vec<crate::front::resp::protocol::Value>,
     waiting: usize,
-    reply: oneshot::Sender<Vec<crate::resp::Value>>,
+    reply: oneshot::Sender<Vec<crate::front::resp::protocol::Value>>,
 }
 
 /// What `/v1/cluster` and `/metrics` show.
@@ -191,7 +191,7 @@ pub struct Handle {
     pub io: Arc<IoStats>,
     pub me: NodeId,
     pub jvm_route: String,
-    pub limits: crate::store::Limits,
+    pub limits: crate::core::store::Limits,
     pub default_max_inactive_ms: u64,
     /// When the core task last went round its loop (`mono_ms`); it
     /// does so at least every tick while it is healthy.
@@ -252,7 +252,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
             MemberFile::load(path).map_err(|e| anyhow::anyhow!("member file: {e}"))?
         }
         (MembershipSource::Kube { namespace, name }, Some(client)) => {
-            crate::kubesource::wait_for_member(
+            crate::membership::kube::wait_for_member(
                 client,
                 namespace,
                 name,
@@ -282,7 +282,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     let replication_addr = listener.local_addr()?;
     let me = NodeId {
         name: cfg.member.clone(),
-        generation: crate::identity::Generation::random(),
+        generation: crate::core::identity::Generation::random(),
     };
     let mut core_cfg = cfg.core.clone();
     core_cfg.cluster = mf.cluster.clone();
@@ -346,7 +346,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
             let (tx, cancel) = (io_tx.clone(), net_cancel.clone());
             let (namespace, name) = (namespace.clone(), name.clone());
             tracker.spawn(async move {
-                crate::kubesource::watch(
+                crate::membership::kube::watch(
                     client,
                     &namespace,
                     &name,
@@ -370,7 +370,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         links: HashMap::new(),
         writes: HashMap::new(),
         next_write: 1,
-        redis: crate::redis::RedisState::default(),
+        redis: crate::front::resp::commands::RedisState::default(),
         redis_writes: HashMap::new(),
         redis_batches: HashMap::new(),
         next_batch: 1,
@@ -409,7 +409,7 @@ struct CoreTask {
     links: HashMap<String, PeerLink>,
     writes: HashMap<u64, oneshot::Sender<Result<(), WriteError>>>,
     next_write: u64,
-    redis: crate::redis::RedisState,
+    redis: crate::front::resp::commands::RedisState,
     redis_writes: HashMap<u64, (u64, usize)>,
     redis_batches: HashMap<u64, RedisBatch>,
     next_batch: u64,
@@ -648,7 +648,7 @@ impl CoreTask {
                 let batch = self.next_batch;
                 let mut waiting = 0;
                 for (i, cmd) in cmds.iter().enumerate() {
-                    let ex = crate::redis::exec(
+                    let ex = crate::front::resp::commands::exec(
                         &mut self.core,
                         &mut self.redis,
                         cmd,
@@ -772,7 +772,7 @@ impl CoreTask {
                     } else if let Some((batch, i)) = self.redis_writes.remove(&write) {
                         if let Some(b) = self.redis_batches.get_mut(&batch) {
                             if let Err(e) = &result {
-                                b.values[i] = crate::redis::write_error(e);
+                                b.values[i] = crate::front::resp::commands::write_error(e);
                             }
                             b.waiting -= 1;
                             if b.waiting == 0 {
@@ -802,7 +802,7 @@ async fn accept_loop(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut acceptor = crate::accept::Acceptor::new("replication");
+    let mut acceptor = crate::net::accept::Acceptor::new("replication");
     let pending = Pending::default();
     loop {
         let (stream, remote) = tokio::select! {

@@ -4,8 +4,8 @@
 //! `option redispatch` with retries on connection failure, and a maintenance
 //! state for draining a server.
 
-use crate::client::Client;
-use crate::demo_app::cookie;
+use crate::demo::app::cookie;
+use crate::demo::client::Client;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -79,7 +79,7 @@ impl Router {
     }
 
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
-        let mut acceptor = crate::accept::Acceptor::new("router");
+        let mut acceptor = crate::net::accept::Acceptor::new("router");
         loop {
             let (stream, _) = tokio::select! {
                 _ = stop.cancelled() => return,

@@ -4,7 +4,7 @@
 //! Ports come from binding `127.0.0.1:0`; each sidecar reports its HTTP port
 //! on its first stdout line. Children are killed when the cluster is dropped.
 
-use crate::client::Client;
+use crate::demo::client::Client;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -68,8 +68,8 @@ impl LocalCluster {
         std::fs::create_dir_all(&dir)?;
         let secret_file = dir.join("secret");
         let mut key = [0u8; 24];
-        crate::identity::fill_random(&mut key);
-        std::fs::write(&secret_file, crate::identity::hex(&key))?;
+        crate::core::identity::fill_random(&mut key);
+        std::fs::write(&secret_file, crate::core::identity::hex(&key))?;
         let mut c = LocalCluster {
             dir,
             bin: bin.to_owned(),

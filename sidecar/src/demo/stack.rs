@@ -2,9 +2,9 @@
 //! balancer in front (real HAProxy when installed, else the built-in router).
 //! Used by the demo, the end-to-end tests and the bench harness.
 
-use crate::client::Client;
-use crate::localcluster::{free_port, signal, spawn_with_first_line, LocalCluster};
-use crate::router::Router;
+use crate::demo::client::Client;
+use crate::demo::localcluster::{free_port, signal, spawn_with_first_line, LocalCluster};
+use crate::demo::router::Router;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -432,7 +432,7 @@ impl User {
     }
 
     /// GET `path` with the cookie jar; keeps cookies the response sets.
-    pub async fn get(&mut self, path: &str) -> anyhow::Result<crate::client::Reply> {
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<crate::demo::client::Reply> {
         let cookies = self
             .jar
             .iter()

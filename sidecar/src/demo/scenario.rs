@@ -5,8 +5,8 @@
 //! next request lands elsewhere and the counter continues. Exits non-zero if
 //! anything goes wrong.
 
+use crate::demo::stack::{LbChoice, Stack, User};
 use anyhow::{bail, Context};
-use sessionmesh_sidecar::stack::{LbChoice, Stack, User};
 use std::time::{Duration, Instant};
 
 pub async fn run(lb: LbChoice) -> anyhow::Result<()> {

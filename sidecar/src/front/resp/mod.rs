@@ -1,0 +1,6 @@
+//! The Redis-protocol endpoint: RESP2/RESP3 framing (`protocol`), connections
+//! (`server`), and the data commands run on the core (`commands`).
+
+pub mod commands;
+pub mod protocol;
+pub mod server;
