@@ -8,7 +8,7 @@
 use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
-use crate::node::{Command, Handle, Status};
+use crate::node::{Command, Handle, Status, Step};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
@@ -441,16 +441,14 @@ async fn write(
     mi: Option<u64>,
     mode: Option<SendMode>,
 ) -> Result<(), Resp> {
-    match h
-        .call(|reply| Command::Write {
-            id,
-            ops,
-            max_inactive_ms: mi,
-            mode,
-            reply,
+    let r = h
+        .txn(move |tx| match tx.write(id, ops, mi, mode, None) {
+            Ok(None) => Step::Ready(Ok(())),
+            Ok(Some(t)) => Step::after(move |r| r[t.0].clone()),
+            Err(e) => Step::Ready(Err(e)),
         })
-        .await
-    {
+        .await;
+    match r {
         None => Err(unavailable()),
         Some(Err(e)) => Err(write_err(e)),
         Some(Ok(())) => Ok(()),
@@ -458,7 +456,13 @@ async fn write(
 }
 
 async fn read(h: &Handle, id: SessionId, touch: bool) -> Result<Session, Resp> {
-    match h.call(|reply| Command::Read { id, touch, reply }).await {
+    let r = h
+        .txn(move |tx| {
+            let now = tx.now();
+            Step::Ready(tx.core_mut().read(&id, touch, now))
+        })
+        .await;
+    match r {
         None => Err(unavailable()),
         Some(r) => r.map_err(write_err),
     }
@@ -558,10 +562,10 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
                 _ => None,
             };
             let (ids, count) = h
-                .call(|reply| Command::List {
-                    cursor,
-                    limit,
-                    reply,
+                .txn(move |tx| {
+                    let now = tx.now();
+                    let ids = tx.core().list(cursor.as_ref(), limit, now);
+                    Step::Ready((ids, tx.core().store.live_count()))
                 })
                 .await
                 .ok_or_else(unavailable)?;

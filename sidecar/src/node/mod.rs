@@ -9,10 +9,14 @@
 //! leave, and returns.
 
 use crate::core::detector::MemberState;
-use crate::core::identity::{NodeId, SessionId};
+use crate::core::identity::NodeId;
 use crate::core::message::PeerMsg;
-use crate::core::store::{Op, Session};
-use crate::core::{Core, CoreConfig, MemberView, Output, Phase, SendMode, Stats, WriteError};
+
+pub mod txn;
+
+pub use txn::{Results, Step, Ticket, Tx};
+
+use crate::core::{Core, CoreConfig, MemberView, Output, Phase, Stats};
 use crate::membership::{MemberFile, MemberSpec};
 use crate::net::transport::{self, IoStats, Security};
 use bytes::BytesMut;
@@ -82,24 +86,10 @@ impl std::fmt::Display for MembershipSource {
     }
 }
 
+/// What the core task is asked to do.
 pub enum Command {
-    Read {
-        id: SessionId,
-        touch: bool,
-        reply: oneshot::Sender<Result<Session, WriteError>>,
-    },
-    Write {
-        id: SessionId,
-        ops: Vec<Op>,
-        max_inactive_ms: Option<u64>,
-        mode: Option<SendMode>,
-        reply: oneshot::Sender<Result<(), WriteError>>,
-    },
-    List {
-        cursor: Option<SessionId>,
-        limit: usize,
-        reply: oneshot::Sender<(Vec<SessionId>, usize)>,
-    },
+    /// A front-end's transaction (see `txn`).
+    Txn(txn::TxnFn),
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -109,18 +99,6 @@ pub enum Command {
     Freeze {
         ms: u64,
     },
-    /// Redis data commands, run in order; one reply per command.
-    Redis {
-        cmds: Vec<Vec<bytes::Bytes>>,
-        reply: oneshot::Sender<Vec<crate::front::resp::protocol::Value>>,
-    },
-}
-
-/// Replies of a Redis batch waiting for writes to be acknowledged.
-struct RedisBatch {
-    values: Vec<crate::front::resp::protocol::Value>,
-    waiting: usize,
-    reply: oneshot::Sender<Vec<crate::front::resp::protocol::Value>>,
 }
 
 /// What `/v1/cluster` and `/metrics` show.
@@ -212,6 +190,19 @@ impl Handle {
 }
 
 impl Handle {
+    /// Runs a transaction on the core; `None` if the member is stopping.
+    pub async fn txn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Step<T> + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd_tx
+            .send(Command::Txn(txn::boxed(f, tx)))
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
     pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.cmd_tx.send(make(tx)).await.ok()?;
@@ -368,12 +359,8 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         sec,
         me_spec,
         links: HashMap::new(),
-        writes: HashMap::new(),
+        pending: txn::Pending::default(),
         next_write: 1,
-        redis: crate::front::resp::commands::RedisState::default(),
-        redis_writes: HashMap::new(),
-        redis_batches: HashMap::new(),
-        next_batch: 1,
         ready,
         known,
         core_beat,
@@ -407,12 +394,9 @@ struct CoreTask {
     sec: Security,
     me_spec: MemberSpec,
     links: HashMap<String, PeerLink>,
-    writes: HashMap<u64, oneshot::Sender<Result<(), WriteError>>>,
+    /// Transactions waiting for their writes.
+    pending: txn::Pending,
     next_write: u64,
-    redis: crate::front::resp::commands::RedisState,
-    redis_writes: HashMap<u64, (u64, usize)>,
-    redis_batches: HashMap<u64, RedisBatch>,
-    next_batch: u64,
     ready: Arc<AtomicBool>,
     known: Arc<RwLock<Vec<String>>>,
     core_beat: Arc<std::sync::atomic::AtomicU64>,
@@ -619,73 +603,13 @@ impl CoreTask {
     fn on_cmd(&mut self, cmd: Command) {
         let now = now_ms();
         match cmd {
-            Command::Read { id, touch, reply } => {
-                let _ = reply.send(self.core.read(&id, touch, now));
-            }
-            Command::Write {
-                id,
-                ops,
-                max_inactive_ms,
-                mode,
-                reply,
-            } => {
-                let w = self.next_write;
-                self.next_write += 1;
-                match self.core.write(w, id, ops, max_inactive_ms, mode, now) {
-                    Ok(true) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    Ok(false) => {
-                        self.writes.insert(w, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            Command::Redis { cmds, reply } => {
-                let mut values = Vec::with_capacity(cmds.len());
-                let batch = self.next_batch;
-                let mut waiting = 0;
-                for (i, cmd) in cmds.iter().enumerate() {
-                    let ex = crate::front::resp::commands::exec(
-                        &mut self.core,
-                        &mut self.redis,
-                        cmd,
-                        &mut self.next_write,
-                        now,
-                    );
-                    for w in ex.writes {
-                        self.redis_writes.insert(w, (batch, i));
-                        waiting += 1;
-                    }
-                    values.push(ex.value);
-                }
-                if waiting == 0 {
-                    let _ = reply.send(values);
-                } else {
-                    self.next_batch += 1;
-                    self.redis_batches.insert(
-                        batch,
-                        RedisBatch {
-                            values,
-                            waiting,
-                            reply,
-                        },
-                    );
-                }
+            Command::Txn(job) => {
+                self.pending
+                    .run(&mut self.core, now, &mut self.next_write, job);
             }
             Command::Freeze { ms } => {
                 warn!(ms, "test hook: freezing the core task");
                 self.frozen = Some(Duration::from_millis(ms));
-            }
-            Command::List {
-                cursor,
-                limit,
-                reply,
-            } => {
-                let ids = self.core.list(cursor.as_ref(), limit, now);
-                let _ = reply.send((ids, self.core.store.live_count()));
             }
             Command::Status { reply } => {
                 let _ = reply.send(Status {
@@ -766,23 +690,7 @@ impl CoreTask {
                         let _ = io_tx.send(IoEvent::Probe { target, for_peer, ok }).await;
                     });
                 }
-                Output::WriteDone { write, result } => {
-                    if let Some(tx) = self.writes.remove(&write) {
-                        let _ = tx.send(result);
-                    } else if let Some((batch, i)) = self.redis_writes.remove(&write) {
-                        if let Some(b) = self.redis_batches.get_mut(&batch) {
-                            if let Err(e) = &result {
-                                b.values[i] = crate::front::resp::commands::write_error(e);
-                            }
-                            b.waiting -= 1;
-                            if b.waiting == 0 {
-                                if let Some(b) = self.redis_batches.remove(&batch) {
-                                    let _ = b.reply.send(b.values);
-                                }
-                            }
-                        }
-                    }
-                }
+                Output::WriteDone { write, result } => self.pending.complete(write, result),
             }
         }
         let r = self.core.is_ready();

@@ -9,8 +9,9 @@
 
 use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
-use crate::core::{Core, WriteError};
+use crate::core::WriteError;
 use crate::front::resp::protocol::Value;
+use crate::node::{Step, Ticket, Tx};
 use bytes::Bytes;
 use std::collections::HashMap;
 
@@ -26,13 +27,6 @@ const NOT_INT: &str = "ERR value is not an integer or out of range";
 pub struct RedisState {
     scans: HashMap<u64, (SessionId, u64)>,
     next_scan: u64,
-}
-
-/// A command's reply, sent once the listed writes completed (a failed write
-/// turns the reply into an error).
-pub struct Exec {
-    pub value: Value,
-    pub writes: Vec<u64>,
 }
 
 pub fn write_error(e: &WriteError) -> Value {
@@ -53,11 +47,10 @@ pub fn write_error(e: &WriteError) -> Value {
     }
 }
 
-struct Ctx<'a> {
-    core: &'a mut Core,
-    next_write: &'a mut u64,
+struct Ctx<'t, 'c> {
+    tx: &'t mut Tx<'c>,
     now: u64,
-    writes: Vec<u64>,
+    writes: Vec<Ticket>,
 }
 
 enum Kind<'s> {
@@ -65,9 +58,10 @@ enum Kind<'s> {
     Hash(&'s Session),
 }
 
-impl Ctx<'_> {
+impl Ctx<'_, '_> {
     fn session(&self, id: &SessionId) -> Option<&Session> {
-        self.core
+        self.tx
+            .core()
             .store
             .get(id, self.now, 0)
             .ok()
@@ -99,15 +93,10 @@ impl Ctx<'_> {
     }
 
     fn write(&mut self, id: SessionId, ops: Vec<Op>, max_inactive_ms: u64) -> Result<(), Value> {
-        let w = *self.next_write;
-        *self.next_write += 1;
-        match self
-            .core
-            .write_with(w, id, ops, Some(max_inactive_ms), None, self.now, 0)
-        {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                self.writes.push(w);
+        match self.tx.write(id, ops, Some(max_inactive_ms), None, Some(0)) {
+            Ok(None) => Ok(()),
+            Ok(Some(t)) => {
+                self.writes.push(t);
                 Ok(())
             }
             Err(e) => Err(write_error(&e)),
@@ -225,30 +214,39 @@ pub fn is_data_command(name: &str) -> bool {
 
 pub const COMMAND_COUNT: i64 = 52;
 
-/// Runs one data command.
-pub fn exec(
-    core: &mut Core,
-    st: &mut RedisState,
-    args: &[Bytes],
-    next_write: &mut u64,
-    now: u64,
-) -> Exec {
-    let mut ctx = Ctx {
-        core,
-        next_write,
-        now,
-        writes: Vec::new(),
-    };
-    let value = match run(&mut ctx, st, args) {
-        Ok(v) | Err(v) => v,
-    };
-    Exec {
-        value,
-        writes: ctx.writes,
+/// Runs data commands in order, in one transaction; the replies are ready
+/// once every write they made is done (a failed write turns its command's
+/// reply into an error).
+pub fn exec(tx: &mut Tx<'_>, st: &mut RedisState, cmds: &[Vec<Bytes>]) -> Step<Vec<Value>> {
+    let mut values = Vec::with_capacity(cmds.len());
+    let mut waits: Vec<(Ticket, usize)> = Vec::new();
+    for (i, args) in cmds.iter().enumerate() {
+        let now = tx.now();
+        let mut c = Ctx {
+            tx,
+            now,
+            writes: Vec::new(),
+        };
+        let value = match run(&mut c, st, args) {
+            Ok(v) | Err(v) => v,
+        };
+        waits.extend(c.writes.into_iter().map(|t| (t, i)));
+        values.push(value);
     }
+    if waits.is_empty() {
+        return Step::Ready(values);
+    }
+    Step::after(move |results| {
+        for (t, i) in waits {
+            if let Some(Err(e)) = results.get(t.0) {
+                values[i] = write_error(e);
+            }
+        }
+        values
+    })
 }
 
-fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Value> {
+fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Value> {
     let name = args.first().map(upper).unwrap_or_default();
     let a = &args[1..];
     let need = |min: usize, exact: bool| -> Result<(), Value> {
@@ -258,7 +256,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
             Ok(())
         }
     };
-    if let Err(e) = c.core.check_serving() {
+    if let Err(e) = c.tx.core().check_serving() {
         return Err(write_error(&e));
     }
     match name.as_str() {
@@ -573,7 +571,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
                         .ok_or_else(|| Value::err("ERR invalid cursor"))?,
                 )
             };
-            let ids = c.core.store.list(start.as_ref(), count, c.now, 0);
+            let ids = c.tx.core().store.list(start.as_ref(), count, c.now, 0);
             let mut keys = Vec::new();
             for id in &ids {
                 if pattern
@@ -612,7 +610,7 @@ fn run(c: &mut Ctx<'_>, st: &mut RedisState, args: &[Bytes]) -> Result<Value, Va
         }
         "DBSIZE" => {
             need(0, true)?;
-            Ok(Value::Int(c.core.store.live_count() as i64))
+            Ok(Value::Int(c.tx.core().store.live_count() as i64))
         }
         "FLUSHDB" | "FLUSHALL" => Err(Value::err(
             "ERR FLUSHDB is disabled: it would delete every user's session on every member",
@@ -865,7 +863,7 @@ fn glob_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::core::identity::{Generation, NodeId};
-    use crate::core::{CoreConfig, Phase};
+    use crate::core::{Core, CoreConfig, Phase};
 
     fn core() -> Core {
         let mut c = Core::new(
@@ -888,7 +886,11 @@ mod tests {
             .map(|s| Bytes::copy_from_slice(s.as_bytes()))
             .collect();
         let mut w = 1;
-        exec(c, st, &args, &mut w, now).value
+        let mut tx = Tx::new(c, now, &mut w);
+        match exec(&mut tx, st, &[args]) {
+            Step::Ready(mut v) => v.remove(0),
+            Step::After(_) => panic!("a single member never waits"),
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! core task in batches (one batch per read from the socket), so a pipeline
 //! costs one round trip to the core.
 
-use crate::front::resp::commands::{arity_error, is_data_command, unknown_command, COMMAND_COUNT};
+use crate::front::resp::commands::{
+    self, arity_error, is_data_command, unknown_command, COMMAND_COUNT,
+};
 use crate::front::resp::protocol::{self, Value};
 use crate::node::{Command, Handle};
 use bytes::{Bytes, BytesMut};
@@ -43,6 +45,9 @@ struct Conn {
     id: u64,
 }
 
+/// The SCAN cursors of this endpoint, used inside transactions.
+type Scans = Arc<std::sync::Mutex<commands::RedisState>>;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub async fn serve(
@@ -53,6 +58,7 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let cfg = Arc::new(cfg);
+    let scans = Scans::default();
     let mut acceptor = crate::net::accept::Acceptor::new("redis");
     loop {
         let (mut stream, remote) = tokio::select! {
@@ -70,10 +76,11 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         clients.fetch_add(1, Ordering::Relaxed);
         let (handle, cfg, shutdown) = (handle.clone(), cfg.clone(), shutdown.clone());
+        let scans = scans.clone();
         tracker.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(stream, &handle, &cfg) => {}
+                _ = connection(stream, &handle, &cfg, &scans) => {}
             }
             handle.io.redis_clients.fetch_sub(1, Ordering::Relaxed);
         });
@@ -82,7 +89,7 @@ pub async fn serve(
     tracker.wait().await;
 }
 
-async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
+async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig, scans: &Scans) {
     let mut conn = Conn {
         proto: 2,
         authed: cfg.password.is_none(),
@@ -111,7 +118,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                                 "MGET" | "DEL" | "UNLINK" | "EXISTS" | "TOUCH"
                             )
                         {
-                            if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+                            if flush(&mut stream, h, scans, &mut batch, conn.proto, &mut out)
                                 .await
                                 .is_err()
                             {
@@ -127,7 +134,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                         batch.push(take_scan_match(cmd));
                         continue;
                     }
-                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+                    if flush(&mut stream, h, scans, &mut batch, conn.proto, &mut out)
                         .await
                         .is_err()
                     {
@@ -143,7 +150,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 Ok(None) => break,
                 Err(e) => {
                     debug!(error = %e, "redis endpoint: protocol error; closing the connection");
-                    if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+                    if flush(&mut stream, h, scans, &mut batch, conn.proto, &mut out)
                         .await
                         .is_err()
                     {
@@ -155,7 +162,7 @@ async fn connection(mut stream: TcpStream, h: &Handle, cfg: &RespConfig) {
                 }
             }
         }
-        if flush(&mut stream, h, &mut batch, conn.proto, &mut out)
+        if flush(&mut stream, h, scans, &mut batch, conn.proto, &mut out)
             .await
             .is_err()
             || write_out(&mut stream, h, &mut out).await.is_err()
@@ -217,6 +224,7 @@ fn filter_scan(v: &mut Value, pattern: &[u8]) {
 async fn flush(
     stream: &mut TcpStream,
     h: &Handle,
+    scans: &Scans,
     batch: &mut Vec<Queued>,
     proto: u8,
     out: &mut BytesMut,
@@ -227,7 +235,15 @@ async fn flush(
     let (cmds, post): (Vec<Vec<Bytes>>, Vec<Option<Bytes>>) =
         std::mem::take(batch).into_iter().unzip();
     let n = cmds.len();
-    match h.call(|reply| Command::Redis { cmds, reply }).await {
+    let scans = scans.clone();
+    let r = h
+        .txn(move |tx| {
+            // Only ever locked on the core task: never contended.
+            let mut st = scans.lock().unwrap_or_else(|p| p.into_inner());
+            commands::exec(tx, &mut st, &cmds)
+        })
+        .await;
+    match r {
         Some(mut values) => {
             for (v, pattern) in values.iter_mut().zip(&post) {
                 if let Some(p) = pattern {
