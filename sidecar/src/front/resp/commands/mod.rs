@@ -1,0 +1,327 @@
+//! Redis data commands on the session store, run inside the core task so each
+//! command is atomic (SET NX, GETDEL, RENAME...).
+//!
+//! A key is a session. A string key holds its value in the reserved attribute
+//! `STRING_ATTR`; a hash key maps fields to attributes (one delta per change).
+//! TTLs become the session's absolute expiry (`last accessed + max inactive`,
+//! with `last accessed` = the time of the write), replicated with every delta.
+//! Reads never extend a TTL. Error replies use Redis's exact shapes.
+
+use crate::core::identity::SessionId;
+use crate::core::store::{Op, Session, StoreError};
+use crate::core::WriteError;
+use crate::front::resp::protocol::Value;
+use crate::node::{Step, Ticket, Tx};
+use bytes::Bytes;
+use std::collections::HashMap;
+
+/// The attribute holding a string key's value.
+pub const STRING_ATTR: &str = "\u{0}";
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+const SYNTAX: &str = "ERR syntax error";
+const NOT_INT: &str = "ERR value is not an integer or out of range";
+
+/// Cursors of running SCANs: a cursor number names the last key returned.
+#[derive(Default)]
+pub struct RedisState {
+    scans: HashMap<u64, (SessionId, u64)>,
+    next_scan: u64,
+}
+
+pub fn write_error(e: &WriteError) -> Value {
+    match e {
+        WriteError::NotReady => Value::err("LOADING sessionmesh is loading the dataset in memory"),
+        WriteError::Leaving => Value::err("ERR this member is leaving the cluster"),
+        WriteError::ClockSkew { .. } => Value::err(format!("ERR {e}")),
+        WriteError::Timeout(ms) => {
+            Value::err(format!("TIMEOUT replication not acknowledged within {ms} ms (applied locally, still replicating)"))
+        }
+        WriteError::Store(s) => match s {
+            StoreError::AttrTooLarge { size, max } => Value::err(format!("ERR value of {size} bytes exceeds the limit of {max} bytes")),
+            StoreError::SessionTooLarge { size, max } => Value::err(format!("ERR key of {size} bytes would exceed the limit of {max} bytes")),
+            StoreError::Full { max } => Value::err(format!("OOM the store is full ({max} keys)")),
+            StoreError::Invalidated => Value::err("ERR key was invalidated as a session and cannot be reused"),
+            other => Value::err(format!("ERR {other}")),
+        },
+    }
+}
+
+struct Ctx<'t, 'c> {
+    tx: &'t mut Tx<'c>,
+    now: u64,
+    writes: Vec<Ticket>,
+}
+
+enum Kind<'s> {
+    Str(&'s Bytes),
+    Hash(&'s Session),
+}
+
+impl Ctx<'_, '_> {
+    fn session(&self, id: &SessionId) -> Option<&Session> {
+        self.tx
+            .core()
+            .store
+            .get(id, self.now, 0)
+            .ok()
+            .filter(|s| s.live_attrs().next().is_some())
+    }
+
+    fn kind<'s>(s: &'s Session) -> Kind<'s> {
+        match s.attrs.get(STRING_ATTR).and_then(|a| a.value.as_ref()) {
+            Some(v) => Kind::Str(v),
+            None => Kind::Hash(s),
+        }
+    }
+
+    /// A string key's value; `None` if absent, WRONGTYPE for a hash.
+    fn string(&self, id: &SessionId) -> Result<Option<Bytes>, Value> {
+        match self.session(id).map(Ctx::kind) {
+            None => Ok(None),
+            Some(Kind::Str(v)) => Ok(Some(v.clone())),
+            Some(Kind::Hash(_)) => Err(Value::err(WRONGTYPE)),
+        }
+    }
+
+    /// The max-inactive interval that keeps `s`'s absolute expiry for a write now.
+    fn keep_ttl(&self, s: Option<&Session>) -> u64 {
+        match s.and_then(|s| s.expires_at_ms()) {
+            Some(t) => t.saturating_sub(self.now).max(1),
+            None => 0,
+        }
+    }
+
+    fn write(&mut self, id: SessionId, ops: Vec<Op>, max_inactive_ms: u64) -> Result<(), Value> {
+        match self.tx.write(id, ops, Some(max_inactive_ms), None, Some(0)) {
+            Ok(None) => Ok(()),
+            Ok(Some(t)) => {
+                self.writes.push(t);
+                Ok(())
+            }
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
+    fn delete(&mut self, id: &SessionId) -> Result<bool, Value> {
+        if self.session(id).is_none() {
+            return Ok(false);
+        }
+        self.write(id.clone(), vec![Op::Delete], 0)?;
+        Ok(true)
+    }
+
+    /// Writes a string value, replacing whatever the key held.
+    fn set_string(&mut self, id: SessionId, value: Bytes, ttl_ms: u64) -> Result<(), Value> {
+        let mut ops = Vec::new();
+        match self.session(&id) {
+            Some(s) => {
+                ops.extend(
+                    s.live_attrs()
+                        .filter(|(k, _)| k.as_str() != STRING_ATTR)
+                        .map(|(k, _)| Op::Remove { name: k.clone() }),
+                );
+            }
+            None => ops.push(Op::Create),
+        }
+        ops.push(Op::Set {
+            name: STRING_ATTR.into(),
+            value,
+        });
+        self.write(id, ops, ttl_ms)
+    }
+
+    /// Sets the absolute expiry of an existing key; an expiry in the past deletes it.
+    fn expire_at(&mut self, id: SessionId, at_ms: u64) -> Result<(), Value> {
+        if at_ms <= self.now {
+            self.delete(&id)?;
+            return Ok(());
+        }
+        self.write(id, vec![Op::MaxInactive], at_ms - self.now)
+    }
+}
+
+fn key(b: &Bytes) -> Result<SessionId, Value> {
+    SessionId::key(b).map_err(|e| Value::err(format!("ERR invalid key: {e}")))
+}
+
+fn field(b: &Bytes) -> Result<String, Value> {
+    match std::str::from_utf8(b) {
+        Ok(s) if !s.is_empty() && s != STRING_ATTR => Ok(s.to_owned()),
+        _ => Err(Value::err("ERR hash field names must be non-empty UTF-8")),
+    }
+}
+
+fn int(b: &Bytes) -> Result<i64, Value> {
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Value::err(NOT_INT))
+}
+
+fn upper(b: &Bytes) -> String {
+    String::from_utf8_lossy(b).to_ascii_uppercase()
+}
+
+pub fn arity_error(cmd: &str) -> Value {
+    Value::err(format!(
+        "ERR wrong number of arguments for '{}' command",
+        cmd.to_ascii_lowercase()
+    ))
+}
+
+/// Whether `name` is a data command this module runs.
+pub fn is_data_command(name: &str) -> bool {
+    matches!(
+        name,
+        "GET"
+            | "SET"
+            | "SETEX"
+            | "PSETEX"
+            | "GETEX"
+            | "GETDEL"
+            | "MGET"
+            | "MSET"
+            | "DEL"
+            | "UNLINK"
+            | "EXISTS"
+            | "EXPIRE"
+            | "PEXPIRE"
+            | "EXPIREAT"
+            | "PEXPIREAT"
+            | "PERSIST"
+            | "TTL"
+            | "PTTL"
+            | "RENAME"
+            | "RENAMENX"
+            | "TYPE"
+            | "SCAN"
+            | "DBSIZE"
+            | "HSET"
+            | "HMSET"
+            | "HGET"
+            | "HMGET"
+            | "HGETALL"
+            | "HDEL"
+            | "HEXISTS"
+            | "HLEN"
+            | "HKEYS"
+            | "HVALS"
+            | "FLUSHDB"
+            | "FLUSHALL"
+    )
+}
+
+mod glob;
+mod hashes;
+mod keys;
+mod strings;
+
+pub use glob::glob;
+
+/// A command's name (upper case) and arguments.
+pub(super) struct Args<'a> {
+    pub(super) name: &'a str,
+    pub(super) a: &'a [Bytes],
+}
+
+impl Args<'_> {
+    /// At least `min` arguments, or exactly `min` when `exact`.
+    pub(super) fn need(&self, min: usize, exact: bool) -> Result<(), Value> {
+        if self.a.len() < min || (exact && self.a.len() != min) {
+            Err(arity_error(self.name))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+pub const COMMAND_COUNT: i64 = 52;
+
+/// Runs data commands in order, in one transaction; the replies are ready
+/// once every write they made is done (a failed write turns its command's
+/// reply into an error).
+pub fn exec(tx: &mut Tx<'_>, st: &mut RedisState, cmds: &[Vec<Bytes>]) -> Step<Vec<Value>> {
+    let mut values = Vec::with_capacity(cmds.len());
+    let mut waits: Vec<(Ticket, usize)> = Vec::new();
+    for (i, args) in cmds.iter().enumerate() {
+        let now = tx.now();
+        let mut c = Ctx {
+            tx,
+            now,
+            writes: Vec::new(),
+        };
+        let value = match run(&mut c, st, args) {
+            Ok(v) | Err(v) => v,
+        };
+        waits.extend(c.writes.into_iter().map(|t| (t, i)));
+        values.push(value);
+    }
+    if waits.is_empty() {
+        return Step::Ready(values);
+    }
+    Step::after(move |results| {
+        for (t, i) in waits {
+            if let Some(Err(e)) = results.get(t.0) {
+                values[i] = write_error(e);
+            }
+        }
+        values
+    })
+}
+
+fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, raw: &[Bytes]) -> Result<Value, Value> {
+    let name = raw.first().map(upper).unwrap_or_default();
+    let args = Args {
+        name: &name,
+        a: raw.get(1..).unwrap_or_default(),
+    };
+    if let Err(e) = c.tx.core().check_serving() {
+        return Err(write_error(&e));
+    }
+    match name.as_str() {
+        "GET" => strings::get(c, &args),
+        "SET" => strings::set(c, &args),
+        "SETEX" | "PSETEX" => strings::setex(c, &args),
+        "GETEX" => strings::getex(c, &args),
+        "GETDEL" => strings::getdel(c, &args),
+        "MGET" => strings::mget(c, &args),
+        "MSET" => strings::mset(c, &args),
+        "DEL" | "UNLINK" => keys::del(c, &args),
+        "EXISTS" => keys::exists(c, &args),
+        "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" => keys::expire(c, &args),
+        "PERSIST" => keys::persist(c, &args),
+        "TTL" | "PTTL" => keys::ttl(c, &args),
+        "RENAME" | "RENAMENX" => keys::rename(c, &args),
+        "TYPE" => keys::key_type(c, &args),
+        "SCAN" => keys::scan(c, st, &args),
+        "DBSIZE" => keys::dbsize(c, &args),
+        "FLUSHDB" | "FLUSHALL" => keys::flushdb(),
+        "HSET" | "HMSET" => hashes::hset(c, &args),
+        "HGET" => hashes::hget(c, &args),
+        "HMGET" => hashes::hmget(c, &args),
+        "HGETALL" | "HKEYS" | "HVALS" | "HLEN" => hashes::hgetall(c, &args),
+        "HDEL" => hashes::hdel(c, &args),
+        "HEXISTS" => hashes::hexists(c, &args),
+        _ => Err(unknown_command(raw)),
+    }
+}
+
+pub fn unknown_command(args: &[Bytes]) -> Value {
+    let name = args
+        .first()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let rest: String = args
+        .iter()
+        .skip(1)
+        .take(20)
+        .map(|a| format!("'{}' ", String::from_utf8_lossy(a)))
+        .collect();
+    Value::err(format!(
+        "ERR unknown command '{name}', with args beginning with: {rest}"
+    ))
+}
+
+#[cfg(test)]
+mod tests;
