@@ -8,7 +8,7 @@
 use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
-use crate::node::{Command, Handle, Status, Step};
+use crate::node::{Command, Handle, Step};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
@@ -20,7 +20,6 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -527,10 +526,12 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
                 .call(|reply| Command::Status { reply })
                 .await
                 .ok_or_else(unavailable)?;
-            let mut r = Response::new(Full::new(Bytes::from(metrics_text(&st, h))));
+            let mut r = Response::new(Full::new(Bytes::from(crate::front::metrics::render(
+                &st, h,
+            ))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                hyper::header::HeaderValue::from_static(crate::front::metrics::CONTENT_TYPE),
             );
             Ok(r)
         }
@@ -671,205 +672,4 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
             format!("no such endpoint: {path}"),
         )),
     }
-}
-
-fn metrics_text(st: &Status, h: &Handle) -> String {
-    let mut s = String::with_capacity(4096);
-    let mut g = |name: &str, kind: &str, help: &str, v: f64| {
-        let _ = writeln!(s, "# HELP sessionmesh_{name} {help}\n# TYPE sessionmesh_{name} {kind}\nsessionmesh_{name} {v}");
-    };
-    let ready = h.ready.load(Ordering::Relaxed);
-    g(
-        "ready",
-        "gauge",
-        "1 when this member serves traffic (state transfer complete).",
-        ready as u8 as f64,
-    );
-    g(
-        "sessions",
-        "gauge",
-        "Live sessions held by this member.",
-        st.sessions as f64,
-    );
-    g(
-        "tombstones",
-        "gauge",
-        "Invalidation tombstones not yet garbage-collected.",
-        st.tombstones as f64,
-    );
-    g(
-        "session_payload_bytes",
-        "gauge",
-        "Sum of id, attribute name and value bytes of live sessions.",
-        st.payload_bytes as f64,
-    );
-    g(
-        "queue_deltas",
-        "gauge",
-        "Deltas waiting for acknowledgement, all peers.",
-        st.queue.0 as f64,
-    );
-    g(
-        "queue_bytes",
-        "gauge",
-        "Bytes of deltas waiting for acknowledgement, all peers.",
-        st.queue.1 as f64,
-    );
-    g(
-        "bytes_received_total",
-        "counter",
-        "Bytes read from peer connections.",
-        h.io.bytes_in.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "bytes_sent_total",
-        "counter",
-        "Bytes written to peer connections.",
-        h.io.bytes_out.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "frame_errors_total",
-        "counter",
-        "Peer connections closed for bad frames or failed handshakes.",
-        h.io.frame_errors.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "auth_failures_total",
-        "counter",
-        "Peers refused for not holding the cluster secret.",
-        h.io.auth_failures.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "core_stalled_refusals_total",
-        "counter",
-        "Peer connections closed unanswered because the core task was stuck.",
-        h.io.core_stalled_refusals.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "core_silent_seconds",
-        "gauge",
-        "Time since the core task last went round its loop.",
-        h.core_silent_ms() as f64 / 1000.0,
-    );
-    g("replication_pending_refused_total", "counter", "Replication connections closed before their handshake: too many were pending (in all, or from one address).", h.io.pending_refused.load(Ordering::Relaxed) as f64);
-    g("send_queue_full_total", "counter", "Times deltas to a peer were held back because its writer queue was full (the peer does not read).", h.io.send_queue_full.load(Ordering::Relaxed) as f64);
-    g(
-        "probes_dropped_total",
-        "counter",
-        "Probe requests dropped because too many probes were under way.",
-        h.io.probes_dropped.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "http_refused_connections_total",
-        "counter",
-        "Local HTTP connections closed at once: --http-max-connections were open.",
-        h.io.http_refused.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "redis_auth_failures_total",
-        "counter",
-        "Failed Redis AUTH and HELLO AUTH attempts.",
-        h.io.redis_auth_failures.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "redis_output_stalls_total",
-        "counter",
-        "Redis clients disconnected for reading none of their replies for 30 s.",
-        h.io.redis_output_stalls.load(Ordering::Relaxed) as f64,
-    );
-    g(
-        "redis_clients",
-        "gauge",
-        "Open Redis-protocol connections.",
-        h.io.redis_clients.load(Ordering::Relaxed) as f64,
-    );
-    let t = &st.stats;
-    g(
-        "deltas_applied_total",
-        "counter",
-        "Deltas from peers applied to the store.",
-        t.deltas_applied as f64,
-    );
-    g(
-        "deltas_sent_total",
-        "counter",
-        "Deltas sent to peers (resends included).",
-        t.deltas_sent as f64,
-    );
-    g(
-        "delta_seq_gaps_total",
-        "counter",
-        "Gaps seen in a peer's delta stream (repaired by anti-entropy).",
-        t.seq_gaps as f64,
-    );
-    g(
-        "detections_total",
-        "counter",
-        "Members this member declared dead.",
-        t.detections as f64,
-    );
-    g(
-        "transfer_sessions_received",
-        "gauge",
-        "Entries received by state transfer.",
-        t.transfer_sessions as f64,
-    );
-    g(
-        "transfer_sessions_total",
-        "gauge",
-        "Entries the transfer source reported holding.",
-        t.transfer_total as f64,
-    );
-    g(
-        "transfer_duration_seconds",
-        "gauge",
-        "Duration of the completed state transfer.",
-        t.transfer_ms as f64 / 1000.0,
-    );
-    g(
-        "transfer_retries_total",
-        "counter",
-        "State transfers moved to another member.",
-        t.transfer_retries as f64,
-    );
-    g(
-        "anti_entropy_rounds_total",
-        "counter",
-        "Anti-entropy digest exchanges started.",
-        t.ae_rounds as f64,
-    );
-    g(
-        "anti_entropy_repairs_total",
-        "counter",
-        "Entries repaired by anti-entropy.",
-        t.ae_repairs as f64,
-    );
-    g(
-        "write_timeouts_total",
-        "counter",
-        "Writes whose replication was not acknowledged in time.",
-        t.write_timeouts as f64,
-    );
-    g(
-        "queue_overflows_total",
-        "counter",
-        "Peer backlogs dropped past the hard bound.",
-        t.queue_overflows as f64,
-    );
-    g(
-        "sessions_expired_total",
-        "counter",
-        "Sessions removed by expiry.",
-        t.expired as f64,
-    );
-    g("started_empty_with_silent_peers", "gauge", "1 when this member went ready with an empty store because its peers accepted connections but never answered.", t.started_empty_with_silent_peers as f64);
-    g("peer_refused_total", "counter", "Peer deltas and states refused for breaking this member's limits (ids, attribute and session sizes, session cap).", t.peer_refused as f64);
-    g("clock_refused_total", "counter", "Peer deltas and states refused: their timestamp was ahead of this member's clock by more than --max-clock-skew-ms.", t.clock_refused as f64);
-    g("clock_quarantined_total", "counter", "Entries dropped for carrying a timestamp beyond this member's clock bound (repaired by anti-entropy).", t.clock_quarantined as f64);
-    g("clock_skewed", "gauge", "1 when this member's clock is off most of its peers' by more than --max-clock-skew-ms (it is then not ready and refuses writes).", st.me.clock_skew_ms.is_some() as u8 as f64);
-    let _ = writeln!(s, "# HELP sessionmesh_members Members by state as this member sees them (itself excluded).\n# TYPE sessionmesh_members gauge");
-    for (state, n) in &st.states {
-        let _ = writeln!(s, "sessionmesh_members{{state=\"{}\"}} {n}", state.as_str());
-    }
-    s
 }

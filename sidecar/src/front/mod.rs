@@ -2,4 +2,5 @@
 //! transactions on the core (`node::Txn`); the runtime knows none of them.
 
 pub mod http;
+pub mod metrics;
 pub mod resp;
