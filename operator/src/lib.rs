@@ -2,6 +2,8 @@
 
 pub mod assign;
 pub mod leader;
+pub mod metrics;
 pub mod reconcile;
+pub mod serve;
 pub mod tls;
 pub mod webhook;

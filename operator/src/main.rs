@@ -6,8 +6,8 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
 use http_body_util::Full;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -17,6 +17,7 @@ use kube::{Api, Client, ResourceExt};
 use sessionmesh_api::{SessionCluster, CLUSTER_ANNOTATION};
 use sessionmesh_operator::leader::Elector;
 use sessionmesh_operator::reconcile::{error_policy, reconcile, Ctx};
+use sessionmesh_operator::serve::{serve, text};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -110,7 +111,17 @@ async fn main() -> anyhow::Result<()> {
             "identity": identity,
         })
     );
-    tokio::spawn(serve_health(health, ctx.clone(), leading.clone()));
+    let servers = tokio_util::task::TaskTracker::new();
+    {
+        let (ctx, leading) = (ctx.clone(), leading.clone());
+        servers.spawn(serve(
+            "health",
+            health,
+            None,
+            move |req| health_route(req, ctx.clone(), leading.clone()),
+            shutdown.clone(),
+        ));
+    }
     if let Some(listener) = webhook {
         let hosts: Vec<String> = args
             .webhook_hosts
@@ -143,7 +154,13 @@ async fn main() -> anyhow::Result<()> {
                 native_supported: native,
             },
         ));
-        tokio::spawn(serve_webhook(listener, tls_cfg, admission));
+        servers.spawn(serve(
+            "webhook",
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(tls_cfg)),
+            move |req| mutate(req, admission.clone()),
+            shutdown.clone(),
+        ));
     }
 
     let sd = shutdown.clone();
@@ -205,109 +222,73 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("lost leadership");
     }
     shutdown.cancel();
-    // Give the elector a moment to release the lease.
+    // Open requests finish (bounded); the elector gets a moment to release the lease.
+    servers.close();
+    servers.wait().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 
-async fn serve_webhook(
-    listener: tokio::net::TcpListener,
-    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+/// POST /mutate: the AdmissionReview handler.
+async fn mutate(
+    req: Request<Incoming>,
     admission: Arc<sessionmesh_operator::webhook::Admission>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (acceptor, admission) = (acceptor.clone(), admission.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(tls)) =
-                tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await
-            else {
-                return;
-            };
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let admission = admission.clone();
-                async move {
-                    use http_body_util::BodyExt;
-                    let ok_path =
-                        req.method() == hyper::Method::POST && req.uri().path() == "/mutate";
-                    let body = http_body_util::Limited::new(req.into_body(), 8 << 20)
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes());
-                    let mut r = match (ok_path, body) {
-                        (true, Ok(b)) => Response::new(Full::new(Bytes::from(
-                            admission.review(&b).await.to_string(),
-                        ))),
-                        (false, _) => Response::new(Full::new(Bytes::from_static(
-                            b"{\"error\":\"POST /mutate\"}",
-                        ))),
-                        (_, Err(_)) => Response::new(Full::new(Bytes::from_static(
-                            b"{\"error\":\"unreadable body\"}",
-                        ))),
-                    };
-                    r.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/json"),
-                    );
-                    if !ok_path {
-                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                    }
-                    Ok::<_, std::convert::Infallible>(r)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
-        });
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    if req.method() != hyper::Method::POST || req.uri().path() != "/mutate" {
+        return json(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"{\"error\":\"POST /mutate\"}"),
+        );
+    }
+    let body = http_body_util::Limited::new(req.into_body(), 8 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes());
+    match body {
+        Ok(b) => json(
+            StatusCode::OK,
+            admission.review(&b).await.to_string().into(),
+        ),
+        Err(_) => json(
+            StatusCode::BAD_REQUEST,
+            Bytes::from_static(b"{\"error\":\"unreadable body\"}"),
+        ),
     }
 }
 
-async fn serve_health(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, leading: Arc<AtomicBool>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (ctx, leading) = (ctx.clone(), leading.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (ctx, leading) = (ctx.clone(), leading.clone());
-                async move {
-                    let m = &ctx.metrics;
-                    let body = match req.uri().path() {
-                        "/healthz" => "ok\n".to_owned(),
-                        "/readyz" => {
-                            if !leading.load(Ordering::Relaxed) {
-                                let mut r = Response::new(Full::new(Bytes::from_static(b"standby\n")));
-                                *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                                return Ok::<_, std::convert::Infallible>(r);
-                            }
-                            "ok\n".to_owned()
-                        }
-                        "/metrics" => format!(
-                            "# TYPE sessionmesh_operator_leader gauge\nsessionmesh_operator_leader {}\n\
-                             # TYPE sessionmesh_operator_reconciles_total counter\nsessionmesh_operator_reconciles_total {}\n\
-                             # TYPE sessionmesh_operator_reconcile_failures_total counter\nsessionmesh_operator_reconcile_failures_total {}\n\
-                             # TYPE sessionmesh_operator_last_reconcile_seconds gauge\nsessionmesh_operator_last_reconcile_seconds {}\n",
-                            u8::from(leading.load(Ordering::Relaxed)),
-                            m.reconciles.load(Ordering::Relaxed),
-                            m.failures.load(Ordering::Relaxed),
-                            m.last_reconcile_us.load(Ordering::Relaxed) as f64 / 1e6,
-                        ),
-                        _ => {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-                            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                            return Ok::<_, std::convert::Infallible>(r);
-                        }
-                    };
-                    Ok(Response::new(Full::new(Bytes::from(body))))
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = text(status, body);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// /healthz, /readyz (200 only on the leader) and /metrics.
+async fn health_route(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    leading: Arc<AtomicBool>,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if leading.load(Ordering::Relaxed) => text(StatusCode::OK, "ok\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "standby\n"),
+        "/metrics" => {
+            ctx.metrics
+                .leader
+                .set(i64::from(leading.load(Ordering::Relaxed)));
+            let mut r = text(StatusCode::OK, ctx.metrics.render());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    sessionmesh_operator::metrics::CONTENT_TYPE,
+                ),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -18,7 +18,7 @@ use sessionmesh_api::{
     ROUTE_ANNOTATION,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -38,13 +38,7 @@ pub enum Error {
     Random(String),
 }
 
-#[derive(Default)]
-pub struct Metrics {
-    pub reconciles: AtomicU64,
-    pub failures: AtomicU64,
-    pub last_reconcile_us: AtomicU64,
-    pub members: AtomicU64,
-}
+pub use crate::metrics::Metrics;
 
 pub struct Ctx {
     pub client: Client,
@@ -390,11 +384,15 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     if Some(&status) != sc.status.as_ref() {
         write_status(&sc_api, &name, &status).await?;
     }
-    ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
-    ctx.metrics.members.store(count as u64, Ordering::Relaxed);
+    ctx.metrics.reconciles.inc();
+    let labels = crate::metrics::ClusterLabels {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+    ctx.metrics.members.get_or_create(&labels).set(count as i64);
     ctx.metrics
-        .last_reconcile_us
-        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        .last_reconcile
+        .set(started.elapsed().as_secs_f64());
     ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -587,7 +585,7 @@ async fn ensure_pdb(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Res
 
 /// Exponential backoff per object: 0.5 s, 1 s, 2 s ... up to 5 minutes.
 pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics.failures.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.failures.inc();
     let n = ctx
         .failures
         .lock()

@@ -1,7 +1,8 @@
 //! Accepting connections without spinning. When `accept` fails (most often
 //! because the process is out of file descriptors) the listener backs off,
-//! 5 ms doubling to 1 s, instead of retrying at once in a loop that burns a
-//! core and starves every other task. One warning per failure streak.
+//! 5 ms doubling to 1 s with jitter (`backon`), instead of retrying at once in
+//! a loop that burns a core and starves every other task. One warning per
+//! failure streak.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,18 +12,27 @@ const FIRST: Duration = Duration::from_millis(5);
 const MAX: Duration = Duration::from_secs(1);
 
 /// The back-off state of one listener.
-#[derive(Debug)]
 pub struct Acceptor {
     what: &'static str,
-    backoff: Duration,
+    delays: backon::ExponentialBackoff,
     failures: u64,
+}
+
+fn delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(FIRST)
+        .with_max_delay(MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 impl Acceptor {
     pub fn new(what: &'static str) -> Self {
         Acceptor {
             what,
-            backoff: FIRST,
+            delays: delays(),
             failures: 0,
         }
     }
@@ -39,8 +49,10 @@ impl Acceptor {
                             "accepting connections again"
                         );
                     }
+                    if self.failures > 0 {
+                        self.delays = delays();
+                    }
                     self.failures = 0;
-                    self.backoff = FIRST;
                     return x;
                 }
                 Err(e) => {
@@ -48,8 +60,7 @@ impl Acceptor {
                         tracing::warn!(listener = self.what, error = %e, "accept failed; backing off (out of file descriptors?)");
                     }
                     self.failures += 1;
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(MAX);
+                    tokio::time::sleep(self.delays.next().unwrap_or(MAX)).await;
                 }
             }
         }

@@ -145,6 +145,47 @@ pub(super) async fn inbound(
     let _ = io_tx.send(IoEvent::InboundClosed { peer }).await;
 }
 
+/// Longest wait between two dials of a peer that is not there.
+const DIAL_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// Waits between dials: 25 ms doubling to `DIAL_MAX_DELAY`, jittered so that
+/// members that lost the same peer do not dial it in lockstep.
+fn dial_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(25))
+        .with_max_delay(DIAL_MAX_DELAY)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Logs a failed dial (loudly when the peer refused us, once per streak when
+/// it is not there) and says what it means for a starting member.
+fn classify_dial_error(
+    name: &str,
+    addr: SocketAddr,
+    e: &transport::TransportError,
+    failures: u32,
+) -> crate::core::Down {
+    use transport::TransportError as E;
+    let refused = matches!(e, E::Auth(_) | E::Rejected(_) | E::Protocol(_));
+    if refused {
+        error!(peer = %name, %addr, error = %e, "peer refused the handshake; check the cluster secret and member file");
+        return crate::core::Down::Refused;
+    }
+    if failures == 1 {
+        info!(peer = %name, %addr, error = %e, "cannot reach peer; retrying with backoff");
+    } else {
+        debug!(peer = %name, %addr, error = %e, "cannot reach peer");
+    }
+    if matches!(e, E::Silent) {
+        crate::core::Down::Silent
+    } else {
+        crate::core::Down::Lost
+    }
+}
+
 pub(super) async fn outbound_loop(
     name: String,
     addr: SocketAddr,
@@ -156,7 +197,7 @@ pub(super) async fn outbound_loop(
     kick: Arc<tokio::sync::Notify>,
     connect_timeout: Duration,
 ) {
-    let mut backoff = Duration::from_millis(25);
+    let mut delays = dial_backoff();
     let mut failures = 0u32;
     loop {
         let dialed = tokio::select! {
@@ -174,7 +215,7 @@ pub(super) async fn outbound_loop(
                     info!(peer = %peer, %addr, "connected after {failures} failed attempts");
                 }
                 failures = 0;
-                backoff = Duration::from_millis(25);
+                delays = dial_backoff();
                 drain_queue(&mut rx, &queued);
                 if io_tx
                     .send(IoEvent::OutboundUp {
@@ -200,30 +241,7 @@ pub(super) async fn outbound_loop(
             }
             Err(e) => {
                 failures += 1;
-                match &e {
-                    transport::TransportError::Auth(_)
-                    | transport::TransportError::Rejected(_)
-                    | transport::TransportError::Protocol(_) => {
-                        error!(peer = %name, %addr, error = %e, "peer refused the handshake; check the cluster secret and member file")
-                    }
-                    _ if failures == 1 => {
-                        info!(peer = %name, %addr, error = %e, "cannot reach peer; retrying with backoff")
-                    }
-                    _ => debug!(peer = %name, %addr, error = %e, "cannot reach peer"),
-                }
-                let refused = matches!(
-                    e,
-                    transport::TransportError::Auth(_)
-                        | transport::TransportError::Rejected(_)
-                        | transport::TransportError::Protocol(_)
-                );
-                let down = if refused {
-                    crate::core::Down::Refused
-                } else if matches!(e, transport::TransportError::Silent) {
-                    crate::core::Down::Silent
-                } else {
-                    crate::core::Down::Lost
-                };
+                let down = classify_dial_error(&name, addr, &e, failures);
                 let _ = io_tx
                     .send(IoEvent::OutboundDown {
                         peer: name.clone(),
@@ -233,10 +251,9 @@ pub(super) async fn outbound_loop(
                 drain_queue(&mut rx, &queued);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delays.next().unwrap_or(DIAL_MAX_DELAY)) => {}
                     _ = kick.notified() => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
     }
