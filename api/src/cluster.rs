@@ -94,11 +94,40 @@ pub enum ReplicationMode {
     Backup,
 }
 
+/// When a write returns: the one type the CRD, the operator and the sidecar share.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SendMode {
+    /// After the local apply.
     Async,
+    /// After every live member acknowledged it.
     Sync,
+}
+
+impl SendMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendMode::Async => "async",
+            SendMode::Sync => "sync",
+        }
+    }
+}
+
+impl std::fmt::Display for SendMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SendMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "async" => Ok(SendMode::Async),
+            "sync" => Ok(SendMode::Sync),
+            _ => Err(format!("send mode must be async or sync, not {s:?}")),
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -334,10 +334,7 @@ impl Admission {
                 .image
                 .clone()
                 .unwrap_or_else(|| self.cfg.image.clone()),
-            send: match spec.replication.send {
-                sessionmesh_api::SendMode::Sync => "sync".into(),
-                sessionmesh_api::SendMode::Async => "async".into(),
-            },
+            send: spec.replication.send.as_str().into(),
             secret_name: spec
                 .peer_auth
                 .as_ref()

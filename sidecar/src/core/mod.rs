@@ -35,29 +35,12 @@ use crate::core::hlc::HlcClock;
 use crate::core::identity::{fnv1a, NodeId, SessionId};
 use crate::core::message::PeerMsg;
 use crate::core::store::{Delta, Limits, Op, SessionState, Store, StoreError};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use tracing::{debug, warn};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SendMode {
-    /// The write returns after the local apply.
-    Async,
-    /// The write returns after every live member acknowledged it.
-    Sync,
-}
-
-impl std::str::FromStr for SendMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "async" => Ok(SendMode::Async),
-            "sync" => Ok(SendMode::Sync),
-            _ => Err(format!("send mode must be async or sync, not {s:?}")),
-        }
-    }
-}
+/// When a write returns (shared with the CRD).
+pub use sessionmesh_api::SendMode;
 
 #[derive(Debug, Clone)]
 pub struct CoreConfig {

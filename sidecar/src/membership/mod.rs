@@ -97,6 +97,20 @@ impl MemberFile {
             message = redact_quoted(&message);
             err(if field.is_empty() { ".".into() } else { field }, message)
         })?;
+        mf.validate(file)?;
+        Ok(mf)
+    }
+
+    /// The rules every member list obeys, whatever its source: a cluster
+    /// name, at least one member, valid names and jvmRoutes, and no name,
+    /// receiver address or jvmRoute used twice.
+    pub fn validate(&self, file: &str) -> Result<(), MemberFileError> {
+        let err = |field: String, message: String| MemberFileError {
+            file: file.to_owned(),
+            field,
+            message,
+        };
+        let mf = self;
         if mf.cluster.is_empty() {
             return Err(err("cluster".into(), "must not be empty".into()));
         }
@@ -145,7 +159,7 @@ impl MemberFile {
                 ));
             }
         }
-        Ok(mf)
+        Ok(())
     }
 
     /// Converts the operator's membership document (Kubernetes source) and
@@ -177,13 +191,12 @@ impl MemberFile {
                 leaving.insert(m.name.clone());
             }
         }
-        let text = serde_yaml::to_string(&serde_json::json!({
-            "cluster": doc.cluster,
-            "members": members.iter().map(|m| serde_json::json!({"name": m.name, "address": m.address.to_string(), "jvmRoute": m.jvm_route})).collect::<Vec<_>>(),
-        }))
-        .map_err(|e| err(".".into(), e.to_string()))?;
-        let mut mf = Self::parse(&text, source)?;
-        mf.leaving = leaving;
+        let mf = MemberFile {
+            cluster: doc.cluster.clone(),
+            members,
+            leaving,
+        };
+        mf.validate(source)?;
         Ok(mf)
     }
 
@@ -244,6 +257,46 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "cluster: shop\nmembers:\n  - name: node1\n    address: 127.0.0.1:4001\n    jvmRoute: node1\n  - name: node2\n    address: 127.0.0.1:4002\n    jvmRoute: node2\n";
+
+    fn doc(members: &[(&str, &str, &str, bool)]) -> sessionmesh_api::MembershipDoc {
+        sessionmesh_api::MembershipDoc {
+            cluster: "shop".into(),
+            members: members
+                .iter()
+                .map(|(name, address, route, leaving)| sessionmesh_api::DocMember {
+                    name: (*name).into(),
+                    uid: format!("uid-{name}"),
+                    address: (*address).into(),
+                    jvm_route: (*route).into(),
+                    ready: true,
+                    leaving: *leaving,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_operators_document_is_validated_like_a_file_without_a_text_round_trip() {
+        let mf = MemberFile::from_doc(
+            &doc(&[("a", "10.0.0.1:4000", "a", false), ("b", "10.0.0.2:4000", "b", true)]),
+            "configmap shop/web",
+        )
+        .expect("valid");
+        assert_eq!(mf.names(), vec!["a".to_string(), "b".to_string()]);
+        assert!(mf.leaving.contains("b") && !mf.leaving.contains("a"));
+        let e = MemberFile::from_doc(
+            &doc(&[("a", "10.0.0.1:4000", "a", false), ("b", "10.0.0.1:4000", "b", false)]),
+            "configmap shop/web",
+        )
+        .expect_err("two members on one receiver");
+        assert_eq!(e.field, "members[1].address");
+        let e = MemberFile::from_doc(&doc(&[("a", "nowhere", "a", false)]), "cm")
+            .expect_err("not ip:port");
+        assert_eq!(e.field, "members[0].address");
+        let e = MemberFile::from_doc(&doc(&[("a", "10.0.0.1:4000", "bad route!", false)]), "cm")
+            .expect_err("bad route");
+        assert_eq!(e.field, "members[0].jvmRoute");
+    }
 
     #[test]
     fn parses_a_good_file() {
