@@ -274,39 +274,18 @@ fn unavailable() -> Resp {
     )
 }
 
-fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    req.uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (
-                pct_decode(&k.replace('+', " ")),
-                pct_decode(&v.replace('+', " ")),
-            ),
-            None => (pct_decode(&p.replace('+', " ")), String::new()),
-        })
+/// The query string, decoded (`+` is a space, `%XX` a byte).
+fn query(uri: &hyper::Uri) -> BTreeMap<String, String> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .into_owned()
         .collect()
 }
 
+/// A percent-encoded path segment, decoded (`+` stays a `+`).
 fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hexv = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hexv(b[i + 1]), hexv(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn send_mode(q: &BTreeMap<String, String>) -> Result<Option<SendMode>, Resp> {
@@ -477,7 +456,7 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
-    let q = query(&req);
+    let q = query(req.uri());
     let max_body = h.limits.max_session_bytes / 3 * 4 + 64 * 1024;
     match (&method, parts.as_slice()) {
         (&Method::POST, ["v1", "test", "freeze-core"]) if h.test_hooks => {
@@ -671,5 +650,32 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
             "no_route",
             format!("no such endpoint: {path}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_and_queries_decode_every_escape() {
+        assert_eq!(
+            pct_decode("a%2Fb%41"),
+            "a/bA",
+            "an escape at the very end too"
+        );
+        assert_eq!(
+            pct_decode("a+b%2"),
+            "a+b%2",
+            "a broken escape stays as it is"
+        );
+        let uri: hyper::Uri = "/v1/sessions?limit=5&cursor=a%20b&send=sy%6Ec&x=1+2"
+            .parse()
+            .expect("uri");
+        let q = query(&uri);
+        assert_eq!(q["cursor"], "a b");
+        assert_eq!(q["send"], "sync");
+        assert_eq!(q["x"], "1 2");
+        assert_eq!(q["limit"], "5");
     }
 }

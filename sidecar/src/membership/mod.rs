@@ -263,14 +263,16 @@ mod tests {
             cluster: "shop".into(),
             members: members
                 .iter()
-                .map(|(name, address, route, leaving)| sessionmesh_api::DocMember {
-                    name: (*name).into(),
-                    uid: format!("uid-{name}"),
-                    address: (*address).into(),
-                    jvm_route: (*route).into(),
-                    ready: true,
-                    leaving: *leaving,
-                })
+                .map(
+                    |(name, address, route, leaving)| sessionmesh_api::DocMember {
+                        name: (*name).into(),
+                        uid: format!("uid-{name}"),
+                        address: (*address).into(),
+                        jvm_route: (*route).into(),
+                        ready: true,
+                        leaving: *leaving,
+                    },
+                )
                 .collect(),
         }
     }
@@ -278,14 +280,20 @@ mod tests {
     #[test]
     fn the_operators_document_is_validated_like_a_file_without_a_text_round_trip() {
         let mf = MemberFile::from_doc(
-            &doc(&[("a", "10.0.0.1:4000", "a", false), ("b", "10.0.0.2:4000", "b", true)]),
+            &doc(&[
+                ("a", "10.0.0.1:4000", "a", false),
+                ("b", "10.0.0.2:4000", "b", true),
+            ]),
             "configmap shop/web",
         )
         .expect("valid");
         assert_eq!(mf.names(), vec!["a".to_string(), "b".to_string()]);
         assert!(mf.leaving.contains("b") && !mf.leaving.contains("a"));
         let e = MemberFile::from_doc(
-            &doc(&[("a", "10.0.0.1:4000", "a", false), ("b", "10.0.0.1:4000", "b", false)]),
+            &doc(&[
+                ("a", "10.0.0.1:4000", "a", false),
+                ("b", "10.0.0.1:4000", "b", false),
+            ]),
             "configmap shop/web",
         )
         .expect_err("two members on one receiver");
