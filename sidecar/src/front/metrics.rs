@@ -179,6 +179,12 @@ fn core_stats(r: &mut Registry, st: &Status) {
         "Members this member declared dead",
         t.detections as u64,
     );
+    transfer_and_repair(r, st);
+}
+
+/// State transfer, anti-entropy, expiry and what was refused.
+fn transfer_and_repair(r: &mut Registry, st: &Status) {
+    let t = &st.stats;
     r.register(
         "transfer_sessions_received",
         "Entries received by state transfer",

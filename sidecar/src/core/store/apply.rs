@@ -168,70 +168,36 @@ impl Store {
     /// Joins a full state into the store (transfer, anti-entropy).
     pub fn merge(&mut self, st: SessionState, now_ms: u64) -> Applied {
         let SessionState { id, entry } = st;
-        match (self.entries.get_mut(&id), entry) {
-            (
-                Some(Entry::Tombstone { hlc, reusable, .. }),
-                Entry::Tombstone {
-                    hlc: other,
-                    reusable: other_reusable,
-                    ..
-                },
-            ) => merge_tombstones(hlc, reusable, other, other_reusable),
-            (
-                Some(Entry::Tombstone {
-                    reusable: false, ..
-                }),
-                Entry::Live(_),
-            ) => Applied::Ignored,
-            (
-                Some(Entry::Tombstone {
-                    hlc,
-                    reusable: true,
-                    ..
-                }),
-                Entry::Live(mut s),
-            ) => {
-                s.cleared = s.cleared.max(*hlc);
-                if !s.apply_cleared() || expired(&s, now_ms, 0) {
+        match entry {
+            Entry::Live(s) => self.merge_live_state(id, s, now_ms),
+            Entry::Tombstone { hlc, reusable, .. } => {
+                self.merge_tombstone_state(id, hlc, reusable, now_ms)
+            }
+        }
+    }
+
+    fn merge_live_state(&mut self, id: SessionId, mut theirs: Session, now_ms: u64) -> Applied {
+        match self.entries.get_mut(&id) {
+            Some(Entry::Tombstone {
+                reusable: false, ..
+            }) => Applied::Ignored,
+            Some(Entry::Tombstone { hlc, .. }) => {
+                theirs.cleared = theirs.cleared.max(*hlc);
+                if !theirs.apply_cleared() || expired(&theirs, now_ms, 0) {
                     return Applied::Ignored;
                 }
                 self.entries.remove(&id);
-                self.insert_live(id, s);
+                self.insert_live(id, theirs);
                 Applied::Changed
             }
-            (
-                Some(Entry::Live(mine)),
-                Entry::Tombstone {
-                    hlc,
-                    reusable: true,
-                    ..
-                },
-            ) => {
-                if hlc <= mine.cleared {
+            None => {
+                if expired(&theirs, now_ms, 0) || !theirs.apply_cleared() {
                     return Applied::Ignored;
                 }
-                let before = mine.payload_bytes();
-                mine.cleared = hlc;
-                if !mine.apply_cleared() {
-                    self.tombstone(&id, hlc, now_ms, true);
-                    return Applied::Changed;
-                }
-                let after = mine.payload_bytes();
-                self.payload = self.payload + after - before;
+                self.insert_live(id, theirs);
                 Applied::Changed
             }
-            (_, Entry::Tombstone { hlc, reusable, .. }) => {
-                self.tombstone(&id, hlc, now_ms, reusable);
-                Applied::Changed
-            }
-            (None, Entry::Live(mut s)) => {
-                if expired(&s, now_ms, 0) || !s.apply_cleared() {
-                    return Applied::Ignored;
-                }
-                self.insert_live(id, s);
-                Applied::Changed
-            }
-            (Some(Entry::Live(mine)), Entry::Live(theirs)) => {
+            Some(Entry::Live(mine)) => {
                 let before = mine.payload_bytes();
                 let changed = merge_live(mine, theirs);
                 let cleared = mine.cleared;
@@ -246,6 +212,41 @@ impl Store {
                 } else {
                     Applied::Ignored
                 }
+            }
+        }
+    }
+
+    fn merge_tombstone_state(
+        &mut self,
+        id: SessionId,
+        hlc: Hlc,
+        reusable: bool,
+        now_ms: u64,
+    ) -> Applied {
+        match self.entries.get_mut(&id) {
+            Some(Entry::Tombstone {
+                hlc: mine,
+                reusable: mine_reusable,
+                ..
+            }) => merge_tombstones(mine, mine_reusable, hlc, reusable),
+            // A delete clears what is older than it; what is newer stays.
+            Some(Entry::Live(mine)) if reusable => {
+                if hlc <= mine.cleared {
+                    return Applied::Ignored;
+                }
+                let before = mine.payload_bytes();
+                mine.cleared = hlc;
+                if !mine.apply_cleared() {
+                    self.tombstone(&id, hlc, now_ms, true);
+                    return Applied::Changed;
+                }
+                let after = mine.payload_bytes();
+                self.payload = self.payload + after - before;
+                Applied::Changed
+            }
+            _ => {
+                self.tombstone(&id, hlc, now_ms, reusable);
+                Applied::Changed
             }
         }
     }

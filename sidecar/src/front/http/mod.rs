@@ -9,6 +9,9 @@ use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
 use crate::node::{Command, Handle, Step};
+mod probes;
+mod sessions;
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
@@ -28,6 +31,13 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 type Resp = Response<Full<Bytes>>;
+/// A decoded query string.
+type Query = BTreeMap<String, String>;
+
+/// The largest JSON body: a whole session, base64-encoded, with room for names.
+fn max_body(h: &Handle) -> usize {
+    h.limits.max_session_bytes / 3 * 4 + 64 * 1024
+}
 
 /// Bounds and guards of the local HTTP listeners.
 #[derive(Debug, Clone)]
@@ -457,185 +467,29 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     let q = query(req.uri());
-    let max_body = h.limits.max_session_bytes / 3 * 4 + 64 * 1024;
     match (&method, parts.as_slice()) {
         (&Method::POST, ["v1", "test", "freeze-core"]) if h.test_hooks => {
-            let ms = q
-                .get("ms")
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(1_000)
-                .min(60_000);
-            let _ = h.cmd_tx.send(Command::Freeze { ms }).await;
-            Ok(json_resp(StatusCode::ACCEPTED, &json!({"frozenMs": ms})))
+            probes::freeze(h, &q).await
         }
-        (&Method::GET, ["healthz"]) => {
-            // Liveness measures the core, not the socket: a member whose core
-            // is stuck must be restarted, not kept because its HTTP task runs.
-            let silent = h.core_silent_ms();
-            if silent > crate::node::CORE_STALL_HEALTH_MS {
-                Ok(json_resp(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"status": "core stalled", "silentMs": silent}),
-                ))
-            } else {
-                Ok(json_resp(StatusCode::OK, &json!({"status": "ok"})))
-            }
-        }
-        (&Method::GET, ["readyz"]) => {
-            let ready = h.ready.load(Ordering::Relaxed);
-            let code = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            Ok(json_resp(code, &json!({"ready": ready})))
-        }
-        (&Method::GET, ["v1", "cluster"]) => {
-            let st = h
-                .call(|reply| Command::Status { reply })
-                .await
-                .ok_or_else(unavailable)?;
-            Ok(json_resp(
-                StatusCode::OK,
-                &serde_json::to_value(&st).unwrap_or(Value::Null),
-            ))
-        }
-        (&Method::GET, ["metrics"]) => {
-            let st = h
-                .call(|reply| Command::Status { reply })
-                .await
-                .ok_or_else(unavailable)?;
-            let mut r = Response::new(Full::new(Bytes::from(crate::front::metrics::render(
-                &st, h,
-            ))));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(crate::front::metrics::CONTENT_TYPE),
-            );
-            Ok(r)
-        }
-        (&Method::POST, ["v1", "sessions"]) => {
-            let mode = send_mode(&q)?;
-            let b: CreateBody = parse_json(&body(req, max_body).await?)?;
-            let id = match b.id {
-                Some(raw) => sid(&raw)?,
-                None => SessionId::random(),
-            };
-            let mut ops = vec![Op::Create];
-            ops.extend(decode_attrs(b.attributes)?);
-            let mi = max_inactive(b.max_inactive_seconds)?;
-            write(h, id.clone(), ops, mi, mode).await?;
-            let s = read(h, id.clone(), false).await?;
-            Ok(json_resp(
-                StatusCode::CREATED,
-                &session_json(&id, &s, &h.jvm_route),
-            ))
-        }
-        (&Method::GET, ["v1", "sessions"]) => {
-            let limit = q
-                .get("limit")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(1000usize)
-                .min(10_000);
-            let cursor = match q.get("cursor") {
-                Some(c) if !c.is_empty() => Some(sid(c)?),
-                _ => None,
-            };
-            let (ids, count) = h
-                .txn(move |tx| {
-                    let now = tx.now();
-                    let ids = tx.core().list(cursor.as_ref(), limit, now);
-                    Step::Ready((ids, tx.core().store.live_count()))
-                })
-                .await
-                .ok_or_else(unavailable)?;
-            let next = if ids.len() == limit {
-                ids.last().map(|i| i.as_str().to_owned())
-            } else {
-                None
-            };
-            let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-            Ok(json_resp(
-                StatusCode::OK,
-                &json!({"count": count, "ids": ids, "next": next}),
-            ))
-        }
-        (&Method::GET, ["v1", "sessions", id]) => {
-            let id = sid(id)?;
-            let touch = q.get("touch").map_or(true, |t| t != "false");
-            let s = read(h, id.clone(), touch).await?;
-            Ok(json_resp(
-                StatusCode::OK,
-                &session_json(&id, &s, &h.jvm_route),
-            ))
-        }
-        (&Method::PATCH, ["v1", "sessions", id]) => {
-            let id = sid(id)?;
-            let mode = send_mode(&q)?;
-            let b: PatchBody = parse_json(&body(req, max_body).await?)?;
-            let mut ops = decode_attrs(b.set)?;
-            ops.extend(b.remove.into_iter().map(|name| Op::Remove { name }));
-            ops.push(Op::Touch);
-            write(h, id, ops, max_inactive(b.max_inactive_seconds)?, mode).await?;
-            Ok(no_content())
-        }
-        (&Method::DELETE, ["v1", "sessions", id]) => {
-            let id = sid(id)?;
-            write(h, id, vec![Op::Invalidate], None, send_mode(&q)?).await?;
-            Ok(no_content())
-        }
-        (&Method::POST, ["v1", "sessions", id, "touch"]) => {
-            let id = sid(id)?;
-            read(h, id, true).await?;
-            Ok(no_content())
-        }
-        (&Method::POST, ["v1", "sessions", id, "rename"]) => {
-            let id = sid(id)?;
-            let mode = send_mode(&q)?;
-            let b: RenameBody = parse_json(&body(req, 64 * 1024).await?)?;
-            let to = sid(&b.new_id)?;
-            if to == id {
-                return Ok(json_resp(StatusCode::OK, &json!({"id": to.as_str()})));
-            }
-            write(h, id, vec![Op::Rename { to: to.clone() }], None, mode).await?;
-            Ok(json_resp(
-                StatusCode::OK,
-                &json!({"id": to.as_str(), "routedId": format!("{}.{}", to.as_str(), h.jvm_route)}),
-            ))
-        }
+        (&Method::GET, ["healthz"]) => probes::healthz(h).await,
+        (&Method::GET, ["readyz"]) => probes::readyz(h).await,
+        (&Method::GET, ["v1", "cluster"]) => probes::cluster(h).await,
+        (&Method::GET, ["metrics"]) => probes::metrics(h).await,
+        (&Method::POST, ["v1", "sessions"]) => sessions::create(req, h, &q).await,
+        (&Method::GET, ["v1", "sessions"]) => sessions::list(h, &q).await,
+        (&Method::GET, ["v1", "sessions", id]) => sessions::get(h, &q, id).await,
+        (&Method::PATCH, ["v1", "sessions", id]) => sessions::patch(req, h, &q, id).await,
+        (&Method::DELETE, ["v1", "sessions", id]) => sessions::delete(h, &q, id).await,
+        (&Method::POST, ["v1", "sessions", id, "touch"]) => sessions::touch(h, id).await,
+        (&Method::POST, ["v1", "sessions", id, "rename"]) => sessions::rename(req, h, &q, id).await,
         (&Method::GET, ["v1", "sessions", id, "attributes", name]) => {
-            let id = sid(id)?;
-            let name = pct_decode(name);
-            let s = read(h, id, q.get("touch").map_or(true, |t| t != "false")).await?;
-            match s.attrs.get(&name).and_then(|a| a.value.clone()) {
-                Some(v) => {
-                    let mut r = Response::new(Full::new(v));
-                    r.headers_mut().insert(
-                        CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/octet-stream"),
-                    );
-                    Ok(r)
-                }
-                None => Err(err(
-                    StatusCode::NOT_FOUND,
-                    "no_such_attribute",
-                    "attribute not found",
-                )),
-            }
+            sessions::get_attr(h, &q, id, name).await
         }
         (&Method::PUT, ["v1", "sessions", id, "attributes", name]) => {
-            let id = sid(id)?;
-            let name = pct_decode(name);
-            let mode = send_mode(&q)?;
-            let value = body(req, h.limits.max_attr_bytes + 1).await?;
-            write(h, id, vec![Op::Set { name, value }], None, mode).await?;
-            Ok(no_content())
+            sessions::put_attr(req, h, &q, id, name).await
         }
         (&Method::DELETE, ["v1", "sessions", id, "attributes", name]) => {
-            let id = sid(id)?;
-            let name = pct_decode(name);
-            write(h, id, vec![Op::Remove { name }], None, send_mode(&q)?).await?;
-            Ok(no_content())
+            sessions::delete_attr(h, &q, id, name).await
         }
         (
             _,

@@ -1,0 +1,153 @@
+//! The session resource: create, list, read, update, invalidate, touch,
+//! rename, and single attributes.
+
+use super::*;
+
+pub(super) async fn create(req: Request<Incoming>, h: &Handle, q: &Query) -> Result<Resp, Resp> {
+    let mode = send_mode(&q)?;
+    let b: CreateBody = parse_json(&body(req, max_body(h)).await?)?;
+    let id = match b.id {
+        Some(raw) => sid(&raw)?,
+        None => SessionId::random(),
+    };
+    let mut ops = vec![Op::Create];
+    ops.extend(decode_attrs(b.attributes)?);
+    let mi = max_inactive(b.max_inactive_seconds)?;
+    write(h, id.clone(), ops, mi, mode).await?;
+    let s = read(h, id.clone(), false).await?;
+    Ok(json_resp(
+        StatusCode::CREATED,
+        &session_json(&id, &s, &h.jvm_route),
+    ))
+}
+
+pub(super) async fn list(h: &Handle, q: &Query) -> Result<Resp, Resp> {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(1000usize)
+        .min(10_000);
+    let cursor = match q.get("cursor") {
+        Some(c) if !c.is_empty() => Some(sid(c)?),
+        _ => None,
+    };
+    let (ids, count) = h
+        .txn(move |tx| {
+            let now = tx.now();
+            let ids = tx.core().list(cursor.as_ref(), limit, now);
+            Step::Ready((ids, tx.core().store.live_count()))
+        })
+        .await
+        .ok_or_else(unavailable)?;
+    let next = if ids.len() == limit {
+        ids.last().map(|i| i.as_str().to_owned())
+    } else {
+        None
+    };
+    let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+    Ok(json_resp(
+        StatusCode::OK,
+        &json!({"count": count, "ids": ids, "next": next}),
+    ))
+}
+
+pub(super) async fn get(h: &Handle, q: &Query, id: &str) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    let touch = q.get("touch").map_or(true, |t| t != "false");
+    let s = read(h, id.clone(), touch).await?;
+    Ok(json_resp(
+        StatusCode::OK,
+        &session_json(&id, &s, &h.jvm_route),
+    ))
+}
+
+pub(super) async fn patch(
+    req: Request<Incoming>,
+    h: &Handle,
+    q: &Query,
+    id: &str,
+) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    let mode = send_mode(&q)?;
+    let b: PatchBody = parse_json(&body(req, max_body(h)).await?)?;
+    let mut ops = decode_attrs(b.set)?;
+    ops.extend(b.remove.into_iter().map(|name| Op::Remove { name }));
+    ops.push(Op::Touch);
+    write(h, id, ops, max_inactive(b.max_inactive_seconds)?, mode).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn delete(h: &Handle, q: &Query, id: &str) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    write(h, id, vec![Op::Invalidate], None, send_mode(&q)?).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn touch(h: &Handle, id: &str) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    read(h, id, true).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn rename(
+    req: Request<Incoming>,
+    h: &Handle,
+    q: &Query,
+    id: &str,
+) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    let mode = send_mode(&q)?;
+    let b: RenameBody = parse_json(&body(req, 64 * 1024).await?)?;
+    let to = sid(&b.new_id)?;
+    if to == id {
+        return Ok(json_resp(StatusCode::OK, &json!({"id": to.as_str()})));
+    }
+    write(h, id, vec![Op::Rename { to: to.clone() }], None, mode).await?;
+    Ok(json_resp(
+        StatusCode::OK,
+        &json!({"id": to.as_str(), "routedId": format!("{}.{}", to.as_str(), h.jvm_route)}),
+    ))
+}
+
+pub(super) async fn get_attr(h: &Handle, q: &Query, id: &str, name: &str) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    let name = pct_decode(name);
+    let s = read(h, id, q.get("touch").map_or(true, |t| t != "false")).await?;
+    match s.attrs.get(&name).and_then(|a| a.value.clone()) {
+        Some(v) => {
+            let mut r = Response::new(Full::new(v));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok(r)
+        }
+        None => Err(err(
+            StatusCode::NOT_FOUND,
+            "no_such_attribute",
+            "attribute not found",
+        )),
+    }
+}
+
+pub(super) async fn put_attr(
+    req: Request<Incoming>,
+    h: &Handle,
+    q: &Query,
+    id: &str,
+    name: &str,
+) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    let name = pct_decode(name);
+    let mode = send_mode(&q)?;
+    let value = body(req, h.limits.max_attr_bytes + 1).await?;
+    write(h, id, vec![Op::Set { name, value }], None, mode).await?;
+    Ok(no_content())
+}
+
+pub(super) async fn delete_attr(h: &Handle, q: &Query, id: &str, name: &str) -> Result<Resp, Resp> {
+    let id = sid(id)?;
+    let name = pct_decode(name);
+    write(h, id, vec![Op::Remove { name }], None, send_mode(&q)?).await?;
+    Ok(no_content())
+}
