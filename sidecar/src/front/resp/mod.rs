@@ -2,5 +2,6 @@
 //! (`server`), and the data commands run on the core (`commands`).
 
 pub mod commands;
+mod local;
 pub mod protocol;
 pub mod server;
