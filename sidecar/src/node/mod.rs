@@ -235,30 +235,7 @@ pub struct Started {
 /// Binds the replication port and starts every task. The returned
 /// `done` finishes after `shutdown` is cancelled and the member has left.
 pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
-    let kube = match &cfg.members {
-        MembershipSource::Kube { .. } => Some(
-            kube::Client::try_default()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?,
-        ),
-        MembershipSource::File(_) => None,
-    };
-    let mf = match (&cfg.members, &kube) {
-        (MembershipSource::File(path), _) => {
-            MemberFile::load(path).map_err(|e| anyhow::anyhow!("member file: {e}"))?
-        }
-        (MembershipSource::Kube { namespace, name }, Some(client)) => {
-            crate::membership::kube::wait_for_member(
-                client,
-                namespace,
-                name,
-                &cfg.member,
-                Duration::from_secs(120),
-            )
-            .await?
-        }
-        _ => anyhow::bail!("no Kubernetes client"),
-    };
+    let (kube, mf) = load_members(&cfg).await?;
     let Some(me_spec) = mf.get(&cfg.member).cloned() else {
         anyhow::bail!(
             "member {:?} is not in {} (members: {})",
@@ -328,35 +305,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         net_cancel.clone(),
         tracker.clone(),
     ));
-    match (&cfg.members, kube) {
-        (MembershipSource::File(path), _) => {
-            tracker.spawn(reload_loop(
-                path.clone(),
-                mf.clone(),
-                cfg.reload_interval,
-                io_tx.clone(),
-                net_cancel.clone(),
-            ));
-        }
-        (MembershipSource::Kube { namespace, name }, Some(client)) => {
-            let (tx, cancel) = (io_tx.clone(), net_cancel.clone());
-            let (namespace, name) = (namespace.clone(), name.clone());
-            tracker.spawn(async move {
-                crate::membership::kube::watch(
-                    client,
-                    &namespace,
-                    &name,
-                    move |mf| {
-                        let tx = tx.clone();
-                        async move { tx.send(IoEvent::Members(mf)).await.is_ok() }
-                    },
-                    cancel,
-                )
-                .await
-            });
-        }
-        _ => {}
-    }
+    watch_members(&cfg, kube, &mf, &tracker, &io_tx, &net_cancel);
     let core = Core::new(me.clone(), core_cfg, &mf.names(), now_ms());
     let runner = CoreTask {
         core,
@@ -391,4 +340,74 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         replication_addr,
         done,
     })
+}
+
+/// The member list at start: the file, or the operator's document once it
+/// names this member (and the API client that watches it from then on).
+async fn load_members(cfg: &NodeConfig) -> anyhow::Result<(Option<kube::Client>, MemberFile)> {
+    let kube = match &cfg.members {
+        MembershipSource::Kube { .. } => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API: {e}"))?,
+        ),
+        MembershipSource::File(_) => None,
+    };
+    let mf = match (&cfg.members, &kube) {
+        (MembershipSource::File(path), _) => {
+            MemberFile::load(path).map_err(|e| anyhow::anyhow!("member file: {e}"))?
+        }
+        (MembershipSource::Kube { namespace, name }, Some(client)) => {
+            crate::membership::kube::wait_for_member(
+                client,
+                namespace,
+                name,
+                &cfg.member,
+                Duration::from_secs(120),
+            )
+            .await?
+        }
+        _ => anyhow::bail!("no Kubernetes client"),
+    };
+    Ok((kube, mf))
+}
+
+/// Keeps the member list current: reloads the file, or watches the document.
+fn watch_members(
+    cfg: &NodeConfig,
+    kube: Option<kube::Client>,
+    mf: &MemberFile,
+    tracker: &TaskTracker,
+    io_tx: &mpsc::Sender<IoEvent>,
+    net_cancel: &CancellationToken,
+) {
+    match (&cfg.members, kube) {
+        (MembershipSource::File(path), _) => {
+            tracker.spawn(reload_loop(
+                path.clone(),
+                mf.clone(),
+                cfg.reload_interval,
+                io_tx.clone(),
+                net_cancel.clone(),
+            ));
+        }
+        (MembershipSource::Kube { namespace, name }, Some(client)) => {
+            let (tx, cancel) = (io_tx.clone(), net_cancel.clone());
+            let (namespace, name) = (namespace.clone(), name.clone());
+            tracker.spawn(async move {
+                crate::membership::kube::watch(
+                    client,
+                    &namespace,
+                    &name,
+                    move |mf| {
+                        let tx = tx.clone();
+                        async move { tx.send(IoEvent::Members(mf)).await.is_ok() }
+                    },
+                    cancel,
+                )
+                .await
+            });
+        }
+        _ => {}
+    }
 }
