@@ -270,6 +270,86 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(flag, "a secret on the command line is visible to every user of this host (ps); prefer --secret-file or the environment");
         }
     }
+    if !a.http.ip().is_loopback() {
+        tracing::warn!(http = %a.http, "the local API is not on loopback: anyone who can reach it can read sessions");
+    }
+    let cfg = node_config(&a)?;
+    let shutdown = CancellationToken::new();
+    let started = match node::start(cfg, shutdown.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return Err(e);
+        }
+    };
+    let http = tokio::net::TcpListener::bind(a.http)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", a.http))?;
+    let http_addr = http.local_addr()?;
+    let redis = bind_redis(&a).await?;
+    let redis_addr = redis.as_ref().and_then(|l| l.local_addr().ok());
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "member": started.handle.me.name,
+            "http": http_addr.to_string(),
+            "redis": redis_addr.map(|a| a.to_string()),
+            "replication": started.replication_addr.to_string(),
+        })
+    );
+    let redis_stop = CancellationToken::new();
+    let redis_task = redis.map(|l| {
+        tracing::info!(redis = ?redis_addr, "Redis endpoint listening");
+        let cfg = resp_config(&a);
+        tokio::spawn(sessionmesh_sidecar::front::resp::server::serve(
+            l,
+            started.handle.clone(),
+            cfg,
+            redis_stop.clone(),
+        ))
+    });
+    tracing::info!(http = %http_addr, "local API listening");
+    let api_stop = CancellationToken::new();
+    let token = read_token(&a)?;
+    let http_limits = sessionmesh_sidecar::front::http::HttpLimits {
+        max_connections: a.http_max_connections.max(1),
+        idle_timeout: Duration::from_millis(a.http_idle_timeout_ms.max(10)),
+        token,
+    };
+    let api = tokio::spawn(sessionmesh_sidecar::front::http::serve(
+        http,
+        started.handle.clone(),
+        http_limits.clone(),
+        api_stop.clone(),
+    ));
+    if let Some(addr) = a.probe {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
+        tokio::spawn(sessionmesh_sidecar::front::http::serve_probes(
+            l,
+            started.handle.clone(),
+            http_limits,
+            api_stop.clone(),
+        ));
+    }
+
+    let done = wait_for_signal(started.done).await?;
+    shutdown.cancel();
+    let _ = done.await;
+    api_stop.cancel();
+    redis_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
+    if let Some(t) = redis_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    Ok(())
+}
+
+/// The cluster secret from `--secret-file` or the environment: at least 16
+/// bytes once surrounding ASCII white space (a trailing newline) is dropped.
+fn read_secret(a: &RunArgs) -> anyhow::Result<Vec<u8>> {
     let secret = match (&a.secret_file, &a.secret) {
         (Some(f), _) => std::fs::read(f)
             .map_err(|e| anyhow::anyhow!("cannot read --secret-file {}: {e}", f.display()))?,
@@ -284,10 +364,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if secret.len() < 16 {
         anyhow::bail!("the cluster secret must be at least 16 bytes");
     }
-    if !a.http.ip().is_loopback() {
-        tracing::warn!(http = %a.http, "the local API is not on loopback: anyone who can reach it can read sessions");
-    }
-    let core = CoreConfig {
+    Ok(secret)
+}
+
+/// The core's settings from the command line.
+fn core_config(a: &RunArgs) -> CoreConfig {
+    CoreConfig {
         cluster: String::new(),
         send: a.send,
         heartbeat_interval_ms: a.heartbeat_interval_ms,
@@ -315,8 +397,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         max_frame_bytes: a.max_frame_bytes,
         max_clock_skew_ms: a.max_clock_skew_ms,
         silent_peer_wait_ms: a.silent_peer_wait_ms,
-    };
-    let members = match (a.members, &a.kube_membership) {
+    }
+}
+
+/// Where the member list comes from: a file, or the operator's document.
+fn membership_source(a: &RunArgs) -> anyhow::Result<node::MembershipSource> {
+    Ok(match (a.members.clone(), &a.kube_membership) {
         (Some(p), _) => node::MembershipSource::File(p),
         (None, Some(k)) => {
             let Some((namespace, name)) = k.split_once('/') else {
@@ -330,76 +416,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!(
             "give a membership source: --members FILE or --kube-membership NAMESPACE/CONFIGMAP"
         ),
-    };
-    let cfg = NodeConfig {
-        core,
-        member: a.member,
-        members,
-        secret,
-        listen: a.listen,
-        reload_interval: Duration::from_millis(a.reload_interval_ms.max(50)),
-        leave_timeout: Duration::from_millis(a.leave_timeout_ms),
-        connect_timeout: Duration::from_millis(a.connect_timeout_ms),
-        tick: Duration::from_millis(10),
-        test_hooks: a.test_hooks,
-    };
-    let shutdown = CancellationToken::new();
-    let started = match node::start(cfg, shutdown.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{e}");
-            return Err(e);
-        }
-    };
-    let http = tokio::net::TcpListener::bind(a.http)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", a.http))?;
-    let http_addr = http.local_addr()?;
-    let redis = match a.redis {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot bind the Redis endpoint on {addr}: {e}"))?;
-            if !addr.ip().is_loopback() {
-                tracing::warn!(redis = %addr, "the Redis endpoint is not on loopback");
-            }
-            Some(l)
-        }
-        None => None,
-    };
-    let redis_addr = redis.as_ref().and_then(|l| l.local_addr().ok());
-    println!(
-        "{}",
-        serde_json::json!({
-            "event": "listening",
-            "member": started.handle.me.name,
-            "http": http_addr.to_string(),
-            "redis": redis_addr.map(|a| a.to_string()),
-            "replication": started.replication_addr.to_string(),
-        })
-    );
-    let redis_stop = CancellationToken::new();
-    let redis_task = redis.map(|l| {
-        tracing::info!(redis = ?redis_addr, "Redis endpoint listening");
-        let cfg = sessionmesh_sidecar::front::resp::server::RespConfig {
-            password: a.redis_password.clone(),
-            max_clients: a.redis_max_clients,
-            limits: sessionmesh_sidecar::front::resp::protocol::Limits {
-                max_bulk: a.max_attr_bytes.max(a.max_session_bytes),
-                max_args: 1 << 20,
-                max_request: (16usize << 20).max(a.max_session_bytes * 2),
-            },
-        };
-        tokio::spawn(sessionmesh_sidecar::front::resp::server::serve(
-            l,
-            started.handle.clone(),
-            cfg,
-            redis_stop.clone(),
-        ))
-    });
-    tracing::info!(http = %http_addr, "local API listening");
-    let api_stop = CancellationToken::new();
-    let token = match &a.api_token_file {
+    })
+}
+
+/// The local API's bearer token from `--api-token-file`, if one is given.
+fn read_token(a: &RunArgs) -> anyhow::Result<Option<std::sync::Arc<Vec<u8>>>> {
+    Ok(match &a.api_token_file {
         Some(f) => {
             let t = std::fs::read(f).map_err(|e| {
                 anyhow::anyhow!("cannot read --api-token-file {}: {e}", f.display())
@@ -412,33 +434,63 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             Some(std::sync::Arc::new(t))
         }
         None => None,
-    };
-    let http_limits = sessionmesh_sidecar::front::http::HttpLimits {
-        max_connections: a.http_max_connections.max(1),
-        idle_timeout: Duration::from_millis(a.http_idle_timeout_ms.max(10)),
-        token,
-    };
-    let api = tokio::spawn(sessionmesh_sidecar::front::http::serve(
-        http,
-        started.handle.clone(),
-        http_limits.clone(),
-        api_stop.clone(),
-    ));
-    if let Some(addr) = a.probe {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot bind the probe address {addr}: {e}"))?;
-        tokio::spawn(sessionmesh_sidecar::front::http::serve_probes(
-            l,
-            started.handle.clone(),
-            http_limits,
-            api_stop.clone(),
-        ));
-    }
+    })
+}
 
+/// The Redis endpoint's listener, when `--redis` asks for one.
+async fn bind_redis(a: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    Ok(match a.redis {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot bind the Redis endpoint on {addr}: {e}"))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(redis = %addr, "the Redis endpoint is not on loopback");
+            }
+            Some(l)
+        }
+        None => None,
+    })
+}
+
+/// The Redis endpoint's settings from the command line.
+fn resp_config(a: &RunArgs) -> sessionmesh_sidecar::front::resp::server::RespConfig {
+    sessionmesh_sidecar::front::resp::server::RespConfig {
+        password: a.redis_password.clone(),
+        max_clients: a.redis_max_clients,
+        limits: sessionmesh_sidecar::front::resp::protocol::Limits {
+            max_bulk: a.max_attr_bytes.max(a.max_session_bytes),
+            max_args: 1 << 20,
+            max_request: (16usize << 20).max(a.max_session_bytes * 2),
+        },
+    }
+}
+
+/// The member's settings from the command line.
+fn node_config(a: &RunArgs) -> anyhow::Result<NodeConfig> {
+    let secret = read_secret(a)?;
+    let core = core_config(a);
+    let members = membership_source(a)?;
+    Ok(NodeConfig {
+        core,
+        member: a.member.clone(),
+        members,
+        secret,
+        listen: a.listen,
+        reload_interval: Duration::from_millis(a.reload_interval_ms.max(50)),
+        leave_timeout: Duration::from_millis(a.leave_timeout_ms),
+        connect_timeout: Duration::from_millis(a.connect_timeout_ms),
+        tick: Duration::from_millis(10),
+        test_hooks: a.test_hooks,
+    })
+}
+
+/// Waits for SIGTERM or SIGINT; exits at once if the core task ends on its own.
+async fn wait_for_signal(
+    mut done: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut done = started.done;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: leaving the cluster"),
         _ = int.recv() => tracing::info!("SIGINT: leaving the cluster"),
@@ -449,13 +501,5 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             std::process::exit(70);
         }
     }
-    shutdown.cancel();
-    let _ = done.await;
-    api_stop.cancel();
-    redis_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
-    if let Some(t) = redis_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-    }
-    Ok(())
+    Ok(done)
 }

@@ -112,7 +112,59 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+type Resp = Response<Full<Bytes>>;
+
+/// A 502 naming what failed at the sidecar.
+fn bad_gateway(app: &App, what: &str, status: Option<u16>) -> Resp {
+    resp(
+        StatusCode::BAD_GATEWAY,
+        json!({"error": what, "status": status, "node": app.cfg.name}),
+    )
+}
+
+/// The session's counter: `Ok(Some(n))` for a known session, `Ok(None)` for
+/// an unknown, expired or invalidated one.
+async fn read_counter(app: &App, c: &mut Client, key: &str) -> Result<Option<u64>, Resp> {
+    match c
+        .get(&format!("/v1/sessions/{key}/attributes/counter"))
+        .await
+    {
+        Ok(r) if r.status == 200 => Ok(Some(r.text().trim().parse().unwrap_or(0))),
+        // 404: unknown or expired session, or no counter yet; 410: invalidated.
+        Ok(r) if r.status == 404 || r.status == 410 => Ok(None),
+        Ok(r) => Err(bad_gateway(app, "sidecar", Some(r.status))),
+        Err(e) => Err(bad_gateway(app, &e.to_string(), None)),
+    }
+}
+
+async fn create_session(app: &App, c: &mut Client) -> Result<String, Resp> {
+    let send = &app.cfg.send;
+    match c.post(&format!("/v1/sessions?send={send}"), "{}").await {
+        Ok(r) if r.status == 201 => Ok(r.json()["id"].as_str().unwrap_or_default().to_owned()),
+        Ok(r) => Err(bad_gateway(app, "create failed", Some(r.status))),
+        Err(e) => Err(bad_gateway(app, &e.to_string(), None)),
+    }
+}
+
+async fn write_counter(app: &App, c: &mut Client, key: &str, counter: u64) -> Result<(), Resp> {
+    let send = &app.cfg.send;
+    let path = format!("/v1/sessions/{key}/attributes/counter?send={send}");
+    match c.put(&path, counter.to_string()).await {
+        Ok(r) if r.status == 204 => Ok(()),
+        Ok(r) => Err(bad_gateway(app, "write failed", Some(r.status))),
+        Err(e) => Err(bad_gateway(app, &e.to_string(), None)),
+    }
+}
+
+async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Resp {
+    match count_steps(app, c, req).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// Reads the counter of the session the cookie names (or creates one),
+/// increments it, and sets the cookie when the session is new or rebound.
+async fn count_steps(app: &App, c: &mut Client, req: &Request<Incoming>) -> Result<Resp, Resp> {
     let cookies: String = req
         .headers()
         .get_all(COOKIE)
@@ -121,73 +173,20 @@ async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<F
         .collect::<Vec<_>>()
         .join("; ");
     let presented = cookie(&cookies, "JSESSIONID");
-    let send = &app.cfg.send;
-    let mut key = None;
-    let mut counter = 0u64;
+    let mut found = None;
     if let Some(full) = &presented {
         let k = full.split('.').next().unwrap_or_default().to_owned();
-        match c.get(&format!("/v1/sessions/{k}/attributes/counter")).await {
-            Ok(r) if r.status == 200 => {
-                counter = r.text().trim().parse().unwrap_or(0);
-                key = Some(k);
-            }
-            // 404: unknown or expired session, or no counter yet; 410: invalidated.
-            Ok(r) if r.status == 404 || r.status == 410 => {}
-            Ok(r) => {
-                return resp(
-                    StatusCode::BAD_GATEWAY,
-                    json!({"error": "sidecar", "status": r.status, "node": app.cfg.name}),
-                )
-            }
-            Err(e) => {
-                return resp(
-                    StatusCode::BAD_GATEWAY,
-                    json!({"error": e.to_string(), "node": app.cfg.name}),
-                )
-            }
+        if let Some(n) = read_counter(app, c, &k).await? {
+            found = Some((k, n));
         }
     }
-    let created = key.is_none();
-    let key = match key {
-        Some(k) => k,
-        None => match c.post(&format!("/v1/sessions?send={send}"), "{}").await {
-            Ok(r) if r.status == 201 => r.json()["id"].as_str().unwrap_or_default().to_owned(),
-            Ok(r) => {
-                return resp(
-                    StatusCode::BAD_GATEWAY,
-                    json!({"error": "create failed", "status": r.status, "node": app.cfg.name}),
-                )
-            }
-            Err(e) => {
-                return resp(
-                    StatusCode::BAD_GATEWAY,
-                    json!({"error": e.to_string(), "node": app.cfg.name}),
-                )
-            }
-        },
+    let created = found.is_none();
+    let (key, mut counter) = match found {
+        Some(x) => x,
+        None => (create_session(app, c).await?, 0),
     };
     counter += 1;
-    match c
-        .put(
-            &format!("/v1/sessions/{key}/attributes/counter?send={send}"),
-            counter.to_string(),
-        )
-        .await
-    {
-        Ok(r) if r.status == 204 => {}
-        Ok(r) => {
-            return resp(
-                StatusCode::BAD_GATEWAY,
-                json!({"error": "write failed", "status": r.status, "node": app.cfg.name}),
-            )
-        }
-        Err(e) => {
-            return resp(
-                StatusCode::BAD_GATEWAY,
-                json!({"error": e.to_string(), "node": app.cfg.name}),
-            )
-        }
-    }
+    write_counter(app, c, &key, counter).await?;
     let routed = format!("{key}.{}", app.cfg.route);
     let rebound = !created && presented.as_deref() != Some(routed.as_str());
     let mut r = resp(
@@ -201,5 +200,5 @@ async fn count(app: &App, c: &mut Client, req: &Request<Incoming>) -> Response<F
             r.headers_mut().insert(SET_COOKIE, v);
         }
     }
-    r
+    Ok(r)
 }

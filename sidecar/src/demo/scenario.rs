@@ -42,13 +42,6 @@ pub async fn run(lb: LbChoice) -> anyhow::Result<()> {
     }
     let Some(v) = last else { bail!("no response") };
     let holder = v.node.clone();
-    let short = |s: &str| {
-        format!(
-            "{}…{}",
-            &s[..6.min(s.len())],
-            s.find('.').map(|i| &s[i..]).unwrap_or("")
-        )
-    };
     println!(
         "\nuser clicked 20 times: counter = {:?}, served by {}, cookie JSESSIONID={}",
         v.counter.unwrap_or(0),
@@ -64,17 +57,7 @@ pub async fn run(lb: LbChoice) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!("\nkill -9 {holder} (its app and its sidecar)");
 
-    let mut failed = 0;
-    let v = loop {
-        match user.visit().await {
-            Ok(v) if v.status == 200 => break v,
-            _ => failed += 1,
-        }
-        if t0.elapsed() > Duration::from_secs(10) {
-            bail!("no good response within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let (v, failed) = first_good_visit(&mut user, t0).await?;
     let took = t0.elapsed();
     println!(
         "next request: counter = {}, served by {}, {} ms after the kill, {} failed request(s) before it",
@@ -106,4 +89,30 @@ pub async fn run(lb: LbChoice) -> anyhow::Result<()> {
     }
     println!("\nOK: the user stayed logged in through kill -9 of the node holding the session.");
     Ok(())
+}
+
+/// A session id shortened for printing: its first characters and its route.
+fn short(s: &str) -> String {
+    let head: String = s.chars().take(6).collect();
+    format!("{head}…{}", s.find('.').map(|i| &s[i..]).unwrap_or(""))
+}
+
+/// Visits until a request succeeds (at most 10 s after `t0`); returns the
+/// response and how many requests failed before it.
+async fn first_good_visit(
+    user: &mut User,
+    t0: Instant,
+) -> anyhow::Result<(crate::demo::stack::Visit, u32)> {
+    let mut failed = 0;
+    let v = loop {
+        match user.visit().await {
+            Ok(v) if v.status == 200 => break v,
+            _ => failed += 1,
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("no good response within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    Ok((v, failed))
 }

@@ -51,7 +51,28 @@ impl CoreGate {
 }
 
 impl CoreTask {
-    pub(super) async fn run(
+    /// Runs until `shutdown`, leaves the cluster, then closes every
+    /// connection (bounded).
+    pub(super) async fn run_to_end(
+        self,
+        mf: MemberFile,
+        cmd_rx: mpsc::Receiver<Command>,
+        io_rx: mpsc::Receiver<IoEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let (tracker, net_cancel) = (self.tracker.clone(), self.net_cancel.clone());
+        self.run(mf, cmd_rx, io_rx, shutdown).await;
+        net_cancel.cancel();
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some connections did not close in time");
+        }
+    }
+
+    async fn run(
         mut self,
         mf: MemberFile,
         mut cmd_rx: mpsc::Receiver<Command>,

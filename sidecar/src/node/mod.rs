@@ -24,7 +24,7 @@ use reload::reload_loop;
 pub use txn::{Results, Step, Ticket, Tx};
 
 use crate::core::{Core, CoreConfig, MemberView, Phase, Stats};
-use crate::membership::MemberFile;
+use crate::membership::{MemberFile, MemberSpec};
 use crate::net::transport::{IoStats, Security};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Milliseconds on a monotonic clock since the process started: for measuring
 /// silences, which a stepped wall clock must not fake.
@@ -244,14 +244,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
             mf.names().join(", ")
         );
     };
-    let listen = cfg.listen.unwrap_or(me_spec.address);
-    let listener = TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot bind the replication port {listen} for member {:?}: {e}. Every member on a host needs its own receiver port; \
-             refusing to start rather than run without replication",
-            cfg.member
-        )
-    })?;
+    let listener = bind_replication(&cfg, &me_spec).await?;
     let replication_addr = listener.local_addr()?;
     let me = NodeId {
         name: cfg.member.clone(),
@@ -324,17 +317,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         tracker: tracker.clone(),
         net_cancel: net_cancel.clone(),
     };
-    let done = tokio::spawn(async move {
-        runner.run(mf, cmd_rx, io_rx, shutdown).await;
-        net_cancel.cancel();
-        tracker.close();
-        if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!("some connections did not close in time");
-        }
-    });
+    let done = tokio::spawn(runner.run_to_end(mf, cmd_rx, io_rx, shutdown));
     Ok(Started {
         handle,
         replication_addr,
@@ -410,4 +393,17 @@ fn watch_members(
         }
         _ => {}
     }
+}
+
+/// The replication listener: a member that cannot bind it refuses to start
+/// rather than run without replication.
+async fn bind_replication(cfg: &NodeConfig, me_spec: &MemberSpec) -> anyhow::Result<TcpListener> {
+    let listen = cfg.listen.unwrap_or(me_spec.address);
+    TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind the replication port {listen} for member {:?}: {e}. Every member on a host needs its own receiver port; \
+             refusing to start rather than run without replication",
+            cfg.member
+        )
+    })
 }
