@@ -265,11 +265,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     sessionmesh_sidecar::core::identity::check_random()
         .map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
-    for flag in ["--secret", "--redis-password"] {
-        if std::env::args().any(|x| x == flag || x.starts_with(&format!("{flag}="))) {
-            tracing::warn!(flag, "a secret on the command line is visible to every user of this host (ps); prefer --secret-file or the environment");
-        }
-    }
+    warn_about_secrets_in_args();
     if !a.http.ip().is_loopback() {
         tracing::warn!(http = %a.http, "the local API is not on loopback: anyone who can reach it can read sessions");
     }
@@ -502,4 +498,13 @@ async fn wait_for_signal(
         }
     }
     Ok(done)
+}
+
+/// A secret on the command line is visible to every user of the host.
+fn warn_about_secrets_in_args() {
+    for flag in ["--secret", "--redis-password"] {
+        if std::env::args().any(|x| x == flag || x.starts_with(&format!("{flag}="))) {
+            tracing::warn!(flag, "a secret on the command line is visible to every user of this host (ps); prefer --secret-file or the environment");
+        }
+    }
 }

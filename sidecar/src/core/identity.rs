@@ -139,6 +139,12 @@ pub struct NodeId {
     pub generation: Generation,
 }
 
+impl NodeId {
+    pub fn new(name: String, generation: Generation) -> Self {
+        NodeId { name, generation }
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.name, self.generation.0)

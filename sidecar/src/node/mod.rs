@@ -9,7 +9,7 @@
 //! leave, and returns.
 
 use crate::core::detector::MemberState;
-use crate::core::identity::NodeId;
+use crate::core::identity::{Generation, NodeId};
 use crate::core::message::PeerMsg;
 
 mod core_task;
@@ -183,6 +183,9 @@ pub struct Handle {
     pub test_hooks: bool,
 }
 
+/// How long a peer has for its part of the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(1_000);
+
 /// How long the core may go without a loop before `/healthz` fails (the
 /// kubelet then restarts the member).
 pub const CORE_STALL_HEALTH_MS: u64 = 2_000;
@@ -246,10 +249,8 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     };
     let listener = bind_replication(&cfg, &me_spec).await?;
     let replication_addr = listener.local_addr()?;
-    let me = NodeId {
-        name: cfg.member.clone(),
-        generation: crate::core::identity::Generation::random(),
-    };
+    // Every start is a new life of the member: peers tell it from the last one.
+    let me = NodeId::new(cfg.member.clone(), Generation::random());
     let mut core_cfg = cfg.core.clone();
     core_cfg.cluster = mf.cluster.clone();
     let io = Arc::new(IoStats::default());
@@ -258,7 +259,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         me: me.clone(),
         secret: Arc::new(cfg.secret.clone()),
         max_frame: core_cfg.max_frame_bytes,
-        handshake_timeout: Duration::from_millis(1_000),
+        handshake_timeout: HANDSHAKE_TIMEOUT,
         stats: io.clone(),
     };
     let (cmd_tx, cmd_rx) = mpsc::channel(4096);
@@ -269,7 +270,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     let handle = Handle {
         cmd_tx,
         ready: ready.clone(),
-        io: io.clone(),
+        io,
         me: me.clone(),
         jvm_route: me_spec.jvm_route.clone(),
         limits: core_cfg.limits.clone(),
@@ -288,15 +289,10 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         beat: core_beat.clone(),
         stall_ms: peer_stall_ms,
     };
+    let (sec2, ready2, known2) = (sec.clone(), ready.clone(), known.clone());
+    let (tx2, cancel2, tracker2) = (io_tx.clone(), net_cancel.clone(), tracker.clone());
     tracker.spawn(accept_loop(
-        listener,
-        sec.clone(),
-        ready.clone(),
-        known.clone(),
-        gate,
-        io_tx.clone(),
-        net_cancel.clone(),
-        tracker.clone(),
+        listener, sec2, ready2, known2, gate, tx2, cancel2, tracker2,
     ));
     watch_members(&cfg, kube, &mf, &tracker, &io_tx, &net_cancel);
     let core = Core::new(me.clone(), core_cfg, &mf.names(), now_ms());
