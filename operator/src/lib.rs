@@ -3,6 +3,7 @@
 pub mod assign;
 pub mod leader;
 pub mod metrics;
+mod owned;
 pub mod reconcile;
 pub mod serve;
 pub mod tls;

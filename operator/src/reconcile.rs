@@ -5,7 +5,8 @@
 //! Invalid specs become a `Degraded` condition, not an error loop. API errors
 //! back off exponentially per object.
 
-use crate::assign::{assign, AssignError, PodInfo};
+use crate::assign::{assign, AssignError, Assignment, PodInfo};
+use crate::owned::{ensure_local_secret, ensure_pdb, ensure_peer_secret, ensure_sidecar_rbac};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -58,7 +59,7 @@ impl Ctx {
     }
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
@@ -151,63 +152,133 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     let prev = sc.status.clone().unwrap_or_default();
 
     if let Err(e) = sc.spec.validate() {
-        let status = SessionClusterStatus {
-            observed_generation: generation,
-            conditions: vec![
-                condition(
-                    &prev.conditions,
-                    "Ready",
-                    false,
-                    "InvalidSpec",
-                    e.to_string(),
-                    generation,
-                ),
-                condition(
-                    &prev.conditions,
-                    "Progressing",
-                    false,
-                    "InvalidSpec",
-                    "waiting for a valid spec".into(),
-                    generation,
-                ),
-                condition(
-                    &prev.conditions,
-                    "Degraded",
-                    true,
-                    "InvalidSpec",
-                    e.to_string(),
-                    generation,
-                ),
-            ],
-            ..prev.clone()
-        };
-        if prev.observed_generation != generation
-            || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec")
-        {
-            event(&ctx, &sc, EventType::Warning, "InvalidSpec", e.to_string()).await;
-        }
-        write_status(&sc_api, &name, &status).await?;
-        ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
-        return Ok(Action::requeue(Duration::from_secs(300)));
+        return reject_invalid(&ctx, &sc, &sc_api, &prev, e.to_string()).await;
     }
 
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let members = member_pods(&pods_api, &name).await?;
+    let infos: Vec<PodInfo> = members.iter().map(pod_info).collect();
+    let (assignments, assign_err) =
+        assign(&sc.spec.jvm_route.prefix, sc.spec.receiver_ports, &infos);
+    write_assignments(&ctx, &sc, &pods_api, &members, &assignments).await?;
+    let (statuses, doc) = membership(&name, &assignments, &infos);
+    publish_members(&ctx, &sc, &ns, &doc).await?;
+
+    ensure_peer_secret(&ctx, &sc, &ns, &name).await?;
+    ensure_local_secret(&ctx, &sc, &ns, &name).await?;
+    ensure_pdb(&ctx, &sc, &ns, &name).await?;
+    ensure_sidecar_rbac(&ctx, &sc, &ns, &name, &members).await?;
+
+    let count = statuses.len() as u32;
+    let status = cluster_status(
+        &prev,
+        generation,
+        statuses,
+        &assignments,
+        assign_err.as_ref(),
+    );
+    if let Some(e) = &assign_err {
+        event(
+            &ctx,
+            &sc,
+            EventType::Warning,
+            "PortsExhausted",
+            e.to_string(),
+        )
+        .await;
+    }
+    if Some(&status) != sc.status.as_ref() {
+        write_status(&sc_api, &name, &status).await?;
+    }
+    ctx.metrics.reconciles.inc();
+    let labels = crate::metrics::ClusterLabels {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+    ctx.metrics.members.get_or_create(&labels).set(count as i64);
+    ctx.metrics
+        .last_reconcile
+        .set(started.elapsed().as_secs_f64());
+    ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// An invalid spec: the status says why (Ready false, Degraded true), one
+/// event per new generation, and nothing else is touched.
+async fn reject_invalid(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    sc_api: &Api<SessionCluster>,
+    prev: &SessionClusterStatus,
+    e: String,
+) -> Result<Action, Error> {
+    let name = sc.name_any();
+    let generation = sc.metadata.generation.unwrap_or(0);
+    let status = SessionClusterStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(
+                &prev.conditions,
+                "Ready",
+                false,
+                "InvalidSpec",
+                e.clone(),
+                generation,
+            ),
+            condition(
+                &prev.conditions,
+                "Progressing",
+                false,
+                "InvalidSpec",
+                "waiting for a valid spec".into(),
+                generation,
+            ),
+            condition(
+                &prev.conditions,
+                "Degraded",
+                true,
+                "InvalidSpec",
+                e.clone(),
+                generation,
+            ),
+        ],
+        ..prev.clone()
+    };
+    if prev.observed_generation != generation
+        || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec")
+    {
+        event(ctx, &sc, EventType::Warning, "InvalidSpec", e.clone()).await;
+    }
+    write_status(sc_api, &name, &status).await?;
+    ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
+    return Ok(Action::requeue(Duration::from_secs(300)));
+}
+
+/// The pods that joined the cluster with the annotation and have not finished.
+async fn member_pods(pods_api: &Api<Pod>, name: &str) -> Result<Vec<Pod>, Error> {
     let pods = pods_api.list(&ListParams::default()).await?;
-    let members: Vec<Pod> = pods
+    Ok(pods
         .items
         .into_iter()
-        .filter(|p| p.annotations().get(CLUSTER_ANNOTATION) == Some(&name))
+        .filter(|p| p.annotations().get(CLUSTER_ANNOTATION).map(String::as_str) == Some(name))
         .filter(|p| {
             !matches!(
                 p.status.as_ref().and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             )
         })
-        .collect();
-    let infos: Vec<PodInfo> = members.iter().map(pod_info).collect();
-    let (assignments, assign_err) =
-        assign(&sc.spec.jvm_route.prefix, sc.spec.receiver_ports, &infos);
+        .collect())
+}
 
+/// Writes each new assignment (and the cluster label) onto its pod.
+async fn write_assignments(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    pods_api: &Api<Pod>,
+    members: &[Pod],
+    assignments: &[Assignment],
+) -> Result<(), Error> {
+    let name = sc.name_any();
     let unlabeled: std::collections::HashSet<String> = members
         .iter()
         .filter(|p| p.labels().get(CLUSTER_LABEL) != Some(&name))
@@ -228,8 +299,8 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         if a.changed {
             info!(cluster = %name, pod = %a.pod, route = %a.route, port = a.port, "assigned");
             event(
-                &ctx,
-                &sc,
+                ctx,
+                sc,
                 EventType::Normal,
                 "Assigned",
                 format!(
@@ -240,14 +311,22 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
             .await;
         }
     }
+    Ok(())
+}
 
+/// The members' status entries and the membership document, ordered by jvmRoute.
+fn membership(
+    name: &str,
+    assignments: &[Assignment],
+    infos: &[PodInfo],
+) -> (Vec<MemberStatus>, MembershipDoc) {
     let by_pod: HashMap<&str, &PodInfo> = infos.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut statuses = Vec::new();
     let mut doc = MembershipDoc {
-        cluster: name.clone(),
+        cluster: name.to_owned(),
         members: Vec::new(),
     };
-    for a in &assignments {
+    for a in assignments {
         let Some(p) = by_pod.get(a.pod.as_str()) else {
             continue;
         };
@@ -284,7 +363,17 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     };
     statuses.sort_by_key(|m| route_idx(&m.jvm_route));
     doc.members.sort_by_key(|m| route_idx(&m.jvm_route));
+    (statuses, doc)
+}
 
+/// Publishes the membership document in the cluster's ConfigMap (server-side apply).
+async fn publish_members(
+    ctx: &Ctx,
+    sc: &SessionCluster,
+    ns: &str,
+    doc: &MembershipDoc,
+) -> Result<(), Error> {
+    let name = sc.name_any();
     let cm_name = members_configmap(&name);
     let owner = sc
         .controller_owner_ref(&())
@@ -294,7 +383,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": cm_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER, "sessionmesh.io/cluster": name}},
-        "data": {MEMBERS_KEY: serde_yaml::to_string(&doc).unwrap_or_default()},
+        "data": {MEMBERS_KEY: serde_yaml::to_string(doc).unwrap_or_default()},
     });
     let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     cm_api
@@ -304,17 +393,22 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
             &Patch::Apply(&cm),
         )
         .await?;
+    Ok(())
+}
 
-    ensure_peer_secret(&ctx, &sc, &ns, &name).await?;
-    ensure_local_secret(&ctx, &sc, &ns, &name).await?;
-    ensure_pdb(&ctx, &sc, &ns, &name).await?;
-    ensure_sidecar_rbac(&ctx, &sc, &ns, &name, &members).await?;
-
+/// The status for a valid spec: members, counts and the three conditions.
+fn cluster_status(
+    prev: &SessionClusterStatus,
+    generation: i64,
+    statuses: Vec<MemberStatus>,
+    assignments: &[Assignment],
+    assign_err: Option<&AssignError>,
+) -> SessionClusterStatus {
     let count = statuses.len() as u32;
     let ready = statuses.iter().filter(|m| m.ready).count() as u32;
     let all_ready = count > 0 && ready == count;
     let changed = assignments.iter().any(|a| a.changed);
-    let status = SessionClusterStatus {
+    SessionClusterStatus {
         observed_generation: generation,
         members: statuses,
         member_count: count,
@@ -351,7 +445,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
                 ),
                 generation,
             ),
-            match &assign_err {
+            match assign_err {
                 Some(e @ AssignError::PortsExhausted { .. }) => condition(
                     &prev.conditions,
                     "Degraded",
@@ -370,217 +464,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
                 ),
             },
         ],
-    };
-    if let Some(e) = &assign_err {
-        event(
-            &ctx,
-            &sc,
-            EventType::Warning,
-            "PortsExhausted",
-            e.to_string(),
-        )
-        .await;
     }
-    if Some(&status) != sc.status.as_ref() {
-        write_status(&sc_api, &name, &status).await?;
-    }
-    ctx.metrics.reconciles.inc();
-    let labels = crate::metrics::ClusterLabels {
-        namespace: ns.clone(),
-        name: name.clone(),
-    };
-    ctx.metrics.members.get_or_create(&labels).set(count as i64);
-    ctx.metrics
-        .last_reconcile
-        .set(started.elapsed().as_secs_f64());
-    ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
-    Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-/// The cluster secret the injected sidecars mount, unless the spec names one:
-/// created once with 32 random bytes, owned by the SessionCluster.
-async fn ensure_peer_secret(
-    ctx: &Ctx,
-    sc: &SessionCluster,
-    ns: &str,
-    name: &str,
-) -> Result<(), Error> {
-    if sc.spec.peer_auth.is_some() {
-        return Ok(());
-    }
-    create_secret_once(
-        ctx,
-        sc,
-        ns,
-        name,
-        &format!("{name}-peer"),
-        &[("secret", 32)],
-        "the cluster secret",
-    )
-    .await
-}
-
-/// Creates a Secret of random hex values (`(key, random bytes)`) owned by the
-/// SessionCluster, unless it exists. Existing values are never replaced.
-async fn create_secret_once(
-    ctx: &Ctx,
-    sc: &SessionCluster,
-    ns: &str,
-    cluster: &str,
-    secret_name: &str,
-    keys: &[(&str, usize)],
-    what: &str,
-) -> Result<(), Error> {
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
-    if api.get_opt(secret_name).await?.is_some() {
-        return Ok(());
-    }
-    let mut data = serde_json::Map::new();
-    for (key, len) in keys {
-        let mut b = vec![0u8; *len];
-        getrandom::getrandom(&mut b).map_err(|e| Error::Random(e.to_string()))?;
-        data.insert(
-            (*key).to_owned(),
-            json!(b.iter().map(|b| format!("{b:02x}")).collect::<String>()),
-        );
-    }
-    let owner = sc
-        .controller_owner_ref(&())
-        .map(|o| vec![o])
-        .unwrap_or_default();
-    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
-        "metadata": {"name": secret_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-        "stringData": data
-    }))?;
-    match api.create(&kube::api::PostParams::default(), &secret).await {
-        Ok(_) => {
-            info!(cluster = %cluster, secret = %secret_name, "created {what}");
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The credentials of each member's local API, shared by the sidecar and the
-/// app in the same pod: a bearer token for the HTTP API and a password for
-/// the Redis endpoint, random, created once, owned by the SessionCluster.
-async fn ensure_local_secret(
-    ctx: &Ctx,
-    sc: &SessionCluster,
-    ns: &str,
-    name: &str,
-) -> Result<(), Error> {
-    let secret_name = crate::webhook::local_secret_name(name);
-    create_secret_once(
-        ctx,
-        sc,
-        ns,
-        name,
-        &secret_name,
-        &[("api-token", 24), ("redis-password", 24)],
-        "the local API credentials",
-    )
-    .await
-}
-
-/// Least privilege for the sidecars, without manual steps: a Role allowing
-/// get/list/watch on this cluster's membership ConfigMap only, bound to the
-/// service accounts the member pods run as.
-async fn ensure_sidecar_rbac(
-    ctx: &Ctx,
-    sc: &SessionCluster,
-    ns: &str,
-    name: &str,
-    members: &[Pod],
-) -> Result<(), Error> {
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let owner = sc
-        .controller_owner_ref(&())
-        .map(|o| vec![o])
-        .unwrap_or_default();
-    let rbac_name = format!("{name}-sessionmesh-sidecar");
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": rbac_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [members_configmap(name)], "verbs": ["get", "list", "watch"]}]
-    });
-    Api::<Role>::namespaced(ctx.client.clone(), ns)
-        .patch(
-            &rbac_name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&role),
-        )
-        .await?;
-    let mut accounts: Vec<String> = members
-        .iter()
-        .map(|p| {
-            p.spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .filter(|a| !a.is_empty())
-                .unwrap_or_else(|| "default".into())
-        })
-        .collect();
-    accounts.sort();
-    accounts.dedup();
-    let subjects: Vec<serde_json::Value> = accounts
-        .iter()
-        .map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": ns}))
-        .collect();
-    let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": rbac_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rbac_name},
-        "subjects": subjects
-    });
-    Api::<RoleBinding>::namespaced(ctx.client.clone(), ns)
-        .patch(
-            &rbac_name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&binding),
-        )
-        .await?;
-    Ok(())
-}
-
-/// A PodDisruptionBudget so voluntary disruptions (drains, upgrades) take at
-/// most one member at a time: each leaving member hands over before the next
-/// goes. policy/v1 (1.21+), else policy/v1beta1.
-async fn ensure_pdb(ctx: &Ctx, sc: &SessionCluster, ns: &str, name: &str) -> Result<(), Error> {
-    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-    let owner = sc
-        .controller_owner_ref(&())
-        .map(|o| vec![o])
-        .unwrap_or_default();
-    let pdb_name = format!("{name}-members");
-    let mut last = None;
-    for version in ["v1", "v1beta1"] {
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "policy",
-            version,
-            "PodDisruptionBudget",
-        ));
-        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
-        let body = json!({
-            "apiVersion": format!("policy/{version}"), "kind": "PodDisruptionBudget",
-            "metadata": {"name": pdb_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {CLUSTER_LABEL: name}}}
-        });
-        match api
-            .patch(
-                &pdb_name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => last = Some(kube::Error::Api(e)),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(last.map(Error::Kube).unwrap_or(Error::NoNamespace))
 }
 
 /// Exponential backoff per object: 0.5 s, 1 s, 2 s ... up to 5 minutes.
@@ -599,4 +483,114 @@ pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Acti
         .min(Duration::from_secs(300));
     warn!(cluster = %sc.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ip: Option<&str>, ready: bool, terminating: bool) -> PodInfo {
+        PodInfo {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            created: "2026-01-01T00:00:00Z".into(),
+            ip: ip.map(Into::into),
+            host_network: false,
+            node: None,
+            ready,
+            terminating,
+            route: None,
+            port: None,
+        }
+    }
+
+    fn assigned(pod: &str, route: &str, changed: bool) -> Assignment {
+        Assignment {
+            pod: pod.into(),
+            route: route.into(),
+            port: 4000,
+            changed,
+        }
+    }
+
+    #[test]
+    fn the_document_lists_members_with_an_ip_in_route_order() {
+        let infos = [
+            pod("web-b", Some("10.0.0.2"), true, false),
+            pod("web-a", Some("fd00::1"), true, true),
+            pod("web-c", None, false, false),
+        ];
+        let assignments = [
+            assigned("web-b", "node10", false),
+            assigned("web-a", "node2", false),
+            assigned("web-c", "node3", false),
+            assigned("gone", "node4", false),
+        ];
+        let (statuses, doc) = membership("web", &assignments, &infos);
+        assert_eq!(doc.cluster, "web");
+        let names: Vec<&str> = statuses.iter().map(|m| m.pod.as_str()).collect();
+        assert_eq!(names, ["web-a", "web-c", "web-b"], "node2 < node3 < node10");
+        let addrs: Vec<&str> = doc.members.iter().map(|m| m.address.as_str()).collect();
+        assert_eq!(
+            addrs,
+            ["[fd00::1]:4000", "10.0.0.2:4000"],
+            "no IP, no entry"
+        );
+        assert!(
+            doc.members[0].leaving && !doc.members[0].ready,
+            "terminating"
+        );
+        assert!(statuses[2].ready);
+    }
+
+    #[test]
+    fn conditions_follow_readiness_assignments_and_port_exhaustion() {
+        let prev = SessionClusterStatus::default();
+        let (statuses, _) = membership(
+            "web",
+            &[assigned("a", "node1", false)],
+            &[pod("a", Some("10.0.0.1"), true, false)],
+        );
+        let st = cluster_status(
+            &prev,
+            3,
+            statuses.clone(),
+            &[assigned("a", "node1", false)],
+            None,
+        );
+        let get = |st: &SessionClusterStatus, t: &str| {
+            let c = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .expect("condition");
+            (c.status.clone(), c.reason.clone())
+        };
+        assert_eq!(get(&st, "Ready"), ("True".into(), "AllMembersReady".into()));
+        assert_eq!(get(&st, "Progressing"), ("False".into(), "Stable".into()));
+        assert_eq!(get(&st, "Degraded"), ("False".into(), "AsExpected".into()));
+        assert_eq!(
+            (st.member_count, st.ready_members, st.observed_generation),
+            (1, 1, 3)
+        );
+        let err = AssignError::PortsExhausted {
+            first: 4000,
+            last: 4000,
+            pods: 1,
+        };
+        let st = cluster_status(
+            &prev,
+            3,
+            statuses,
+            &[assigned("a", "node1", true)],
+            Some(&err),
+        );
+        assert_eq!(get(&st, "Progressing"), ("True".into(), "Assigning".into()));
+        assert_eq!(
+            get(&st, "Degraded"),
+            ("True".into(), "PortsExhausted".into())
+        );
+        let st = cluster_status(&prev, 3, Vec::new(), &[], None);
+        assert_eq!(get(&st, "Ready"), ("False".into(), "NoMembers".into()));
+    }
 }
