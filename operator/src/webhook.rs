@@ -74,8 +74,27 @@ fn ms(s: &str) -> u64 {
 /// The JSONPatch for a pod. Pure: the unit tests feed it pods and compare patches.
 pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     let mut ops = Vec::new();
+    metadata_ops(pod, inj, &mut ops);
+    app_env_ops(pod, inj, &mut ops);
+    let sidecar = sidecar_container(inj);
+    placement_ops(pod, inj, sidecar, &mut ops);
+    volume_ops(pod, inj, &mut ops);
+    ops
+}
+
+/// A JSON pointer segment (RFC 6901).
+fn esc(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// A reference to a key of the cluster's local-credentials Secret.
+fn from_local(inj: &Injection, key: &str) -> Value {
+    json!({"secretKeyRef": {"name": local_secret_name(&inj.cluster), "key": key}})
+}
+
+/// The assignment annotations and the cluster label.
+fn metadata_ops(pod: &Pod, inj: &Injection, ops: &mut Vec<Value>) {
     let has_ann = pod.metadata.annotations.is_some();
-    let esc = |s: &str| s.replace('~', "~0").replace('/', "~1");
     if !has_ann {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
     }
@@ -92,8 +111,10 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
         ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {}}));
     }
     ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", esc(CLUSTER_LABEL)), "value": inj.cluster}));
-    let local = local_secret_name(&inj.cluster);
-    let from_local = |key: &str| json!({"secretKeyRef": {"name": local, "key": key}});
+}
+
+/// What every app container needs to reach its sidecar, where not already set.
+fn app_env_ops(pod: &Pod, inj: &Injection, ops: &mut Vec<Value>) {
     let mut app_env = vec![
         json!({"name": "SESSIONMESH_JVM_ROUTE", "value": inj.route}),
         json!({"name": "SESSIONMESH_CLUSTER", "value": inj.cluster}),
@@ -103,9 +124,10 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
     if inj.local_auth {
         // What the app needs to reach its sidecar: the token for the HTTP API,
         // the password for the Redis endpoint.
-        app_env
-            .push(json!({"name": "SESSIONMESH_API_TOKEN", "valueFrom": from_local("api-token")}));
-        app_env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local("redis-password")}));
+        app_env.push(
+            json!({"name": "SESSIONMESH_API_TOKEN", "valueFrom": from_local(inj, "api-token")}),
+        );
+        app_env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local(inj, "redis-password")}));
     }
     let containers = pod
         .spec
@@ -130,6 +152,10 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
             }
         }
     }
+}
+
+/// The sidecar container, with the local credentials when they are on.
+fn sidecar_container(inj: &Injection) -> Value {
     let field = |p: &str| json!({"valueFrom": {"fieldRef": {"fieldPath": p}}});
     let mut env = vec![
         json!({"name": "POD_NAME"}),
@@ -185,12 +211,18 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
             ]);
         }
         if let Some(env) = sidecar["env"].as_array_mut() {
-            env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local("redis-password")}));
+            env.push(json!({"name": "SESSIONMESH_REDIS_PASSWORD", "valueFrom": from_local(inj, "redis-password")}));
         }
         if let Some(m) = sidecar["volumeMounts"].as_array_mut() {
             m.push(json!({"name": "sessionmesh-local", "mountPath": "/etc/sessionmesh/local", "readOnly": true}));
         }
     }
+    sidecar
+}
+
+/// The sidecar as a native sidecar (first init container, restartPolicy
+/// Always) where the server supports it, else as a container with a preStop wait.
+fn placement_ops(pod: &Pod, inj: &Injection, mut sidecar: Value, ops: &mut Vec<Value>) {
     if inj.native {
         sidecar["restartPolicy"] = json!("Always");
         let has_init = pod
@@ -208,15 +240,18 @@ pub fn patch_for(pod: &Pod, inj: &Injection) -> Vec<Value> {
         sidecar["lifecycle"] = json!({"preStop": {"exec": {"command": ["/usr/local/bin/sessionmesh-sidecar", "pause", "--seconds", "5"]}}});
         ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
     }
+}
+
+/// The peer secret's volume, and the local credentials' when they are on.
+fn volume_ops(pod: &Pod, inj: &Injection, ops: &mut Vec<Value>) {
     let has_volumes = pod.spec.as_ref().is_some_and(|s| s.volumes.is_some());
     if !has_volumes {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
     }
     ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": {"name": "sessionmesh-peer", "secret": {"secretName": inj.secret_name}}}));
     if inj.local_auth {
-        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": {"name": "sessionmesh-local", "secret": {"secretName": local}}}));
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": {"name": "sessionmesh-local", "secret": {"secretName": local_secret_name(&inj.cluster)}}}));
     }
-    ops
 }
 
 /// Serializes admission-time assignment and remembers recent assignments
