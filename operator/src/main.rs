@@ -123,60 +123,9 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     if let Some(listener) = webhook {
-        let hosts: Vec<String> = args
-            .webhook_hosts
-            .split(',')
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .collect();
-        let tls = sessionmesh_operator::tls::load_or_create(
-            &client,
-            &args.lease_namespace,
-            &args.webhook_secret,
-            &hosts,
-        )
-        .await?;
-        let tls_cfg = sessionmesh_operator::tls::server_config(&tls)?;
-        tokio::spawn(sessionmesh_operator::tls::keep_ca_bundle(
-            client.clone(),
-            args.webhook_config.clone(),
-            tls.ca_pem.clone(),
-            shutdown.clone(),
-        ));
-        let version = client.apiserver_version().await?;
-        let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
-        let native = version.major == "1" && minor >= 29;
-        info!(native_sidecars = native, server = %version.git_version, "webhook ready");
-        let admission = Arc::new(sessionmesh_operator::webhook::Admission::new(
-            client.clone(),
-            sessionmesh_operator::webhook::InjectConfig {
-                image: args.sidecar_image.clone(),
-                native_supported: native,
-            },
-        ));
-        servers.spawn(serve(
-            "webhook",
-            listener,
-            Some(tokio_rustls::TlsAcceptor::from(tls_cfg)),
-            move |req| mutate(req, admission.clone()),
-            shutdown.clone(),
-        ));
+        start_webhook(&args, &client, listener, &servers, &shutdown).await?;
     }
-
-    let sd = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        info!("shutting down");
-        sd.cancel();
-    });
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
 
     let elector = Elector::new(
         client.clone(),
@@ -190,33 +139,7 @@ async fn main() -> anyhow::Result<()> {
     };
     leading.store(true, Ordering::Relaxed);
 
-    let (clusters, pods): (Api<SessionCluster>, Api<Pod>) = match &args.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let stop = {
-        let (s, l) = (shutdown.clone(), lost.clone());
-        async move {
-            tokio::select! {
-                _ = s.cancelled() => {}
-                _ = l.cancelled() => {}
-            }
-        }
-    };
-    Controller::new(clusters, watcher::Config::default())
-        .watches(pods, watcher::Config::default(), |pod: Pod| {
-            let ns = pod.namespace().unwrap_or_default();
-            pod.annotations()
-                .get(CLUSTER_ANNOTATION)
-                .map(|c| ObjectRef::<SessionCluster>::new(c).within(&ns))
-        })
-        .graceful_shutdown_on(stop)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|_| async {})
-        .await;
+    run_controller(&args, &client, ctx.clone(), &shutdown, &lost).await;
     if lost.is_cancelled() && !shutdown.is_cancelled() {
         // Another replica leads now; exit so the Deployment restarts us as a standby.
         anyhow::bail!("lost leadership");
@@ -291,4 +214,106 @@ async fn health_route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The webhook's certificate (kept in a Secret, its CA in the webhook
+/// configuration), the server's sidecar support, and the TLS endpoint.
+async fn start_webhook(
+    args: &Args,
+    client: &Client,
+    listener: tokio::net::TcpListener,
+    servers: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let hosts: Vec<String> = args
+        .webhook_hosts
+        .split(',')
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .collect();
+    let tls = sessionmesh_operator::tls::load_or_create(
+        &client,
+        &args.lease_namespace,
+        &args.webhook_secret,
+        &hosts,
+    )
+    .await?;
+    let tls_cfg = sessionmesh_operator::tls::server_config(&tls)?;
+    tokio::spawn(sessionmesh_operator::tls::keep_ca_bundle(
+        client.clone(),
+        args.webhook_config.clone(),
+        tls.ca_pem.clone(),
+        shutdown.clone(),
+    ));
+    let version = client.apiserver_version().await?;
+    let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
+    let native = version.major == "1" && minor >= 29;
+    info!(native_sidecars = native, server = %version.git_version, "webhook ready");
+    let admission = Arc::new(sessionmesh_operator::webhook::Admission::new(
+        client.clone(),
+        sessionmesh_operator::webhook::InjectConfig {
+            image: args.sidecar_image.clone(),
+            native_supported: native,
+        },
+    ));
+    servers.spawn(serve(
+        "webhook",
+        listener,
+        Some(tokio_rustls::TlsAcceptor::from(tls_cfg)),
+        move |req| mutate(req, admission.clone()),
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// Cancels `sd` on SIGTERM or Ctrl-C.
+async fn cancel_on_signal(sd: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down");
+    sd.cancel();
+}
+
+/// Reconciles SessionClusters (and their pods' changes) until shutdown or
+/// until the lease is lost.
+async fn run_controller(
+    args: &Args,
+    client: &Client,
+    ctx: Arc<Ctx>,
+    shutdown: &CancellationToken,
+    lost: &CancellationToken,
+) {
+    let (clusters, pods): (Api<SessionCluster>, Api<Pod>) = match &args.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let stop = {
+        let (s, l) = (shutdown.clone(), lost.clone());
+        async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = l.cancelled() => {}
+            }
+        }
+    };
+    Controller::new(clusters, watcher::Config::default())
+        .watches(pods, watcher::Config::default(), |pod: Pod| {
+            let ns = pod.namespace().unwrap_or_default();
+            pod.annotations()
+                .get(CLUSTER_ANNOTATION)
+                .map(|c| ObjectRef::<SessionCluster>::new(c).within(&ns))
+        })
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {})
+        .await;
 }
