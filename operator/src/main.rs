@@ -232,7 +232,7 @@ async fn start_webhook(
         .filter(|h| !h.is_empty())
         .collect();
     let tls = sessionmesh_operator::tls::load_or_create(
-        &client,
+        client,
         &args.lease_namespace,
         &args.webhook_secret,
         &hosts,

@@ -247,11 +247,11 @@ async fn reject_invalid(
     if prev.observed_generation != generation
         || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec")
     {
-        event(ctx, &sc, EventType::Warning, "InvalidSpec", e.clone()).await;
+        event(ctx, sc, EventType::Warning, "InvalidSpec", e.clone()).await;
     }
     write_status(sc_api, &name, &status).await?;
     ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
-    return Ok(Action::requeue(Duration::from_secs(300)));
+    Ok(Action::requeue(Duration::from_secs(300)))
 }
 
 /// The pods that joined the cluster with the annotation and have not finished.
@@ -385,7 +385,7 @@ async fn publish_members(
         "metadata": {"name": cm_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER, "sessionmesh.io/cluster": name}},
         "data": {MEMBERS_KEY: serde_yaml::to_string(doc).unwrap_or_default()},
     });
-    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     cm_api
         .patch(
             &cm_name,

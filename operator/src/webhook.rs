@@ -39,12 +39,15 @@ pub struct InjectConfig {
     pub native_supported: bool,
 }
 
+/// A route and port handed out at admission, and when.
+type Reserved = (String, u16, Instant);
+
 /// Serializes admission-time assignment and remembers recent assignments
 /// until their pods are visible in the API.
 pub struct Admission {
     pub client: Client,
     pub cfg: InjectConfig,
-    reserved: Mutex<HashMap<(String, String), Vec<(String, u16, Instant)>>>,
+    reserved: Mutex<HashMap<(String, String), Vec<Reserved>>>,
 }
 
 impl Admission {

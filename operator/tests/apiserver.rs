@@ -1,4 +1,5 @@
 //! The operator against a real kube-apiserver and etcd on loopback.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
 

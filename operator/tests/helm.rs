@@ -1,6 +1,7 @@
 //! The Helm chart, rendered the way Helm does (Go text/template + Sprig, by
 //! `e2e/helm/render.go`), applied to the real API server: first with
 //! `dryRun=All` (kubectl apply --dry-run=server), then for real.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Reconcile against a scenario-driven mock API server: fast, no processes.
 //! Each scenario serves canned objects and records every request the
 //! reconcile made, then asserts on them.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

@@ -1,6 +1,7 @@
 //! Real sidecar processes that take their membership from the operator
 //! through the real API server: replication, SIGKILL failover, and how fast a
 //! pod's readiness reaches the membership document and every sidecar.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! by `url:` pointing at the operator, with the operator's self-managed CA.
 //! The 1.20 API server has no native sidecars, so injection falls back to a
 //! classic container.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
 

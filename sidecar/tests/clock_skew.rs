@@ -1,5 +1,6 @@
 //! Members with wrong clocks (libfaketime): no write of the others is lost,
 //! and a member whose clock stepped back rejoins.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Floods before and after authentication, and a peer that does not read:
 //! memory, descriptors and queues stay bounded.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The Redis-protocol endpoint with real clients: redis-cli, redis-benchmark,
 //! redis-py, and framework session stores (Flask-Session, Django's RedisCache,
 //! express-session + connect-redis) behind real HAProxy, surviving SIGKILL.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 use sessionmesh_sidecar::demo::localcluster::{
     require, require_node_modules, require_python, rss_bytes, signal, wait_for, LocalCluster,

@@ -1,6 +1,7 @@
 //! The seed scenario with real HAProxy (Debian's package, started on loopback
 //! by each test): three app instances, each with a sidecar, cookie persistence,
 //! SIGKILL, graceful shutdown, and a rolling restart under load.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 use sessionmesh_sidecar::demo::localcluster::LocalCluster;
 use sessionmesh_sidecar::demo::stack::{LbChoice, Stack, User};

@@ -159,25 +159,25 @@ fn core_stats(r: &mut Registry, st: &Status) {
         r,
         "deltas_applied",
         "Deltas from peers applied to the store",
-        t.deltas_applied as u64,
+        t.deltas_applied,
     );
     counter(
         r,
         "deltas_sent",
         "Deltas sent to peers (resends included)",
-        t.deltas_sent as u64,
+        t.deltas_sent,
     );
     counter(
         r,
         "delta_seq_gaps",
         "Gaps seen in a peer's delta stream (repaired by anti-entropy)",
-        t.seq_gaps as u64,
+        t.seq_gaps,
     );
     counter(
         r,
         "detections",
         "Members this member declared dead",
-        t.detections as u64,
+        t.detections,
     );
     transfer_and_repair(r, st);
 }
@@ -205,42 +205,42 @@ fn transfer_and_repair(r: &mut Registry, st: &Status) {
         r,
         "transfer_retries",
         "State transfers moved to another member",
-        t.transfer_retries as u64,
+        t.transfer_retries,
     );
     counter(
         r,
         "anti_entropy_rounds",
         "Anti-entropy digest exchanges started",
-        t.ae_rounds as u64,
+        t.ae_rounds,
     );
     counter(
         r,
         "anti_entropy_repairs",
         "Entries repaired by anti-entropy",
-        t.ae_repairs as u64,
+        t.ae_repairs,
     );
     counter(
         r,
         "write_timeouts",
         "Writes whose replication was not acknowledged in time",
-        t.write_timeouts as u64,
+        t.write_timeouts,
     );
     counter(
         r,
         "queue_overflows",
         "Peer backlogs dropped past the hard bound",
-        t.queue_overflows as u64,
+        t.queue_overflows,
     );
     counter(
         r,
         "sessions_expired",
         "Sessions removed by expiry",
-        t.expired as u64,
+        t.expired,
     );
     r.register("started_empty_with_silent_peers", "1 when this member went ready with an empty store because its peers accepted connections but never answered", ConstGauge::new(t.started_empty_with_silent_peers as i64));
-    counter(r, "peer_refused", "Peer deltas and states refused for breaking this member's limits (ids, attribute and session sizes, session cap)", t.peer_refused as u64);
-    counter(r, "clock_refused", "Peer deltas and states refused: their timestamp was ahead of this member's clock by more than --max-clock-skew-ms", t.clock_refused as u64);
-    counter(r, "clock_quarantined", "Entries dropped for carrying a timestamp beyond this member's clock bound (repaired by anti-entropy)", t.clock_quarantined as u64);
+    counter(r, "peer_refused", "Peer deltas and states refused for breaking this member's limits (ids, attribute and session sizes, session cap)", t.peer_refused);
+    counter(r, "clock_refused", "Peer deltas and states refused: their timestamp was ahead of this member's clock by more than --max-clock-skew-ms", t.clock_refused);
+    counter(r, "clock_quarantined", "Entries dropped for carrying a timestamp beyond this member's clock bound (repaired by anti-entropy)", t.clock_quarantined);
     r.register("clock_skewed", "1 when this member's clock is off most of its peers' by more than --max-clock-skew-ms (it is then not ready and refuses writes)", ConstGauge::new(st.me.clock_skew_ms.is_some() as u8 as i64));
 }
 

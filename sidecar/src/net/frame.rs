@@ -241,7 +241,7 @@ mod tests {
                 },
                 created_ms: w / 2,
                 last_accessed_ms: w,
-                max_inactive_ms: 1800_000,
+                max_inactive_ms: 1_800_000,
                 ops: attrs
                     .into_iter()
                     .map(|(name, v)| Op::Set {

@@ -4,5 +4,6 @@
 
 pub mod accept;
 pub mod frame;
+pub mod handshake;
 pub mod seal;
 pub mod transport;

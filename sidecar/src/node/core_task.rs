@@ -1,7 +1,7 @@
 //! The task that owns the `Core`: feeds it commands, network events and
 //! ticks, carries out its outputs, and leaves the cluster on shutdown.
 
-use super::links::{msg_size, outbound_loop, MAX_PROBES_IN_FLIGHT};
+use super::links::{msg_size, outbound_loop, Outbound, MAX_PROBES_IN_FLIGHT};
 use super::{mono_ms, now_ms, txn, Command, IoEvent, MeView, NodeConfig, PeerLink, Status};
 use crate::core::message::PeerMsg;
 use crate::core::{Core, Output};
@@ -198,17 +198,17 @@ impl CoreTask {
             let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let cancel = self.net_cancel.child_token();
             let kick = Arc::new(tokio::sync::Notify::new());
-            let task = self.tracker.spawn(outbound_loop(
-                m.name.clone(),
-                m.address,
-                self.sec.clone(),
-                rx,
-                queued.clone(),
-                self.io_tx.clone(),
-                cancel.clone(),
-                kick.clone(),
-                self.cfg.connect_timeout,
-            ));
+            let link = Outbound {
+                name: m.name.clone(),
+                addr: m.address,
+                sec: self.sec.clone(),
+                queued: queued.clone(),
+                io_tx: self.io_tx.clone(),
+                cancel: cancel.clone(),
+                kick: kick.clone(),
+                connect_timeout: self.cfg.connect_timeout,
+            };
+            let task = self.tracker.spawn(outbound_loop(link, rx));
             self.links.insert(
                 m.name.clone(),
                 PeerLink {

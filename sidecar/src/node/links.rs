@@ -18,16 +18,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-pub(super) async fn accept_loop(
-    listener: TcpListener,
-    sec: Security,
-    ready: Arc<AtomicBool>,
-    known: Arc<RwLock<Vec<String>>>,
-    gate: CoreGate,
-    io_tx: mpsc::Sender<IoEvent>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// What the listener needs besides its socket.
+pub(super) struct Listener {
+    pub(super) sec: Security,
+    pub(super) ready: Arc<AtomicBool>,
+    pub(super) known: Arc<RwLock<Vec<String>>>,
+    pub(super) gate: CoreGate,
+    pub(super) io_tx: mpsc::Sender<IoEvent>,
+    pub(super) cancel: CancellationToken,
+    pub(super) tracker: TaskTracker,
+}
+
+pub(super) async fn accept_loop(listener: TcpListener, l: Listener) {
+    let Listener {
+        sec,
+        ready,
+        known,
+        gate,
+        io_tx,
+        cancel,
+        tracker,
+    } = l;
     let mut acceptor = crate::net::accept::Acceptor::new("replication");
     let pending = Pending::default();
     loop {
@@ -186,17 +197,31 @@ fn classify_dial_error(
     }
 }
 
-pub(super) async fn outbound_loop(
-    name: String,
-    addr: SocketAddr,
-    sec: Security,
-    mut rx: mpsc::UnboundedReceiver<PeerMsg>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
-    io_tx: mpsc::Sender<IoEvent>,
-    cancel: CancellationToken,
-    kick: Arc<tokio::sync::Notify>,
-    connect_timeout: Duration,
-) {
+/// One peer's outbound link, as its dialer and writer see it.
+pub(super) struct Outbound {
+    pub(super) name: String,
+    pub(super) addr: SocketAddr,
+    pub(super) sec: Security,
+    /// Bytes handed to the writer and not yet written.
+    pub(super) queued: Arc<std::sync::atomic::AtomicUsize>,
+    pub(super) io_tx: mpsc::Sender<IoEvent>,
+    pub(super) cancel: CancellationToken,
+    /// Dial now instead of waiting out the back-off.
+    pub(super) kick: Arc<tokio::sync::Notify>,
+    pub(super) connect_timeout: Duration,
+}
+
+pub(super) async fn outbound_loop(o: Outbound, mut rx: mpsc::UnboundedReceiver<PeerMsg>) {
+    let Outbound {
+        name,
+        addr,
+        sec,
+        queued,
+        io_tx,
+        cancel,
+        kick,
+        connect_timeout,
+    } = o;
     let mut delays = dial_backoff();
     let mut failures = 0u32;
     loop {

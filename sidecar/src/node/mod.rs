@@ -18,7 +18,7 @@ mod reload;
 pub mod txn;
 
 use core_task::{CoreGate, CoreTask};
-use links::accept_loop;
+use links::{accept_loop, Listener};
 use reload::reload_loop;
 
 pub use txn::{Results, Step, Ticket, Tx};
@@ -239,14 +239,7 @@ pub struct Started {
 /// `done` finishes after `shutdown` is cancelled and the member has left.
 pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
     let (kube, mf) = load_members(&cfg).await?;
-    let Some(me_spec) = mf.get(&cfg.member).cloned() else {
-        anyhow::bail!(
-            "member {:?} is not in {} (members: {})",
-            cfg.member,
-            cfg.members,
-            mf.names().join(", ")
-        );
-    };
+    let me_spec = my_entry(&cfg, &mf)?;
     let listener = bind_replication(&cfg, &me_spec).await?;
     let replication_addr = listener.local_addr()?;
     // Every start is a new life of the member: peers tell it from the last one.
@@ -289,11 +282,16 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         beat: core_beat.clone(),
         stall_ms: peer_stall_ms,
     };
-    let (sec2, ready2, known2) = (sec.clone(), ready.clone(), known.clone());
-    let (tx2, cancel2, tracker2) = (io_tx.clone(), net_cancel.clone(), tracker.clone());
-    tracker.spawn(accept_loop(
-        listener, sec2, ready2, known2, gate, tx2, cancel2, tracker2,
-    ));
+    let peers_in = Listener {
+        sec: sec.clone(),
+        ready: ready.clone(),
+        known: known.clone(),
+        gate,
+        io_tx: io_tx.clone(),
+        cancel: net_cancel.clone(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(accept_loop(listener, peers_in));
     watch_members(&cfg, kube, &mf, &tracker, &io_tx, &net_cancel);
     let core = Core::new(me.clone(), core_cfg, &mf.names(), now_ms());
     let runner = CoreTask {
@@ -402,4 +400,17 @@ async fn bind_replication(cfg: &NodeConfig, me_spec: &MemberSpec) -> anyhow::Res
             cfg.member
         )
     })
+}
+
+/// This member's entry in the list; starting without one is an error.
+fn my_entry(cfg: &NodeConfig, mf: &MemberFile) -> anyhow::Result<MemberSpec> {
+    let Some(me_spec) = mf.get(&cfg.member).cloned() else {
+        anyhow::bail!(
+            "member {:?} is not in {} (members: {})",
+            cfg.member,
+            cfg.members,
+            mf.names().join(", ")
+        );
+    };
+    Ok(me_spec)
 }

@@ -210,12 +210,10 @@ fn join_during_writes_gets_everything_before_ready() {
         }
         sim.run_for(100);
         sim.start("d");
-        let mut i = 300;
         let mut became_ready = false;
-        for _ in 0..2_000 {
-            let n = ["a", "b", "c"][(i % 3) as usize];
+        for i in 300..2_300 {
+            let n = ["a", "b", "c"][i % 3];
             sim.create(n, &format!("S{i:04}"));
-            i += 1;
             sim.run_for(1);
             if sim.nodes["d"].core.is_ready() {
                 became_ready = true;

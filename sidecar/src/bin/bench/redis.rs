@@ -86,7 +86,7 @@ pub(crate) async fn store(secs: u64) -> anyhow::Result<()> {
         let rr: f64 = text
             .split(['\r', '\n'])
             .filter_map(|l| l.trim().strip_prefix("SET: "))
-            .last()
+            .next_back()
             .and_then(|l| l.split_whitespace().next()?.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("redis-benchmark printed no result: {text}"))?;
         if round == 0 {

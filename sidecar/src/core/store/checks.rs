@@ -65,18 +65,17 @@ impl Store {
                         Some(a) => -(a.value.as_ref().map_or(0, |v| v.len()) as i64),
                     };
                 }
-                Op::Rename { to } => {
-                    if matches!(self.entries.get(to), Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms))
+                Op::Rename { to }
+                    if (matches!(self.entries.get(to), Some(Entry::Live(s)) if !expired(s, now_ms, grace_ms))
                         || matches!(
                             self.entries.get(to),
                             Some(Entry::Tombstone {
                                 reusable: false,
                                 ..
                             })
-                        )
-                    {
-                        return Err(StoreError::Exists);
-                    }
+                        )) =>
+                {
+                    return Err(StoreError::Exists);
                 }
                 _ => {}
             }

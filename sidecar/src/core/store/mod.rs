@@ -178,7 +178,7 @@ impl Session {
     fn apply_cleared(&mut self) -> bool {
         let c = self.cleared;
         self.attrs.retain(|_, a| a.hlc > c);
-        self.attrs.len() > 0 || self.meta_hlc > c
+        !self.attrs.is_empty() || self.meta_hlc > c
     }
 }
 

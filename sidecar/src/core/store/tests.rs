@@ -472,10 +472,12 @@ fn digests_agree_after_merge() {
     a.apply(&delta("A", h(1500, 1), vec![set("x", "1")]), 1500);
     b.apply(&delta("B", h(1500, 2), vec![set("y", "1")]), 1500);
     assert_ne!(a.bucket_digest(), b.bucket_digest());
-    for st in [a.state(&id("A")).unwrap()] {
+    {
+        let st = a.state(&id("A")).unwrap();
         b.merge(st, 1500);
     }
-    for st in [b.state(&id("B")).unwrap()] {
+    {
+        let st = b.state(&id("B")).unwrap();
         a.merge(st, 1500);
     }
     assert_eq!(a.bucket_digest(), b.bucket_digest());

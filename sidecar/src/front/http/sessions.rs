@@ -4,7 +4,7 @@
 use super::*;
 
 pub(super) async fn create(req: Request<Incoming>, h: &Handle, q: &Query) -> Result<Resp, Resp> {
-    let mode = send_mode(&q)?;
+    let mode = send_mode(q)?;
     let b: CreateBody = parse_json(&body(req, max_body(h)).await?)?;
     let id = match b.id {
         Some(raw) => sid(&raw)?,
@@ -53,7 +53,7 @@ pub(super) async fn list(h: &Handle, q: &Query) -> Result<Resp, Resp> {
 
 pub(super) async fn get(h: &Handle, q: &Query, id: &str) -> Result<Resp, Resp> {
     let id = sid(id)?;
-    let touch = q.get("touch").map_or(true, |t| t != "false");
+    let touch = q.get("touch").is_none_or(|t| t != "false");
     let s = read(h, id.clone(), touch).await?;
     Ok(json_resp(
         StatusCode::OK,
@@ -68,7 +68,7 @@ pub(super) async fn patch(
     id: &str,
 ) -> Result<Resp, Resp> {
     let id = sid(id)?;
-    let mode = send_mode(&q)?;
+    let mode = send_mode(q)?;
     let b: PatchBody = parse_json(&body(req, max_body(h)).await?)?;
     let mut ops = decode_attrs(b.set)?;
     ops.extend(b.remove.into_iter().map(|name| Op::Remove { name }));
@@ -79,7 +79,7 @@ pub(super) async fn patch(
 
 pub(super) async fn delete(h: &Handle, q: &Query, id: &str) -> Result<Resp, Resp> {
     let id = sid(id)?;
-    write(h, id, vec![Op::Invalidate], None, send_mode(&q)?).await?;
+    write(h, id, vec![Op::Invalidate], None, send_mode(q)?).await?;
     Ok(no_content())
 }
 
@@ -96,7 +96,7 @@ pub(super) async fn rename(
     id: &str,
 ) -> Result<Resp, Resp> {
     let id = sid(id)?;
-    let mode = send_mode(&q)?;
+    let mode = send_mode(q)?;
     let b: RenameBody = parse_json(&body(req, 64 * 1024).await?)?;
     let to = sid(&b.new_id)?;
     if to == id {
@@ -112,7 +112,7 @@ pub(super) async fn rename(
 pub(super) async fn get_attr(h: &Handle, q: &Query, id: &str, name: &str) -> Result<Resp, Resp> {
     let id = sid(id)?;
     let name = pct_decode(name);
-    let s = read(h, id, q.get("touch").map_or(true, |t| t != "false")).await?;
+    let s = read(h, id, q.get("touch").is_none_or(|t| t != "false")).await?;
     match s.attrs.get(&name).and_then(|a| a.value.clone()) {
         Some(v) => {
             let mut r = Response::new(Full::new(v));
@@ -139,7 +139,7 @@ pub(super) async fn put_attr(
 ) -> Result<Resp, Resp> {
     let id = sid(id)?;
     let name = pct_decode(name);
-    let mode = send_mode(&q)?;
+    let mode = send_mode(q)?;
     let value = body(req, h.limits.max_attr_bytes + 1).await?;
     write(h, id, vec![Op::Set { name, value }], None, mode).await?;
     Ok(no_content())
@@ -148,6 +148,6 @@ pub(super) async fn put_attr(
 pub(super) async fn delete_attr(h: &Handle, q: &Query, id: &str, name: &str) -> Result<Resp, Resp> {
     let id = sid(id)?;
     let name = pct_decode(name);
-    write(h, id, vec![Op::Remove { name }], None, send_mode(&q)?).await?;
+    write(h, id, vec![Op::Remove { name }], None, send_mode(q)?).await?;
     Ok(no_content())
 }

@@ -7,7 +7,7 @@ pub(super) fn hset(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
     let a = args.a;
     let name = args.name;
     if a.len() < 3 || a.len() % 2 != 1 {
-        return Err(arity_error(&name));
+        return Err(arity_error(name));
     }
     let id = key(&a[0])?;
     let cur = c.session(&id);

@@ -164,7 +164,7 @@ pub(super) fn mset(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
     let a = args.a;
     let name = args.name;
     if a.is_empty() || a.len() % 2 != 0 {
-        return Err(arity_error(&name));
+        return Err(arity_error(name));
     }
     let pairs: Vec<(SessionId, Bytes)> = a
         .chunks(2)
