@@ -181,46 +181,67 @@ async fn serve_with(
         }
         open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let handle = handle.clone();
-        let shutdown = shutdown.clone();
-        let open = open.clone();
-        let token = limits.token.clone();
-        let idle = limits.idle_timeout;
+        let (handle, shutdown, open) = (handle.clone(), shutdown.clone(), open.clone());
+        let (token, idle) = (limits.token.clone(), limits.idle_timeout);
         tracker.spawn(async move {
             let _guard = OpenGuard(open);
-            let svc = hyper::service::service_fn(move |req| {
-                let handle = handle.clone();
-                let token = token.clone();
-                async move {
-                    if probes_only && !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
-                        return Ok::<_, std::convert::Infallible>(err(StatusCode::NOT_FOUND, "no_route", "only probes are served here"));
-                    }
-                    // The probe port is reached by the kubelet with the pod's IP
-                    // as Host, and serves nothing a page could abuse.
-                    if !probes_only {
-                        if let Some(r) = refuse_forgeable(&req, token.as_deref().map(|t| t.as_slice())) {
-                            return Ok(r);
-                        }
-                    }
-                    Ok::<_, std::convert::Infallible>(route(req, &handle).await)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(idle)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { if let Err(e) = r { debug!(error = %e, "http connection error"); } }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            connection(stream, handle, token, idle, probes_only, shutdown).await;
         });
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Serves one connection (any byte stream: a socket, or an in-memory pipe in
+/// the fuzzer) until it closes or `shutdown`, after which the request under
+/// way finishes.
+pub async fn connection<I>(
+    io: I,
+    handle: Handle,
+    token: Option<Arc<Vec<u8>>>,
+    idle: std::time::Duration,
+    probes_only: bool,
+    shutdown: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (handle, token) = (handle.clone(), token.clone());
+        async move {
+            if probes_only && !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+                return Ok::<_, std::convert::Infallible>(err(
+                    StatusCode::NOT_FOUND,
+                    "no_route",
+                    "only probes are served here",
+                ));
+            }
+            // The probe port is reached by the kubelet with the pod's IP
+            // as Host, and serves nothing a page could abuse.
+            if !probes_only {
+                let token = token.as_deref().map(|t| t.as_slice());
+                if let Some(r) = refuse_forgeable(&req, token) {
+                    return Ok(r);
+                }
+            }
+            Ok::<_, std::convert::Infallible>(route(req, &handle).await)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(idle)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "http connection error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Counts a connection as open for as long as it lives.
