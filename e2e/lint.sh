@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo fmt --all -- --check || { echo "the code is not rustfmt-clean: run cargo fmt --all" >&2; exit 1; }
+(cd fuzz && cargo fmt -- --check) || { echo "fuzz/ is not rustfmt-clean: run (cd fuzz && cargo fmt)" >&2; exit 1; }
 
 echo "== cargo clippy -D warnings"
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy

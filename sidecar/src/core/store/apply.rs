@@ -252,6 +252,37 @@ impl Store {
     }
 }
 
+/// Which attribute operations a later one in the same delta overrides;
+/// `None` (no allocation) when no attribute is named twice.
+fn superseded_ops(ops: &[Op]) -> Option<Vec<bool>> {
+    fn name(op: &Op) -> Option<&str> {
+        match op {
+            Op::Set { name, .. } | Op::Remove { name } => Some(name.as_str()),
+            _ => None,
+        }
+    }
+    let named = ops.iter().filter(|o| name(o).is_some()).count();
+    if named < 2 {
+        return None;
+    }
+    let mut out = vec![false; ops.len()];
+    if named <= 16 {
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(n) = name(op) {
+                out[i] = ops[i + 1..].iter().any(|o| name(o) == Some(n));
+            }
+        }
+    } else {
+        let mut seen = std::collections::HashSet::new();
+        for (i, op) in ops.iter().enumerate().rev() {
+            if let Some(n) = name(op) {
+                out[i] = !seen.insert(n);
+            }
+        }
+    }
+    out.iter().any(|x| *x).then_some(out)
+}
+
 /// What a delta leaves to do once its operations are applied to the session.
 enum After<'a> {
     Nothing,
@@ -263,7 +294,13 @@ enum After<'a> {
 /// per attribute. Returns whether anything changed and what is left to do.
 fn apply_ops<'d>(s: &mut Session, d: &'d Delta, now_ms: u64) -> (bool, After<'d>) {
     let mut changed = false;
-    for op in &d.ops {
+    // All of a delta's operations carry its one timestamp: of several on the
+    // same attribute, only the last counts (as `HSET k f a f b` leaves `b`).
+    let superseded = superseded_ops(&d.ops);
+    for (i, op) in d.ops.iter().enumerate() {
+        if superseded.as_ref().is_some_and(|v| v[i]) {
+            continue;
+        }
         match op {
             Op::Create | Op::Touch => {}
             // Applied with the header above; kept so a delta says what it meant.

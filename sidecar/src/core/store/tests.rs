@@ -35,6 +35,50 @@ fn val(st: &Store, i: &str, n: &str) -> Option<Bytes> {
         .and_then(|a| a.value.clone())
 }
 
+/// Found by the `resp_commands` fuzz target (`HSET k f a f b` kept `a`;
+/// Redis keeps `b`): within one delta the later operation on an attribute wins.
+#[test]
+fn the_last_operation_on_an_attribute_within_one_delta_wins() {
+    let mut st = Store::default();
+    let d = delta(
+        "A",
+        h(1500, 1),
+        vec![set("f", "a"), set("g", "1"), set("f", "b")],
+    );
+    assert_eq!(st.apply(&d, 1500), Applied::Changed);
+    assert_eq!(val(&st, "A", "f").as_deref(), Some(&b"b"[..]));
+    assert_eq!(val(&st, "A", "g").as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        st.apply(&d, 1500),
+        Applied::Ignored,
+        "applying it again changes nothing"
+    );
+    let rm = delta(
+        "A",
+        h(1600, 1),
+        vec![set("g", "2"), Op::Remove { name: "g".into() }],
+    );
+    st.apply(&rm, 1600);
+    assert_eq!(val(&st, "A", "g"), None, "set then removed");
+    let back = delta(
+        "A",
+        h(1700, 1),
+        vec![Op::Remove { name: "f".into() }, set("f", "c")],
+    );
+    st.apply(&back, 1700);
+    assert_eq!(
+        val(&st, "A", "f").as_deref(),
+        Some(&b"c"[..]),
+        "removed then set"
+    );
+    // Many attributes in one delta (the map path, not the pairwise one).
+    let mut ops: Vec<Op> = (0..20).map(|i| set(&format!("n{i}"), "first")).collect();
+    ops.push(set("n0", "last"));
+    st.apply(&delta("A", h(1800, 1), ops), 1800);
+    assert_eq!(val(&st, "A", "n0").as_deref(), Some(&b"last"[..]));
+    assert_eq!(val(&st, "A", "n19").as_deref(), Some(&b"first"[..]));
+}
+
 #[test]
 fn removal_markers_count_toward_the_session_size() {
     let limits = Limits {

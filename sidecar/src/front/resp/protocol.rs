@@ -51,7 +51,7 @@ pub fn parse(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, Pro
         return Ok(None);
     }
     if buf[0] != b'*' {
-        return parse_inline(buf);
+        return parse_inline(buf, lim);
     }
     let Some(end) = find_crlf(buf, 1) else {
         return if buf.len() > 64 {
@@ -122,14 +122,23 @@ fn check_partial(buf: &BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, Pro
     Ok(None)
 }
 
-fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+/// Longest inline command line, as in Redis.
+const MAX_INLINE: usize = 64 * 1024;
+
+/// An inline command: words split on spaces, with quotes. It is held to the
+/// same limits as a multibulk one (arguments, argument size), and its line to
+/// `MAX_INLINE` whether or not its newline has arrived.
+fn parse_inline(buf: &mut BytesMut, lim: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     let Some(nl) = buf.iter().position(|b| *b == b'\n') else {
-        return if buf.len() > 64 * 1024 {
+        return if buf.len() > MAX_INLINE {
             Err(ProtocolError::InlineTooBig)
         } else {
             Ok(None)
         };
     };
+    if nl > MAX_INLINE {
+        return Err(ProtocolError::InlineTooBig);
+    }
     let line = buf.split_to(nl + 1);
     let text = line.strip_suffix(b"\n").unwrap_or(&line);
     let text = text.strip_suffix(b"\r").unwrap_or(text);
@@ -162,6 +171,15 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError>
     }
     if in_word {
         args.push(Bytes::from(cur));
+    }
+    if args.len() > lim.max_args {
+        return Err(ProtocolError::MultibulkLength);
+    }
+    if let Some(a) = args.iter().find(|a| a.len() > lim.max_bulk) {
+        return Err(ProtocolError::TooBig {
+            len: a.len(),
+            max: lim.max_bulk,
+        });
     }
     Ok(Some(args))
 }
@@ -251,6 +269,41 @@ pub fn encode(v: &Value, proto: u8, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `resp` fuzz target: an inline command was held to no
+    /// argument limit, and its line to 64 KiB only while its newline was
+    /// still to come.
+    #[test]
+    fn inline_commands_are_held_to_the_same_limits_as_multibulk_ones() {
+        let lim = Limits {
+            max_bulk: 8,
+            max_args: 3,
+            max_request: 1 << 20,
+        };
+        let mut b = BytesMut::from(&b"SET a b c d\r\n"[..]);
+        assert_eq!(parse(&mut b, &lim), Err(ProtocolError::MultibulkLength));
+        let mut b = BytesMut::from(&b"GET 123456789\r\n"[..]);
+        assert_eq!(
+            parse(&mut b, &lim),
+            Err(ProtocolError::TooBig { len: 9, max: 8 })
+        );
+        let mut long = vec![b'x'; MAX_INLINE + 1];
+        long.extend_from_slice(b"\r\n");
+        let mut b = BytesMut::from(&long[..]);
+        let big = Limits {
+            max_bulk: 1 << 20,
+            ..lim
+        };
+        assert_eq!(parse(&mut b, &big), Err(ProtocolError::InlineTooBig));
+        let mut b = BytesMut::from(&b"GET k\r\n"[..]);
+        assert_eq!(
+            parse(&mut b, &lim),
+            Ok(Some(vec![
+                Bytes::from_static(b"GET"),
+                Bytes::from_static(b"k")
+            ]))
+        );
+    }
     use proptest::prelude::*;
 
     const LIM: Limits = Limits {
