@@ -185,6 +185,17 @@ struct RunArgs {
     /// Most simultaneous Redis connections.
     #[arg(long, default_value_t = 10_000)]
     redis_max_clients: usize,
+    /// How the Redis endpoint's writes replicate, whatever --send says: sync
+    /// (the default) answers once every live member has the write, so a
+    /// logout (DEL) on one member is seen on all before the app goes on, and
+    /// non-sticky routing cannot bring a logged-out session back; async
+    /// answers after the local apply.
+    #[arg(long, env = "SESSIONMESH_REDIS_SEND", default_value = "sync")]
+    redis_send: SendMode,
+    /// Let FLUSHDB and FLUSHALL delete every key on every member (test
+    /// set-ups; frameworks' own test suites call them). Off by default.
+    #[arg(long, env = "SESSIONMESH_ALLOW_FLUSH")]
+    allow_flush: bool,
 }
 
 fn init_logs(format: &str) {
@@ -454,6 +465,8 @@ fn resp_config(a: &RunArgs) -> sessionmesh_sidecar::front::resp::server::RespCon
     sessionmesh_sidecar::front::resp::server::RespConfig {
         password: a.redis_password.clone(),
         max_clients: a.redis_max_clients,
+        send: a.redis_send,
+        allow_flush: a.allow_flush,
         limits: sessionmesh_sidecar::front::resp::protocol::Limits {
             max_bulk: a.max_attr_bytes.max(a.max_session_bytes),
             max_args: 1 << 20,

@@ -215,6 +215,8 @@ pub struct Core {
     detector: Detector,
     peers: BTreeMap<String, Peer>,
     outbox: Vec<Output>,
+    /// Between `begin_group` and `end_group`: writes form one atomic group.
+    group_open: bool,
     pending: PendingWrites,
     phase: Phase,
     started_ms: u64,
@@ -238,6 +240,7 @@ impl Core {
             stats: Stats::default(),
             peers: BTreeMap::new(),
             outbox: Vec::new(),
+            group_open: false,
             pending: PendingWrites::default(),
             phase: Phase::Starting,
             started_ms: now_ms,

@@ -26,7 +26,9 @@ pub(super) struct OutLog {
     next_seq: u64,
     pub(super) acked: u64,
     sent_upto: u64,
-    unacked: VecDeque<(u64, Arc<Delta>, usize)>,
+    /// `(seq, delta, size, joined)`: `joined` means the next delta belongs to
+    /// the same atomic group (a Redis MULTI/EXEC), and no batch ends here.
+    unacked: VecDeque<(u64, Arc<Delta>, usize, bool)>,
     pub(super) bytes: usize,
     /// When `acked` last moved (or a resend was last tried).
     progress_ms: u64,
@@ -56,16 +58,24 @@ impl OutLog {
         self.sent_upto = self.acked;
     }
 
-    /// Appends a delta; returns its sequence number.
-    pub(super) fn push(&mut self, d: Arc<Delta>, size: usize, now_ms: u64) -> u64 {
+    /// Appends a delta; returns its sequence number. `joined`: the next delta
+    /// pushed belongs to the same atomic group (see `close_group`).
+    pub(super) fn push(&mut self, d: Arc<Delta>, size: usize, now_ms: u64, joined: bool) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.unacked.is_empty() {
             self.progress_ms = now_ms;
         }
-        self.unacked.push_back((seq, d, size));
+        self.unacked.push_back((seq, d, size, joined));
         self.bytes += size;
         seq
+    }
+
+    /// The atomic group pushed last is complete: a batch may end after it.
+    pub(super) fn close_group(&mut self) {
+        if let Some(last) = self.unacked.back_mut() {
+            last.3 = false;
+        }
     }
 
     /// The peer applied everything of stream `epoch` up to `upto`. An
@@ -76,8 +86,8 @@ impl OutLog {
         }
         self.acked = upto;
         self.progress_ms = now_ms;
-        while self.unacked.front().is_some_and(|(s, _, _)| *s <= upto) {
-            if let Some((_, _, sz)) = self.unacked.pop_front() {
+        while self.unacked.front().is_some_and(|(s, ..)| *s <= upto) {
+            if let Some((_, _, sz, _)) = self.unacked.pop_front() {
                 self.bytes -= sz;
             }
         }
@@ -86,8 +96,12 @@ impl OutLog {
     }
 
     /// What was not handed out yet, as `(first_seq, deltas)` batches of about
-    /// `max` bytes; it counts as handed out afterwards.
+    /// `max` bytes; it counts as handed out afterwards. A batch never ends
+    /// inside an atomic group (the receiver applies a batch in one go, so no
+    /// member shows half a transaction), unless the group outgrows half as
+    /// much again as `max`: the frame limit comes first.
     pub(super) fn take_batches(&mut self, max: usize) -> Vec<(u64, Vec<Arc<Delta>>)> {
+        let hard = max.saturating_add(max / 2);
         let mut out = Vec::new();
         let mut batch = Vec::new();
         let mut first = 0;
@@ -95,16 +109,16 @@ impl OutLog {
         // The log is contiguous by sequence number: start right after what was
         // already handed out instead of scanning from the front.
         let skip = match self.unacked.front() {
-            Some((front, _, _)) => (self.sent_upto + 1).saturating_sub(*front) as usize,
+            Some((front, ..)) => (self.sent_upto + 1).saturating_sub(*front) as usize,
             None => 0,
         };
-        for (seq, d, sz) in self.unacked.range(skip.min(self.unacked.len())..) {
+        for (seq, d, sz, joined) in self.unacked.range(skip.min(self.unacked.len())..) {
             if batch.is_empty() {
                 first = *seq;
             }
             batch.push(d.clone());
             bytes += sz;
-            if bytes >= max {
+            if (bytes >= max && !joined) || bytes >= hard {
                 out.push((first, std::mem::take(&mut batch)));
                 bytes = 0;
             }
@@ -300,7 +314,7 @@ impl Core {
                 p.out.clear();
                 self.ae_wanted.insert(name.clone());
             }
-            let seq = p.out.push(d.clone(), size, now_ms);
+            let seq = p.out.push(d.clone(), size, now_ms, self.group_open);
             waits.push(Wait {
                 peer: name.clone(),
                 gen: p.gen,
@@ -308,6 +322,19 @@ impl Core {
             });
         }
         waits
+    }
+
+    /// Writes from now until `end_group` form one atomic group: each peer
+    /// gets them in one message and applies them in one go.
+    pub fn begin_group(&mut self) {
+        self.group_open = true;
+    }
+
+    pub fn end_group(&mut self) {
+        self.group_open = false;
+        for p in self.peers.values_mut() {
+            p.out.close_group();
+        }
     }
 
     /// The runtime's writer to `peer` is full (the peer does not read): stop
@@ -360,11 +387,11 @@ mod tests {
     fn the_log_hands_out_each_delta_once_in_batches_and_again_after_a_rewind() {
         let mut log = OutLog::with_epoch(7);
         for n in 1..=5 {
-            assert_eq!(log.push(delta(n), 10, 0), n);
+            assert_eq!(log.push(delta(n), 10, 0, false), n);
         }
         assert_eq!(seqs(&log.take_batches(25)), vec![(1, 3), (4, 2)]);
         assert!(log.take_batches(25).is_empty(), "nothing new");
-        log.push(delta(6), 10, 0);
+        log.push(delta(6), 10, 0, false);
         assert_eq!(seqs(&log.take_batches(1000)), vec![(6, 1)]);
         assert!(log.ack(7, 3, 5));
         log.rewind();
@@ -373,10 +400,40 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_never_ends_inside_an_atomic_group_below_the_hard_limit() {
+        let mut log = OutLog::with_epoch(7);
+        log.push(delta(1), 10, 0, false);
+        // A group of three: 2, 3, 4.
+        log.push(delta(2), 10, 0, true);
+        log.push(delta(3), 10, 0, true);
+        log.push(delta(4), 10, 0, true);
+        log.close_group();
+        log.push(delta(5), 10, 0, false);
+        assert_eq!(
+            seqs(&log.take_batches(20)),
+            vec![(1, 4), (5, 1)],
+            "the batch that reaches 20 bytes inside the group goes on to its end"
+        );
+        // Without the group the same log cuts every 20 bytes.
+        let mut plain = OutLog::with_epoch(7);
+        for n in 1..=5 {
+            plain.push(delta(n), 10, 0, false);
+        }
+        assert_eq!(seqs(&plain.take_batches(20)), vec![(1, 2), (3, 2), (5, 1)]);
+        // A group bigger than the hard limit (max + max/2) is cut there.
+        let mut big = OutLog::with_epoch(7);
+        for n in 1..=6 {
+            big.push(delta(n), 10, 0, true);
+        }
+        big.close_group();
+        assert_eq!(seqs(&big.take_batches(20)), vec![(1, 3), (4, 3)]);
+    }
+
+    #[test]
     fn acks_of_another_stream_or_of_unsent_deltas_change_nothing() {
         let mut log = OutLog::with_epoch(7);
-        log.push(delta(1), 10, 0);
-        log.push(delta(2), 10, 0);
+        log.push(delta(1), 10, 0, false);
+        log.push(delta(2), 10, 0, false);
         assert!(!log.ack(8, 1, 1), "another epoch");
         assert!(!log.ack(7, 3, 1), "beyond what exists");
         assert!(!log.ack(7, 0, 1), "nothing new");
@@ -390,7 +447,7 @@ mod tests {
     #[test]
     fn a_stalled_log_is_resent_once_per_interval_and_clear_keeps_numbering() {
         let mut log = OutLog::with_epoch(1);
-        log.push(delta(1), 10, 1_000);
+        log.push(delta(1), 10, 1_000, false);
         log.take_batches(100);
         assert!(!log.resend_if_stalled(1_000 + RESEND_AFTER_MS - 1));
         assert!(log.resend_if_stalled(1_000 + RESEND_AFTER_MS));
@@ -399,7 +456,7 @@ mod tests {
         log.clear();
         assert!(log.is_empty());
         assert_eq!(
-            log.push(delta(2), 10, 0),
+            log.push(delta(2), 10, 0, false),
             2,
             "numbering goes on after clear"
         );

@@ -399,6 +399,24 @@ impl Sim {
         w
     }
 
+    /// Writes on `node` that form one atomic group (a Redis MULTI/EXEC),
+    /// handed to the network together.
+    pub fn write_group(&mut self, node: &str, writes: Vec<(&str, Vec<Op>)>) {
+        let now = self.now;
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.core.begin_group();
+            for (id, ops) in writes {
+                let w = self.next_write;
+                self.next_write += 1;
+                if let Ok(sid) = SessionId::parse(id) {
+                    let _ = n.core.write(w, sid, ops, None, Some(SendMode::Async), now);
+                }
+            }
+            n.core.end_group();
+        }
+        self.dispatch(node);
+    }
+
     pub fn set(&mut self, node: &str, id: &str, name: &str, value: &str, mode: SendMode) -> u64 {
         self.write(
             node,

@@ -413,3 +413,57 @@ fn graceful_leave_is_seen_as_left_at_once() {
         "a leave must not count as a failure"
     );
 }
+
+#[test]
+fn a_group_of_writes_is_applied_on_a_peer_in_one_step() {
+    for seed in SEEDS {
+        // A small frame limit: twelve 4 KiB writes are more than one
+        // batch's worth (max_frame / 2), so only grouping keeps them together.
+        let mut sim = Sim::new(
+            seed,
+            &["a", "b"],
+            CoreConfig {
+                max_frame_bytes: 64 << 10,
+                ..cfg()
+            },
+        );
+        let seed = sim.seed;
+        assert!(sim.run_until(3_000, all_ready), "seed {seed}");
+        let ids: Vec<String> = (0..12).map(|i| format!("T{i}")).collect();
+        for round in 0..20 {
+            let value = format!("r{round}:{}", "x".repeat(4000));
+            let writes = ids
+                .iter()
+                .map(|id| {
+                    let mut ops = if round == 0 { vec![Op::Create] } else { vec![] };
+                    ops.push(Op::Set {
+                        name: "v".into(),
+                        value: value.clone().into_bytes().into(),
+                    });
+                    (id.as_str(), ops)
+                })
+                .collect();
+            sim.write_group("a", writes);
+            let have = |s: &Sim| {
+                ids.iter()
+                    .filter(|id| s.value("b", id, "v").as_deref() == Some(value.as_str()))
+                    .count()
+            };
+            let end = sim.now + 1_000;
+            while sim.now < end && have(&sim) < ids.len() {
+                sim.step();
+                let n = have(&sim);
+                assert!(
+                    n == 0 || n == ids.len(),
+                    "seed {seed} round {round}: b shows {n} of {} writes of one group",
+                    ids.len()
+                );
+            }
+            assert_eq!(
+                have(&sim),
+                ids.len(),
+                "seed {seed} round {round}: the group arrived"
+            );
+        }
+    }
+}

@@ -285,6 +285,16 @@ impl Store {
     pub fn live_count(&self) -> usize {
         self.live
     }
+    /// Live sessions with an expiry (for Redis's INFO keyspace): a walk of the
+    /// whole store, for occasional use only.
+    pub fn count_expiring(&self, now_ms: u64) -> u64 {
+        self.entries
+            .values()
+            .filter(
+                |e| matches!(e, Entry::Live(s) if s.max_inactive_ms > 0 && !expired(s, now_ms, 0)),
+            )
+            .count() as u64
+    }
     pub fn tombstone_count(&self) -> usize {
         self.entries.len() - self.live
     }

@@ -4,7 +4,7 @@
 use super::commands::{arity_error, is_data_command, unknown_command, COMMAND_COUNT};
 use super::protocol::Value;
 use super::server::{Conn, RespConfig};
-use crate::node::{Command, Handle};
+use crate::node::Handle;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::warn;
@@ -45,6 +45,24 @@ fn lower(b: &Bytes) -> String {
     String::from_utf8_lossy(b).to_ascii_lowercase()
 }
 
+/// Whether the connection itself answers `name` (outside any transaction).
+pub(super) fn is_local(name: &str) -> bool {
+    matches!(
+        name,
+        "PING"
+            | "ECHO"
+            | "QUIT"
+            | "SELECT"
+            | "AUTH"
+            | "HELLO"
+            | "CLIENT"
+            | "INFO"
+            | "CONFIG"
+            | "COMMAND"
+            | "TIME"
+    )
+}
+
 /// Commands answered by the connection itself. Returns the reply and whether to close.
 pub(super) async fn local(
     conn: &mut Conn,
@@ -65,19 +83,21 @@ pub(super) async fn local(
         },
         "ECHO" if a.len() == 1 => Value::Bulk(a[0].clone()),
         "QUIT" => return (Value::ok(), true),
-        "SELECT" if a.len() == 1 => {
-            if &a[0][..] == b"0" {
-                Value::ok()
-            } else {
-                Value::err("ERR DB index is out of range")
-            }
-        }
+        "SELECT" if a.len() == 1 => match std::str::from_utf8(&a[0])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            None => Value::err("ERR value is not an integer or out of range"),
+            Some(0) => Value::ok(),
+            Some(_) => Value::err("ERR DB index is out of range"),
+        },
+        "TIME" if a.is_empty() => super::commands::time_reply(),
         "AUTH" if a.len() == 1 || a.len() == 2 => auth(conn, h, cfg, a).await,
         "HELLO" => match hello(conn, h, cfg, a).await {
             Ok(v) | Err(v) => v,
         },
         "CLIENT" if !a.is_empty() => client(conn, a),
-        "INFO" => info(h).await,
+        "INFO" => info(h, a).await,
         // redis-benchmark and some clients read the server's config; there is nothing to tune here.
         "CONFIG" => match a.first().map(lower).as_deref() {
             Some("get") => Value::Map(
@@ -100,7 +120,7 @@ pub(super) async fn local(
                 "ERR unknown subcommand '{other}'. Try COMMAND HELP."
             )),
         },
-        "ECHO" | "SELECT" | "AUTH" | "CLIENT" => arity_error(name),
+        "ECHO" | "SELECT" | "AUTH" | "CLIENT" | "TIME" => arity_error(name),
         _ if is_data_command(name) => Value::err("NOAUTH Authentication required."),
         _ => unknown_command(cmd),
     };
@@ -115,6 +135,11 @@ async fn auth(conn: &mut Conn, h: &Handle, cfg: &RespConfig, a: &[Bytes]) -> Val
         (&a[0][..], &a[1])
     };
     match &cfg.password {
+        // Redis 7 without requirepass: the default user takes any password.
+        None if a.len() == 2 && user == b"default" => Value::ok(),
+        None if a.len() == 2 => {
+            Value::err("WRONGPASS invalid username-password pair or user is disabled.")
+        }
         None => Value::err(
             "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
         ),
@@ -163,6 +188,9 @@ async fn hello(conn: &mut Conn, h: &Handle, cfg: &RespConfig, a: &[Bytes]) -> Re
                 i += 3;
             }
             "setname" if i + 1 < a.len() => {
+                if !valid_client_name(&a[i + 1]) {
+                    return Err(Value::err(BAD_CLIENT_NAME));
+                }
                 conn.name = Some(String::from_utf8_lossy(&a[i + 1]).into_owned());
                 i += 2;
             }
@@ -184,10 +212,21 @@ async fn hello(conn: &mut Conn, h: &Handle, cfg: &RespConfig, a: &[Bytes]) -> Re
     ]))
 }
 
+const BAD_CLIENT_NAME: &str =
+    "ERR Client names cannot contain spaces, newlines or special characters.";
+
+/// Redis's rule: printable ASCII without spaces.
+fn valid_client_name(n: &[u8]) -> bool {
+    n.iter().all(|b| (b'!'..=b'~').contains(b))
+}
+
 /// CLIENT SETNAME | GETNAME | ID | SETINFO | INFO | NO-EVICT | NO-TOUCH.
 fn client(conn: &mut Conn, a: &[Bytes]) -> Value {
     match lower(&a[0]).as_str() {
         "setname" if a.len() == 2 => {
+            if !valid_client_name(&a[1]) {
+                return Value::err(BAD_CLIENT_NAME);
+            }
             conn.name = Some(String::from_utf8_lossy(&a[1]).into_owned());
             Value::ok()
         }
@@ -207,18 +246,58 @@ fn client(conn: &mut Conn, a: &[Bytes]) -> Value {
     }
 }
 
-/// INFO: the server, replication, persistence and keyspace sections.
-async fn info(h: &Handle) -> Value {
-    let keys = match h.call(|reply| Command::Status { reply }).await {
-        Some(st) => st.sessions,
-        None => 0,
+/// INFO [section ...]: the server, clients, replication, persistence and
+/// keyspace sections (all of them by default, or `all`/`everything`).
+async fn info(h: &Handle, a: &[Bytes]) -> Value {
+    let wanted: Vec<String> = a.iter().map(lower).collect();
+    let all = wanted.is_empty()
+        || wanted
+            .iter()
+            .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
+    let want = |s: &str| all || wanted.iter().any(|w| w == s);
+    let (keys, expires) = if want("keyspace") {
+        keyspace_counts(h).await
+    } else {
+        (0, 0)
     };
     let ready = h.ready.load(Ordering::Relaxed);
-    Value::Verbatim(format!(
-        "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\nsessionmesh_member:{}\r\nsessionmesh_jvm_route:{}\r\n\
-         # Replication\r\nrole:master\r\n# Persistence\r\nloading:{}\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n",
-        h.me.name,
-        h.jvm_route,
-        u8::from(!ready)
-    ))
+    let mut out = String::new();
+    if want("server") {
+        out += &format!(
+            "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\nsessionmesh_member:{}\r\nsessionmesh_jvm_route:{}\r\n\r\n",
+            h.me.name, h.jvm_route
+        );
+    }
+    if want("clients") {
+        out += &format!(
+            "# Clients\r\nconnected_clients:{}\r\n\r\n",
+            h.io.redis_clients.load(Ordering::Relaxed)
+        );
+    }
+    if want("replication") {
+        out += "# Replication\r\nrole:master\r\n\r\n";
+    }
+    if want("persistence") {
+        out += &format!("# Persistence\r\nloading:{}\r\n\r\n", u8::from(!ready));
+    }
+    if want("keyspace") {
+        out += "# Keyspace\r\n";
+        if keys > 0 {
+            out += &format!("db0:keys={keys},expires={expires},avg_ttl=0\r\n");
+        }
+    }
+    Value::Verbatim(out.trim_end_matches("\r\n").to_owned() + "\r\n")
+}
+
+/// Keys, and keys with a TTL, as INFO's keyspace line counts them.
+async fn keyspace_counts(h: &Handle) -> (u64, u64) {
+    h.txn(|tx| {
+        let store = &tx.core().store;
+        let now = tx.now();
+        let keys = store.live_count() as u64;
+        let expires = store.count_expiring(now);
+        crate::node::Step::Ready((keys, expires))
+    })
+    .await
+    .unwrap_or((0, 0))
 }

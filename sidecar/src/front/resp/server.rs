@@ -22,6 +22,10 @@ pub struct RespConfig {
     pub password: Option<String>,
     pub max_clients: usize,
     pub limits: protocol::Limits,
+    /// How this endpoint's writes replicate (`--redis-send`).
+    pub send: crate::core::SendMode,
+    /// `--allow-flush`.
+    pub allow_flush: bool,
 }
 
 /// Replies are written out whenever this much is encoded, so a client that
@@ -31,6 +35,8 @@ const OUT_CHUNK: usize = 1 << 20;
 const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Most keys one MGET, DEL, UNLINK, EXISTS or TOUCH may name.
 pub const MAX_KEYS_PER_COMMAND: usize = 10_000;
+/// Most commands one MULTI may queue.
+pub const MAX_QUEUED: usize = 100_000;
 
 pub(super) struct Conn {
     pub(super) proto: u8,
@@ -38,6 +44,11 @@ pub(super) struct Conn {
     pub(super) auth_failures: u32,
     pub(super) name: Option<String>,
     pub(super) id: u64,
+    /// Inside MULTI: the queued commands, and whether one was refused
+    /// (EXEC then answers EXECABORT and runs nothing).
+    pub(super) multi: Option<(Vec<Vec<Bytes>>, bool)>,
+    /// WATCHed keys and their versions when watched.
+    pub(super) watched: Vec<(Bytes, u64)>,
 }
 
 /// The SCAN cursors of this endpoint, used inside transactions.
@@ -53,7 +64,10 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let cfg = Arc::new(cfg);
-    let scans = Scans::default();
+    let scans = Scans::new(std::sync::Mutex::new(commands::RedisState::new(
+        cfg.allow_flush,
+        Some(cfg.send),
+    )));
     let mut acceptor = crate::net::accept::Acceptor::new("redis");
     loop {
         let (mut stream, remote) = tokio::select! {
@@ -144,6 +158,12 @@ impl Client<'_> {
     /// after the batch before it, so replies stay in order.
     async fn command(&mut self, cmd: Vec<Bytes>) -> std::io::Result<Flow> {
         let name = String::from_utf8_lossy(&cmd[0]).to_ascii_uppercase();
+        if self.conn.authed {
+            if let Some(v) = self.transaction(&name, &cmd).await? {
+                protocol::encode(&v, self.conn.proto, &mut self.out);
+                return Ok(Flow::Continue);
+            }
+        }
         if is_data_command(&name) && self.conn.authed {
             let many_keys = matches!(
                 name.as_str(),
@@ -168,6 +188,137 @@ impl Client<'_> {
     }
 }
 
+impl Client<'_> {
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH, and queueing inside MULTI.
+    /// `None`: not a transaction matter; the command runs as usual.
+    async fn transaction(&mut self, name: &str, cmd: &[Bytes]) -> std::io::Result<Option<Value>> {
+        let in_multi = self.conn.multi.is_some();
+        let v = match name {
+            "MULTI" if cmd.len() != 1 => commands::arity_error(name),
+            "MULTI" if in_multi => Value::err("ERR MULTI calls can not be nested"),
+            "MULTI" => {
+                self.flush().await?;
+                self.conn.multi = Some((Vec::new(), false));
+                Value::ok()
+            }
+            "EXEC" | "DISCARD" if cmd.len() != 1 => commands::arity_error(name),
+            "EXEC" | "DISCARD" if !in_multi => Value::err(format!("ERR {name} without MULTI")),
+            "DISCARD" => {
+                self.conn.multi = None;
+                self.conn.watched.clear();
+                Value::ok()
+            }
+            "EXEC" => self.exec().await?,
+            "WATCH" if cmd.len() < 2 => commands::arity_error(name),
+            "WATCH" if in_multi => Value::err("ERR WATCH inside MULTI is not allowed"),
+            "WATCH" => self.watch(&cmd[1..]).await?,
+            "UNWATCH" if !in_multi => {
+                self.conn.watched.clear();
+                Value::ok()
+            }
+            // QUIT runs at once, as in Redis.
+            "QUIT" => return Ok(None),
+            _ if in_multi => self.queue(name, cmd),
+            _ => return Ok(None),
+        };
+        Ok(Some(v))
+    }
+
+    /// A command inside MULTI: queued when it is one EXEC can run, refused
+    /// (and the transaction with it) otherwise, as Redis does for an unknown
+    /// command or a wrong number of arguments.
+    fn queue(&mut self, name: &str, cmd: &[Bytes]) -> Value {
+        let Some((queued, failed)) = self.conn.multi.as_mut() else {
+            return Value::err("ERR not in MULTI");
+        };
+        let refuse = if commands::arity(name).is_none() {
+            if super::local::is_local(name) {
+                Some(Value::err(format!(
+                    "ERR '{}' inside MULTI is not supported by sessionmesh",
+                    name.to_ascii_lowercase()
+                )))
+            } else {
+                Some(commands::unknown_command(cmd))
+            }
+        } else if !commands::arity_ok(name, cmd.len()) {
+            Some(commands::arity_error(name))
+        } else if queued.len() >= MAX_QUEUED {
+            Some(Value::err(format!(
+                "ERR a transaction holds at most {MAX_QUEUED} commands"
+            )))
+        } else {
+            None
+        };
+        match refuse {
+            Some(e) => {
+                *failed = true;
+                e
+            }
+            None => {
+                queued.push(cmd.to_vec());
+                Value::Simple("QUEUED".into())
+            }
+        }
+    }
+
+    /// EXEC: every queued command in one go on the core, its writes one
+    /// atomic group on every peer; a null reply if a watched key changed.
+    async fn exec(&mut self) -> std::io::Result<Value> {
+        let (cmds, failed) = self.conn.multi.take().unwrap_or_default();
+        let watched = std::mem::take(&mut self.conn.watched);
+        if failed {
+            return Ok(Value::err(
+                "EXECABORT Transaction discarded because of previous errors.",
+            ));
+        }
+        self.flush().await?;
+        let scans = self.scans.clone();
+        let r = self
+            .h
+            .txn(move |tx| {
+                let mut st = scans.lock().unwrap_or_else(|p| p.into_inner());
+                commands::exec_multi(tx, &mut st, &cmds, &watched)
+            })
+            .await;
+        match r {
+            Some(Some(values)) => Ok(Value::Array(values)),
+            Some(None) => Ok(Value::NullArray),
+            None => Err(shutting_down()),
+        }
+    }
+
+    /// WATCH: remembers each key's version now.
+    async fn watch(&mut self, keys: &[Bytes]) -> std::io::Result<Value> {
+        self.flush().await?;
+        let keys = keys.to_vec();
+        let r = self
+            .h
+            .txn(move |tx| {
+                let v: Vec<(Bytes, u64)> = keys
+                    .into_iter()
+                    .map(|k| {
+                        let f = commands::fingerprint(tx, &k);
+                        (k, f)
+                    })
+                    .collect();
+                crate::node::Step::Ready(v)
+            })
+            .await
+            .ok_or_else(shutting_down)?;
+        self.conn.watched.extend(r);
+        Ok(Value::ok())
+    }
+}
+
+/// The member is stopping: the connection closes, as Redis closes its
+/// clients on shutdown, and the client retries elsewhere.
+fn shutting_down() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "member shutting down",
+    )
+}
+
 async fn connection(stream: TcpStream, h: &Handle, cfg: &RespConfig, scans: &Scans) {
     let mut c = Client {
         stream,
@@ -180,6 +331,8 @@ async fn connection(stream: TcpStream, h: &Handle, cfg: &RespConfig, scans: &Sca
             auth_failures: 0,
             name: None,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            multi: None,
+            watched: Vec::new(),
         },
         batch: Vec::new(),
         out: BytesMut::with_capacity(16 * 1024),
@@ -285,9 +438,13 @@ async fn flush(
             }
         }
         None => {
-            for _ in 0..n {
-                protocol::encode(&Value::err("ERR this member is shutting down"), proto, out);
-            }
+            // The member is stopping: what was answered goes out, the
+            // commands in flight get no reply and the connection closes, as
+            // Redis does on shutdown, so clients retry instead of taking an
+            // error for an answer.
+            let _ = n;
+            write_out(stream, h, out).await?;
+            return Err(shutting_down());
         }
     }
     Ok(())

@@ -170,3 +170,59 @@ pub(super) fn hexists(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Val
         None => Ok(Value::Int(0)),
     }
 }
+
+/// HSETNX: sets a field only if the hash does not have it.
+pub(super) fn hsetnx(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
+    let a = args.a;
+    let id = key(&a[0])?;
+    let f = field(&a[1])?;
+    let cur = c.session(&id);
+    let mut ops = Vec::new();
+    match cur.map(Ctx::kind) {
+        Some(Kind::Str(_)) => return Err(Value::err(WRONGTYPE)),
+        Some(Kind::Hash(s)) if s.attrs.get(&f).is_some_and(|x| x.value.is_some()) => {
+            return Ok(Value::Int(0))
+        }
+        Some(Kind::Hash(_)) => {}
+        None => ops.push(Op::Create),
+    }
+    ops.push(Op::Set {
+        name: f,
+        value: a[2].clone(),
+    });
+    let ttl = c.keep_ttl(cur);
+    c.write(id, ops, ttl)?;
+    Ok(Value::Int(1))
+}
+
+/// HINCRBY: adds to a field holding an integer (a missing field counts as 0).
+pub(super) fn hincrby(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
+    let a = args.a;
+    let id = key(&a[0])?;
+    let by = int(&a[2])?;
+    let f = field(&a[1])?;
+    let cur = c.session(&id);
+    let mut ops = Vec::new();
+    let old = match cur.map(Ctx::kind) {
+        Some(Kind::Str(_)) => return Err(Value::err(WRONGTYPE)),
+        Some(Kind::Hash(s)) => match s.attrs.get(&f).and_then(|x| x.value.as_ref()) {
+            Some(v) => strings::stored_int(v)
+                .ok_or_else(|| Value::err("ERR hash value is not an integer"))?,
+            None => 0,
+        },
+        None => {
+            ops.push(Op::Create);
+            0
+        }
+    };
+    let new = old
+        .checked_add(by)
+        .ok_or_else(|| Value::err("ERR increment or decrement would overflow"))?;
+    ops.push(Op::Set {
+        name: f,
+        value: Bytes::from(new.to_string()),
+    });
+    let ttl = c.keep_ttl(cur);
+    c.write(id, ops, ttl)?;
+    Ok(Value::Int(new))
+}

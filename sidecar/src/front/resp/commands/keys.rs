@@ -26,44 +26,84 @@ pub(super) fn exists(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
     Ok(Value::Int(n as i64))
 }
 
-/// EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT.
+/// EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT, checked in Redis's order: the
+/// options, the number, its overflow (`ERR invalid expire time`), then the key.
 pub(super) fn expire(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     let name = args.name;
     args.need(2, false)?;
     let id = key(&a[0])?;
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for o in &a[2..] {
+        match upper(o).as_str() {
+            "NX" => nx = true,
+            "XX" => xx = true,
+            "GT" => gt = true,
+            "LT" => lt = true,
+            _ => {
+                return Err(Value::err(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(o)
+                )))
+            }
+        }
+    }
+    if nx && (xx || gt || lt) {
+        return Err(Value::err(
+            "ERR NX and XX, GT or LT options at the same time are not compatible",
+        ));
+    }
+    if gt && lt {
+        return Err(Value::err(
+            "ERR GT and LT options at the same time are not compatible",
+        ));
+    }
     let n = int(&a[1])?;
-    let at: i128 = match name {
-        "EXPIRE" => c.now as i128 + n as i128 * 1000,
-        "PEXPIRE" => c.now as i128 + n as i128,
-        "EXPIREAT" => n as i128 * 1000,
-        _ => n as i128,
+    let bad = || {
+        Value::err(format!(
+            "ERR invalid expire time in '{}' command",
+            name.to_ascii_lowercase()
+        ))
     };
-    let at = at.clamp(0, u64::MAX as i128 / 2) as u64;
+    let ms = if matches!(name, "EXPIRE" | "EXPIREAT") {
+        n.checked_mul(1000).ok_or_else(bad)?
+    } else {
+        n
+    };
+    let base = if matches!(name, "EXPIRE" | "PEXPIRE") {
+        c.now as i64
+    } else {
+        0
+    };
+    let at = ms.checked_add(base).ok_or_else(bad)?;
     let Some(s) = c.session(&id) else {
         return Ok(Value::Int(0));
     };
     let cur = s.expires_at_ms();
-    let mut cond = None;
-    for o in &a[2..] {
-        let o = upper(o);
-        if !matches!(o.as_str(), "NX" | "XX" | "GT" | "LT") || cond.is_some() {
-            return Err(Value::err(SYNTAX));
-        }
-        cond = Some(o);
-    }
-    let ok = match cond.as_deref() {
-        Some("NX") => cur.is_none(),
-        Some("XX") => cur.is_some(),
-        Some("GT") => cur.is_some_and(|t| at > t),
-        Some("LT") => cur.is_none_or(|t| at < t),
-        _ => true,
-    };
+    let at = at.max(0) as u64;
+    // A key without a TTL counts as expiring never: GT fails, LT succeeds.
+    let ok = !(nx && cur.is_some()
+        || xx && cur.is_none()
+        || gt && cur.is_none_or(|t| at <= t)
+        || lt && cur.is_some_and(|t| at >= t));
     if !ok {
         return Ok(Value::Int(0));
     }
     c.expire_at(id, at)?;
     Ok(Value::Int(1))
+}
+
+/// EXPIRETIME, PEXPIRETIME: the absolute expiry (-1 none, -2 no key).
+pub(super) fn expiretime(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
+    let id = key(&args.a[0])?;
+    Ok(Value::Int(
+        match c.session(&id).map(Session::expires_at_ms) {
+            None => -2,
+            Some(None) => -1,
+            Some(Some(t)) if args.name == "EXPIRETIME" => (t.saturating_add(500) / 1000) as i64,
+            Some(Some(t)) => t as i64,
+        },
+    ))
 }
 
 /// PERSIST.
@@ -176,7 +216,13 @@ pub(super) fn scan(
         let v = a.get(i + 1).ok_or_else(|| Value::err(SYNTAX))?;
         match upper(&a[i]).as_str() {
             "MATCH" => pattern = Some(v.clone()),
-            "COUNT" => count = int(v)?.clamp(1, 100_000) as usize,
+            "COUNT" => {
+                let n = int(v)?;
+                if n < 1 {
+                    return Err(Value::err(SYNTAX));
+                }
+                count = n.min(100_000) as usize;
+            }
             "TYPE" => ty = Some(String::from_utf8_lossy(v).to_ascii_lowercase()),
             _ => return Err(Value::err(SYNTAX)),
         }
@@ -236,9 +282,33 @@ pub(super) fn dbsize(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
     Ok(Value::Int(c.tx.core().store.live_count() as i64))
 }
 
-/// FLUSHDB, FLUSHALL.
-pub(super) fn flushdb() -> Result<Value, Value> {
-    Err(Value::err(
-        "ERR FLUSHDB is disabled: it would delete every user's session on every member",
-    ))
+/// FLUSHDB, FLUSHALL [ASYNC|SYNC]: refused unless `--allow-flush`; then
+/// every key is deleted on every member (delete markers, replicated).
+pub(super) fn flushdb(
+    c: &mut Ctx<'_, '_>,
+    st: &RedisState,
+    args: &Args<'_>,
+) -> Result<Value, Value> {
+    match args.a {
+        [] => {}
+        [m] if matches!(upper(m).as_str(), "ASYNC" | "SYNC") => {}
+        _ => return Err(Value::err(SYNTAX)),
+    }
+    if !st.allow_flush {
+        return Err(Value::err(
+            "ERR FLUSHDB is disabled: it would delete every user's session on every member (start the sidecar with --allow-flush for test set-ups)",
+        ));
+    }
+    let mut cursor: Option<SessionId> = None;
+    loop {
+        let ids = c.tx.core().store.list(cursor.as_ref(), 1024, c.now, 0);
+        let Some(last) = ids.last().cloned() else {
+            break;
+        };
+        for id in &ids {
+            c.delete(id)?;
+        }
+        cursor = Some(last);
+    }
+    Ok(Value::ok())
 }

@@ -9,7 +9,7 @@
 
 use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
-use crate::core::WriteError;
+use crate::core::{SendMode, WriteError};
 use crate::front::resp::protocol::Value;
 use crate::node::{Step, Ticket, Tx};
 use bytes::Bytes;
@@ -27,6 +27,20 @@ const NOT_INT: &str = "ERR value is not an integer or out of range";
 pub struct RedisState {
     scans: HashMap<u64, (SessionId, u64)>,
     next_scan: u64,
+    /// `--allow-flush`: FLUSHDB and FLUSHALL delete every key.
+    pub allow_flush: bool,
+    /// `--redis-send`: how this endpoint's writes replicate.
+    pub send: Option<SendMode>,
+}
+
+impl RedisState {
+    pub fn new(allow_flush: bool, send: Option<SendMode>) -> Self {
+        RedisState {
+            allow_flush,
+            send,
+            ..Default::default()
+        }
+    }
 }
 
 pub fn write_error(e: &WriteError) -> Value {
@@ -51,6 +65,7 @@ struct Ctx<'t, 'c> {
     tx: &'t mut Tx<'c>,
     now: u64,
     writes: Vec<Ticket>,
+    mode: Option<SendMode>,
 }
 
 enum Kind<'s> {
@@ -93,7 +108,10 @@ impl Ctx<'_, '_> {
     }
 
     fn write(&mut self, id: SessionId, ops: Vec<Op>, max_inactive_ms: u64) -> Result<(), Value> {
-        match self.tx.write(id, ops, Some(max_inactive_ms), None, Some(0)) {
+        match self
+            .tx
+            .write(id, ops, Some(max_inactive_ms), self.mode, Some(0))
+        {
             Ok(None) => Ok(()),
             Ok(Some(t)) => {
                 self.writes.push(t);
@@ -170,46 +188,41 @@ pub fn arity_error(cmd: &str) -> Value {
     ))
 }
 
-/// Whether `name` is a data command this module runs.
+/// Redis's arity of each command this module runs (the name counts; a
+/// negative number is a minimum), or `None` for any other command. `PING`,
+/// `ECHO` and `TIME` are answered here too so a transaction can hold them.
+pub fn arity(name: &str) -> Option<i32> {
+    Some(match name {
+        "GET" | "GETDEL" | "PERSIST" | "TTL" | "PTTL" | "TYPE" | "HGETALL" | "HLEN" | "HKEYS"
+        | "HVALS" | "INCR" | "DECR" | "EXPIRETIME" | "PEXPIRETIME" => 2,
+        "SET" | "MSET" | "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "HMGET" | "HDEL" => -3,
+        "SETEX" | "PSETEX" | "HSETNX" | "HINCRBY" => 4,
+        "GETEX" | "MGET" | "DEL" | "UNLINK" | "EXISTS" | "SCAN" | "ECHO" | "PING" => match name {
+            "ECHO" => 2,
+            "PING" => -1,
+            _ => -2,
+        },
+        "RENAME" | "RENAMENX" | "HGET" | "HEXISTS" | "SETNX" | "GETSET" | "INCRBY" | "DECRBY" => 3,
+        "DBSIZE" | "TIME" | "UNWATCH" => 1,
+        "HSET" | "HMSET" => -4,
+        "FLUSHDB" | "FLUSHALL" => -1,
+        _ => return None,
+    })
+}
+
+/// Whether `name` is a data command this module runs (on the core task).
 pub fn is_data_command(name: &str) -> bool {
-    matches!(
-        name,
-        "GET"
-            | "SET"
-            | "SETEX"
-            | "PSETEX"
-            | "GETEX"
-            | "GETDEL"
-            | "MGET"
-            | "MSET"
-            | "DEL"
-            | "UNLINK"
-            | "EXISTS"
-            | "EXPIRE"
-            | "PEXPIRE"
-            | "EXPIREAT"
-            | "PEXPIREAT"
-            | "PERSIST"
-            | "TTL"
-            | "PTTL"
-            | "RENAME"
-            | "RENAMENX"
-            | "TYPE"
-            | "SCAN"
-            | "DBSIZE"
-            | "HSET"
-            | "HMSET"
-            | "HGET"
-            | "HMGET"
-            | "HGETALL"
-            | "HDEL"
-            | "HEXISTS"
-            | "HLEN"
-            | "HKEYS"
-            | "HVALS"
-            | "FLUSHDB"
-            | "FLUSHALL"
-    )
+    !matches!(name, "PING" | "ECHO" | "TIME" | "UNWATCH") && arity(name).is_some()
+}
+
+/// Whether `args` fit `name`'s arity (what Redis checks when it queues a
+/// command inside MULTI).
+pub fn arity_ok(name: &str, argc: usize) -> bool {
+    match arity(name) {
+        Some(n) if n >= 0 => argc == n as usize,
+        Some(n) => argc >= n.unsigned_abs() as usize,
+        None => false,
+    }
 }
 
 mod glob;
@@ -236,7 +249,47 @@ impl Args<'_> {
     }
 }
 
-pub const COMMAND_COUNT: i64 = 52;
+pub const COMMAND_COUNT: i64 = 66;
+
+/// A key's version for WATCH: it changes with every write to the key, local
+/// or from a peer, and when the key expires or is deleted.
+pub fn fingerprint(tx: &Tx<'_>, raw: &Bytes) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(id) = key(raw) {
+        match tx.core().store.get(&id, tx.now(), 0) {
+            Ok(s) => {
+                (s.meta_hlc, s.cleared, s.expires_at_ms()).hash(&mut h);
+                for (k, a) in s.attrs.iter() {
+                    (k, a.hlc, a.value.is_some()).hash(&mut h);
+                }
+            }
+            Err(_) => 0u8.hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+/// EXEC: the queued commands in one go, their writes one atomic group that
+/// every peer applies at once; `None` (a null reply) when a watched key
+/// changed since WATCH.
+pub fn exec_multi(
+    tx: &mut Tx<'_>,
+    st: &mut RedisState,
+    cmds: &[Vec<Bytes>],
+    watched: &[(Bytes, u64)],
+) -> Step<Option<Vec<Value>>> {
+    if watched.iter().any(|(k, v)| fingerprint(tx, k) != *v) {
+        return Step::Ready(None);
+    }
+    tx.core_mut().begin_group();
+    let step = exec(tx, st, cmds);
+    tx.core_mut().end_group();
+    match step {
+        Step::Ready(v) => Step::Ready(Some(v)),
+        Step::After(f) => Step::after(move |r| Some(f(r))),
+    }
+}
 
 /// Runs data commands in order, in one transaction; the replies are ready
 /// once every write they made is done (a failed write turns its command's
@@ -250,6 +303,7 @@ pub fn exec(tx: &mut Tx<'_>, st: &mut RedisState, cmds: &[Vec<Bytes>]) -> Step<V
             tx,
             now,
             writes: Vec::new(),
+            mode: st.send,
         };
         let value = match run(&mut c, st, args) {
             Ok(v) | Err(v) => v,
@@ -276,11 +330,37 @@ fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, raw: &[Bytes]) -> Result<Value,
         name: &name,
         a: raw.get(1..).unwrap_or_default(),
     };
+    match name.as_str() {
+        "PING" => {
+            return Ok(args
+                .a
+                .first()
+                .map_or(Value::Simple("PONG".into()), |m| Value::Bulk(m.clone())))
+        }
+        "ECHO" => return Ok(Value::Bulk(args.a[0].clone())),
+        "TIME" => return Ok(time_reply()),
+        // Inside MULTI, UNWATCH is queued and answers OK (the watches end with EXEC anyway).
+        "UNWATCH" => return Ok(Value::ok()),
+        _ => {}
+    }
+    if !arity_ok(&name, raw.len()) {
+        return Err(if arity(&name).is_some() {
+            arity_error(&name)
+        } else {
+            unknown_command(raw)
+        });
+    }
     if let Err(e) = c.tx.core().check_serving() {
         return Err(write_error(&e));
     }
     match name.as_str() {
         "GET" => strings::get(c, &args),
+        "SETNX" => strings::setnx(c, &args),
+        "GETSET" => strings::getset(c, &args),
+        "INCR" | "DECR" | "INCRBY" | "DECRBY" => strings::incr(c, &args),
+        "HSETNX" => hashes::hsetnx(c, &args),
+        "HINCRBY" => hashes::hincrby(c, &args),
+        "EXPIRETIME" | "PEXPIRETIME" => keys::expiretime(c, &args),
         "SET" => strings::set(c, &args),
         "SETEX" | "PSETEX" => strings::setex(c, &args),
         "GETEX" => strings::getex(c, &args),
@@ -296,7 +376,7 @@ fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, raw: &[Bytes]) -> Result<Value,
         "TYPE" => keys::key_type(c, &args),
         "SCAN" => keys::scan(c, st, &args),
         "DBSIZE" => keys::dbsize(c, &args),
-        "FLUSHDB" | "FLUSHALL" => keys::flushdb(),
+        "FLUSHDB" | "FLUSHALL" => keys::flushdb(c, st, &args),
         "HSET" | "HMSET" => hashes::hset(c, &args),
         "HGET" => hashes::hget(c, &args),
         "HMGET" => hashes::hmget(c, &args),
@@ -305,6 +385,17 @@ fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, raw: &[Bytes]) -> Result<Value,
         "HEXISTS" => hashes::hexists(c, &args),
         _ => Err(unknown_command(raw)),
     }
+}
+
+/// TIME: seconds and microseconds of the member's clock.
+pub fn time_reply() -> Value {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Value::Array(vec![
+        Value::str(&d.as_secs().to_string()),
+        Value::str(&d.subsec_micros().to_string()),
+    ])
 }
 
 pub fn unknown_command(args: &[Bytes]) -> Value {
