@@ -86,7 +86,8 @@ step "Node.js with express, express-session and connect-redis (e2e/node)"
 if ! have node || ! have npm; then
   apt_install "Node.js and npm" nodejs npm
 fi
-if [ ! -d e2e/node/node_modules/connect-redis ] || [ ! -d e2e/node/node_modules/express-session ]; then
+if [ ! -d e2e/node/node_modules/connect-redis ] || [ ! -d e2e/node/node_modules/express-session ] ||
+  [ ! -d e2e/node/node_modules/ioredis ]; then
   if [ $check_only = 1 ]; then
     echo "   missing: e2e/node/node_modules (cd e2e/node && npm install)"
     missing_any=1

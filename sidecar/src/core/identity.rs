@@ -29,8 +29,9 @@ pub enum IdError {
 /// (`ABC.node1` and `ABC.node2` are the same session `ABC`).
 ///
 /// Decoding one from a peer applies the rules of `SessionId::key` (the looser
-/// of the two front doors' rules), so a frame carrying an id that no local
-/// client could have written fails to decode and is refused whole.
+/// of the two front doors' rules), or those of a Redis key in database 1-15
+/// (`SessionId::in_db`), so a frame carrying an id that no local client could
+/// have written fails to decode and is refused whole.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct SessionId(String);
@@ -38,6 +39,14 @@ pub struct SessionId(String);
 impl TryFrom<String> for SessionId {
     type Error = IdError;
     fn try_from(s: String) -> Result<Self, IdError> {
+        if let Some(rest) = s.strip_prefix('\u{1}') {
+            let (db, key) = rest.split_once('\u{1}').ok_or(IdError::BadChar)?;
+            let db: u8 = match db.parse() {
+                Ok(n @ 1..=15) if db == n.to_string() => n,
+                _ => return Err(IdError::BadChar),
+            };
+            return Ok(SessionId::in_db(db, SessionId::key(key.as_bytes())?));
+        }
         SessionId::key(s.as_bytes())
     }
 }
@@ -77,6 +86,47 @@ impl SessionId {
             return Err(IdError::BadChar);
         }
         Ok(SessionId(s.to_owned()))
+    }
+
+    /// The id of Redis key `key` in database `db` (0-15): database 0 is the
+    /// key itself (shared with the HTTP API); any other database prefixes it
+    /// with `\u{1}<db>\u{1}`, which no Redis key or HTTP id can start with,
+    /// so databases never meet and each one's keys are contiguous.
+    pub fn in_db(db: u8, key: SessionId) -> SessionId {
+        if db == 0 {
+            key
+        } else {
+            SessionId(format!("{}{}", Self::db_prefix(db), key.0))
+        }
+    }
+
+    /// Every id of database `db` > 0 starts with this.
+    pub fn db_prefix(db: u8) -> String {
+        format!("\u{1}{db}\u{1}")
+    }
+
+    /// The database and the Redis key of an id.
+    pub fn db_key(&self) -> (u8, &str) {
+        if let Some(rest) = self.0.strip_prefix('\u{1}') {
+            if let Some((db, key)) = rest.split_once('\u{1}') {
+                if let Ok(db) = db.parse() {
+                    return (db, key);
+                }
+            }
+        }
+        (0, &self.0)
+    }
+
+    /// A bound for ordered walks of the store (not an id anyone can use):
+    /// database `db`'s keys all sort right after it.
+    pub fn db_start(db: u8) -> SessionId {
+        if db == 0 {
+            // After every "\u{1}..." id, before any key (keys start with a
+            // printable character).
+            SessionId("\u{2}".into())
+        } else {
+            SessionId(Self::db_prefix(db))
+        }
     }
 
     /// A fresh random id: 32 hex characters (128 bits) from the OS generator.
@@ -222,6 +272,34 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_of_other_redis_databases_decode_and_nothing_else_with_a_control_character() {
+        let k = SessionId::key(b"sess:1").unwrap();
+        for db in [0u8, 1, 15] {
+            let id = SessionId::in_db(db, k.clone());
+            assert_eq!(id.db_key(), (db, "sess:1"));
+            let back: SessionId =
+                serde_json::from_value(serde_json::to_value(&id).unwrap()).unwrap();
+            assert_eq!(back, id);
+        }
+        for bad in [
+            "\u{1}16\u{1}k",
+            "\u{1}01\u{1}k",
+            "\u{1}0\u{1}k",
+            "\u{1}1\u{1}",
+            "\u{1}1k",
+            "\u{1}1\u{1}a\u{1}b",
+            "a\u{1}b",
+        ] {
+            assert!(
+                serde_json::from_value::<SessionId>(serde_json::Value::String(bad.into())).is_err(),
+                "{bad:?} decoded"
+            );
+        }
+        assert!(SessionId::db_start(0) > SessionId::in_db(15, k.clone()));
+        assert!(SessionId::db_start(0) < k);
+    }
 
     #[test]
     fn route_suffix_is_stripped() {

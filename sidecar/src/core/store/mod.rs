@@ -285,15 +285,38 @@ impl Store {
     pub fn live_count(&self) -> usize {
         self.live
     }
-    /// Live sessions with an expiry (for Redis's INFO keyspace): a walk of the
-    /// whole store, for occasional use only.
-    pub fn count_expiring(&self, now_ms: u64) -> u64 {
-        self.entries
-            .values()
-            .filter(
-                |e| matches!(e, Entry::Live(s) if s.max_inactive_ms > 0 && !expired(s, now_ms, 0)),
-            )
-            .count() as u64
+    /// Per Redis database: live keys, and those with an expiry (for INFO's
+    /// keyspace section). A walk of the whole store, for occasional use only.
+    pub fn keyspace(&self, now_ms: u64) -> BTreeMap<u8, (u64, u64)> {
+        let mut out = BTreeMap::new();
+        for (id, e) in &self.entries {
+            if let Entry::Live(s) = e {
+                if !expired(s, now_ms, 0) {
+                    let c = out.entry(id.db_key().0).or_insert((0, 0));
+                    c.0 += 1;
+                    c.1 += u64::from(s.max_inactive_ms > 0);
+                }
+            }
+        }
+        out
+    }
+
+    /// Live keys of Redis database `db` (DBSIZE). Database 0 is every
+    /// session but those of the other databases, which are contiguous.
+    pub fn count_db(&self, db: u8, now_ms: u64) -> usize {
+        if db > 0 {
+            return self
+                .range_after(Some(&SessionId::db_start(db)))
+                .take_while(|(id, _)| id.db_key().0 == db)
+                .filter(|(_, e)| matches!(e, Entry::Live(s) if !expired(s, now_ms, 0)))
+                .count();
+        }
+        let others = self
+            .entries
+            .range::<SessionId, _>(..SessionId::db_start(0))
+            .filter(|(_, e)| matches!(e, Entry::Live(_)))
+            .count();
+        self.live.saturating_sub(others)
     }
     pub fn tombstone_count(&self) -> usize {
         self.entries.len() - self.live

@@ -88,7 +88,10 @@ pub(super) async fn local(
             .and_then(|s| s.parse::<i64>().ok())
         {
             None => Value::err("ERR value is not an integer or out of range"),
-            Some(0) => Value::ok(),
+            Some(db @ 0..=15) => {
+                conn.db = db as u8;
+                Value::ok()
+            }
             Some(_) => Value::err("ERR DB index is out of range"),
         },
         "TIME" if a.is_empty() => super::commands::time_reply(),
@@ -234,9 +237,10 @@ fn client(conn: &mut Conn, a: &[Bytes]) -> Value {
         "id" => Value::Int(conn.id as i64),
         "setinfo" if a.len() == 3 => Value::ok(),
         "info" => Value::Verbatim(format!(
-            "id={} name={} db=0 resp={}\n",
+            "id={} name={} db={} resp={}\n",
             conn.id,
             conn.name.as_deref().unwrap_or(""),
+            conn.db,
             conn.proto
         )),
         "no-evict" | "no-touch" => Value::ok(),
@@ -255,10 +259,10 @@ async fn info(h: &Handle, a: &[Bytes]) -> Value {
             .iter()
             .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
     let want = |s: &str| all || wanted.iter().any(|w| w == s);
-    let (keys, expires) = if want("keyspace") {
+    let keyspace = if want("keyspace") {
         keyspace_counts(h).await
     } else {
-        (0, 0)
+        Default::default()
     };
     let ready = h.ready.load(Ordering::Relaxed);
     let mut out = String::new();
@@ -282,22 +286,16 @@ async fn info(h: &Handle, a: &[Bytes]) -> Value {
     }
     if want("keyspace") {
         out += "# Keyspace\r\n";
-        if keys > 0 {
-            out += &format!("db0:keys={keys},expires={expires},avg_ttl=0\r\n");
+        for (db, (keys, expires)) in keyspace {
+            out += &format!("db{db}:keys={keys},expires={expires},avg_ttl=0\r\n");
         }
     }
     Value::Verbatim(out.trim_end_matches("\r\n").to_owned() + "\r\n")
 }
 
-/// Keys, and keys with a TTL, as INFO's keyspace line counts them.
-async fn keyspace_counts(h: &Handle) -> (u64, u64) {
-    h.txn(|tx| {
-        let store = &tx.core().store;
-        let now = tx.now();
-        let keys = store.live_count() as u64;
-        let expires = store.count_expiring(now);
-        crate::node::Step::Ready((keys, expires))
-    })
-    .await
-    .unwrap_or((0, 0))
+/// Keys, and keys with a TTL, per database, as INFO's keyspace lines count them.
+async fn keyspace_counts(h: &Handle) -> std::collections::BTreeMap<u8, (u64, u64)> {
+    h.txn(|tx| crate::node::Step::Ready(tx.core().store.keyspace(tx.now())))
+        .await
+        .unwrap_or_default()
 }

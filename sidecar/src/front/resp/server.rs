@@ -48,7 +48,9 @@ pub(super) struct Conn {
     /// (EXEC then answers EXECABORT and runs nothing).
     pub(super) multi: Option<(Vec<Vec<Bytes>>, bool)>,
     /// WATCHed keys and their versions when watched.
-    pub(super) watched: Vec<(Bytes, u64)>,
+    pub(super) watched: Vec<(u8, Bytes, u64)>,
+    /// The database SELECT chose (0-15).
+    pub(super) db: u8,
 }
 
 /// The SCAN cursors of this endpoint, used inside transactions.
@@ -123,7 +125,7 @@ impl Client<'_> {
             self.h,
             self.scans,
             &mut self.batch,
-            self.conn.proto,
+            (self.conn.proto, self.conn.db),
             &mut self.out,
         )
         .await
@@ -273,11 +275,12 @@ impl Client<'_> {
         }
         self.flush().await?;
         let scans = self.scans.clone();
+        let db = self.conn.db;
         let r = self
             .h
             .txn(move |tx| {
                 let mut st = scans.lock().unwrap_or_else(|p| p.into_inner());
-                commands::exec_multi(tx, &mut st, &cmds, &watched)
+                commands::exec_multi(tx, &mut st, db, &cmds, &watched)
             })
             .await;
         match r {
@@ -291,14 +294,15 @@ impl Client<'_> {
     async fn watch(&mut self, keys: &[Bytes]) -> std::io::Result<Value> {
         self.flush().await?;
         let keys = keys.to_vec();
+        let db = self.conn.db;
         let r = self
             .h
             .txn(move |tx| {
-                let v: Vec<(Bytes, u64)> = keys
+                let v: Vec<(u8, Bytes, u64)> = keys
                     .into_iter()
                     .map(|k| {
-                        let f = commands::fingerprint(tx, &k);
-                        (k, f)
+                        let f = commands::fingerprint(tx, db, &k);
+                        (db, k, f)
                     })
                     .collect();
                 crate::node::Step::Ready(v)
@@ -333,6 +337,7 @@ async fn connection(stream: TcpStream, h: &Handle, cfg: &RespConfig, scans: &Sca
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             multi: None,
             watched: Vec::new(),
+            db: 0,
         },
         batch: Vec::new(),
         out: BytesMut::with_capacity(16 * 1024),
@@ -406,7 +411,7 @@ async fn flush(
     h: &Handle,
     scans: &Scans,
     batch: &mut Vec<Queued>,
-    proto: u8,
+    (proto, db): (u8, u8),
     out: &mut BytesMut,
 ) -> std::io::Result<()> {
     if batch.is_empty() {
@@ -420,7 +425,7 @@ async fn flush(
         .txn(move |tx| {
             // Only ever locked on the core task: never contended.
             let mut st = scans.lock().unwrap_or_else(|p| p.into_inner());
-            commands::exec(tx, &mut st, &cmds)
+            commands::exec(tx, &mut st, db, &cmds)
         })
         .await;
     match r {

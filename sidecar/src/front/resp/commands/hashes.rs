@@ -9,7 +9,7 @@ pub(super) fn hset(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
     if a.len() < 3 || a.len() % 2 != 1 {
         return Err(arity_error(name));
     }
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let cur = c.session(&id);
     let mut added = 0;
     let mut ops = Vec::new();
@@ -48,7 +48,7 @@ pub(super) fn hset(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
 pub(super) fn hget(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(2, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     match c.session(&id).map(Ctx::kind) {
         None => Ok(Value::Null),
         Some(Kind::Str(_)) => Err(Value::err(WRONGTYPE)),
@@ -66,7 +66,7 @@ pub(super) fn hget(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
 pub(super) fn hmget(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(2, false)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let s = match c.session(&id).map(Ctx::kind) {
         Some(Kind::Str(_)) => return Err(Value::err(WRONGTYPE)),
         Some(Kind::Hash(s)) => Some(s),
@@ -90,7 +90,7 @@ pub(super) fn hgetall(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Val
     let a = args.a;
     let name = args.name;
     args.need(1, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let s = match c.session(&id).map(Ctx::kind) {
         Some(Kind::Str(_)) => return Err(Value::err(WRONGTYPE)),
         Some(Kind::Hash(s)) => Some(s),
@@ -119,7 +119,7 @@ pub(super) fn hgetall(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Val
 pub(super) fn hdel(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(2, false)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let s = match c.session(&id).map(Ctx::kind) {
         Some(Kind::Str(_)) => return Err(Value::err(WRONGTYPE)),
         Some(Kind::Hash(s)) => s,
@@ -158,7 +158,7 @@ pub(super) fn hdel(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
 pub(super) fn hexists(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(2, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     match c.session(&id).map(Ctx::kind) {
         Some(Kind::Str(_)) => Err(Value::err(WRONGTYPE)),
         Some(Kind::Hash(s)) => {
@@ -174,7 +174,7 @@ pub(super) fn hexists(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Val
 /// HSETNX: sets a field only if the hash does not have it.
 pub(super) fn hsetnx(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let f = field(&a[1])?;
     let cur = c.session(&id);
     let mut ops = Vec::new();
@@ -198,7 +198,7 @@ pub(super) fn hsetnx(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
 /// HINCRBY: adds to a field holding an integer (a missing field counts as 0).
 pub(super) fn hincrby(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let by = int(&a[2])?;
     let f = field(&a[1])?;
     let cur = c.session(&id);

@@ -8,7 +8,7 @@ pub(super) fn del(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> 
     args.need(1, false)?;
     let mut n = 0;
     for k in a {
-        if c.delete(&key(k)?)? {
+        if c.delete(&c.key(k)?)? {
             n += 1;
         }
     }
@@ -21,7 +21,7 @@ pub(super) fn exists(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
     args.need(1, false)?;
     let n = a
         .iter()
-        .filter(|k| key(k).ok().is_some_and(|id| c.session(&id).is_some()))
+        .filter(|k| c.key(k).ok().is_some_and(|id| c.session(&id).is_some()))
         .count();
     Ok(Value::Int(n as i64))
 }
@@ -32,7 +32,7 @@ pub(super) fn expire(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
     let a = args.a;
     let name = args.name;
     args.need(2, false)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
     for o in &a[2..] {
         match upper(o).as_str() {
@@ -95,7 +95,7 @@ pub(super) fn expire(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
 
 /// EXPIRETIME, PEXPIRETIME: the absolute expiry (-1 none, -2 no key).
 pub(super) fn expiretime(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
-    let id = key(&args.a[0])?;
+    let id = c.key(&args.a[0])?;
     Ok(Value::Int(
         match c.session(&id).map(Session::expires_at_ms) {
             None => -2,
@@ -110,7 +110,7 @@ pub(super) fn expiretime(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, 
 pub(super) fn persist(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(1, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     match c.session(&id).map(|s| s.expires_at_ms()) {
         Some(Some(_)) => {
             c.write(id, vec![Op::MaxInactive], 0)?;
@@ -125,7 +125,7 @@ pub(super) fn ttl(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> 
     let a = args.a;
     let name = args.name;
     args.need(1, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     Ok(Value::Int(
         match c.session(&id).map(|s| s.expires_at_ms()) {
             None => -2,
@@ -147,7 +147,7 @@ pub(super) fn rename(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
     let a = args.a;
     let name = args.name;
     args.need(2, true)?;
-    let (from, to) = (key(&a[0])?, key(&a[1])?);
+    let (from, to) = (c.key(&a[0])?, c.key(&a[1])?);
     let Some(s) = c.session(&from) else {
         return Err(Value::err("ERR no such key"));
     };
@@ -187,7 +187,7 @@ pub(super) fn rename(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Valu
 pub(super) fn key_type(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(1, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     Ok(Value::Simple(
         match c.session(&id).map(Ctx::kind) {
             None => "none",
@@ -238,13 +238,11 @@ pub(super) fn scan(
                 .ok_or_else(|| Value::err("ERR invalid cursor"))?,
         )
     };
-    let ids = c.tx.core().store.list(start.as_ref(), count, c.now, 0);
+    let (ids, at_end) = c.list(start.as_ref(), count);
     let mut keys = Vec::new();
     for id in &ids {
-        if pattern
-            .as_ref()
-            .is_some_and(|p| !glob(p, id.as_str().as_bytes()))
-        {
+        let name = id.db_key().1;
+        if pattern.as_ref().is_some_and(|p| !glob(p, name.as_bytes())) {
             continue;
         }
         let Some(s) = c.session(id) else { continue };
@@ -255,10 +253,10 @@ pub(super) fn scan(
         if ty.as_deref().is_some_and(|want| want != t) {
             continue;
         }
-        keys.push(Value::str(id.as_str()));
+        keys.push(Value::str(name));
     }
     let next = match ids.last() {
-        Some(last) if ids.len() == count => {
+        Some(last) if !at_end => {
             // Forget cursors nobody came back for.
             if st.scans.len() > 4096 {
                 let cutoff = c.now.saturating_sub(60_000);
@@ -279,11 +277,13 @@ pub(super) fn scan(
 /// DBSIZE.
 pub(super) fn dbsize(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     args.need(0, true)?;
-    Ok(Value::Int(c.tx.core().store.live_count() as i64))
+    let n = c.tx.core().store.count_db(c.db, c.now);
+    Ok(Value::Int(n as i64))
 }
 
 /// FLUSHDB, FLUSHALL [ASYNC|SYNC]: refused unless `--allow-flush`; then
-/// every key is deleted on every member (delete markers, replicated).
+/// every key of the database (FLUSHDB) or of all of them (FLUSHALL) is
+/// deleted on every member (delete markers, replicated).
 pub(super) fn flushdb(
     c: &mut Ctx<'_, '_>,
     st: &RedisState,
@@ -299,16 +299,23 @@ pub(super) fn flushdb(
             "ERR FLUSHDB is disabled: it would delete every user's session on every member (start the sidecar with --allow-flush for test set-ups)",
         ));
     }
+    let all = args.name == "FLUSHALL";
     let mut cursor: Option<SessionId> = None;
     loop {
-        let ids = c.tx.core().store.list(cursor.as_ref(), 1024, c.now, 0);
-        let Some(last) = ids.last().cloned() else {
-            break;
+        let (ids, at_end) = if all {
+            let ids = c.tx.core().store.list(cursor.as_ref(), 1024, c.now, 0);
+            let end = ids.len() < 1024;
+            (ids, end)
+        } else {
+            c.list(cursor.as_ref(), 1024)
         };
         for id in &ids {
             c.delete(id)?;
         }
-        cursor = Some(last);
+        match ids.last() {
+            Some(last) if !at_end => cursor = Some(last.clone()),
+            _ => break,
+        }
     }
     Ok(Value::ok())
 }

@@ -66,6 +66,8 @@ struct Ctx<'t, 'c> {
     now: u64,
     writes: Vec<Ticket>,
     mode: Option<SendMode>,
+    /// The connection's database (SELECT).
+    db: u8,
 }
 
 enum Kind<'s> {
@@ -74,6 +76,26 @@ enum Kind<'s> {
 }
 
 impl Ctx<'_, '_> {
+    /// A key of this connection's database as a session id.
+    fn key(&self, b: &Bytes) -> Result<SessionId, Value> {
+        key_in(self.db, b)
+    }
+
+    /// The ids of this database after `cursor` (its start when `None`), at
+    /// most `limit`, and whether the walk reached the end of the database.
+    fn list(&self, cursor: Option<&SessionId>, limit: usize) -> (Vec<SessionId>, bool) {
+        let start = SessionId::db_start(self.db);
+        let mut ids = self
+            .tx
+            .core()
+            .store
+            .list(Some(cursor.unwrap_or(&start)), limit, self.now, 0);
+        let full = ids.len() == limit;
+        let before = ids.len();
+        ids.retain(|id| id.db_key().0 == self.db);
+        (ids.clone(), !full || ids.len() < before)
+    }
+
     fn session(&self, id: &SessionId) -> Option<&Session> {
         self.tx
             .core()
@@ -159,8 +181,10 @@ impl Ctx<'_, '_> {
     }
 }
 
-fn key(b: &Bytes) -> Result<SessionId, Value> {
-    SessionId::key(b).map_err(|e| Value::err(format!("ERR invalid key: {e}")))
+fn key_in(db: u8, b: &Bytes) -> Result<SessionId, Value> {
+    SessionId::key(b)
+        .map(|k| SessionId::in_db(db, k))
+        .map_err(|e| Value::err(format!("ERR invalid key: {e}")))
 }
 
 fn field(b: &Bytes) -> Result<String, Value> {
@@ -253,10 +277,10 @@ pub const COMMAND_COUNT: i64 = 66;
 
 /// A key's version for WATCH: it changes with every write to the key, local
 /// or from a peer, and when the key expires or is deleted.
-pub fn fingerprint(tx: &Tx<'_>, raw: &Bytes) -> u64 {
+pub fn fingerprint(tx: &Tx<'_>, db: u8, raw: &Bytes) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    if let Ok(id) = key(raw) {
+    if let Ok(id) = key_in(db, raw) {
         match tx.core().store.get(&id, tx.now(), 0) {
             Ok(s) => {
                 (s.meta_hlc, s.cleared, s.expires_at_ms()).hash(&mut h);
@@ -276,14 +300,15 @@ pub fn fingerprint(tx: &Tx<'_>, raw: &Bytes) -> u64 {
 pub fn exec_multi(
     tx: &mut Tx<'_>,
     st: &mut RedisState,
+    db: u8,
     cmds: &[Vec<Bytes>],
-    watched: &[(Bytes, u64)],
+    watched: &[(u8, Bytes, u64)],
 ) -> Step<Option<Vec<Value>>> {
-    if watched.iter().any(|(k, v)| fingerprint(tx, k) != *v) {
+    if watched.iter().any(|(d, k, v)| fingerprint(tx, *d, k) != *v) {
         return Step::Ready(None);
     }
     tx.core_mut().begin_group();
-    let step = exec(tx, st, cmds);
+    let step = exec(tx, st, db, cmds);
     tx.core_mut().end_group();
     match step {
         Step::Ready(v) => Step::Ready(Some(v)),
@@ -294,7 +319,7 @@ pub fn exec_multi(
 /// Runs data commands in order, in one transaction; the replies are ready
 /// once every write they made is done (a failed write turns its command's
 /// reply into an error).
-pub fn exec(tx: &mut Tx<'_>, st: &mut RedisState, cmds: &[Vec<Bytes>]) -> Step<Vec<Value>> {
+pub fn exec(tx: &mut Tx<'_>, st: &mut RedisState, db: u8, cmds: &[Vec<Bytes>]) -> Step<Vec<Value>> {
     let mut values = Vec::with_capacity(cmds.len());
     let mut waits: Vec<(Ticket, usize)> = Vec::new();
     for (i, args) in cmds.iter().enumerate() {
@@ -304,6 +329,7 @@ pub fn exec(tx: &mut Tx<'_>, st: &mut RedisState, cmds: &[Vec<Bytes>]) -> Step<V
             now,
             writes: Vec::new(),
             mode: st.send,
+            db,
         };
         let value = match run(&mut c, st, args) {
             Ok(v) | Err(v) => v,

@@ -7,7 +7,7 @@ use super::*;
 pub(super) fn get(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(1, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     Ok(c.string(&id)?.map_or(Value::Null, Value::Bulk))
 }
 
@@ -85,7 +85,7 @@ pub(super) fn expire_arg(now: u64, v: &Bytes, unit: &str, cmd: &str) -> Result<u
 pub(super) fn set(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(2, false)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let o = parse_opts(&a[2..], true)?;
     let at = match o.expire {
         Some((u, v)) => Some(expire_arg(c.now, v, u, "set")?),
@@ -124,7 +124,7 @@ pub(super) fn set(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> 
 /// SETNX: SET NX with an integer reply.
 pub(super) fn setnx(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     if c.session(&id).is_some() {
         return Ok(Value::Int(0));
     }
@@ -135,7 +135,7 @@ pub(super) fn setnx(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value
 /// GETSET: SET GET, which also clears the TTL.
 pub(super) fn getset(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let old = c.string(&id)?;
     c.set_string(id, a[1].clone(), 0)?;
     Ok(old.map_or(Value::Null, Value::Bulk))
@@ -164,7 +164,7 @@ pub(super) fn incr(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
             -n
         }
     };
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let old = match c.string(&id)? {
         None => 0,
         Some(v) => stored_int(&v).ok_or_else(|| Value::err(NOT_INT))?,
@@ -182,7 +182,7 @@ pub(super) fn setex(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value
     let a = args.a;
     let name = args.name;
     args.need(3, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let unit = if name == "SETEX" { "EX" } else { "PX" };
     let at = expire_arg(c.now, &a[1], unit, name)?;
     c.set_string(id, a[2].clone(), at.saturating_sub(c.now).max(1))?;
@@ -193,7 +193,7 @@ pub(super) fn setex(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value
 pub(super) fn getex(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(1, false)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let o = parse_opts(&a[1..], false)?;
     let Some(v) = c.string(&id)? else {
         return Ok(Value::Null);
@@ -211,7 +211,7 @@ pub(super) fn getex(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value
 pub(super) fn getdel(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value> {
     let a = args.a;
     args.need(1, true)?;
-    let id = key(&a[0])?;
+    let id = c.key(&a[0])?;
     let Some(v) = c.string(&id)? else {
         return Ok(Value::Null);
     };
@@ -225,7 +225,8 @@ pub(super) fn mget(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
     args.need(1, false)?;
     let mut out = Vec::with_capacity(a.len());
     for k in a {
-        let v = key(k)
+        let v = c
+            .key(k)
             .ok()
             .and_then(|id| match c.session(&id).map(Ctx::kind) {
                 Some(Kind::Str(v)) => Some(Value::Bulk(v.clone())),
@@ -245,7 +246,7 @@ pub(super) fn mset(c: &mut Ctx<'_, '_>, args: &Args<'_>) -> Result<Value, Value>
     }
     let pairs: Vec<(SessionId, Bytes)> = a
         .chunks(2)
-        .map(|p| Ok((key(&p[0])?, p[1].clone())))
+        .map(|p| Ok((c.key(&p[0])?, p[1].clone())))
         .collect::<Result<_, Value>>()?;
     for (id, v) in pairs {
         c.set_string(id, v, 0)?;

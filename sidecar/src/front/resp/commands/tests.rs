@@ -26,7 +26,7 @@ fn run(c: &mut Core, st: &mut RedisState, now: u64, cmd: &[&str]) -> Value {
         .collect();
     let mut w = 1;
     let mut tx = Tx::new(c, now, &mut w);
-    match exec(&mut tx, st, &[args]) {
+    match exec(&mut tx, st, 0, &[args]) {
         Step::Ready(mut v) => v.remove(0),
         Step::After(_) => panic!("a single member never waits"),
     }
