@@ -82,6 +82,26 @@ if ! python3 -c 'import redis, flask, flask_session, django' >/dev/null 2>&1; th
   fi
 fi
 
+step "Django's own test suite (its source distribution, for the cache tests against the Redis endpoint)"
+django_version=$(python3 -c 'import django; print(django.__version__)' 2>/dev/null || true)
+django_tests="${SESSIONMESH_CACHE:-$HOME/.cache/sessionmesh}/django-$django_version/tests"
+if [ -n "$django_version" ] && [ ! -f "$django_tests/runtests.py" ]; then
+  if [ $check_only = 1 ]; then
+    echo "   missing: $django_tests (pip download django==$django_version --no-binary :all: --no-deps)"
+    missing_any=1
+  else
+    echo "   downloading the sdist of Django $django_version from PyPI"
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
+      -d "$tmp" "django==$django_version" ||
+      fail "pip download of Django's sdist failed; run: pip download django==$django_version --no-binary :all: --no-deps"
+    mkdir -p "$(dirname "$django_tests")"
+    tar -xzf "$tmp"/django-*.tar.gz -C "$tmp" || fail "cannot unpack Django's sdist"
+    rm -rf "$django_tests" && mv "$tmp/django-$django_version/tests" "$django_tests"
+    rm -rf "$tmp"
+  fi
+fi
+
 step "Node.js with express, express-session and connect-redis (e2e/node)"
 if ! have node || ! have npm; then
   apt_install "Node.js and npm" nodejs npm
