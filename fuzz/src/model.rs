@@ -51,6 +51,14 @@ pub enum Cmd {
     MGet(Vec<K>),
     MSet(Vec<(K, Vec<u8>)>),
     DbSize,
+    SetNx(K, Vec<u8>),
+    GetSet(K, Vec<u8>),
+    /// INCRBY with a small increment, so sums meet the stored numbers.
+    IncrBy(K, i8),
+    /// SET of a number, so INCRBY finds integers.
+    SetInt(K, i64),
+    HSetNx(K, F, Vec<u8>),
+    HIncrBy(K, F, i8),
 }
 
 const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
@@ -104,6 +112,16 @@ impl Cmd {
                 }
             }
             Cmd::DbSize => v.push(name("DBSIZE")),
+            Cmd::SetNx(k, val) => v.extend([name("SETNX"), k.b(), Bytes::copy_from_slice(val)]),
+            Cmd::GetSet(k, val) => v.extend([name("GETSET"), k.b(), Bytes::copy_from_slice(val)]),
+            Cmd::IncrBy(k, n) => v.extend([name("INCRBY"), k.b(), Bytes::from(n.to_string())]),
+            Cmd::SetInt(k, n) => v.extend([name("SET"), k.b(), Bytes::from(n.to_string())]),
+            Cmd::HSetNx(k, f, val) => {
+                v.extend([name("HSETNX"), k.b(), f.b(), Bytes::copy_from_slice(val)])
+            }
+            Cmd::HIncrBy(k, f, n) => {
+                v.extend([name("HINCRBY"), k.b(), f.b(), Bytes::from(n.to_string())])
+            }
         }
         v
     }
@@ -221,8 +239,86 @@ impl Model {
                 Value::ok()
             }
             Cmd::DbSize => Value::Int(self.keys.len() as i64),
+            Cmd::SetNx(k, v) => {
+                if self.keys.contains_key(&k.b()) {
+                    Value::Int(0)
+                } else {
+                    self.keys
+                        .insert(k.b(), Entry::Str(Bytes::copy_from_slice(v)));
+                    Value::Int(1)
+                }
+            }
+            Cmd::GetSet(k, v) => {
+                let old = self.string(&k.b())?;
+                self.keys
+                    .insert(k.b(), Entry::Str(Bytes::copy_from_slice(v)));
+                old.map_or(Value::Null, Value::Bulk)
+            }
+            Cmd::SetInt(k, n) => {
+                self.keys
+                    .insert(k.b(), Entry::Str(Bytes::from(n.to_string())));
+                Value::ok()
+            }
+            Cmd::IncrBy(k, by) => {
+                let old = match self.string(&k.b())? {
+                    None => 0,
+                    Some(v) => canonical_int(&v)
+                        .ok_or_else(|| err("ERR value is not an integer or out of range"))?,
+                };
+                let new = old
+                    .checked_add(i64::from(*by))
+                    .ok_or_else(|| err("ERR increment or decrement would overflow"))?;
+                self.keys
+                    .insert(k.b(), Entry::Str(Bytes::from(new.to_string())));
+                Value::Int(new)
+            }
+            Cmd::HSetNx(k, f, v) => {
+                let has = self.hash(&k.b())?.is_some_and(|h| h.contains_key(&f.b()));
+                if has {
+                    Value::Int(0)
+                } else {
+                    self.hash_mut(k).insert(f.b(), Bytes::copy_from_slice(v));
+                    Value::Int(1)
+                }
+            }
+            Cmd::HIncrBy(k, f, by) => {
+                let old = match self.hash(&k.b())?.and_then(|h| h.get(&f.b())) {
+                    None => 0,
+                    Some(v) => {
+                        canonical_int(v).ok_or_else(|| err("ERR hash value is not an integer"))?
+                    }
+                };
+                let new = old
+                    .checked_add(i64::from(*by))
+                    .ok_or_else(|| err("ERR increment or decrement would overflow"))?;
+                self.hash_mut(k).insert(f.b(), Bytes::from(new.to_string()));
+                Value::Int(new)
+            }
         })
     }
+
+    /// The hash at `k`, created empty if absent (the caller checked its type).
+    fn hash_mut(&mut self, k: &K) -> &mut BTreeMap<Bytes, Bytes> {
+        let e = self
+            .keys
+            .entry(k.b())
+            .or_insert_with(|| Entry::Hash(BTreeMap::new()));
+        match e {
+            Entry::Hash(h) => h,
+            Entry::Str(_) => unreachable!("the caller checked the type"),
+        }
+    }
+}
+
+fn err(s: &str) -> Value {
+    Value::Error(s.into())
+}
+
+/// Redis's reading of a stored number: the canonical decimal form only.
+fn canonical_int(v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?;
+    let n: i64 = s.parse().ok()?;
+    (n.to_string() == s).then_some(n)
 }
 
 /// Replies agree: equal, or both errors with the same first word.

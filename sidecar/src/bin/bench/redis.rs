@@ -152,10 +152,38 @@ pub(crate) fn redis_benchmark(
 }
 
 /// redis-benchmark against one sidecar (replicating to two peers) and against
-/// a standalone redis-server, same run.
+/// a standalone redis-server, same run: with the endpoint's default
+/// (`--redis-send sync`: `resp_*` figures) and with `--redis-send async`
+/// (`resp_async_*`).
 pub(crate) async fn resp(quick: bool) -> anyhow::Result<()> {
     let RedisServer { port, mut server } = redis_server().await?;
-    let cl = cluster(3, &["--redis", "127.0.0.1:0"]).await?;
+    for (prefix, extra) in [("resp", None), ("resp_async", Some("async"))] {
+        let mut args = vec!["--redis", "127.0.0.1:0"];
+        if let Some(mode) = extra {
+            args.extend(["--redis-send", mode]);
+        }
+        let cl = cluster(3, &args).await?;
+        resp_against(&cl, port, prefix, quick)?;
+        // Everything written on node1 reached the peers.
+        let applied = metric(&mut cl.client(1), "sessionmesh_deltas_applied_total").await;
+        figure(
+            &format!("{prefix}_deltas_applied_on_peer"),
+            applied,
+            "count",
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(())
+}
+
+/// One configuration's rounds: SET, GET and HSET without and with pipelining.
+fn resp_against(
+    cl: &sessionmesh_sidecar::demo::localcluster::LocalCluster,
+    port: u16,
+    prefix: &str,
+    quick: bool,
+) -> anyhow::Result<()> {
     let sm = cl.nodes[0]
         .redis
         .ok_or_else(|| anyhow::anyhow!("no redis endpoint"))?
@@ -178,27 +206,26 @@ pub(crate) async fn resp(quick: bool) -> anyhow::Result<()> {
                 if let Some((_, r)) = theirs.iter().find(|(t, _)| t == name) {
                     let key = name.to_ascii_lowercase();
                     figure(
-                        &format!("resp_{key}_p{pipeline}_sessionmesh_rps"),
+                        &format!("{prefix}_{key}_p{pipeline}_sessionmesh_rps"),
                         *v,
                         "req/s",
                     );
-                    figure(&format!("resp_{key}_p{pipeline}_redis_rps"), *r, "req/s");
+                    figure(
+                        &format!("{prefix}_{key}_p{pipeline}_redis_rps"),
+                        *r,
+                        "req/s",
+                    );
                     ratios.entry(key).or_default().push(v / r);
                 }
             }
         }
         for (key, mut r) in ratios {
             figure(
-                &format!("resp_{key}_p{pipeline}_ratio_median"),
+                &format!("{prefix}_{key}_p{pipeline}_ratio_median"),
                 pct(&mut r, 0.5),
                 "ratio",
             );
         }
     }
-    // Everything written on node1 reached the peers.
-    let applied = metric(&mut cl.client(1), "sessionmesh_deltas_applied_total").await;
-    figure("resp_deltas_applied_on_peer", applied, "count");
-    let _ = server.kill();
-    let _ = server.wait();
     Ok(())
 }

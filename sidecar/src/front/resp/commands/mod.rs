@@ -356,7 +356,15 @@ fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, raw: &[Bytes]) -> Result<Value,
         name: &name,
         a: raw.get(1..).unwrap_or_default(),
     };
+    if !arity_ok(&name, raw.len()) {
+        return Err(if arity(&name).is_some() {
+            arity_error(&name)
+        } else {
+            unknown_command(raw)
+        });
+    }
     match name.as_str() {
+        "PING" if args.a.len() > 1 => return Err(arity_error(&name)),
         "PING" => {
             return Ok(args
                 .a
@@ -368,13 +376,6 @@ fn run(c: &mut Ctx<'_, '_>, st: &mut RedisState, raw: &[Bytes]) -> Result<Value,
         // Inside MULTI, UNWATCH is queued and answers OK (the watches end with EXEC anyway).
         "UNWATCH" => return Ok(Value::ok()),
         _ => {}
-    }
-    if !arity_ok(&name, raw.len()) {
-        return Err(if arity(&name).is_some() {
-            arity_error(&name)
-        } else {
-            unknown_command(raw)
-        });
     }
     if let Err(e) = c.tx.core().check_serving() {
         return Err(write_error(&e));

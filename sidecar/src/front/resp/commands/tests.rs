@@ -332,3 +332,29 @@ fn unknown_commands_have_redis_shape() {
         Value::err("ERR unknown command 'FOO', with args beginning with: 'a' 'b' ")
     );
 }
+
+/// Found by the fuzzer: the commands a transaction may hold that need no
+/// store (ECHO, PING) were answered before their arity was checked, and ECHO
+/// without its argument panicked.
+#[test]
+fn commands_without_the_store_are_held_to_their_arity_too() {
+    let (mut c, mut st) = (core(), RedisState::default());
+    for cmd in [
+        &["ECHO"][..],
+        &["ECHO", "a", "b"],
+        &["PING", "a", "b"],
+        &["TIME", "x"],
+        &["UNWATCH", "x"],
+    ] {
+        assert_eq!(
+            run(&mut c, &mut st, 1000, cmd),
+            arity_error(cmd[0]),
+            "{cmd:?}"
+        );
+    }
+    assert_eq!(run(&mut c, &mut st, 1000, &["ECHO", "a"]), Value::str("a"));
+    assert_eq!(
+        run(&mut c, &mut st, 1000, &["PING"]),
+        Value::Simple("PONG".into())
+    );
+}
