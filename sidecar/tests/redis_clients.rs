@@ -511,3 +511,82 @@ async fn a_client_that_does_not_read_cannot_make_the_member_hold_its_replies() {
     );
     drop(w);
 }
+
+/// SIGTERM while a client keeps sending: like Redis on shutdown, the member
+/// answers what it ran and closes the connection; no command gets an error
+/// reply (which a client would take as the answer instead of retrying
+/// elsewhere), whether it arrives while the member leaves the cluster or
+/// after its core stopped. The peer's core is frozen so that node1's leave
+/// waits for it (up to --leave-timeout-ms): the client's writes meet a
+/// leaving member for a good while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_redis_connections_instead_of_answering_errors() {
+    let mut cl = cluster(
+        2,
+        &[
+            "--leave-timeout-ms",
+            "1000",
+            "--redis-send",
+            "async",
+            "--test-hooks",
+            "--worker-threads",
+            "2",
+        ],
+    )
+    .await;
+    let p = port(&cl, 0).parse::<u16>().expect("port");
+    let client = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let s = std::net::TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut w = s.try_clone().expect("clone");
+        let mut r = BufReader::new(s);
+        let (mut ok, mut errors) = (0u64, Vec::new());
+        for i in 0.. {
+            let k = format!("k{}", i % 100);
+            let cmd = format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n$1\r\nv\r\n", k.len());
+            if w.write_all(cmd.as_bytes()).is_err() {
+                break;
+            }
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if line.starts_with('+') => ok += 1,
+                Ok(_) => errors.push(line),
+            }
+        }
+        (ok, errors)
+    });
+    // Let the client run, freeze the peer, then stop node1 under the client.
+    let h = cl.nodes[0].http.expect("http");
+    let _ =
+        sessionmesh_sidecar::demo::localcluster::wait_for(Duration::from_secs(5), || async move {
+            let mut c = sessionmesh_sidecar::demo::client::Client::new(h);
+            sessionmesh_sidecar::demo::localcluster::metric(&mut c, "sessionmesh_deltas_sent_total")
+                .await
+                > 200.0
+        })
+        .await;
+    let r = cl
+        .client(1)
+        .post("/v1/test/freeze-core?ms=3000", "")
+        .await
+        .expect("freeze");
+    assert_eq!(r.status, 202);
+    let t0 = Instant::now();
+    assert!(
+        cl.terminate(0, Duration::from_secs(10)).is_some(),
+        "node1 did not stop on SIGTERM"
+    );
+    let stopped_in = t0.elapsed();
+    let (ok, errors) = client.join().expect("client");
+    println!("{ok} writes answered OK, then the connection closed (node1 stopped in {stopped_in:?}); error replies: {}", errors.len());
+    assert!(ok > 0, "the client ran");
+    assert!(
+        errors.is_empty(),
+        "{} error replies during shutdown, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+}

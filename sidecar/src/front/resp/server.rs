@@ -284,6 +284,7 @@ impl Client<'_> {
             })
             .await;
         match r {
+            Some(Some(values)) if values.iter().any(commands::is_leaving) => Err(shutting_down()),
             Some(Some(values)) => Ok(Value::Array(values)),
             Some(None) => Ok(Value::NullArray),
             None => Err(shutting_down()),
@@ -436,6 +437,12 @@ async fn flush(
                 }
             }
             for v in &values {
+                if commands::is_leaving(v) {
+                    // The member is leaving: like Redis on shutdown, answer
+                    // what ran and close, so the client retries elsewhere.
+                    write_out(stream, h, out).await?;
+                    return Err(shutting_down());
+                }
                 protocol::encode(v, proto, out);
                 if out.len() >= OUT_CHUNK {
                     write_out(stream, h, out).await?;

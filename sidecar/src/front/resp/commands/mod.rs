@@ -18,6 +18,15 @@ use std::collections::HashMap;
 /// The attribute holding a string key's value.
 pub const STRING_ATTR: &str = "\u{0}";
 
+/// The reply a command gets while the member leaves the cluster; the
+/// connection layer closes the connection instead of sending it.
+pub const LEAVING: &str = "ERR this member is leaving the cluster";
+
+/// Whether `v` is that reply.
+pub fn is_leaving(v: &Value) -> bool {
+    matches!(v, Value::Error(e) if e == LEAVING)
+}
+
 const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 const SYNTAX: &str = "ERR syntax error";
 const NOT_INT: &str = "ERR value is not an integer or out of range";
@@ -46,7 +55,7 @@ impl RedisState {
 pub fn write_error(e: &WriteError) -> Value {
     match e {
         WriteError::NotReady => Value::err("LOADING sessionmesh is loading the dataset in memory"),
-        WriteError::Leaving => Value::err("ERR this member is leaving the cluster"),
+        WriteError::Leaving => Value::err(LEAVING),
         WriteError::ClockSkew { .. } => Value::err(format!("ERR {e}")),
         WriteError::Timeout(ms) => {
             Value::err(format!("TIMEOUT replication not acknowledged within {ms} ms (applied locally, still replicating)"))
