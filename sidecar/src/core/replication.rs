@@ -409,17 +409,19 @@ mod tests {
         log.push(delta(4), 10, 0, true);
         log.close_group();
         log.push(delta(5), 10, 0, false);
+        // max 25 (hard limit 37): the batch passes 25 bytes inside the group
+        // and goes on to its end.
         assert_eq!(
-            seqs(&log.take_batches(20)),
+            seqs(&log.take_batches(25)),
             vec![(1, 4), (5, 1)],
-            "the batch that reaches 20 bytes inside the group goes on to its end"
+            "the batch that reaches 25 bytes inside the group goes on to its end"
         );
-        // Without the group the same log cuts every 20 bytes.
+        // Without the group the same log is cut at 30 bytes.
         let mut plain = OutLog::with_epoch(7);
         for n in 1..=5 {
             plain.push(delta(n), 10, 0, false);
         }
-        assert_eq!(seqs(&plain.take_batches(20)), vec![(1, 2), (3, 2), (5, 1)]);
+        assert_eq!(seqs(&plain.take_batches(25)), vec![(1, 3), (4, 2)]);
         // A group bigger than the hard limit (max + max/2) is cut there.
         let mut big = OutLog::with_epoch(7);
         for n in 1..=6 {
