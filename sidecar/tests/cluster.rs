@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 async fn sync_mode_sigkill_loses_no_acknowledged_write() {
     let mut cl = started(3, &["--send", "sync"]).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let acked_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..3usize {
         let mut c = cl.client(w);
         let stop = stop.clone();
+        let acked_so_far = acked_so_far.clone();
         writers.push(tokio::spawn(async move {
             let mut acked: Vec<(String, String, String)> = Vec::new();
             let mut i = 0;
@@ -39,7 +41,10 @@ async fn sync_mode_sigkill_loses_no_acknowledged_write() {
                         )
                         .await
                     {
-                        Ok(r) if r.status == 204 => acked.push((id, attr, val)),
+                        Ok(r) if r.status == 204 => {
+                            acked.push((id, attr, val));
+                            acked_so_far.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(_) => {}
                         Err(_) => break,
                     }
@@ -49,7 +54,17 @@ async fn sync_mode_sigkill_loses_no_acknowledged_write() {
             acked
         }));
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Kill once the writers have a good number of acknowledged writes, however
+    // slow the machine is.
+    let enough = acked_so_far.clone();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let enough = enough.clone();
+            async move { enough.load(Ordering::Relaxed) >= 300 }
+        })
+        .await,
+        "the writers did not get 300 writes acknowledged in 30 s"
+    );
     let t = Instant::now();
     cl.kill(2);
     let mut c0 = cl.client(0);

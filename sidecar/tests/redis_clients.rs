@@ -85,7 +85,7 @@ async fn redis_cli_resp2_and_resp3() {
         cli(&p1, &["GET", "h"]),
         "WRONGTYPE Operation against a key holding the wrong kind of value"
     );
-    assert_eq!(cli(&p1, &["SELECT", "1"]), "ERR DB index is out of range");
+    assert_eq!(cli(&p1, &["SELECT", "16"]), "ERR DB index is out of range");
     assert_eq!(cli(&p1, &["DBSIZE"]), "2");
     assert_eq!(
         cli(&p1, &["FLUSHALL"]).split(':').next(),
