@@ -7,7 +7,7 @@
 
 mod common;
 
-use sessionmesh_sidecar::demo::localcluster::{free_port, require, LocalCluster};
+use sessionmesh_sidecar::demo::localcluster::{require, LocalCluster, RedisServer};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -85,33 +85,9 @@ impl Conn {
     }
 }
 
-struct RedisServer(std::process::Child, u16);
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn redis_server() -> RedisServer {
-    let port = free_port().expect("port");
-    let child = std::process::Command::new(require("redis-server"))
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    let s = RedisServer(child, port);
-    let mut c = Conn::open(port);
+    let s = RedisServer::start().expect("redis-server");
+    let mut c = Conn::open(s.port);
     assert_eq!(c.cmd(&["PING"]), "+PONG\r\n");
     println!(
         "redis-server {}",
@@ -348,10 +324,10 @@ async fn replies_match_a_real_redis_server() {
             &["DBSIZE"],
         ],
     ];
-    compare(ours, redis.1, cases);
+    compare(ours, redis.port, cases);
 
     // WATCH on both: a write from another connection makes EXEC answer null.
-    for (port, other) in [(ours, redis_port(&cl, 1)), (redis.1, redis.1)] {
+    for (port, other) in [(ours, redis_port(&cl, 1)), (redis.port, redis.port)] {
         let mut a = Conn::open(port);
         let mut b = Conn::open(other);
         assert_eq!(a.cmd(&["SET", "w1", "0"]), "+OK\r\n");
@@ -395,7 +371,7 @@ async fn replies_match_a_real_redis_server() {
     };
     assert_eq!(
         info(ours),
-        info(redis.1),
+        info(redis.port),
         "INFO keyspace: keys and expires; no other section"
     );
 }

@@ -399,6 +399,51 @@ fn install_hint(part: &str) -> &'static str {
     }
 }
 
+/// A standalone redis-server on a free loopback port, without persistence:
+/// the reference the tests and the bench compare the Redis endpoint with.
+/// Killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    /// Starts one and waits (at most 5 s) until it accepts connections.
+    pub fn start() -> anyhow::Result<RedisServer> {
+        let port = free_port()?;
+        let child = Command::new(require("redis-server"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let server = RedisServer { port, child };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(5),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The path of an external program a test needs. When it is missing, the test
 /// fails with one line that names the command installing it.
 pub fn require(program: &str) -> PathBuf {

@@ -2,39 +2,7 @@
 
 use crate::*;
 
-pub(crate) struct RedisServer {
-    port: u16,
-    server: std::process::Child,
-}
-
-/// A standalone redis-server on a free loopback port, no persistence: the reference.
-pub(crate) async fn redis_server() -> anyhow::Result<RedisServer> {
-    let redis =
-        which("redis-server").ok_or_else(|| anyhow::anyhow!("redis-server is not installed"))?;
-    let port = sessionmesh_sidecar::demo::localcluster::free_port()?;
-    let server = std::process::Command::new(redis)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(5),
-            "redis-server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(RedisServer { port, server })
-}
+use sessionmesh_sidecar::demo::localcluster::RedisServer;
 
 /// The store path against an external session store: the sidecar's HTTP API
 /// (PUT of a 1 KiB attribute, replicated to two peers) versus a standalone
@@ -42,7 +10,8 @@ pub(crate) async fn redis_server() -> anyhow::Result<RedisServer> {
 pub(crate) async fn store(secs: u64) -> anyhow::Result<()> {
     let rb = which("redis-benchmark")
         .ok_or_else(|| anyhow::anyhow!("redis-benchmark is not installed"))?;
-    let RedisServer { port, mut server } = redis_server().await?;
+    let reference = RedisServer::start()?;
+    let port = reference.port;
     let cl = cluster(3, &[]).await?;
     let mut c = cl.client(0);
     for i in 0..64 {
@@ -97,8 +66,6 @@ pub(crate) async fn store(secs: u64) -> anyhow::Result<()> {
         ratios.push(sm / rr);
     }
     figure("store_path_ratio_median", pct(&mut ratios, 0.5), "ratio");
-    let _ = server.kill();
-    let _ = server.wait();
     Ok(())
 }
 
@@ -156,7 +123,8 @@ pub(crate) fn redis_benchmark(
 /// (`--redis-send sync`: `resp_*` figures) and with `--redis-send async`
 /// (`resp_async_*`).
 pub(crate) async fn resp(quick: bool) -> anyhow::Result<()> {
-    let RedisServer { port, mut server } = redis_server().await?;
+    let reference = RedisServer::start()?;
+    let port = reference.port;
     for (prefix, extra) in [("resp", None), ("resp_async", Some("async"))] {
         let mut args = vec!["--redis", "127.0.0.1:0"];
         if let Some(mode) = extra {
@@ -172,8 +140,6 @@ pub(crate) async fn resp(quick: bool) -> anyhow::Result<()> {
             "count",
         );
     }
-    let _ = server.kill();
-    let _ = server.wait();
     Ok(())
 }
 
