@@ -37,6 +37,18 @@ const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 pub const MAX_KEYS_PER_COMMAND: usize = 10_000;
 /// Most commands one MULTI may queue.
 pub const MAX_QUEUED: usize = 100_000;
+/// Most bytes of arguments one MULTI may queue.
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// A transaction being queued.
+#[derive(Default)]
+pub(super) struct Multi {
+    queued: Vec<Vec<Bytes>>,
+    bytes: usize,
+    /// A command was refused: EXEC answers EXECABORT and runs nothing, so
+    /// what comes after is answered QUEUED but not kept.
+    failed: bool,
+}
 
 pub(super) struct Conn {
     pub(super) proto: u8,
@@ -46,7 +58,7 @@ pub(super) struct Conn {
     pub(super) id: u64,
     /// Inside MULTI: the queued commands, and whether one was refused
     /// (EXEC then answers EXECABORT and runs nothing).
-    pub(super) multi: Option<(Vec<Vec<Bytes>>, bool)>,
+    pub(super) multi: Option<Multi>,
     /// WATCHed keys and their versions when watched.
     pub(super) watched: Vec<(u8, Bytes, u64)>,
     /// The database SELECT chose (0-15).
@@ -200,7 +212,7 @@ impl Client<'_> {
             "MULTI" if in_multi => Value::err("ERR MULTI calls can not be nested"),
             "MULTI" => {
                 self.flush().await?;
-                self.conn.multi = Some((Vec::new(), false));
+                self.conn.multi = Some(Multi::default());
                 Value::ok()
             }
             "EXEC" | "DISCARD" if cmd.len() != 1 => commands::arity_error(name),
@@ -230,9 +242,10 @@ impl Client<'_> {
     /// (and the transaction with it) otherwise, as Redis does for an unknown
     /// command or a wrong number of arguments.
     fn queue(&mut self, name: &str, cmd: &[Bytes]) -> Value {
-        let Some((queued, failed)) = self.conn.multi.as_mut() else {
+        let Some(m) = self.conn.multi.as_mut() else {
             return Value::err("ERR not in MULTI");
         };
+        let size: usize = cmd.iter().map(Bytes::len).sum();
         let refuse = if commands::arity(name).is_none() {
             if super::local::is_local(name) {
                 Some(Value::err(format!(
@@ -244,20 +257,25 @@ impl Client<'_> {
             }
         } else if !commands::arity_ok(name, cmd.len()) {
             Some(commands::arity_error(name))
-        } else if queued.len() >= MAX_QUEUED {
+        } else if m.queued.len() >= MAX_QUEUED || m.bytes + size > MAX_QUEUED_BYTES {
             Some(Value::err(format!(
-                "ERR a transaction holds at most {MAX_QUEUED} commands"
+                "ERR a transaction holds at most {MAX_QUEUED} commands and {} MiB",
+                MAX_QUEUED_BYTES >> 20
             )))
         } else {
             None
         };
         match refuse {
             Some(e) => {
-                *failed = true;
+                m.failed = true;
+                m.queued = Vec::new();
                 e
             }
             None => {
-                queued.push(cmd.to_vec());
+                if !m.failed {
+                    m.queued.push(cmd.to_vec());
+                    m.bytes += size;
+                }
                 Value::Simple("QUEUED".into())
             }
         }
@@ -266,7 +284,11 @@ impl Client<'_> {
     /// EXEC: every queued command in one go on the core, its writes one
     /// atomic group on every peer; a null reply if a watched key changed.
     async fn exec(&mut self) -> std::io::Result<Value> {
-        let (cmds, failed) = self.conn.multi.take().unwrap_or_default();
+        let Multi {
+            queued: cmds,
+            failed,
+            ..
+        } = self.conn.multi.take().unwrap_or_default();
         let watched = std::mem::take(&mut self.conn.watched);
         if failed {
             return Ok(Value::err(
