@@ -58,6 +58,11 @@ if [ ${#pkgs[@]} -gt 0 ]; then
   apt_install "${pkgs[*]}" "${pkgs[@]}"
 fi
 
+step "PHP with phpredis (a Redis client the endpoint is tested with)"
+if ! have php || ! php -m 2>/dev/null | grep -qx redis; then
+  apt_install "PHP and phpredis" php-cli php-redis
+fi
+
 step "Go with Sprig (renders the Helm chart as Helm does)"
 if ! have go || [ ! -d /usr/share/gocode/src/github.com/Masterminds/sprig ] ||
   [ ! -d /usr/share/gocode/src/gopkg.in/yaml.v2 ]; then

@@ -428,6 +428,33 @@ async fn node_redis_ioredis_and_redis_py_use_databases_and_transactions() {
     );
 }
 
+/// phpredis (Debian's php-redis): SELECT, MULTI/EXEC, and PHP sessions
+/// through phpredis's session handler in database 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phpredis_uses_databases_transactions_and_sessions() {
+    let php = require("php");
+    let cl = common::started(1, &["--redis", "127.0.0.1:0"]).await;
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/php/clients.php");
+    let out = std::process::Command::new(php)
+        .arg(script)
+        .arg(redis_port(&cl, 0).to_string())
+        .output()
+        .expect("php");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "clients.php: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+    assert_eq!(
+        v,
+        serde_json::json!({"multi": [true, 42, "42"], "get": "db4", "db0": false,
+                           "session": "alice", "sessionKeys": 1, "sessionTtl": true})
+    );
+}
+
 /// A transaction's writes reach another member together: a reader there
 /// never sees some of its keys changed and others not. The frame limit is
 /// small so that, without grouping, the deltas of one EXEC would travel in

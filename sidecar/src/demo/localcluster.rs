@@ -395,6 +395,7 @@ fn install_hint(part: &str) -> &'static str {
         }
         "python3" => "apt-get install python3 python3-pip",
         "node" => "apt-get install nodejs npm",
+        "php" => "apt-get install php-cli php-redis",
         _ => "see e2e/setup.sh",
     }
 }
