@@ -73,6 +73,8 @@ pub fn haproxy_config(bind: SocketAddr, admin: &Path, servers: &[(String, Socket
          \x20   timeout connect 500ms\n\
          \x20   timeout client 30s\n\
          \x20   timeout server 10s\n\
+         \x20   # A slow /health is not a dead app: a killed app refuses at once whatever this is.\n\
+         \x20   timeout check 1s\n\
          \x20   # On a dead server: retry at once, on another server (the session lives everywhere).\n\
          \x20   retries 3\n\
          \x20   option redispatch 1\n\
