@@ -15,11 +15,14 @@ use serde::{Deserialize, Serialize};
     kind = "SessionCluster",
     namespaced,
     status = "SessionClusterStatus",
-    shortname = "sc",
+    shortname = "smc",
     doc = "SessionCluster: a cluster of sessionmesh sidecars that share HTTP sessions. Pods join with the annotation sessionmesh.io/cluster.",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.replication.mode"}"#,
-    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyMembers"}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.memberCount"}"#,
+    printcolumn = r#"{"name":"Ready Members","type":"integer","jsonPath":".status.readyMembers"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"string","jsonPath":".status.conditions[?(@.type==\"Degraded\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -27,6 +27,7 @@ fn hook() -> &'static Hook {
             InjectConfig {
                 image: "sessionmesh:fuzz".into(),
                 native_supported: true,
+                reservation: std::time::Duration::from_secs(10),
             },
         );
         Hook { rt, admission }

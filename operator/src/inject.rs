@@ -5,7 +5,7 @@
 use crate::webhook::{INJECTED_ANNOTATION, PROBE_PORT, SIDECAR_NAME};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
-use sessionmesh_api::{CLUSTER_LABEL, PORT_ANNOTATION, ROUTE_ANNOTATION};
+use sessionmesh_api::{CLUSTER_ANNOTATION, CLUSTER_LABEL, PORT_ANNOTATION, ROUTE_ANNOTATION};
 
 /// What to inject, decided from the pod, the cluster and the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,11 +15,9 @@ pub struct Injection {
     pub port: u16,
     pub native: bool,
     pub image: String,
-    pub send: String,
     pub secret_name: String,
-    pub heartbeat: String,
-    pub suspect_after: String,
-    pub probe_timeout: String,
+    /// Everything the cluster's spec sets for the sidecar.
+    pub settings: sessionmesh_api::ClusterSettings,
     pub resources: Option<sessionmesh_api::SidecarResources>,
     /// Protect the local API with the cluster's token and Redis password
     /// (off with the pod annotation `sessionmesh.io/local-auth: "false"`).
@@ -32,10 +30,6 @@ pub const LOCAL_AUTH_ANNOTATION: &str = "sessionmesh.io/local-auth";
 /// The Secret with a cluster's local API token and Redis password.
 pub fn local_secret_name(cluster: &str) -> String {
     format!("{cluster}-local")
-}
-
-fn ms(s: &str) -> u64 {
-    sessionmesh_api::parse_duration_ms(s).unwrap_or(0)
 }
 
 /// The JSONPatch for a pod. Pure: the unit tests feed it pods and compare patches.
@@ -66,6 +60,9 @@ fn metadata_ops(pod: &Pod, inj: &Injection, ops: &mut Vec<Value>) {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
     }
     for (k, v) in [
+        // The operator finds members by this annotation; a pod that joined by
+        // the label alone gets it too.
+        (CLUSTER_ANNOTATION, inj.cluster.clone()),
         (ROUTE_ANNOTATION, inj.route.clone()),
         (PORT_ANNOTATION, inj.port.to_string()),
         (INJECTED_ANNOTATION, "v1".to_owned()),
@@ -152,10 +149,6 @@ fn sidecar_container(inj: &Injection) -> Value {
             "--redis", "127.0.0.1:6379",
             "--probe", format!("0.0.0.0:{PROBE_PORT}"),
             "--secret-file", "/etc/sessionmesh/peer/secret",
-            "--send", inj.send,
-            "--heartbeat-interval-ms", ms(&inj.heartbeat).to_string(),
-            "--suspect-after-ms", ms(&inj.suspect_after).to_string(),
-            "--probe-timeout-ms", ms(&inj.probe_timeout).to_string(),
             "--log-format", "json",
         ],
         "env": env,
@@ -165,8 +158,18 @@ fn sidecar_container(inj: &Injection) -> Value {
         "readinessProbe": probe("/readyz"),
         "livenessProbe": probe("/healthz"),
         "volumeMounts": [{"name": "sessionmesh-peer", "mountPath": "/etc/sessionmesh/peer", "readOnly": true}],
-        "securityContext": {"runAsNonRoot": true, "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true},
+        // Everything the Pod Security Standard "restricted" asks of a container.
+        "securityContext": {
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     });
+    if let Some(args) = sidecar["args"].as_array_mut() {
+        args.extend(inj.settings.to_args().into_iter().map(Value::String));
+    }
     if let Some(r) = &inj.resources {
         sidecar["resources"] = json!({"requests": r.requests, "limits": r.limits});
     }
@@ -221,6 +224,52 @@ fn volume_ops(pod: &Pod, inj: &Injection, ops: &mut Vec<Value>) {
     }
 }
 
+/// The container-level rules of the "restricted" Pod Security Standard
+/// (v1.20 API servers have no PodSecurity admission to check them).
+pub fn restricted_violations(c: &Value) -> Vec<String> {
+    let sc = &c["securityContext"];
+    let mut v = Vec::new();
+    if sc["allowPrivilegeEscalation"] != json!(false) {
+        v.push("allowPrivilegeEscalation != false".to_owned());
+    }
+    if sc["runAsNonRoot"] != json!(true) {
+        v.push("runAsNonRoot != true".to_owned());
+    }
+    if sc["runAsUser"] == json!(0) {
+        v.push("runAsUser = 0".to_owned());
+    }
+    let drops = sc["capabilities"]["drop"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !drops.contains(&json!("ALL")) {
+        v.push("capabilities.drop lacks ALL".to_owned());
+    }
+    let adds = sc["capabilities"]["add"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if adds.iter().any(|a| a != "NET_BIND_SERVICE") {
+        v.push(format!("capabilities.add {adds:?}"));
+    }
+    if !matches!(
+        sc["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault" | "Localhost")
+    ) {
+        v.push("seccompProfile.type is not RuntimeDefault or Localhost".to_owned());
+    }
+    if sc["privileged"] == json!(true) {
+        v.push("privileged".to_owned());
+    }
+    if c["ports"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p.get("hostPort").is_some()))
+    {
+        v.push("hostPort".to_owned());
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,11 +284,11 @@ mod tests {
             port: 4001,
             native,
             image: "sessionmesh:1".into(),
-            send: "sync".into(),
             secret_name: "shop-peer".into(),
-            heartbeat: "100ms".into(),
-            suspect_after: "500ms".into(),
-            probe_timeout: "300ms".into(),
+            settings: sessionmesh_api::ClusterSettings {
+                max_sessions: 77,
+                ..Default::default()
+            },
             resources: Some(sessionmesh_api::SidecarResources {
                 requests: [("cpu".to_owned(), "50m".to_owned())].into(),
                 limits: [("memory".to_owned(), "128Mi".to_owned())].into(),
@@ -309,6 +358,7 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--kube-membership", "$(POD_NAMESPACE)/shop-members"]));
         assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:4001"]));
+        assert!(args.windows(2).any(|w| w == ["--max-sessions", "77"]));
     }
 
     #[test]
@@ -392,6 +442,29 @@ mod tests {
         assert_eq!(out["spec"]["containers"].as_array().expect("c").len(), 1);
         assert_eq!(out["spec"]["volumes"].as_array().expect("v").len(), 2);
         assert_eq!(out["metadata"]["labels"]["app"], "x");
+    }
+
+    #[test]
+    fn the_sidecar_meets_the_restricted_pod_security_standard() {
+        let p = pod(
+            json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "app", "image": "app"}]}}),
+        );
+        for native in [false, true] {
+            let out = apply(&p, patch_for(&p, &inj(native)));
+            let side = if native {
+                &out["spec"]["initContainers"][0]
+            } else {
+                &out["spec"]["containers"][1]
+            };
+            assert_eq!(side["name"], SIDECAR_NAME);
+            assert_eq!(restricted_violations(side), Vec::<String>::new());
+            assert_eq!(side["securityContext"]["readOnlyRootFilesystem"], true);
+        }
+        // The check itself fails on a container without the fields.
+        assert_eq!(
+            restricted_violations(&json!({"securityContext": {"runAsNonRoot": true}})).len(),
+            3
+        );
     }
 
     #[test]

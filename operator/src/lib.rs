@@ -1,6 +1,7 @@
 //! sessionmesh operator: reconciles `SessionCluster` resources.
 
 pub mod assign;
+pub mod detect;
 pub mod inject;
 pub mod leader;
 pub mod metrics;

@@ -69,6 +69,15 @@ struct Args {
         default_value = "sessionmesh:0.1.0"
     )]
     sidecar_image: String,
+    /// Native sidecar support: `auto` (a server-side dry-run create of a pod
+    /// with one, in the lease namespace), `true` or `false`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "true", "false"])]
+    native_sidecars: String,
+    /// How long a route and port handed out at admission stay reserved for a
+    /// pod that has not shown up in the API (refused later in admission or
+    /// by validation). Longer than the admission chain after this webhook.
+    #[arg(long, default_value_t = 10)]
+    reservation_seconds: u64,
 }
 
 #[tokio::main]
@@ -246,16 +255,27 @@ async fn start_webhook(
         shutdown.clone(),
     ));
     let version = client.apiserver_version().await?;
-    let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
-    let native = version.major == "1" && minor >= 29;
-    info!(native_sidecars = native, server = %version.git_version, "webhook ready");
-    let admission = Arc::new(sessionmesh_operator::webhook::Admission::new(
-        client.clone(),
-        sessionmesh_operator::webhook::InjectConfig {
-            image: args.sidecar_image.clone(),
-            native_supported: native,
-        },
-    ));
+    info!(server = %version.git_version, "webhook ready");
+    let cfg = sessionmesh_operator::webhook::InjectConfig {
+        image: args.sidecar_image.clone(),
+        native_supported: args.native_sidecars == "true",
+        reservation: Duration::from_secs(args.reservation_seconds),
+    };
+    let admission = Arc::new(if args.native_sidecars == "auto" {
+        sessionmesh_operator::webhook::Admission::detecting(
+            client.clone(),
+            cfg,
+            &args.lease_namespace,
+        )
+    } else {
+        sessionmesh_operator::webhook::Admission::new(client.clone(), cfg)
+    });
+    {
+        // Found out now rather than at the first pod (the probe pod does not
+        // match the webhook's object selector, so this never waits for itself).
+        let admission = admission.clone();
+        tokio::spawn(async move { admission.native_supported().await });
+    }
     servers.spawn(serve(
         "webhook",
         listener,

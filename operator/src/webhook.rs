@@ -11,7 +11,10 @@
 //!   pass (reinvocation) a no-op.
 //! - Concurrent creates: assignment is serialized in the operator and recent
 //!   assignments are reserved until the pods show up, so no route is handed out
-//!   twice; the reconcile loop repairs anything else.
+//!   twice; the reconcile loop repairs anything else. Dry runs reserve
+//!   nothing; a reservation whose pod never shows up lapses after
+//!   `InjectConfig::reservation`, or at once when the same pod name is
+//!   admitted again.
 
 use crate::assign::{assign, PodInfo};
 pub use crate::inject::{local_secret_name, patch_for, Injection, LOCAL_AUTH_ANNOTATION};
@@ -20,7 +23,9 @@ use kube::api::ListParams;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
-use sessionmesh_api::{SessionCluster, CLUSTER_ANNOTATION, PORT_ANNOTATION, ROUTE_ANNOTATION};
+use sessionmesh_api::{
+    SessionCluster, CLUSTER_ANNOTATION, CLUSTER_LABEL, PORT_ANNOTATION, ROUTE_ANNOTATION,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -35,12 +40,23 @@ pub const PROBE_PORT: u16 = 7071;
 #[derive(Debug, Clone)]
 pub struct InjectConfig {
     pub image: String,
-    /// Whether the API server supports native sidecars (1.29+).
+    /// Whether the API server supports native sidecars (when not found out
+    /// by `Admission::detecting`).
     pub native_supported: bool,
+    /// How long a route and port handed out at admission stay reserved for a
+    /// pod that does not show up (refused by a later admission step or by
+    /// validation). Dry runs reserve nothing.
+    pub reservation: Duration,
 }
 
-/// A route and port handed out at admission, and when.
-type Reserved = (String, u16, Instant);
+/// A route and port handed out at admission, when, and to which pod name
+/// (empty for `generateName` pods, which have none yet).
+struct Reserved {
+    route: String,
+    port: u16,
+    at: Instant,
+    pod: String,
+}
 
 /// Serializes admission-time assignment and remembers recent assignments
 /// until their pods are visible in the API.
@@ -48,15 +64,46 @@ pub struct Admission {
     pub client: Client,
     pub cfg: InjectConfig,
     reserved: Mutex<HashMap<(String, String), Vec<Reserved>>>,
+    /// Where to find out native sidecar support by a dry run, when it is not
+    /// given (`cfg.native_supported` is then unused).
+    detect_in: Option<String>,
+    native: tokio::sync::OnceCell<bool>,
 }
 
 impl Admission {
+    /// Native sidecar support as `cfg` says.
     pub fn new(client: Client, cfg: InjectConfig) -> Self {
         Admission {
             client,
             cfg,
             reserved: Mutex::new(HashMap::new()),
+            detect_in: None,
+            native: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Native sidecar support found out by a dry-run create in namespace
+    /// `ns`, once, on first use.
+    pub fn detecting(client: Client, cfg: InjectConfig, ns: &str) -> Self {
+        Admission {
+            detect_in: Some(ns.to_owned()),
+            ..Admission::new(client, cfg)
+        }
+    }
+
+    /// Whether native sidecars can be injected.
+    pub async fn native_supported(&self) -> bool {
+        let Some(ns) = &self.detect_in else {
+            return self.cfg.native_supported;
+        };
+        *self
+            .native
+            .get_or_init(|| async {
+                let (native, how) = crate::detect::native_sidecars(&self.client, ns).await;
+                info!(native_sidecars = native, decided_by = ?how, "native sidecar support");
+                native
+            })
+            .await
     }
 
     async fn injection(
@@ -73,6 +120,10 @@ impl Admission {
             anyhow::bail!("SessionCluster {ns}/{cluster} does not exist")
         };
         let spec = &sc.spec;
+        // An invalid cluster is refused as such, before any assignment.
+        let settings = sessionmesh_api::ClusterSettings::from_spec(spec).map_err(|e| {
+            anyhow::anyhow!("SessionCluster {ns}/{cluster} has an invalid spec ({e}); fix it and recreate the pod")
+        })?;
         let mut guard = self.reserved.lock().await;
         let key = (ns.clone(), cluster.to_owned());
         let pods = Api::<Pod>::namespaced(self.client.clone(), &ns)
@@ -89,8 +140,14 @@ impl Admission {
         let seen: std::collections::BTreeSet<String> =
             infos.iter().filter_map(|p| p.route.clone()).collect();
         let reserved = guard.entry(key).or_default();
-        reserved.retain(|(route, _, at)| {
-            !seen.contains(route) && at.elapsed() < Duration::from_secs(60)
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        // Gone: pods that showed up (counted from the list now), reservations
+        // past their time, and an earlier admission of this same pod name (a
+        // create that was refused after us and is now tried again).
+        reserved.retain(|r| {
+            !seen.contains(&r.route)
+                && r.at.elapsed() < self.cfg.reservation
+                && (name.is_empty() || r.pod != name)
         });
         let host_network = pod
             .spec
@@ -107,8 +164,19 @@ impl Admission {
                 err.map(|e| e.to_string()).unwrap_or_default()
             );
         };
-        reserved.push((a.route.clone(), a.port, Instant::now()));
-        Ok(injection_for(&self.cfg, cluster, spec, pod, a))
+        if !req.dry_run {
+            reserved.push(Reserved {
+                route: a.route.clone(),
+                port: a.port,
+                at: Instant::now(),
+                pod: name,
+            });
+        }
+        drop(guard);
+        let native = self.native_supported().await;
+        Ok(injection_for(
+            &self.cfg, native, cluster, spec, settings, pod, a,
+        ))
     }
 
     /// Answers one AdmissionReview.
@@ -130,10 +198,11 @@ impl Admission {
         };
         let resp = AdmissionResponse::from(&req);
         let resp = match req.object.as_ref() {
-            Some(pod) => match pod.annotations().get(CLUSTER_ANNOTATION).cloned() {
-                None => resp,
-                Some(_) if pod.annotations().contains_key(INJECTED_ANNOTATION) => resp,
-                Some(cluster) => match self.injection(&req, pod, &cluster).await {
+            Some(pod) => match cluster_of(pod) {
+                Ok(None) => resp,
+                Ok(Some(_)) if pod.annotations().contains_key(INJECTED_ANNOTATION) => resp,
+                Err(e) => resp.deny(format!("sessionmesh: {e}")),
+                Ok(Some(cluster)) => match self.injection(&req, pod, &cluster).await {
                     Ok(inj) => {
                         let ops = patch_for(pod, &inj);
                         info!(cluster = %cluster, route = %inj.route, port = inj.port, native = inj.native, "injecting the sidecar");
@@ -168,13 +237,28 @@ impl Admission {
     }
 }
 
+/// The cluster a pod asks to join: its `sessionmesh.io/cluster` label (what
+/// the webhook's object selector matches) or, as before, the annotation of
+/// the same name.
+pub fn cluster_of(pod: &Pod) -> Result<Option<String>, String> {
+    let label = pod.labels().get(CLUSTER_LABEL);
+    let ann = pod.annotations().get(CLUSTER_ANNOTATION);
+    match (label, ann) {
+        (Some(l), Some(a)) if l != a => Err(format!(
+            "the label {CLUSTER_LABEL}={l:?} and the annotation {CLUSTER_ANNOTATION}={a:?} name different clusters"
+        )),
+        (Some(c), _) | (None, Some(c)) => Ok(Some(c.clone())),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Routes and ports handed out by recent admissions whose pods the API does
 /// not show yet, as pods for `assign`.
-fn reserved_infos(reserved: &[(String, u16, Instant)], host_network: bool) -> Vec<PodInfo> {
+fn reserved_infos(reserved: &[Reserved], host_network: bool) -> Vec<PodInfo> {
     reserved
         .iter()
         .enumerate()
-        .map(|(i, (route, port, _))| PodInfo {
+        .map(|(i, r)| PodInfo {
             name: format!("\u{0}reserved-{i}"),
             uid: format!("reserved-{i}"),
             created: String::new(),
@@ -183,8 +267,8 @@ fn reserved_infos(reserved: &[(String, u16, Instant)], host_network: bool) -> Ve
             node: None,
             ready: false,
             terminating: false,
-            route: Some(route.clone()),
-            port: Some(*port),
+            route: Some(r.route.clone()),
+            port: Some(r.port),
         })
         .collect()
 }
@@ -212,8 +296,10 @@ fn admitted_info(me: &str, uid: &str, pod: &Pod, host_network: bool) -> PodInfo 
 /// annotations.
 fn injection_for(
     cfg: &InjectConfig,
+    native_supported: bool,
     cluster: &str,
     spec: &sessionmesh_api::SessionClusterSpec,
+    settings: sessionmesh_api::ClusterSettings,
     pod: &Pod,
     a: crate::assign::Assignment,
 ) -> Injection {
@@ -223,7 +309,7 @@ fn injection_for(
         .cloned()
         .or_else(|| spec.sidecar.mode.clone())
         .unwrap_or_else(|| {
-            if cfg.native_supported {
+            if native_supported {
                 "native".into()
             } else {
                 "classic".into()
@@ -233,21 +319,18 @@ fn injection_for(
         cluster: cluster.to_owned(),
         route: a.route,
         port: a.port,
-        native: mode == "native" && cfg.native_supported,
+        native: mode == "native" && native_supported,
         image: spec
             .sidecar
             .image
             .clone()
             .unwrap_or_else(|| cfg.image.clone()),
-        send: spec.replication.send.as_str().into(),
         secret_name: spec
             .peer_auth
             .as_ref()
             .map(|p| p.secret_name.clone())
             .unwrap_or_else(|| format!("{cluster}-peer")),
-        heartbeat: spec.failure_detection.heartbeat_interval.clone(),
-        suspect_after: spec.failure_detection.suspect_after.clone(),
-        probe_timeout: spec.failure_detection.probe_timeout.clone(),
+        settings,
         resources: spec.sidecar.resources.clone(),
         local_auth: pod
             .annotations()

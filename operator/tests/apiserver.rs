@@ -177,13 +177,7 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
             "{key}"
         );
     }
-    let pdb_ar = kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        "policy",
-        "v1beta1",
-        "PodDisruptionBudget",
-    ));
-    let pdbs: Api<kube::core::DynamicObject> =
-        Api::namespaced_with(env.client.clone(), "shop", &pdb_ar);
+    let pdbs = env.pdb_api("shop").await;
     let pdb = pdbs.get("web-members").await.expect("pdb");
     assert_eq!(pdb.data["spec"]["maxUnavailable"], 1);
     assert_eq!(

@@ -5,44 +5,12 @@
 
 mod common;
 
-use common::KubeEnv;
+use common::{render_chart as render, KubeEnv};
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{pinned_kind, Scope};
 use kube::Api;
 use std::process::Command;
-
-fn render(values: Option<&str>) -> (String, String) {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let mut cmd = Command::new(sessionmesh_sidecar::demo::localcluster::require("go"));
-    cmd.current_dir(root)
-        .env("GOPATH", "/usr/share/gocode")
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOCACHE", std::env::temp_dir().join("sessionmesh-gocache"))
-        .args([
-            "run",
-            "e2e/helm/render.go",
-            "charts/sessionmesh",
-            "sm",
-            "sessionmesh",
-        ]);
-    if let Some(v) = values {
-        cmd.arg(v);
-    }
-    let out = cmd
-        .output()
-        .expect("go (apt-get install golang-go golang-github-masterminds-sprig-dev)");
-    assert!(
-        out.status.success(),
-        "render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn the_chart_carries_the_generated_crd() {

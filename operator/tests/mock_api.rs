@@ -253,6 +253,7 @@ async fn admission_review_in_json_patch_out() {
         InjectConfig {
             image: "sessionmesh:test".into(),
             native_supported: true,
+            reservation: std::time::Duration::from_secs(10),
         },
     );
     let review = json!({

@@ -91,17 +91,10 @@ struct RunArgs {
     /// The cluster secret itself (prefer --secret-file).
     #[arg(long, env = "SESSIONMESH_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// async: a write returns after the local apply; sync: after every live member acknowledged it.
-    #[arg(long, env = "SESSIONMESH_SEND", default_value = "async")]
-    send: SendMode,
-    #[arg(long, default_value_t = 100)]
-    heartbeat_interval_ms: u64,
-    /// Silence after which a member is suspected.
-    #[arg(long, default_value_t = 500)]
-    suspect_after_ms: u64,
-    /// How long probes may take before a suspect is declared dead.
-    #[arg(long, default_value_t = 300)]
-    probe_timeout_ms: u64,
+    /// What a SessionCluster sets for every member (the webhook renders the
+    /// same type into these flags).
+    #[command(flatten)]
+    settings: sessionmesh_api::ClusterSettings,
     /// Members asked to probe a suspect on our behalf.
     #[arg(long, default_value_t = 2)]
     indirect_probes: usize,
@@ -123,14 +116,8 @@ struct RunArgs {
     touch_flush_ms: u64,
     #[arg(long, default_value_t = 600_000)]
     tombstone_ttl_ms: u64,
-    #[arg(long, default_value_t = 1800)]
-    max_inactive_seconds: u64,
     #[arg(long, default_value_t = 1 << 20)]
     max_attr_bytes: usize,
-    #[arg(long, default_value_t = 1 << 20)]
-    max_session_bytes: usize,
-    #[arg(long, default_value_t = 10_000_000)]
-    max_sessions: usize,
     #[arg(long, default_value_t = 64 << 20)]
     max_frame_bytes: usize,
     /// How far ahead of this member's clock a peer's timestamp may be; further
@@ -378,11 +365,11 @@ fn read_secret(a: &RunArgs) -> anyhow::Result<Vec<u8>> {
 fn core_config(a: &RunArgs) -> CoreConfig {
     CoreConfig {
         cluster: String::new(),
-        send: a.send,
-        heartbeat_interval_ms: a.heartbeat_interval_ms,
+        send: a.settings.send,
+        heartbeat_interval_ms: a.settings.heartbeat_interval_ms,
         detector: DetectorConfig {
-            suspect_after_ms: a.suspect_after_ms,
-            probe_timeout_ms: a.probe_timeout_ms,
+            suspect_after_ms: a.settings.suspect_after_ms,
+            probe_timeout_ms: a.settings.probe_timeout_ms,
             indirect_probes: a.indirect_probes,
         },
         write_timeout_ms: a.write_timeout_ms,
@@ -394,11 +381,11 @@ fn core_config(a: &RunArgs) -> CoreConfig {
         touch_flush_ms: a.touch_flush_ms,
         sweep_interval_ms: 1000,
         tombstone_ttl_ms: a.tombstone_ttl_ms,
-        default_max_inactive_ms: a.max_inactive_seconds * 1000,
+        default_max_inactive_ms: a.settings.max_inactive_seconds.saturating_mul(1000),
         limits: Limits {
             max_attr_bytes: a.max_attr_bytes,
-            max_session_bytes: a.max_session_bytes,
-            max_sessions: a.max_sessions,
+            max_session_bytes: usize::try_from(a.settings.max_session_bytes).unwrap_or(usize::MAX),
+            max_sessions: usize::try_from(a.settings.max_sessions).unwrap_or(usize::MAX),
             max_attr_name: 1024,
         },
         max_frame_bytes: a.max_frame_bytes,
@@ -462,21 +449,25 @@ async fn bind_redis(a: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListene
 
 /// The Redis endpoint's settings from the command line.
 fn resp_config(a: &RunArgs) -> sessionmesh_sidecar::front::resp::server::RespConfig {
+    let session_bytes = usize::try_from(a.settings.max_session_bytes).unwrap_or(usize::MAX);
     sessionmesh_sidecar::front::resp::server::RespConfig {
         password: a.redis_password.clone(),
         max_clients: a.redis_max_clients,
         send: a.redis_send,
         allow_flush: a.allow_flush,
         limits: sessionmesh_sidecar::front::resp::protocol::Limits {
-            max_bulk: a.max_attr_bytes.max(a.max_session_bytes),
+            max_bulk: a.max_attr_bytes.max(session_bytes),
             max_args: 1 << 20,
-            max_request: (16usize << 20).max(a.max_session_bytes * 2),
+            max_request: (16usize << 20).max(session_bytes.saturating_mul(2)),
         },
     }
 }
 
 /// The member's settings from the command line.
 fn node_config(a: &RunArgs) -> anyhow::Result<NodeConfig> {
+    a.settings
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid setting ({e})"))?;
     let secret = read_secret(a)?;
     let core = core_config(a);
     let members = membership_source(a)?;

@@ -1,10 +1,5 @@
 //! Prints the SessionCluster CustomResourceDefinition as YAML (committed under `crds/`).
-use kube::CustomResourceExt;
-
 fn main() -> anyhow::Result<()> {
-    print!(
-        "{}",
-        serde_yaml::to_string(&sessionmesh_api::SessionCluster::crd())?
-    );
+    print!("{}", serde_yaml::to_string(&sessionmesh_api::crd())?);
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! A real kube-apiserver (v1.20, built from Debian's source by
-//! `e2e/kube/build-apiserver.sh`) with etcd, on loopback, per test.
+//! A real kube-apiserver with etcd, on loopback, per test: v1.20 built from
+//! Debian's source by `e2e/kube/build-apiserver.sh`, or any other one named by
+//! `SESSIONMESH_KUBE_APISERVER`. Flags are chosen by the binary's version, and
+//! what the server supports (policy/v1, native sidecars) is asked of it.
 
 #![allow(dead_code)]
 
@@ -30,6 +32,8 @@ pub fn apiserver_bin() -> PathBuf {
 }
 
 pub struct KubeEnv {
+    /// The server's minor version (20 for v1.20.2).
+    pub minor: u32,
     pub dir: PathBuf,
     pub url: String,
     pub kubeconfig: PathBuf,
@@ -38,6 +42,22 @@ pub struct KubeEnv {
 }
 
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `kube-apiserver --version` ("Kubernetes v1.20.2") as (text, minor).
+pub fn apiserver_version(bin: &std::path::Path) -> (String, u32) {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("{} --version: {e}", bin.display()));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let minor = text
+        .split_whitespace()
+        .last()
+        .and_then(|v| v.trim_start_matches('v').split('.').nth(1))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read a version from {text:?}"));
+    (text, minor)
+}
 
 impl KubeEnv {
     pub async fn start() -> KubeEnv {
@@ -48,6 +68,15 @@ impl KubeEnv {
                 "bash e2e/kube/build-apiserver.sh",
             );
         }
+        let (version, minor) = apiserver_version(&bin);
+        // --insecure-port was removed in 1.24 (and defaults to 0 before that
+        // only from 1.20 on): passed only where it exists.
+        let version_flags: &[&str] = if minor < 24 {
+            &["--insecure-port", "0"]
+        } else {
+            &[]
+        };
+        println!("kube-apiserver: {version} (extra flags {version_flags:?})");
         let openssl = sessionmesh_sidecar::demo::localcluster::require("openssl");
         let etcd_bin = sessionmesh_sidecar::demo::localcluster::require("etcd");
         let dir = std::env::temp_dir().join(format!(
@@ -105,9 +134,8 @@ impl KubeEnv {
                 "127.0.0.1",
                 "--secure-port",
                 &api_port.to_string(),
-                "--insecure-port",
-                "0",
             ])
+            .args(version_flags)
             .args([
                 "--cert-dir",
                 "certs",
@@ -155,7 +183,8 @@ impl KubeEnv {
         )
         .expect("kubeconfig");
         let client = client_for(&kubeconfig).await;
-        let env = KubeEnv {
+        let mut env = KubeEnv {
+            minor,
             dir,
             url,
             kubeconfig,
@@ -172,6 +201,14 @@ impl KubeEnv {
             {
                 break;
             }
+            for (i, what) in [(0, "etcd"), (1, "kube-apiserver")] {
+                if let Ok(Some(st)) = env.children[i].try_wait() {
+                    panic!(
+                        "{what} exited ({st}) at start: {}",
+                        env.log_tail(if i == 0 { "etcd.err" } else { "apiserver.err" })
+                    );
+                }
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(60),
                 "kube-apiserver did not come up: {}",
@@ -180,6 +217,50 @@ impl KubeEnv {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         env
+    }
+
+    /// The PodDisruptionBudget API this server serves: policy/v1 (1.21+),
+    /// else policy/v1beta1 (removed in 1.25).
+    pub async fn pdb_api(&self, ns: &str) -> Api<kube::core::DynamicObject> {
+        let version = match self.client.list_api_group_resources("policy/v1").await {
+            Ok(l) if l.resources.iter().any(|r| r.name == "poddisruptionbudgets") => "v1",
+            _ => "v1beta1",
+        };
+        println!("PodDisruptionBudgets read through policy/{version}");
+        let ar = kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "policy",
+            version,
+            "PodDisruptionBudget",
+        ));
+        Api::namespaced_with(self.client.clone(), ns, &ar)
+    }
+
+    /// Whether this server keeps an init container's `restartPolicy: Always`
+    /// (native sidecars), asked with a server-side dry-run create.
+    pub async fn native_sidecars(&self, ns: &str) -> bool {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "native-probe"},
+            "spec": {"initContainers": [{"name": "s", "image": "s", "restartPolicy": "Always"}],
+                     "containers": [{"name": "a", "image": "a"}]}
+        }))
+        .expect("pod");
+        let params = PostParams {
+            dry_run: true,
+            field_manager: None,
+        };
+        let native = match Api::<Pod>::namespaced(self.client.clone(), ns)
+            .create(&params, &pod)
+            .await
+        {
+            Ok(p) => p
+                .spec
+                .and_then(|s| s.init_containers)
+                .is_some_and(|c| c[0].restart_policy.as_deref() == Some("Always")),
+            Err(kube::Error::Api(e)) if e.code == 422 => false,
+            Err(e) => panic!("dry-run create: {e}"),
+        };
+        println!("native sidecars supported by this server: {native}");
+        native
     }
 
     pub fn log_tail(&self, name: &str) -> String {
@@ -397,4 +478,107 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The Helm chart, rendered the way Helm does (Go text/template + Sprig, by
+/// `e2e/helm/render.go`), as release `sm` in namespace `sessionmesh`:
+/// (manifests, NOTES).
+pub fn render_chart(values: Option<&str>) -> (String, String) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut cmd = Command::new(sessionmesh_sidecar::demo::localcluster::require("go"));
+    cmd.current_dir(root)
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", std::env::temp_dir().join("sessionmesh-gocache"))
+        .args([
+            "run",
+            "e2e/helm/render.go",
+            "charts/sessionmesh",
+            "sm",
+            "sessionmesh",
+        ]);
+    if let Some(v) = values {
+        cmd.arg(v);
+    }
+    let out = cmd
+        .output()
+        .expect("go (apt-get install golang-go golang-github-masterminds-sprig-dev)");
+    assert!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The rendered chart's objects of one kind, as JSON.
+pub fn chart_objects(kind: &str) -> Vec<serde_json::Value> {
+    let (manifests, _) = render_chart(None);
+    manifests
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml::from_str::<serde_json::Value>(d).ok())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
+
+/// An API server with the CRD, namespace `ns` opted in to injection (and,
+/// on servers with PodSecurity admission, enforcing "restricted"), and an
+/// operator serving the webhook, registered with the chart's own
+/// MutatingWebhookConfiguration (its selectors and failure policies; the
+/// client config points at the operator by URL).
+pub async fn webhook_env(ns: &str, extra: &[&str]) -> (KubeEnv, Operator) {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    let nss: Api<Namespace> = Api::all(env.client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns, "labels": {
+            "sessionmesh.io/injection": "enabled",
+            "pod-security.kubernetes.io/enforce": "restricted"}}}))
+        .expect("ns"),
+    )
+    .await
+    .expect("namespace");
+    env.namespace("sessionmesh").await;
+    let mut args = vec![
+        "--webhook",
+        "127.0.0.1:0",
+        "--webhook-hosts",
+        "127.0.0.1",
+        "--webhook-config",
+        "sm-sessionmesh-injector",
+        "--sidecar-image",
+        "sessionmesh:test",
+    ];
+    args.extend_from_slice(extra);
+    let op = env.operator_with("sessionmesh", "op", &args);
+    let url = format!("https://{}/mutate", op.webhook.expect("webhook address"));
+    let mut mwc = chart_objects("MutatingWebhookConfiguration")
+        .pop()
+        .expect("the chart has a MutatingWebhookConfiguration");
+    for w in mwc["webhooks"].as_array_mut().expect("webhooks") {
+        w["clientConfig"] = json!({"url": url});
+    }
+    let name = mwc["metadata"]["name"].as_str().expect("name").to_owned();
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    mwcs.create(
+        &PostParams::default(),
+        &serde_json::from_value(mwc).expect("mwc"),
+    )
+    .await
+    .expect("create webhook configuration");
+    // The operator patches its CA into every webhook of the configuration.
+    eventually(Duration::from_secs(20), "caBundle patched", || async {
+        let ws = mwcs.get(&name).await.ok()?.webhooks?;
+        ws.iter()
+            .all(|w| w.client_config.ca_bundle.is_some())
+            .then_some(())
+    })
+    .await;
+    (env, op)
 }

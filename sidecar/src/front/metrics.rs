@@ -291,6 +291,7 @@ mod tests {
             default_max_inactive_ms: 1,
             core_beat: Arc::new(AtomicU64::new(crate::node::mono_ms())),
             test_hooks: false,
+            settings: Default::default(),
         };
         (st, h)
     }

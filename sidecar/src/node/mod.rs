@@ -181,6 +181,8 @@ pub struct Handle {
     pub core_beat: Arc<std::sync::atomic::AtomicU64>,
     /// Whether the test-only endpoints are served.
     pub test_hooks: bool,
+    /// The cluster-wide settings this member runs with (`/v1/cluster`).
+    pub settings: sessionmesh_api::ClusterSettings,
 }
 
 /// How long a peer has for its part of the handshake.
@@ -270,6 +272,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         default_max_inactive_ms: core_cfg.default_max_inactive_ms,
         core_beat: core_beat.clone(),
         test_hooks: cfg.test_hooks,
+        settings: core_cfg.settings(),
     };
     // A core silent for this long answers no peer: probes fail and the peers
     // declare it dead, as they would a hung process.

@@ -41,10 +41,14 @@ pub(super) async fn cluster(h: &Handle) -> Result<Resp, Resp> {
         .call(|reply| Command::Status { reply })
         .await
         .ok_or_else(unavailable)?;
-    Ok(json_resp(
-        StatusCode::OK,
-        &serde_json::to_value(&st).unwrap_or(Value::Null),
-    ))
+    let mut v = serde_json::to_value(&st).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "settings".into(),
+            serde_json::to_value(&h.settings).unwrap_or(Value::Null),
+        );
+    }
+    Ok(json_resp(StatusCode::OK, &v))
 }
 
 pub(super) async fn metrics(h: &Handle) -> Result<Resp, Resp> {
