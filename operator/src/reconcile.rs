@@ -37,6 +37,11 @@ pub enum Error {
     NoNamespace,
     #[error("no randomness for the cluster secret: {0}")]
     Random(String),
+    /// The membership document could not be written; nothing is published
+    /// rather than an empty document (which would tell every sidecar that it
+    /// is alone).
+    #[error("membership document: {0}")]
+    Yaml(#[from] serde_yaml::Error),
 }
 
 pub use crate::metrics::Metrics;
@@ -134,10 +139,16 @@ async fn write_status(
     name: &str,
     status: &SessionClusterStatus,
 ) -> Result<(), Error> {
+    // Server-side apply: the operator owns the status fields it sets, and
+    // a field it no longer sets is removed.
     api.patch_status(
         name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": "sessionmesh.io/v1alpha1",
+            "kind": "SessionCluster",
+            "status": status,
+        })),
     )
     .await?;
     Ok(())
@@ -151,7 +162,8 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     let sc_api: Api<SessionCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let prev = sc.status.clone().unwrap_or_default();
 
-    if let Err(e) = sc.spec.validate() {
+    // The same check the webhook makes before it injects.
+    if let Err(e) = sessionmesh_api::ClusterSettings::from_spec(&sc.spec) {
         return reject_invalid(&ctx, &sc, &sc_api, &prev, e.to_string()).await;
     }
 
@@ -199,7 +211,10 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
     ctx.metrics
         .last_reconcile
         .set(started.elapsed().as_secs_f64());
-    ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
+    ctx.failures
+        .lock()
+        .map(|mut f| f.remove(&backoff_key(&sc)))
+        .ok();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -250,7 +265,10 @@ async fn reject_invalid(
         event(ctx, sc, EventType::Warning, "InvalidSpec", e.clone()).await;
     }
     write_status(sc_api, &name, &status).await?;
-    ctx.failures.lock().map(|mut f| f.remove(&name)).ok();
+    ctx.failures
+        .lock()
+        .map(|mut f| f.remove(&backoff_key(&sc)))
+        .ok();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -379,11 +397,12 @@ async fn publish_members(
         .controller_owner_ref(&())
         .map(|o| vec![o])
         .unwrap_or_default();
+    let text = serde_yaml::to_string(doc)?;
     let cm = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": cm_name, "namespace": ns, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER, "sessionmesh.io/cluster": name}},
-        "data": {MEMBERS_KEY: serde_yaml::to_string(doc).unwrap_or_default()},
+        "data": {MEMBERS_KEY: text},
     });
     let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     cm_api
@@ -467,6 +486,12 @@ fn cluster_status(
     }
 }
 
+/// What failures are counted by: namespace and name (names repeat across
+/// namespaces).
+fn backoff_key(sc: &SessionCluster) -> String {
+    format!("{}/{}", sc.namespace().unwrap_or_default(), sc.name_any())
+}
+
 /// Exponential backoff per object: 0.5 s, 1 s, 2 s ... up to 5 minutes.
 pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.metrics.failures.inc();
@@ -474,14 +499,14 @@ pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Acti
         .failures
         .lock()
         .map(|mut f| {
-            let e = f.entry(sc.name_any()).or_insert(0);
+            let e = f.entry(backoff_key(&sc)).or_insert(0);
             *e = (*e + 1).min(20);
             *e
         })
         .unwrap_or(1);
     let delay = Duration::from_millis(500u64.saturating_mul(1 << (n - 1).min(10)))
         .min(Duration::from_secs(300));
-    warn!(cluster = %sc.name_any(), error = %err, retry_in = ?delay, "reconcile failed");
+    warn!(cluster = %backoff_key(&sc), error = %err, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 struct Req {
     method: String,
     path: String,
+    query: String,
+    content_type: String,
     body: Value,
 }
 
@@ -28,6 +30,13 @@ fn mock(pods: Value) -> (Client, Arc<Mutex<Vec<Req>>>) {
         async move {
             let method = req.method().to_string();
             let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
             let bytes = req
                 .into_body()
                 .collect()
@@ -38,6 +47,8 @@ fn mock(pods: Value) -> (Client, Arc<Mutex<Vec<Req>>>) {
             log.lock().expect("log").push(Req {
                 method: method.clone(),
                 path: path.clone(),
+                query,
+                content_type,
                 body: body.clone(),
             });
             if method == "GET" && path.contains("/secrets/") {
@@ -177,6 +188,14 @@ async fn assigns_new_pods_publishes_members_and_writes_status() {
     assert_eq!(status.body["status"]["memberCount"], 3);
     assert_eq!(status.body["status"]["readyMembers"], 3);
     assert_eq!(status.body["status"]["observedGeneration"], 4);
+    // Server-side apply, as the operator's field manager.
+    assert_eq!(status.content_type, "application/apply-patch+yaml");
+    assert!(
+        status.query.contains("fieldManager=sessionmesh-operator")
+            && status.query.contains("force=true"),
+        "{}",
+        status.query
+    );
     // The recorder folds repeated reasons into an event series (a POST, then PATCHes).
     let events = log.iter().filter(|r| r.path.contains("/events")).count();
     assert_eq!(events, 2, "one Assigned event per assignment");
@@ -300,4 +319,39 @@ async fn admission_review_in_json_patch_out() {
     // Garbage is refused with a reason, not a panic.
     let out = adm.review(b"{not json").await;
     assert_eq!(out["response"]["allowed"], false);
+}
+
+#[tokio::test]
+async fn backoff_is_kept_per_namespace_and_name() {
+    use sessionmesh_operator::reconcile::{error_policy, Error};
+    use std::time::Duration;
+    let (client, _) =
+        mock(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
+    let ctx = ctx(client);
+    let in_ns = |ns: &str| {
+        Arc::new(
+            serde_json::from_value::<SessionCluster>(json!({
+                "apiVersion": "sessionmesh.io/v1alpha1", "kind": "SessionCluster",
+                "metadata": {"name": "web", "namespace": ns}, "spec": {}
+            }))
+            .expect("sc"),
+        )
+    };
+    let err = Error::NoNamespace;
+    let a = in_ns("a");
+    let mut last = None;
+    for _ in 0..4 {
+        last = Some(error_policy(a.clone(), &err, ctx.clone()));
+    }
+    assert_eq!(
+        last,
+        Some(kube::runtime::controller::Action::requeue(
+            Duration::from_secs(4)
+        ))
+    );
+    // web in namespace b has failed once: its first backoff, not a's fifth.
+    assert_eq!(
+        error_policy(in_ns("b"), &err, ctx.clone()),
+        kube::runtime::controller::Action::requeue(Duration::from_millis(500))
+    );
 }
