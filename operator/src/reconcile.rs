@@ -213,7 +213,7 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         .set(started.elapsed().as_secs_f64());
     ctx.failures
         .lock()
-        .map(|mut f| f.remove(&backoff_key(sc)))
+        .map(|mut f| f.remove(&backoff_key(&sc)))
         .ok();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
