@@ -155,6 +155,62 @@ async fn write_status(
 }
 
 pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let out = reconcile_inner(sc.clone(), ctx.clone()).await;
+    if let Err(Error::Kube(kube::Error::Api(e))) = &out {
+        if e.code == 403 {
+            report_forbidden(&ctx, &sc, &e.message).await;
+        }
+    }
+    out
+}
+
+/// The operator lacks a right in the cluster's namespace (its writes are
+/// granted per namespace): say so in the status, where `kubectl get smc`
+/// shows it, rather than only in the operator's log.
+async fn report_forbidden(ctx: &Ctx, sc: &SessionCluster, message: &str) {
+    let Some(ns) = sc.namespace() else { return };
+    let generation = sc.metadata.generation.unwrap_or(0);
+    let prev = sc.status.clone().unwrap_or_default();
+    let msg = format!(
+        "the operator may not act in namespace {ns} (add it to the chart's operator.memberNamespaces): {message}"
+    );
+    let mut status = prev.clone();
+    status.conditions = vec![
+        condition(
+            &prev.conditions,
+            "Ready",
+            false,
+            "Forbidden",
+            msg.clone(),
+            generation,
+        ),
+        condition(
+            &prev.conditions,
+            "Progressing",
+            false,
+            "Forbidden",
+            msg.clone(),
+            generation,
+        ),
+        condition(
+            &prev.conditions,
+            "Degraded",
+            true,
+            "Forbidden",
+            msg.clone(),
+            generation,
+        ),
+    ];
+    if Some(&status) != sc.status.as_ref() {
+        event(ctx, sc, EventType::Warning, "Forbidden", msg).await;
+        let api: Api<SessionCluster> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Err(e) = write_status(&api, &sc.name_any(), &status).await {
+            warn!(error = %e, "cannot write the Forbidden condition");
+        }
+    }
+}
+
+async fn reconcile_inner(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = sc.namespace().ok_or(Error::NoNamespace)?;
     let name = sc.name_any();

@@ -164,3 +164,169 @@ fn values_override_like_helm() {
     assert!(m.contains("failurePolicy: Ignore"));
     let _ = std::fs::remove_file(path);
 }
+
+/// Least privilege, measured: the chart's RBAC (writes granted in the member
+/// namespace `shop` only) applied to a real API server; the operator's
+/// ServiceAccount is refused what it does not need, and the operator running
+/// with only those rights reconciles `shop` and reports `other` as Forbidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_service_account_gets_only_what_it_needs() {
+    use common::{client_for, eventually, OPERATOR_SA};
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+    use k8s_openapi::api::rbac::v1::Role;
+    use kube::api::PostParams;
+    use sessionmesh_api::SessionCluster;
+    use std::time::Duration;
+    let values = std::env::temp_dir().join(format!("sessionmesh-rbac-{}.yaml", std::process::id()));
+    std::fs::write(&values, "operator:\n  memberNamespaces: [shop]\n").expect("values");
+    let (manifests, _) = render(Some(values.to_str().expect("path")));
+    let _ = std::fs::remove_file(&values);
+    let env = KubeEnv::start().await;
+    env.apply_crds().await;
+    for ns in ["sessionmesh", "shop", "other"] {
+        env.namespace(ns).await;
+    }
+    apply_all(&env, &manifests, "sessionmesh").await;
+    let sa = client_for(&env.dir.join("kubeconfig-operator")).await;
+    let admin = env.client.clone();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-password"}, "stringData": {"password": "x"}
+    }))
+    .expect("secret");
+    for ns in ["other", "sessionmesh"] {
+        Api::<Secret>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("secret");
+    }
+    for ns in ["shop", "other"] {
+        env.pod(ns, "web-0", "web", false).await;
+    }
+    let forbidden = |what: &str, r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(e)) if e.code == 403 => println!("refused as it should be: {what}"),
+        other => panic!("{OPERATOR_SA} was not refused {what}: {other:?}"),
+    };
+    let touch = serde_json::json!({"metadata": {"annotations": {"x": "y"}}});
+    forbidden(
+        "pods patch in another namespace",
+        Api::<Pod>::namespaced(sa.clone(), "other")
+            .patch("web-0", &PatchParams::default(), &Patch::Merge(&touch))
+            .await
+            .map(|_| ()),
+    );
+    for ns in ["other", "sessionmesh"] {
+        forbidden(
+            &format!("get of a Secret in {ns}"),
+            Api::<Secret>::namespaced(sa.clone(), ns)
+                .get("db-password")
+                .await
+                .map(|_| ()),
+        );
+    }
+    forbidden(
+        "list of Secrets cluster-wide",
+        Api::<Secret>::all(sa.clone())
+            .list(&Default::default())
+            .await
+            .map(|_| ()),
+    );
+    let cm: ConfigMap =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).expect("cm");
+    forbidden(
+        "configmaps create in another namespace",
+        Api::<ConfigMap>::namespaced(sa.clone(), "other")
+            .create(&PostParams::default(), &cm)
+            .await
+            .map(|_| ()),
+    );
+    let role: Role =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}, "rules": []}))
+            .expect("role");
+    forbidden(
+        "roles create in another namespace",
+        Api::<Role>::namespaced(sa.clone(), "other")
+            .create(&PostParams::default(), &role)
+            .await
+            .map(|_| ()),
+    );
+    // What it does need, it has: pods cluster-wide read, pods patch in shop.
+    Api::<Pod>::all(sa.clone())
+        .list(&Default::default())
+        .await
+        .expect("list pods");
+    Api::<Pod>::namespaced(sa.clone(), "shop")
+        .patch("web-0", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .expect("patch a pod in a member namespace");
+
+    // The operator itself, with these rights only.
+    let _op = env.operator_as(
+        &env.dir.join("kubeconfig-operator"),
+        "sessionmesh",
+        "op",
+        &[
+            "--webhook",
+            "127.0.0.1:0",
+            "--webhook-hosts",
+            "127.0.0.1",
+            "--webhook-config",
+            "sm-sessionmesh-injector",
+            "--webhook-secret",
+            "sm-sessionmesh-webhook-tls",
+            "--lease-name",
+            "sm-sessionmesh-leader",
+        ],
+    );
+    for ns in ["shop", "other"] {
+        env.set_running(ns, "web-0", "10.0.0.1", true).await;
+        Api::<SessionCluster>::namespaced(admin.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "apiVersion": "sessionmesh.io/v1alpha1", "kind": "SessionCluster",
+                    "metadata": {"name": "web"}, "spec": {}
+                }))
+                .expect("sc"),
+            )
+            .await
+            .expect("create sc");
+    }
+    let reason = |ns: &'static str| {
+        let api = Api::<SessionCluster>::namespaced(admin.clone(), ns);
+        async move {
+            let sc = api.get("web").await.ok()?;
+            sc.status?
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.reason.clone())
+        }
+    };
+    let r = eventually(Duration::from_secs(30), "shop reconciled", || async {
+        reason("shop").await.filter(|r| r == "AllMembersReady")
+    })
+    .await;
+    assert_eq!(r, "AllMembersReady");
+    assert!(Api::<ConfigMap>::namespaced(admin.clone(), "shop")
+        .get_opt("web-members")
+        .await
+        .expect("get")
+        .is_some());
+    eventually(
+        Duration::from_secs(30),
+        "other reported Forbidden",
+        || async { reason("other").await.filter(|r| r == "Forbidden") },
+    )
+    .await;
+    assert!(Api::<ConfigMap>::namespaced(admin.clone(), "other")
+        .get_opt("web-members")
+        .await
+        .expect("get")
+        .is_none());
+    // The webhook certificate was created in the release namespace.
+    assert!(Api::<Secret>::namespaced(admin.clone(), "sessionmesh")
+        .get_opt("sm-sessionmesh-webhook-tls")
+        .await
+        .expect("get")
+        .is_some());
+}

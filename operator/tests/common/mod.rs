@@ -41,6 +41,10 @@ pub struct KubeEnv {
     children: Vec<Child>,
 }
 
+/// The chart's operator ServiceAccount (release `sm` in namespace
+/// `sessionmesh`), which `kubeconfig-operator` authenticates as.
+pub const OPERATOR_SA: &str = "system:serviceaccount:sessionmesh:sm-sessionmesh";
+
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// `kube-apiserver --version` ("Kubernetes v1.20.2") as (text, minor).
@@ -97,7 +101,8 @@ impl KubeEnv {
         };
         run(&["genrsa", "-out", "sa.key", "2048"]);
         run(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
-        std::fs::write(dir.join("tokens.csv"), "admin-token,admin,admin,system:masters\nsidecar-token,system:serviceaccount:shop:default,sa-uid,\"system:serviceaccounts,system:serviceaccounts:shop\"\n").expect("tokens");
+        std::fs::write(dir.join("tokens.csv"), format!("admin-token,admin,admin,system:masters\nsidecar-token,system:serviceaccount:shop:default,sa-uid,\"system:serviceaccounts,system:serviceaccounts:shop\"\n\
+             operator-token,{OPERATOR_SA},op-sa-uid,\"system:serviceaccounts,system:serviceaccounts:sessionmesh\"\n")).expect("tokens");
         let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let log = |n: &str| Stdio::from(std::fs::File::create(dir.join(n)).expect("log"));
         let etcd = Command::new(&etcd_bin)
@@ -164,24 +169,21 @@ impl KubeEnv {
             .expect("kube-apiserver");
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    insecure-skip-tls-verify: true\n\
-                 users:\n- name: admin\n  user:\n    token: admin-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n\
-                 current-context: test\n"
-            ),
-        )
-        .expect("kubeconfig");
-        std::fs::write(
-            dir.join("kubeconfig-sidecar"),
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    insecure-skip-tls-verify: true\n\
-                 users:\n- name: sidecar\n  user:\n    token: sidecar-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: sidecar\n\
-                 current-context: test\n"
-            ),
-        )
-        .expect("kubeconfig");
+        for (file, user) in [
+            ("kubeconfig", "admin"),
+            ("kubeconfig-sidecar", "sidecar"),
+            ("kubeconfig-operator", "operator"),
+        ] {
+            std::fs::write(
+                dir.join(file),
+                format!(
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    insecure-skip-tls-verify: true\n\
+                     users:\n- name: {user}\n  user:\n    token: {user}-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {user}\n\
+                     current-context: test\n"
+                ),
+            )
+            .expect("kubeconfig");
+        }
         let client = client_for(&kubeconfig).await;
         let mut env = KubeEnv {
             minor,
@@ -349,8 +351,19 @@ impl KubeEnv {
     }
 
     pub fn operator_with(&self, lease_ns: &str, identity: &str, extra: &[&str]) -> Operator {
+        self.operator_as(&self.kubeconfig, lease_ns, identity, extra)
+    }
+
+    /// The operator binary with the credentials of `kubeconfig`.
+    pub fn operator_as(
+        &self,
+        kubeconfig: &std::path::Path,
+        lease_ns: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Operator {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionmesh-operator"));
-        cmd.env("KUBECONFIG", &self.kubeconfig)
+        cmd.env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .args([
                 "--lease-namespace",
