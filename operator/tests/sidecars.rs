@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{eventually, free_port, KubeEnv};
+use common::{eventually, free_port, sidecar_bin, KubeEnv};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
 use kube::Api;
@@ -14,28 +14,6 @@ use sessionmesh_api::{MembershipDoc, SessionCluster};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The sidecar binary, built by cargo for this workspace.
-fn sidecar_bin() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "sessionmesh-sidecar",
-            "--bin",
-            "sessionmesh-sidecar",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building the sidecar failed");
-    let exe = std::env::current_exe().expect("exe");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("sessionmesh-sidecar"))
-        .expect("target dir")
-}
 
 /// A run of `n` consecutive free ports on 127.0.0.1 (from the test port window,
 /// taken whole so nothing else in this process gets them).

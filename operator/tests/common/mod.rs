@@ -595,3 +595,25 @@ pub async fn webhook_env(ns: &str, extra: &[&str]) -> (KubeEnv, Operator) {
     .await;
     (env, op)
 }
+
+/// The sidecar binary, built by cargo for this workspace.
+pub fn sidecar_bin() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "sessionmesh-sidecar",
+            "--bin",
+            "sessionmesh-sidecar",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building the sidecar failed");
+    let exe = std::env::current_exe().expect("exe");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("sessionmesh-sidecar"))
+        .expect("target dir")
+}
