@@ -59,6 +59,16 @@ struct Args {
     /// Secret (in the lease namespace) holding the webhook's CA and certificate.
     #[arg(long, default_value = "sessionmesh-webhook-tls")]
     webhook_secret: String,
+    /// Lifetime of the webhook's self-managed CA and certificate, in days.
+    #[arg(long, default_value_t = 365)]
+    webhook_cert_days: u64,
+    /// Replace them this many days before they expire (checked every minute
+    /// by every replica; one writes, the others follow).
+    #[arg(long, default_value_t = 30)]
+    webhook_cert_renew_days: u64,
+    /// Tests only: lifetime,renew-before in seconds (e.g. 20,15), checked every second.
+    #[arg(long, hide = true, value_parser = parse_pair)]
+    webhook_cert_test_seconds: Option<(u64, u64)>,
     /// Names and IPs the webhook certificate is valid for (comma-separated).
     #[arg(long, default_value = "sessionmesh-webhook.sessionmesh.svc,127.0.0.1")]
     webhook_hosts: String,
@@ -161,6 +171,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_pair(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(',').ok_or("expected two numbers: A,B")?;
+    Ok((
+        a.trim().parse().map_err(|e| format!("{a}: {e}"))?,
+        b.trim().parse().map_err(|e| format!("{b}: {e}"))?,
+    ))
+}
+
 /// POST /mutate: the AdmissionReview handler.
 async fn mutate(
     req: Request<Incoming>,
@@ -240,20 +258,35 @@ async fn start_webhook(
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .collect();
+    let keeper = sessionmesh_operator::tls::Keeper {
+        client: client.clone(),
+        namespace: args.lease_namespace.clone(),
+        secret: args.webhook_secret.clone(),
+        hosts,
+        config: args.webhook_config.clone(),
+        validity: sessionmesh_operator::tls::Validity {
+            lifetime: Duration::from_secs(args.webhook_cert_days.saturating_mul(86_400)),
+            renew_before: Duration::from_secs(args.webhook_cert_renew_days.saturating_mul(86_400)),
+        }
+        .scaled(args.webhook_cert_test_seconds),
+        every: Duration::from_secs(60),
+    };
     let tls = sessionmesh_operator::tls::load_or_create(
         client,
-        &args.lease_namespace,
-        &args.webhook_secret,
-        &hosts,
+        &keeper.namespace,
+        &keeper.secret,
+        &keeper.hosts,
+        keeper.validity,
     )
     .await?;
-    let tls_cfg = sessionmesh_operator::tls::server_config(&tls)?;
-    tokio::spawn(sessionmesh_operator::tls::keep_ca_bundle(
-        client.clone(),
-        args.webhook_config.clone(),
-        tls.ca_pem.clone(),
-        shutdown.clone(),
-    ));
+    let slot = sessionmesh_operator::tls::CertSlot::new(tls)?;
+    let tls_cfg = sessionmesh_operator::tls::server_config(slot.clone())?;
+    let every = if args.webhook_cert_test_seconds.is_some() {
+        Duration::from_secs(1)
+    } else {
+        keeper.every
+    };
+    tokio::spawn(sessionmesh_operator::tls::Keeper { every, ..keeper }.run(slot, shutdown.clone()));
     let version = client.apiserver_version().await?;
     info!(server = %version.git_version, "webhook ready");
     let cfg = sessionmesh_operator::webhook::InjectConfig {

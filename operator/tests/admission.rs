@@ -284,3 +284,50 @@ async fn a_cluster_without_spec_is_valid_and_kubectl_shows_its_conditions() {
     assert_eq!(cells[at("Degraded")], "False", "{table}");
     assert_eq!(cells[at("Reason")], "NoMembers", "{table}");
 }
+
+/// Certificates have a bounded lifetime and are replaced before they expire
+/// (here: 20 s, replaced with 15 s left), with no failed admission meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_certificate_rotates_without_a_failed_admission() {
+    use k8s_openapi::api::core::v1::Secret;
+    let (env, _op) = webhook_env("app", &["--webhook-cert-test-seconds", "20,15"]).await;
+    cluster(&env, "app", "shop", None).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "app");
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), "sessionmesh");
+    let mut certs = std::collections::BTreeSet::new();
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    while certs.len() < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "{} certificates seen in 40 s",
+            certs.len()
+        );
+        let s = secrets
+            .get("sessionmesh-webhook-tls")
+            .await
+            .expect("webhook Secret");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let not_after: u64 = s
+            .annotations()
+            .get("sessionmesh.io/not-after")
+            .and_then(|v| v.parse().ok())
+            .expect("not-after");
+        assert!(not_after <= now + 21, "valid until {not_after}, now {now}");
+        certs.insert(s.data.expect("data")["tls.crt"].0.clone());
+        let p = pods
+            .create(
+                &PostParams::default(),
+                &restricted_pod(json!({"name": format!("web-{n}"), "labels": {"sessionmesh.io/cluster": "shop"}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("admission {n} failed during rotation: {e}"));
+        assert!(p.annotations().contains_key("sessionmesh.io/injected"));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("{n} admissions across {} certificates", certs.len());
+}
