@@ -47,10 +47,10 @@ apt_install() {
     fail "apt-get install $* failed; run it by hand to see why"
 }
 
-step "programs from Debian: HAProxy, wrk, redis-server, redis-tools, etcd, openssl, faketime"
+step "programs from Debian: HAProxy, wrk, redis-server, redis-tools, etcd, openssl, faketime, curl"
 pkgs=()
 for pair in haproxy:haproxy wrk:wrk redis-server:redis-server redis-cli:redis-tools \
-  redis-benchmark:redis-tools etcd:etcd-server openssl:openssl faketime:faketime; do
+  redis-benchmark:redis-tools etcd:etcd-server openssl:openssl faketime:faketime curl:curl; do
   have "${pair%%:*}" || pkgs+=("${pair#*:}")
 done
 if [ ${#pkgs[@]} -gt 0 ]; then

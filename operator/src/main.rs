@@ -69,6 +69,12 @@ struct Args {
     /// Tests only: lifetime,renew-before in seconds (e.g. 20,15), checked every second.
     #[arg(long, hide = true, value_parser = parse_pair)]
     webhook_cert_test_seconds: Option<(u64, u64)>,
+    /// Only answer AdmissionReviews from clients with a certificate from this
+    /// CA (PEM): the API server, given one through its admission
+    /// configuration (docs/install.md). Without it anyone who reaches the port
+    /// can ask for an assignment.
+    #[arg(long, env = "SESSIONMESH_WEBHOOK_CLIENT_CA")]
+    webhook_client_ca: Option<std::path::PathBuf>,
     /// Names and IPs the webhook certificate is valid for (comma-separated).
     #[arg(long, default_value = "sessionmesh-webhook.sessionmesh.svc,127.0.0.1")]
     webhook_hosts: String,
@@ -280,7 +286,18 @@ async fn start_webhook(
     )
     .await?;
     let slot = sessionmesh_operator::tls::CertSlot::new(tls)?;
-    let tls_cfg = sessionmesh_operator::tls::server_config(slot.clone())?;
+    let client_ca = match &args.webhook_client_ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--webhook-client-ca {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let tls_cfg = sessionmesh_operator::tls::server_config(slot.clone(), client_ca.as_deref())?;
+    info!(
+        client_certificates = client_ca.is_some(),
+        "webhook TLS (with client certificates, only the API server is answered)"
+    );
     let every = if args.webhook_cert_test_seconds.is_some() {
         Duration::from_secs(1)
     } else {

@@ -275,14 +275,33 @@ impl ResolvesServerCert for CertSlot {
     }
 }
 
-pub fn server_config(slot: Arc<CertSlot>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(slot);
-    Ok(Arc::new(cfg))
+/// The webhook's TLS configuration. With `client_ca` (PEM), only clients
+/// with a certificate from that CA are served: the API server, configured
+/// to present one (docs/install.md), and nobody who merely reaches the port.
+pub fn server_config(
+    slot: Arc<CertSlot>,
+    client_ca: Option<&str>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(c?)?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "no certificate in the client CA file");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Ok(Arc::new(builder.with_cert_resolver(slot)))
 }
 
 /// Sets every webhook's `clientConfig.caBundle` in the configuration to our
@@ -387,7 +406,9 @@ mod tests {
         assert!(tls.ca_pem.contains("BEGIN CERTIFICATE"));
         assert_eq!(tls.not_after, 1_700_000_000 + 365 * 86_400);
         let slot = CertSlot::new(tls.clone()).unwrap();
-        assert!(server_config(slot.clone()).is_ok());
+        assert!(server_config(slot.clone(), None).is_ok());
+        assert!(server_config(slot.clone(), Some(&tls.ca_pem)).is_ok());
+        assert!(server_config(slot.clone(), Some("not a certificate")).is_err());
         // A rotation keeps the previous CA in the bundle, and only that one.
         let next = generate(&["127.0.0.1".into()], v, 1_700_000_100, Some(&tls.ca_pem)).unwrap();
         assert_eq!(next.ca_pem.matches("BEGIN CERTIFICATE").count(), 2);

@@ -51,6 +51,9 @@ pub struct InjectConfig {
 
 /// A route and port handed out at admission, when, and to which pod name
 /// (empty for `generateName` pods, which have none yet).
+/// One cluster's reservations, behind its own lock.
+type ClusterSlot = std::sync::Arc<Mutex<Vec<Reserved>>>;
+
 struct Reserved {
     route: String,
     port: u16,
@@ -63,7 +66,9 @@ struct Reserved {
 pub struct Admission {
     pub client: Client,
     pub cfg: InjectConfig,
-    reserved: Mutex<HashMap<(String, String), Vec<Reserved>>>,
+    /// Per (namespace, cluster): admissions of one cluster are serialized,
+    /// those of different clusters do not wait for each other.
+    reserved: Mutex<HashMap<(String, String), ClusterSlot>>,
     /// Where to find out native sidecar support by a dry run, when it is not
     /// given (`cfg.native_supported` is then unused).
     detect_in: Option<String>,
@@ -124,8 +129,9 @@ impl Admission {
         let settings = sessionmesh_api::ClusterSettings::from_spec(spec).map_err(|e| {
             anyhow::anyhow!("SessionCluster {ns}/{cluster} has an invalid spec ({e}); fix it and recreate the pod")
         })?;
-        let mut guard = self.reserved.lock().await;
         let key = (ns.clone(), cluster.to_owned());
+        let slot = self.reserved.lock().await.entry(key).or_default().clone();
+        let mut guard = slot.lock().await;
         let pods = Api::<Pod>::namespaced(self.client.clone(), &ns)
             .list(&ListParams::default())
             .await?;
@@ -139,7 +145,7 @@ impl Admission {
             .collect();
         let seen: std::collections::BTreeSet<String> =
             infos.iter().filter_map(|p| p.route.clone()).collect();
-        let reserved = guard.entry(key).or_default();
+        let reserved = &mut *guard;
         let name = pod.metadata.name.clone().unwrap_or_default();
         // Gone: pods that showed up (counted from the list now), reservations
         // past their time, and an earlier admission of this same pod name (a

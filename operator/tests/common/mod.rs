@@ -65,6 +65,11 @@ pub fn apiserver_version(bin: &std::path::Path) -> (String, u32) {
 
 impl KubeEnv {
     pub async fn start() -> KubeEnv {
+        Self::start_with(&[]).await
+    }
+
+    /// An API server with these flags added.
+    pub async fn start_with(extra: &[String]) -> KubeEnv {
         let bin = apiserver_bin();
         if !bin.is_file() {
             sessionmesh_sidecar::demo::localcluster::missing(
@@ -141,6 +146,7 @@ impl KubeEnv {
                 &api_port.to_string(),
             ])
             .args(version_flags)
+            .args(extra)
             .args([
                 "--cert-dir",
                 "certs",
@@ -544,8 +550,12 @@ pub fn chart_objects(kind: &str) -> Vec<serde_json::Value> {
 /// MutatingWebhookConfiguration (its selectors and failure policies; the
 /// client config points at the operator by URL).
 pub async fn webhook_env(ns: &str, extra: &[&str]) -> (KubeEnv, Operator) {
+    webhook_env_on(KubeEnv::start().await, ns, extra).await
+}
+
+/// `webhook_env` on a given API server.
+pub async fn webhook_env_on(env: KubeEnv, ns: &str, extra: &[&str]) -> (KubeEnv, Operator) {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let env = KubeEnv::start().await;
     env.apply_crds().await;
     let nss: Api<Namespace> = Api::all(env.client.clone());
     nss.create(
