@@ -155,13 +155,23 @@ fn values_override_like_helm() {
     let path = std::env::temp_dir().join(format!("sessionmesh-values-{}.yaml", std::process::id()));
     std::fs::write(
         &path,
-        "operator:\n  replicas: 3\n  watchNamespace: shop\nwebhook:\n  failurePolicy: Ignore\n",
+        "operator:\n  replicas: 3\n  watchNamespace: shop\nwebhook:\n  failurePolicy: Ignore\n  clientCASecret: apiserver-client-ca\nsidecar:\n  native: \"false\"\n",
     )
     .expect("values");
     let (m, _) = render(Some(path.to_str().expect("path")));
     assert!(m.contains("replicas: 3"));
     assert!(m.contains("--namespace=shop"));
     assert!(m.contains("failurePolicy: Ignore"));
+    assert!(m.contains("--webhook-client-ca=/etc/sessionmesh/client-ca/ca.crt"));
+    assert!(m.contains("secretName: apiserver-client-ca"));
+    assert!(m.contains("--native-sidecars=false"));
+    // watchNamespace: the reads are a Role there, not cluster-wide.
+    let cluster_role = m
+        .split("\n---\n")
+        .find(|d| d.contains("kind: ClusterRole\n"))
+        .expect("ClusterRole");
+    assert!(!cluster_role.contains("sessionclusters"), "{cluster_role}");
+    assert!(m.contains("kind: Role\nmetadata:\n  name: sm-sessionmesh-operator\n  namespace: shop"));
     let _ = std::fs::remove_file(path);
 }
 
