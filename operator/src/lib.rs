@@ -8,5 +8,6 @@ pub mod metrics;
 mod owned;
 pub mod reconcile;
 pub mod serve;
+mod status;
 pub mod tls;
 pub mod webhook;

@@ -5,18 +5,18 @@
 //! Invalid specs become a `Degraded` condition, not an error loop. API errors
 //! back off exponentially per object.
 
-use crate::assign::{assign, AssignError, Assignment, PodInfo};
+use crate::assign::{assign, Assignment, PodInfo};
 use crate::owned::{ensure_local_secret, ensure_pdb, ensure_peer_secret, ensure_sidecar_rbac};
+use crate::status::{cluster_status, event, reject_invalid, report_forbidden, write_status};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use sessionmesh_api::{
-    members_configmap, Condition, DocMember, MemberStatus, MembershipDoc, SessionCluster,
-    SessionClusterStatus, CLUSTER_ANNOTATION, CLUSTER_LABEL, MEMBERS_KEY, PORT_ANNOTATION,
-    ROUTE_ANNOTATION,
+    members_configmap, DocMember, MemberStatus, MembershipDoc, SessionCluster, CLUSTER_ANNOTATION,
+    CLUSTER_LABEL, MEMBERS_KEY, PORT_ANNOTATION, ROUTE_ANNOTATION,
 };
 use std::collections::HashMap;
 
@@ -50,7 +50,7 @@ pub struct Ctx {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    failures: Mutex<HashMap<String, u32>>,
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Ctx {
@@ -97,63 +97,6 @@ pub fn pod_info(p: &Pod) -> PodInfo {
     }
 }
 
-fn condition(
-    prev: &[Condition],
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: i64,
-) -> Condition {
-    let status = if ok { "True" } else { "False" }.to_owned();
-    let last = prev
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(now_rfc3339);
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: last,
-    }
-}
-
-async fn event(ctx: &Ctx, sc: &SessionCluster, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &sc.object_ref(&())).await {
-        warn!(error = %e, "could not record an event");
-    }
-}
-
-async fn write_status(
-    api: &Api<SessionCluster>,
-    name: &str,
-    status: &SessionClusterStatus,
-) -> Result<(), Error> {
-    // Server-side apply: the operator owns the status fields it sets, and
-    // a field it no longer sets is removed.
-    api.patch_status(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(json!({
-            "apiVersion": "sessionmesh.io/v1alpha1",
-            "kind": "SessionCluster",
-            "status": status,
-        })),
-    )
-    .await?;
-    Ok(())
-}
-
 pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let out = reconcile_inner(sc.clone(), ctx.clone()).await;
     if let Err(Error::Kube(kube::Error::Api(e))) = &out {
@@ -162,52 +105,6 @@ pub async fn reconcile(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action,
         }
     }
     out
-}
-
-/// The operator lacks a right in the cluster's namespace (its writes are
-/// granted per namespace): say so in the status, where `kubectl get smc`
-/// shows it, rather than only in the operator's log.
-async fn report_forbidden(ctx: &Ctx, sc: &SessionCluster, message: &str) {
-    let Some(ns) = sc.namespace() else { return };
-    let generation = sc.metadata.generation.unwrap_or(0);
-    let prev = sc.status.clone().unwrap_or_default();
-    let msg = format!(
-        "the operator may not act in namespace {ns} (add it to the chart's operator.memberNamespaces): {message}"
-    );
-    let mut status = prev.clone();
-    status.conditions = vec![
-        condition(
-            &prev.conditions,
-            "Ready",
-            false,
-            "Forbidden",
-            msg.clone(),
-            generation,
-        ),
-        condition(
-            &prev.conditions,
-            "Progressing",
-            false,
-            "Forbidden",
-            msg.clone(),
-            generation,
-        ),
-        condition(
-            &prev.conditions,
-            "Degraded",
-            true,
-            "Forbidden",
-            msg.clone(),
-            generation,
-        ),
-    ];
-    if Some(&status) != sc.status.as_ref() {
-        event(ctx, sc, EventType::Warning, "Forbidden", msg).await;
-        let api: Api<SessionCluster> = Api::namespaced(ctx.client.clone(), &ns);
-        if let Err(e) = write_status(&api, &sc.name_any(), &status).await {
-            warn!(error = %e, "cannot write the Forbidden condition");
-        }
-    }
 }
 
 async fn reconcile_inner(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -270,60 +167,6 @@ async fn reconcile_inner(sc: Arc<SessionCluster>, ctx: Arc<Ctx>) -> Result<Actio
     ctx.failures
         .lock()
         .map(|mut f| f.remove(&backoff_key(&sc)))
-        .ok();
-    Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-/// An invalid spec: the status says why (Ready false, Degraded true), one
-/// event per new generation, and nothing else is touched.
-async fn reject_invalid(
-    ctx: &Ctx,
-    sc: &SessionCluster,
-    sc_api: &Api<SessionCluster>,
-    prev: &SessionClusterStatus,
-    e: String,
-) -> Result<Action, Error> {
-    let name = sc.name_any();
-    let generation = sc.metadata.generation.unwrap_or(0);
-    let status = SessionClusterStatus {
-        observed_generation: generation,
-        conditions: vec![
-            condition(
-                &prev.conditions,
-                "Ready",
-                false,
-                "InvalidSpec",
-                e.clone(),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Progressing",
-                false,
-                "InvalidSpec",
-                "waiting for a valid spec".into(),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Degraded",
-                true,
-                "InvalidSpec",
-                e.clone(),
-                generation,
-            ),
-        ],
-        ..prev.clone()
-    };
-    if prev.observed_generation != generation
-        || !prev.conditions.iter().any(|c| c.reason == "InvalidSpec")
-    {
-        event(ctx, sc, EventType::Warning, "InvalidSpec", e.clone()).await;
-    }
-    write_status(sc_api, &name, &status).await?;
-    ctx.failures
-        .lock()
-        .map(|mut f| f.remove(&backoff_key(sc)))
         .ok();
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -471,80 +314,9 @@ async fn publish_members(
     Ok(())
 }
 
-/// The status for a valid spec: members, counts and the three conditions.
-fn cluster_status(
-    prev: &SessionClusterStatus,
-    generation: i64,
-    statuses: Vec<MemberStatus>,
-    assignments: &[Assignment],
-    assign_err: Option<&AssignError>,
-) -> SessionClusterStatus {
-    let count = statuses.len() as u32;
-    let ready = statuses.iter().filter(|m| m.ready).count() as u32;
-    let all_ready = count > 0 && ready == count;
-    let changed = assignments.iter().any(|a| a.changed);
-    SessionClusterStatus {
-        observed_generation: generation,
-        members: statuses,
-        member_count: count,
-        ready_members: ready,
-        conditions: vec![
-            condition(
-                &prev.conditions,
-                "Ready",
-                all_ready,
-                if count == 0 {
-                    "NoMembers"
-                } else if all_ready {
-                    "AllMembersReady"
-                } else {
-                    "MembersNotReady"
-                },
-                format!("{ready} of {count} members ready"),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Progressing",
-                changed || !all_ready,
-                if changed {
-                    "Assigning"
-                } else if all_ready {
-                    "Stable"
-                } else {
-                    "WaitingForMembers"
-                },
-                format!(
-                    "{} assignments written",
-                    assignments.iter().filter(|a| a.changed).count()
-                ),
-                generation,
-            ),
-            match assign_err {
-                Some(e @ AssignError::PortsExhausted { .. }) => condition(
-                    &prev.conditions,
-                    "Degraded",
-                    true,
-                    "PortsExhausted",
-                    e.to_string(),
-                    generation,
-                ),
-                None => condition(
-                    &prev.conditions,
-                    "Degraded",
-                    false,
-                    "AsExpected",
-                    "spec valid, every member assigned".into(),
-                    generation,
-                ),
-            },
-        ],
-    }
-}
-
 /// What failures are counted by: namespace and name (names repeat across
 /// namespaces).
-fn backoff_key(sc: &SessionCluster) -> String {
+pub(crate) fn backoff_key(sc: &SessionCluster) -> String {
     format!("{}/{}", sc.namespace().unwrap_or_default(), sc.name_any())
 }
 
@@ -569,6 +341,8 @@ pub fn error_policy(sc: Arc<SessionCluster>, err: &Error, ctx: Arc<Ctx>) -> Acti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::assign::AssignError;
+    use sessionmesh_api::SessionClusterStatus;
 
     fn pod(name: &str, ip: Option<&str>, ready: bool, terminating: bool) -> PodInfo {
         PodInfo {

@@ -279,6 +279,11 @@ async fn a_cluster_without_spec_is_valid_and_kubectl_shows_its_conditions() {
     }
     let cells = &table["rows"][0]["cells"];
     let at = |n: &str| cols.iter().position(|c| *c == n).expect("col");
+    // Native sidecar support is asked of the server (a dry-run create), and
+    // the answer agrees with what the server keeps of such a pod.
+    let (native, how) = sessionmesh_operator::detect::native_sidecars(&env.client, "shop").await;
+    assert_eq!(how, sessionmesh_operator::detect::Decided::DryRun);
+    assert_eq!(native, env.native_sidecars("shop").await);
     // No members yet: not ready, not degraded.
     assert_eq!(cells[at("Ready")], "False", "{table}");
     assert_eq!(cells[at("Degraded")], "False", "{table}");

@@ -76,21 +76,6 @@ pub struct CoreConfig {
     pub silent_peer_wait_ms: u64,
 }
 
-impl CoreConfig {
-    /// The settings a SessionCluster gives every member, as this member uses them.
-    pub fn settings(&self) -> sessionmesh_api::ClusterSettings {
-        sessionmesh_api::ClusterSettings {
-            send: self.send,
-            heartbeat_interval_ms: self.heartbeat_interval_ms,
-            suspect_after_ms: self.detector.suspect_after_ms,
-            probe_timeout_ms: self.detector.probe_timeout_ms,
-            max_inactive_seconds: self.default_max_inactive_ms / 1000,
-            max_session_bytes: self.limits.max_session_bytes as u64,
-            max_sessions: self.limits.max_sessions as u64,
-        }
-    }
-}
-
 impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {

@@ -185,6 +185,19 @@ pub struct Handle {
     pub settings: sessionmesh_api::ClusterSettings,
 }
 
+/// The settings a SessionCluster gives every member, as this member uses them.
+fn settings_of(c: &CoreConfig) -> sessionmesh_api::ClusterSettings {
+    sessionmesh_api::ClusterSettings {
+        send: c.send,
+        heartbeat_interval_ms: c.heartbeat_interval_ms,
+        suspect_after_ms: c.detector.suspect_after_ms,
+        probe_timeout_ms: c.detector.probe_timeout_ms,
+        max_inactive_seconds: c.default_max_inactive_ms / 1000,
+        max_session_bytes: c.limits.max_session_bytes as u64,
+        max_sessions: c.limits.max_sessions as u64,
+    }
+}
+
 /// How long a peer has for its part of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(1_000);
 
@@ -272,7 +285,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         default_max_inactive_ms: core_cfg.default_max_inactive_ms,
         core_beat: core_beat.clone(),
         test_hooks: cfg.test_hooks,
-        settings: core_cfg.settings(),
+        settings: settings_of(&core_cfg),
     };
     // A core silent for this long answers no peer: probes fail and the peers
     // declare it dead, as they would a hung process.
