@@ -7,6 +7,10 @@ use kube::{Api, Client};
 use serde_json::json;
 use tracing::{info, warn};
 
+static RESTRICTED: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(
+    || json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}),
+);
+
 /// How native sidecar support was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decided {
@@ -26,9 +30,13 @@ pub enum Decided {
 pub async fn native_sidecars(client: &Client, ns: &str) -> (bool, Decided) {
     let pod: Pod = match serde_json::from_value(json!({
         "metadata": {"name": "sessionmesh-native-sidecar-probe", "labels": {"app.kubernetes.io/managed-by": "sessionmesh-operator"}},
+        // Compliant with the "restricted" Pod Security Standard, so that a
+        // namespace enforcing it does not refuse the probe.
         "spec": {
-            "initContainers": [{"name": "probe", "image": "sessionmesh-probe", "restartPolicy": "Always"}],
-            "containers": [{"name": "main", "image": "sessionmesh-probe"}]
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "initContainers": [{"name": "probe", "image": "sessionmesh-probe", "restartPolicy": "Always",
+                                "securityContext": RESTRICTED.clone()}],
+            "containers": [{"name": "main", "image": "sessionmesh-probe", "securityContext": RESTRICTED.clone()}]
         }
     })) {
         Ok(p) => p,

@@ -252,8 +252,12 @@ impl KubeEnv {
     pub async fn native_sidecars(&self, ns: &str) -> bool {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "native-probe"},
-            "spec": {"initContainers": [{"name": "s", "image": "s", "restartPolicy": "Always"}],
-                     "containers": [{"name": "a", "image": "a"}]}
+            // "restricted"-compliant: the namespace may enforce it.
+            "spec": {"securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                     "initContainers": [{"name": "s", "image": "s", "restartPolicy": "Always",
+                         "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
+                     "containers": [{"name": "a", "image": "a",
+                         "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]}
         }))
         .expect("pod");
         let params = PostParams {
