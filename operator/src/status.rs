@@ -86,32 +86,7 @@ pub(crate) async fn report_forbidden(ctx: &Ctx, sc: &SessionCluster, message: &s
         "the operator may not act in namespace {ns} (add it to the chart's operator.memberNamespaces): {message}"
     );
     let mut status = prev.clone();
-    status.conditions = vec![
-        condition(
-            &prev.conditions,
-            "Ready",
-            false,
-            "Forbidden",
-            msg.clone(),
-            generation,
-        ),
-        condition(
-            &prev.conditions,
-            "Progressing",
-            false,
-            "Forbidden",
-            msg.clone(),
-            generation,
-        ),
-        condition(
-            &prev.conditions,
-            "Degraded",
-            true,
-            "Forbidden",
-            msg.clone(),
-            generation,
-        ),
-    ];
+    status.conditions = blocked(&prev.conditions, "Forbidden", &msg, &msg, generation);
     if Some(&status) != sc.status.as_ref() {
         event(ctx, sc, EventType::Warning, "Forbidden", msg).await;
         let api: Api<SessionCluster> = Api::namespaced(ctx.client.clone(), &ns);
@@ -119,6 +94,25 @@ pub(crate) async fn report_forbidden(ctx: &Ctx, sc: &SessionCluster, message: &s
             warn!(error = %e, "cannot write the Forbidden condition");
         }
     }
+}
+
+/// The conditions of a cluster the operator cannot act on: not ready, not
+/// progressing, degraded, all for `reason`.
+fn blocked(
+    prev: &[Condition],
+    reason: &str,
+    message: &str,
+    progressing: &str,
+    generation: i64,
+) -> Vec<Condition> {
+    [
+        ("Ready", false, message),
+        ("Progressing", false, progressing),
+        ("Degraded", true, message),
+    ]
+    .into_iter()
+    .map(|(t, ok, m)| condition(prev, t, ok, reason, m.to_owned(), generation))
+    .collect()
 }
 
 /// An invalid spec: the status says why (Ready false, Degraded true), one
@@ -134,32 +128,13 @@ pub(crate) async fn reject_invalid(
     let generation = sc.metadata.generation.unwrap_or(0);
     let status = SessionClusterStatus {
         observed_generation: generation,
-        conditions: vec![
-            condition(
-                &prev.conditions,
-                "Ready",
-                false,
-                "InvalidSpec",
-                e.clone(),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Progressing",
-                false,
-                "InvalidSpec",
-                "waiting for a valid spec".into(),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Degraded",
-                true,
-                "InvalidSpec",
-                e.clone(),
-                generation,
-            ),
-        ],
+        conditions: blocked(
+            &prev.conditions,
+            "InvalidSpec",
+            &e,
+            "waiting for a valid spec",
+            generation,
+        ),
         ..prev.clone()
     };
     if prev.observed_generation != generation
