@@ -1,0 +1,407 @@
+package io.sessionmesh.tomcat;
+
+import java.io.ByteArrayInputStream;
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.io.NotSerializableException;
+import java.io.ObjectInputStream;
+import java.io.ObjectOutputStream;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.HashMap;
+import java.util.LinkedHashMap;
+import java.util.LinkedHashSet;
+import java.util.Map;
+import java.util.Optional;
+import java.util.Set;
+import java.util.concurrent.atomic.AtomicLong;
+import java.util.regex.Pattern;
+import org.apache.catalina.LifecycleException;
+import org.apache.catalina.LifecycleState;
+import org.apache.catalina.Session;
+import org.apache.catalina.session.ManagerBase;
+import org.apache.catalina.session.StandardSession;
+import org.apache.catalina.util.CustomObjectInputStream;
+import org.apache.juli.logging.Log;
+import org.apache.juli.logging.LogFactory;
+
+/**
+ * A Tomcat session Manager backed by the sessionmesh sidecar: replaces
+ * {@code <Cluster>} (no multicast, no receiver ports). Enable it in
+ * context.xml:
+ *
+ * <pre>{@code <Manager className="io.sessionmesh.tomcat.SessionMeshManager" sidecar="http://127.0.0.1:7070"/>}</pre>
+ *
+ * <ul>
+ * <li>Every request reads the session from the sidecar once (no stale local
+ * copy after a session moved away and back, an invalidation elsewhere is seen
+ * at once); changes go back as one delta of the attributes that changed.</li>
+ * <li>If the sidecar is unreachable, the local copy serves (a warning, the
+ * {@code degradedRequests} counter) and changes are sent when it returns.</li>
+ * </ul>
+ */
+public class SessionMeshManager extends ManagerBase {
+    private static final Log log = LogFactory.getLog(SessionMeshManager.class);
+
+    /** Only attributes set with setAttribute are sent (like Spring Session's ON_SET_ATTRIBUTE). */
+    public static final String ON_SET_ATTRIBUTE = "ON_SET_ATTRIBUTE";
+    /** Attributes read during the request are sent too: they may have been changed in place. */
+    public static final String ALWAYS = "ALWAYS";
+
+    private String sidecar = envOr("SESSIONMESH_HTTP", "127.0.0.1:7070");
+    private String saveMode = ON_SET_ATTRIBUTE;
+    private String ignorePattern = ".*\\.(ico|png|gif|jpe?g|svg|webp|css|js|map|woff2?|ttf)$";
+    private int timeoutMs = 2000;
+
+    private volatile SidecarClient client;
+    private volatile Pattern ignore;
+    private volatile boolean reachable = true;
+    private final AtomicLong replicationErrors = new AtomicLong();
+    private final AtomicLong degradedRequests = new AtomicLong();
+    private final AtomicLong remoteReads = new AtomicLong();
+    /** Sessions read from the sidecar during the current request, by requested id. */
+    private final ThreadLocal<Map<String, Session>> fresh = new ThreadLocal<>();
+
+    private static String envOr(String name, String dflt) {
+        String v = System.getenv(name);
+        return v == null || v.isEmpty() ? dflt : v;
+    }
+
+    // ---- configuration (attributes of <Manager>) ----
+
+    public String getSidecar() {
+        return sidecar;
+    }
+
+    public void setSidecar(String sidecar) {
+        this.sidecar = sidecar;
+    }
+
+    public String getSaveMode() {
+        return saveMode;
+    }
+
+    public void setSaveMode(String saveMode) {
+        if (!ON_SET_ATTRIBUTE.equals(saveMode) && !ALWAYS.equals(saveMode)) {
+            throw new IllegalArgumentException("saveMode must be ON_SET_ATTRIBUTE or ALWAYS, not " + saveMode);
+        }
+        this.saveMode = saveMode;
+    }
+
+    public String getIgnorePattern() {
+        return ignorePattern;
+    }
+
+    public void setIgnorePattern(String ignorePattern) {
+        this.ignorePattern = ignorePattern;
+    }
+
+    public int getTimeoutMs() {
+        return timeoutMs;
+    }
+
+    public void setTimeoutMs(int timeoutMs) {
+        this.timeoutMs = timeoutMs;
+    }
+
+    // ---- counters (JMX, mbeans-descriptors.xml) ----
+
+    public long getReplicationErrors() {
+        return replicationErrors.get();
+    }
+
+    public long getDegradedRequests() {
+        return degradedRequests.get();
+    }
+
+    public long getRemoteReads() {
+        return remoteReads.get();
+    }
+
+    public boolean isSidecarReachable() {
+        return reachable;
+    }
+
+    @Override
+    public String getName() {
+        return "SessionMeshManager";
+    }
+
+    // ---- lifecycle ----
+
+    @Override
+    protected synchronized void startInternal() throws LifecycleException {
+        super.startInternal();
+        String base = sidecar.startsWith("http") ? sidecar : "http://" + sidecar;
+        client = new SidecarClient(base, System.getenv("SESSIONMESH_API_TOKEN"), Duration.ofMillis(timeoutMs));
+        ignore = ignorePattern == null || ignorePattern.isEmpty() ? null : Pattern.compile(ignorePattern);
+        getContext().getPipeline().addValve(new SessionMeshValve(this));
+        log.info("sessionmesh: sessions of " + getContext().getName() + " are kept by the sidecar at " + base
+            + " (saveMode " + saveMode + ")");
+        setState(LifecycleState.STARTING);
+    }
+
+    @Override
+    protected synchronized void stopInternal() throws LifecycleException {
+        setState(LifecycleState.STOPPING);
+        // The other members go on serving these sessions: drop the local
+        // copies, never invalidate them.
+        for (Session s : findSessions()) {
+            if (s instanceof StandardSession) {
+                ((StandardSession) s).passivate();
+            }
+            sessions.remove(s.getIdInternal());
+        }
+        super.stopInternal();
+    }
+
+    /** Nothing to load: the sidecar holds the sessions. */
+    @Override
+    public void load() {
+    }
+
+    /** Nothing to save: the sidecar holds the sessions. */
+    @Override
+    public void unload() {
+    }
+
+    @Override
+    protected StandardSession getNewSession() {
+        return new SessionMeshSession(this);
+    }
+
+    boolean ignored(String uri) {
+        return ignore != null && uri != null && ignore.matcher(uri).matches();
+    }
+
+    void beginRequest() {
+        fresh.set(new HashMap<>());
+    }
+
+    void endRequest() {
+        fresh.remove();
+    }
+
+    private void ok() {
+        if (!reachable) {
+            log.info("sessionmesh: the sidecar answers again");
+        }
+        reachable = true;
+    }
+
+    private void unreachable(String what, IOException e) {
+        if (reachable) {
+            log.warn("sessionmesh: the sidecar is unreachable (" + what + "): " + e
+                + "; serving sessions from local memory until it returns");
+        }
+        reachable = false;
+    }
+
+    // ---- sessions ----
+
+    @Override
+    public Session createSession(String sessionId) {
+        Session s = super.createSession(sessionId);
+        SessionMeshSession sm = (SessionMeshSession) s;
+        try {
+            client.create(s.getIdInternal(), s.getMaxInactiveInterval(), Map.of());
+            ok();
+        } catch (SidecarClient.Refused e) {
+            replicationErrors.incrementAndGet();
+            log.warn("sessionmesh: the sidecar refused a new session: " + e.getMessage());
+            sm.pendingCreate = true;
+        } catch (IOException e) {
+            unreachable("create", e);
+            sm.pendingCreate = true;
+        }
+        Map<String, Session> f = fresh.get();
+        if (f != null) {
+            f.put(s.getIdInternal(), s);
+        }
+        return s;
+    }
+
+    @Override
+    public Session findSession(String id) throws IOException {
+        if (id == null) {
+            return null;
+        }
+        Map<String, Session> f = fresh.get();
+        if (f != null && f.containsKey(id)) {
+            return f.get(id);
+        }
+        Session local = sessions.get(id);
+        Session result;
+        try {
+            Optional<RemoteSession> remote = client.get(id, false);
+            ok();
+            remoteReads.incrementAndGet();
+            if (remote.isPresent()) {
+                result = fromRemote(local, id, remote.get());
+            } else if (local instanceof SessionMeshSession && ((SessionMeshSession) local).pendingCreate) {
+                result = local; // created here while the sidecar was away
+            } else {
+                // Invalidated on another member, or expired: not served from an old copy.
+                if (local != null) {
+                    sessions.remove(local.getIdInternal());
+                }
+                result = null;
+            }
+        } catch (SidecarClient.Refused e) {
+            replicationErrors.incrementAndGet();
+            log.warn("sessionmesh: reading a session failed: " + e.getMessage());
+            result = local;
+        } catch (IOException e) {
+            unreachable("read", e);
+            degradedRequests.incrementAndGet();
+            result = local;
+        }
+        if (f != null) {
+            f.put(id, result);
+        }
+        return result;
+    }
+
+    private Session fromRemote(Session local, String id, RemoteSession r) {
+        SessionMeshSession s = local instanceof SessionMeshSession ? (SessionMeshSession) local : null;
+        if (s == null) {
+            s = (SessionMeshSession) createEmptySession();
+            s.setNew(false);
+            s.setValid(true);
+            s.setCreationTime(r.createdMs);
+            s.setMaxInactiveInterval(r.maxInactiveSeconds);
+            s.setId(id, false); // adds it here; sessionCreated fired where it was created
+        }
+        s.takeRemote(r, decode(r.attributes));
+        return s;
+    }
+
+    private Map<String, Object> decode(Map<String, byte[]> attrs) {
+        Map<String, Object> out = new LinkedHashMap<>();
+        ClassLoader cl = getContext().getLoader() != null ? getContext().getLoader().getClassLoader()
+            : Thread.currentThread().getContextClassLoader();
+        for (Map.Entry<String, byte[]> e : attrs.entrySet()) {
+            try (ObjectInputStream in = new CustomObjectInputStream(new ByteArrayInputStream(e.getValue()), cl)) {
+                out.put(e.getKey(), in.readObject());
+            } catch (IOException | ClassNotFoundException ex) {
+                replicationErrors.incrementAndGet();
+                log.warn("sessionmesh: attribute " + e.getKey() + " cannot be read here: " + ex);
+            }
+        }
+        return out;
+    }
+
+    private byte[] encode(String name, Object value) {
+        ByteArrayOutputStream b = new ByteArrayOutputStream();
+        try (ObjectOutputStream out = new ObjectOutputStream(b)) {
+            out.writeObject(value);
+        } catch (NotSerializableException e) {
+            replicationErrors.incrementAndGet();
+            log.warn("sessionmesh: attribute " + name + " is not Serializable and stays on this node: " + e);
+            return null;
+        } catch (IOException e) {
+            replicationErrors.incrementAndGet();
+            log.warn("sessionmesh: attribute " + name + " cannot be serialized: " + e);
+            return null;
+        }
+        return b.toByteArray();
+    }
+
+    /** After a request: the session's changes to the sidecar, as one delta. */
+    void flush(SessionMeshSession s) {
+        if (!s.isValid()) {
+            return;
+        }
+        Set<String> names = new LinkedHashSet<>(s.dirty);
+        if (ALWAYS.equals(saveMode)) {
+            names.addAll(s.read);
+        }
+        if (s.pendingCreate) {
+            names.addAll(s.names());
+        }
+        Map<String, byte[]> set = new LinkedHashMap<>();
+        for (String n : names) {
+            Object v = s.peek(n);
+            byte[] bytes = v == null ? null : encode(n, v);
+            if (bytes != null) {
+                set.put(n, bytes);
+            }
+        }
+        String id = s.getIdInternal();
+        try {
+            if (s.pendingCreate) {
+                client.create(id, s.getMaxInactiveInterval(), set);
+                s.pendingCreate = false;
+            } else if (set.isEmpty() && s.removed.isEmpty()) {
+                client.touch(id);
+            } else {
+                client.patch(id, set, new ArrayList<>(s.removed), null);
+            }
+            s.clearDeltas();
+            ok();
+        } catch (SidecarClient.Refused e) {
+            replicationErrors.incrementAndGet();
+            log.warn("sessionmesh: the sidecar refused a session's changes: " + e.getMessage());
+            s.clearDeltas();
+        } catch (IOException e) {
+            // Kept: sent by the next flush of this session once the sidecar is back.
+            unreachable("write", e);
+        }
+    }
+
+    /** Whether the sidecar no longer has the session (expired or invalidated
+     *  everywhere). If it has it, the local access times are brought up to date. */
+    boolean goneEverywhere(SessionMeshSession s) {
+        try {
+            Optional<RemoteSession> r = client.get(s.getIdInternal(), false);
+            ok();
+            if (r.isEmpty()) {
+                return !s.pendingCreate;
+            }
+            s.takeRemote(r.get(), Map.of());
+            return s.getIdleTimeInternal() >= s.getMaxInactiveInterval() * 1000L;
+        } catch (IOException e) {
+            unreachable("expiry check", e);
+            return false;
+        }
+    }
+
+    /** An invalidation (or expiry) here: final on every member. */
+    @Override
+    public void remove(Session session, boolean update) {
+        super.remove(session, update);
+        if (session.isValid() || client == null) {
+            return;
+        }
+        try {
+            client.delete(session.getIdInternal());
+            ok();
+        } catch (IOException e) {
+            replicationErrors.incrementAndGet();
+            unreachable("invalidate", e);
+        }
+    }
+
+    private static String base(String id) {
+        int dot = id.indexOf('.');
+        return dot < 0 ? id : id.substring(0, dot);
+    }
+
+    /** changeSessionId (session fixation protection) renames the session in the
+     *  sidecar; a new jvmRoute suffix alone is the same session there. */
+    @Override
+    protected void changeSessionId(Session session, String newId, boolean notifySessionListeners,
+                                   boolean notifyContainerListeners) {
+        String old = session.getIdInternal();
+        if (!base(old).equals(base(newId))) {
+            try {
+                client.rename(old, newId);
+                ok();
+            } catch (IOException e) {
+                replicationErrors.incrementAndGet();
+                log.warn("sessionmesh: renaming a session in the sidecar failed: " + e);
+            }
+        }
+        super.changeSessionId(session, newId, notifySessionListeners, notifyContainerListeners);
+    }
+}

@@ -1,0 +1,125 @@
+package io.sessionmesh.tomcat;
+
+import java.util.Map;
+import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
+import org.apache.catalina.Manager;
+import org.apache.catalina.session.StandardSession;
+
+/** A StandardSession that records what a request changed, so that only the
+ *  changed attributes are sent to the sidecar (per-attribute deltas). */
+public class SessionMeshSession extends StandardSession {
+    private static final long serialVersionUID = 1L;
+
+    /** Attributes set (or replaced) since the last flush. */
+    final transient Set<String> dirty = ConcurrentHashMap.newKeySet();
+    /** Attributes removed since the last flush. */
+    final transient Set<String> removed = ConcurrentHashMap.newKeySet();
+    /** Attributes read since the last flush (saveMode ALWAYS sends them too:
+     *  they may have been changed in place). */
+    final transient Set<String> read = ConcurrentHashMap.newKeySet();
+    /** Created while the sidecar was unreachable: created there at the next flush. */
+    volatile transient boolean pendingCreate;
+    /** Filled from the sidecar: no deltas, no listeners. */
+    private transient boolean loading;
+
+    public SessionMeshSession(Manager manager) {
+        super(manager);
+    }
+
+    @Override
+    public void setAttribute(String name, Object value, boolean notify) {
+        super.setAttribute(name, value, notify);
+        if (!loading && value != null) {
+            dirty.add(name);
+            removed.remove(name);
+        }
+    }
+
+    @Override
+    protected void removeAttributeInternal(String name, boolean notify) {
+        super.removeAttributeInternal(name, notify);
+        if (!loading) {
+            removed.add(name);
+            dirty.remove(name);
+        }
+    }
+
+    @Override
+    public Object getAttribute(String name) {
+        Object v = super.getAttribute(name);
+        if (v != null) {
+            read.add(name);
+        }
+        return v;
+    }
+
+    /** The value without marking it read. */
+    Object peek(String name) {
+        return attributes.get(name);
+    }
+
+    Set<String> names() {
+        return attributes.keySet();
+    }
+
+    boolean hasDeltas() {
+        return !dirty.isEmpty() || !removed.isEmpty();
+    }
+
+    void clearDeltas() {
+        dirty.clear();
+        removed.clear();
+        read.clear();
+    }
+
+    /** Takes the sidecar's copy: its attributes and its access times. Local
+     *  changes not yet flushed win over the remote values. */
+    void takeRemote(RemoteSession r, Map<String, Object> values) {
+        loading = true;
+        try {
+            for (String n : attributes.keySet()) {
+                if (!values.containsKey(n) && !dirty.contains(n)) {
+                    attributes.remove(n);
+                }
+            }
+            for (Map.Entry<String, Object> e : values.entrySet()) {
+                if (!dirty.contains(e.getKey()) && !removed.contains(e.getKey())) {
+                    attributes.put(e.getKey(), e.getValue());
+                }
+            }
+            creationTime = r.createdMs;
+            if (r.lastAccessedMs > lastAccessedTime) {
+                lastAccessedTime = r.lastAccessedMs;
+            }
+            if (r.lastAccessedMs > thisAccessedTime) {
+                thisAccessedTime = r.lastAccessedMs;
+            }
+            if (r.maxInactiveSeconds > 0) {
+                maxInactiveInterval = r.maxInactiveSeconds;
+            }
+        } finally {
+            loading = false;
+        }
+    }
+
+    /** Expiry is the sidecar's: a session idle here may be in use on another
+     *  member. It is expired here (with sessionDestroyed on this node) only
+     *  once the sidecar no longer has it. */
+    @Override
+    public boolean isValid() {
+        if (!isValid) {
+            return false;
+        }
+        if (expiring) {
+            return true;
+        }
+        if (maxInactiveInterval > 0 && getIdleTimeInternal() >= maxInactiveInterval * 1000L) {
+            SessionMeshManager m = (SessionMeshManager) manager;
+            if (m.goneEverywhere(this)) {
+                expire(true);
+            }
+        }
+        return isValid;
+    }
+}
