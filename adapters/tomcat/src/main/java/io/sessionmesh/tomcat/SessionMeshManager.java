@@ -370,7 +370,10 @@ public class SessionMeshManager extends ManagerBase {
     @Override
     public void remove(Session session, boolean update) {
         super.remove(session, update);
-        if (session.isValid() || client == null) {
+        // Called by expire() (invalidate, expiry), while the session is still
+        // marked valid and expiring; also by an id change, which is no invalidation.
+        if (!(session instanceof SessionMeshSession) || !((SessionMeshSession) session).isExpiring()
+            || client == null) {
             return;
         }
         try {

@@ -63,6 +63,10 @@ public class SessionMeshSession extends StandardSession {
         return attributes.keySet();
     }
 
+    boolean isExpiring() {
+        return expiring;
+    }
+
     boolean hasDeltas() {
         return !dirty.isEmpty() || !removed.isEmpty();
     }

@@ -1,0 +1,5 @@
+<%@ page contentType="application/json" %><%
+request.changeSessionId(); // session fixation protection, as a login should
+session.setAttribute("user", request.getParameter("user"));
+session.setAttribute("visits", Integer.valueOf(0));
+%>{"user":"<%= session.getAttribute("user") %>","node":"<%= System.getProperty("node") %>"}
