@@ -121,3 +121,35 @@ async fn without_stickiness_every_tomcat_sees_the_latest_session_and_a_logout_ev
         assert!(Instant::now() < deadline);
     }
 }
+
+/// The sidecar of one Tomcat dies: that Tomcat keeps serving the sessions it
+/// holds from local memory (no 500), and its changes reach the cluster once
+/// the sidecar is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tomcat_keeps_serving_while_its_sidecar_is_down_and_catches_up() {
+    let mut st = tomcats().await;
+    let app = |st: &Stack, i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], st.app_ports[i]));
+    let mut u = User::new(app(&st, 0));
+    assert_eq!(u.get("/login?user=carol").await.expect("login").status, 200);
+    assert_eq!(u.get("/whoami").await.expect("whoami").json()["visits"], 1);
+    st.cl.kill(0);
+    for n in 2..=4 {
+        let r = u.get("/whoami").await.expect("whoami");
+        assert_eq!(r.status, 200, "served from local memory: {}", r.text());
+        assert_eq!(r.json()["visits"], n);
+    }
+    // Back on the address the Tomcat knows.
+    let http = st.cl.nodes[0].http.expect("address").to_string();
+    st.cl
+        .start_with(0, &["--http", &http])
+        .expect("restart the sidecar");
+    assert!(st.cl.wait_ready(0, Duration::from_secs(15)).await);
+    let r = u.get("/whoami").await.expect("whoami");
+    assert_eq!(r.json()["visits"], 5, "local changes kept over the cluster's older copy");
+    // Another Tomcat now sees what node1 did while its sidecar was away.
+    let cookie = u.session_cookie().cloned().expect("cookie");
+    let mut v = User::new(app(&st, 2));
+    v.jar.insert("JSESSIONID".into(), cookie);
+    let r = v.get("/whoami").await.expect("whoami");
+    assert_eq!(r.json()["visits"], 6, "{}", r.text());
+}

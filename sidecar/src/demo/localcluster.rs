@@ -172,8 +172,11 @@ impl LocalCluster {
             .arg(members)
             .arg("--member")
             .arg(&self.nodes[i].name)
-            .arg("--http")
-            .arg("127.0.0.1:0")
+            .args(if extra.contains(&"--http") {
+                vec![]
+            } else {
+                vec!["--http", "127.0.0.1:0"]
+            })
             .args(if extra.contains(&"--secret-file") {
                 vec![]
             } else {
