@@ -63,6 +63,22 @@ if ! have php || ! php -m 2>/dev/null | grep -qx redis; then
   apt_install "PHP and phpredis" php-cli php-redis
 fi
 
+step "Java 17, Maven (offline, Debian's repository) and Tomcat 10 (the Tomcat Manager and its tests)"
+if ! have java || ! have mvn || [ ! -f /usr/share/tomcat10/bin/catalina.sh ] ||
+  [ ! -d /usr/share/maven-repo/org/apache/tomcat/tomcat-catalina ] ||
+  [ ! -d /usr/share/maven-repo/org/apache/maven/plugins/maven-jar-plugin/3.3.0 ] ||
+  [ ! -d /usr/share/maven-repo/org/apache/maven/plugins/maven-surefire-plugin/2.22.3 ]; then
+  apt_install "Java, Maven and Tomcat 10" default-jdk-headless maven libmaven-compiler-plugin-java \
+    libmaven-jar-plugin-java libmaven-resources-plugin-java libsurefire-java libtomcat10-java tomcat10
+fi
+step "the Tomcat Manager (adapters/tomcat, Maven offline)"
+if [ "$check_only" = 1 ]; then
+  [ -f adapters/tomcat/target/sessionmesh-tomcat-0.1.0.jar ] || echo "   missing: the adapter jar (built by this script)"
+elif have mvn; then
+  (cd adapters/tomcat && mvn -B -o -q -Dmaven.repo.local=/usr/share/maven-repo package) ||
+    fail "building adapters/tomcat failed; run: cd adapters/tomcat && mvn -o -Dmaven.repo.local=/usr/share/maven-repo package"
+fi
+
 step "Go with Sprig (renders the Helm chart as Helm does)"
 if ! have go || [ ! -d /usr/share/gocode/src/github.com/Masterminds/sprig ] ||
   [ ! -d /usr/share/gocode/src/gopkg.in/yaml.v2 ]; then

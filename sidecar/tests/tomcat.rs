@@ -25,7 +25,13 @@ fn adapter() {
     }
     let mvn = require("mvn");
     let st = std::process::Command::new(mvn)
-        .args(["-o", "-q", "-Dmaven.repo.local=/usr/share/maven-repo", "package"])
+        .args([
+            "-B",
+            "-o",
+            "-q",
+            "-Dmaven.repo.local=/usr/share/maven-repo",
+            "package",
+        ])
         .current_dir(root().join("adapters/tomcat"))
         .status()
         .expect("mvn");
@@ -80,7 +86,10 @@ async fn a_tomcat_user_stays_logged_in_through_sigkill_with_no_failed_request() 
         match u.get("/whoami").await {
             Ok(r) if r.status == 200 => {
                 let j = r.json();
-                assert_eq!(j["user"], "alice", "logged out after the SIGKILL of {holder}");
+                assert_eq!(
+                    j["user"], "alice",
+                    "logged out after the SIGKILL of {holder}"
+                );
                 visits += 1;
                 assert_eq!(j["visits"], visits, "the counter goes on: {j}");
                 assert_ne!(j["node"], holder.as_str());
@@ -88,7 +97,10 @@ async fn a_tomcat_user_stays_logged_in_through_sigkill_with_no_failed_request() 
             _ => failed += 1,
         }
     }
-    println!("50 requests after SIGKILL of {holder}: {failed} failed, {:?}", t.elapsed());
+    println!(
+        "50 requests after SIGKILL of {holder}: {failed} failed, {:?}",
+        t.elapsed()
+    );
     assert_eq!(failed, 0, "failed requests after the SIGKILL");
 }
 
@@ -106,7 +118,12 @@ async fn without_stickiness_every_tomcat_sees_the_latest_session_and_a_logout_ev
         v.jar.insert("JSESSIONID".into(), cookie.clone());
         let r = v.get("/whoami").await.expect("whoami");
         assert_eq!(r.status, 200, "node{}: {}", i + 1, r.text());
-        assert_eq!(r.json()["visits"], n as u64 + 1, "a stale copy on node{}", i + 1);
+        assert_eq!(
+            r.json()["visits"],
+            n as u64 + 1,
+            "a stale copy on node{}",
+            i + 1
+        );
     }
     // Logout on node2: node1 and node3 (which hold local copies) see it at once.
     let mut v = User::new(app(1));
@@ -117,7 +134,12 @@ async fn without_stickiness_every_tomcat_sees_the_latest_session_and_a_logout_ev
         let mut w = User::new(app(i));
         w.jar.insert("JSESSIONID".into(), cookie.clone());
         let r = w.get("/whoami").await.expect("whoami");
-        assert_eq!(r.status, 401, "node{} still serves an invalidated session", i + 1);
+        assert_eq!(
+            r.status,
+            401,
+            "node{} still serves an invalidated session",
+            i + 1
+        );
         assert!(Instant::now() < deadline);
     }
 }
@@ -145,7 +167,11 @@ async fn a_tomcat_keeps_serving_while_its_sidecar_is_down_and_catches_up() {
         .expect("restart the sidecar");
     assert!(st.cl.wait_ready(0, Duration::from_secs(15)).await);
     let r = u.get("/whoami").await.expect("whoami");
-    assert_eq!(r.json()["visits"], 5, "local changes kept over the cluster's older copy");
+    assert_eq!(
+        r.json()["visits"],
+        5,
+        "local changes kept over the cluster's older copy"
+    );
     // Another Tomcat now sees what node1 did while its sidecar was away.
     let cookie = u.session_cookie().cloned().expect("cookie");
     let mut v = User::new(app(&st, 2));

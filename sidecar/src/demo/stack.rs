@@ -258,6 +258,8 @@ impl Stack {
             .env("SIDECAR_HTTP", sidecar.to_string())
             .env("NODE_NAME", &node.name)
             .env("JVM_ROUTE", &node.route)
+            // Scratch space that goes with the stack (e.g. a CATALINA_BASE).
+            .env("SESSIONMESH_APP_DIR", &self.cl.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
