@@ -301,7 +301,13 @@ async fn framework_survives_sigkill(app: AppSpec, what: &str) {
     .unwrap_or_else(|e| panic!("{what}: {e:#}"));
     let mut u = User::new(st.lb_addr);
     let r = u.get("/login?user=alice").await.expect("login");
-    assert_eq!(r.status, 200, "{what}: login: {}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "{what}: login: {} (load balancer: {})",
+        r.text(),
+        st.lb_report()
+    );
     let r = u.get("/whoami").await.expect("whoami");
     assert_eq!(r.status, 200, "{what}: {}", r.text());
     assert_eq!(r.json()["user"], "alice");

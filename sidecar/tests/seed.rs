@@ -4,7 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 use sessionmesh_sidecar::demo::localcluster::LocalCluster;
-use sessionmesh_sidecar::demo::stack::{LbChoice, Stack, User};
+use sessionmesh_sidecar::demo::stack::{AppSpec, LbChoice, Stack, User};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,4 +200,32 @@ async fn d_colliding_receiver_ports_are_a_clear_startup_error() {
             i + 1
         );
     }
+}
+
+/// Apps that listen late (a JVM or a Django import takes seconds): the stack
+/// is ready only once HAProxy has checked every app, so the first requests
+/// are answered by each of them, never with a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_waits_for_apps_that_listen_late() {
+    sessionmesh_sidecar::demo::localcluster::require("haproxy");
+    let late = AppSpec::External {
+        program: "sh".into(),
+        args: vec![
+            "-c".into(),
+            "sleep 1; exec \"$0\" demo-app --listen 127.0.0.1:$PORT --sidecar $SIDECAR_HTTP \
+             --route $JVM_ROUTE --name $NODE_NAME --send sync"
+                .into(),
+            bin().display().to_string(),
+        ],
+    };
+    let st = Stack::start_apps(&bin(), 3, &[], LbChoice::Haproxy, "sync", late)
+        .await
+        .expect("stack");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let r = User::new(st.lb_addr).get("/health").await.expect("health");
+        assert_eq!(r.status, 200, "{} ({})", r.text(), st.lb_report());
+        seen.insert(r.json()["node"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(seen.len(), 3, "round robin over every app: {seen:?}");
 }

@@ -96,6 +96,17 @@ pub fn haproxy_config(bind: SocketAddr, admin: &Path, servers: &[(String, Socket
     s
 }
 
+/// Whether a row of HAProxy's `show stat` CSV is a server that passed its
+/// last health check (field 17 is `status`, 36 is `check_status`). Before its
+/// first check HAProxy shows a server as `UP 1/2` with check `INI`: that is
+/// not up, the app may not even listen yet. A check in progress is shown with
+/// a `* ` prefix.
+pub fn haproxy_server_up(row: &[String]) -> bool {
+    let status = row.get(17).map(String::as_str).unwrap_or_default();
+    let check = row.get(36).map(String::as_str).unwrap_or_default();
+    status.starts_with("UP") && check.trim_start_matches("* ") == "L7OK"
+}
+
 impl Stack {
     /// Starts `n` sidecars and apps and a load balancer, and waits until the
     /// load balancer sees every app healthy.
@@ -318,6 +329,29 @@ impl Stack {
             .map(|l| l.split(',').map(str::to_owned).collect())
     }
 
+    /// The load balancer's view of every app, for failure messages: status,
+    /// last check result and its duration (HAProxy's `show stat` fields).
+    pub fn lb_report(&self) -> String {
+        (0..self.cl.nodes.len())
+            .map(|i| match self.haproxy_stat(i) {
+                Some(r) => {
+                    let f = |k: usize| r.get(k).map(String::as_str).unwrap_or("?");
+                    format!(
+                        "{} {} check={} code={} took={}ms desc={}",
+                        self.name(i),
+                        f(17),
+                        f(36),
+                        f(37),
+                        f(38),
+                        f(65)
+                    )
+                }
+                None => format!("{} up={}", self.name(i), self.lb_up(i)),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Current sessions on a server, as the load balancer counts them (0 for
     /// the built-in router, which does not count). CSV field 4 is `scur`.
     pub fn lb_current(&self, i: usize) -> u64 {
@@ -326,13 +360,11 @@ impl Stack {
             .unwrap_or(0)
     }
 
-    /// Whether the load balancer considers the app of node `i` up (CSV field 17 is `status`).
+    /// Whether the load balancer considers the app of node `i` up, after a
+    /// passed health check.
     pub fn lb_up(&self, i: usize) -> bool {
         match &self.lb {
-            Lb::Haproxy { .. } => self
-                .haproxy_stat(i)
-                .and_then(|r| r.get(17).map(|st| st.starts_with("UP")))
-                .unwrap_or(false),
+            Lb::Haproxy { .. } => self.haproxy_stat(i).is_some_and(|r| haproxy_server_up(&r)),
             Lb::Builtin { router, .. } => router.backends[i]
                 .up
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -478,5 +510,30 @@ impl User {
 
     pub fn sticky_server(&self) -> Option<String> {
         self.jar.get("SERVERID").cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::haproxy_server_up;
+
+    fn row(status: &str, check: &str) -> Vec<String> {
+        let mut r = vec![String::new(); 80];
+        r[17] = status.into();
+        r[36] = check.into();
+        r
+    }
+
+    #[test]
+    fn a_server_is_up_only_after_a_passed_check() {
+        // HAProxy 2.6 right after start: not checked yet, the app may not listen.
+        assert!(!haproxy_server_up(&row("UP 1/2", "INI")));
+        assert!(!haproxy_server_up(&row("UP 1/2", "* INI")));
+        assert!(!haproxy_server_up(&row("DOWN", "L4CON")));
+        assert!(!haproxy_server_up(&row("UP 1/2", "L7STS")));
+        assert!(!haproxy_server_up(&row("MAINT", "L7OK")));
+        assert!(!haproxy_server_up(&[]));
+        assert!(haproxy_server_up(&row("UP", "L7OK")));
+        assert!(haproxy_server_up(&row("UP", "* L7OK")));
     }
 }
