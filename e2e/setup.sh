@@ -67,11 +67,12 @@ step "Java 17, Maven (offline, Debian's repository) and Tomcat 10 (the Tomcat Ma
 if ! have java || ! have mvn || [ ! -f /usr/share/tomcat10/bin/catalina.sh ] ||
   [ ! -d /usr/share/maven-repo/org/apache/tomcat/tomcat-catalina ] ||
   [ ! -d /usr/share/maven-repo/org/apache/maven/plugins/maven-jar-plugin/3.3.0 ] ||
-  [ ! -d /usr/share/maven-repo/org/apache/maven/plugins/maven-surefire-plugin/2.22.3 ]; then
-  apt_install "Java, Maven and Tomcat 10" default-jdk-headless maven libmaven-compiler-plugin-java \
-    libmaven-jar-plugin-java libmaven-resources-plugin-java libsurefire-java libtomcat10-java tomcat10
+  [ ! -d /usr/share/maven-repo/org/apache/maven/plugins/maven-surefire-plugin/2.22.3 ] ||
+  [ ! -d /usr/share/maven-repo/junit/junit/4.13.2 ]; then
+  apt_install "Java, Maven, JUnit 4 and Tomcat 10" default-jdk-headless maven libmaven-compiler-plugin-java \
+    libmaven-jar-plugin-java libmaven-resources-plugin-java libsurefire-java junit4 libtomcat10-java tomcat10
 fi
-step "the Tomcat Manager (adapters/tomcat, Maven offline)"
+step "the Tomcat Manager (adapters/tomcat, Maven offline, with its JUnit tests)"
 if [ "$check_only" = 1 ]; then
   [ -f adapters/tomcat/target/sessionmesh-tomcat-0.1.0.jar ] || echo "   missing: the adapter jar (built by this script)"
 elif have mvn; then

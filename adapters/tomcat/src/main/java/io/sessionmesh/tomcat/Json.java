@@ -9,8 +9,13 @@ import java.util.Map;
 /** The little JSON the sidecar's API needs: a writer for requests and a strict
  *  parser for its answers (no dependency beyond the JDK). */
 final class Json {
+    /** Deeper nesting is refused (the sidecar's answers are two levels deep). */
+    static final int MAX_DEPTH = 64;
+    private static final java.util.regex.Pattern NUMBER =
+        java.util.regex.Pattern.compile("-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?");
     private final String s;
     private int i;
+    private int depth;
 
     private Json(String s) {
         this.s = s;
@@ -68,12 +73,20 @@ final class Json {
         i += word.length();
     }
 
+    private void enter() {
+        if (++depth > MAX_DEPTH) {
+            throw new IllegalArgumentException("JSON nested deeper than " + MAX_DEPTH);
+        }
+    }
+
     private Map<String, Object> object() {
         expect('{');
+        enter();
         Map<String, Object> m = new LinkedHashMap<>();
         ws();
         if (peek() == '}') {
             i++;
+            depth--;
             return m;
         }
         while (true) {
@@ -89,16 +102,19 @@ final class Json {
                 continue;
             }
             expect('}');
+            depth--;
             return m;
         }
     }
 
     private List<Object> array() {
         expect('[');
+        enter();
         List<Object> l = new ArrayList<>();
         ws();
         if (peek() == ']') {
             i++;
+            depth--;
             return l;
         }
         while (true) {
@@ -110,6 +126,7 @@ final class Json {
                 continue;
             }
             expect(']');
+            depth--;
             return l;
         }
     }
@@ -122,6 +139,9 @@ final class Json {
             i++;
             if (c == '"') {
                 return b.toString();
+            }
+            if (c < 0x20) {
+                throw new IllegalArgumentException("control character in a string at " + (i - 1));
             }
             if (c != '\\') {
                 b.append(c);
@@ -139,10 +159,16 @@ final class Json {
                 case 'r': b.append('\r'); break;
                 case 't': b.append('\t'); break;
                 case 'u':
-                    if (i + 4 > s.length()) {
-                        throw new IllegalArgumentException("bad escape at " + i);
+                    int code = 0;
+                    for (int k = 0; k < 4; k++) {
+                        char h = i + k < s.length() ? s.charAt(i + k) : (char) 0;
+                        int d = h < 128 ? Character.digit(h, 16) : -1;
+                        if (d < 0) {
+                            throw new IllegalArgumentException("bad escape at " + i);
+                        }
+                        code = code * 16 + d;
                     }
-                    b.append((char) Integer.parseInt(s.substring(i, i + 4), 16));
+                    b.append((char) code);
                     i += 4;
                     break;
                 default: throw new IllegalArgumentException("bad escape at " + i);
@@ -156,13 +182,13 @@ final class Json {
             i++;
         }
         String n = s.substring(start, i);
-        if (n.isEmpty()) {
+        if (!NUMBER.matcher(n).matches()) {
             throw new IllegalArgumentException("unexpected character at " + start);
         }
         if (n.contains(".") || n.contains("e") || n.contains("E")) {
             return Double.parseDouble(n);
         }
-        return Long.parseLong(n);
+        return Long.parseLong(n); // out of range: NumberFormatException, an IllegalArgumentException
     }
 
     /** A JSON string literal. */

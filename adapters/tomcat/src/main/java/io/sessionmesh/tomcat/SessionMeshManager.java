@@ -223,8 +223,8 @@ public class SessionMeshManager extends ManagerBase {
 
     @Override
     public Session findSession(String id) throws IOException {
-        if (id == null) {
-            return null;
+        if (!SidecarClient.validId(id)) {
+            return null; // a forged cookie: never sent to the sidecar
         }
         Map<String, Session> f = fresh.get();
         if (f != null && f.containsKey(id)) {

@@ -9,6 +9,7 @@ import java.time.Duration;
 import java.util.Collection;
 import java.util.Map;
 import java.util.Optional;
+import java.util.regex.Pattern;
 
 /** The sidecar's local HTTP API over one keep-alive HttpClient (HTTP/1.1 on
  *  loopback). Transport failures are IOExceptions (the sidecar is
@@ -20,9 +21,18 @@ final class SidecarClient {
         final int status;
 
         Refused(int status, String body) {
-            super("sidecar answered " + status + ": " + body);
+            super(status == 0 ? body : "sidecar answered " + status + ": " + body);
             this.status = status;
         }
+    }
+
+    /** Session ids sent to the sidecar: characters that need no escaping in
+     *  a URI path and that the sidecar accepts; anything else (a forged
+     *  cookie with '/', '?', '%' or spaces) is no session. */
+    private static final Pattern ID = Pattern.compile("[A-Za-z0-9._~!$&'()*+,;=:@-]{1,300}");
+
+    static boolean validId(String id) {
+        return id != null && ID.matcher(id).matches();
     }
 
     private final HttpClient http;
@@ -61,7 +71,10 @@ final class SidecarClient {
         return HttpRequest.BodyPublishers.ofString(body);
     }
 
-    private static String path(String id) {
+    private static String path(String id) throws Refused {
+        if (!validId(id)) {
+            throw new Refused(0, "not a session id the sidecar accepts");
+        }
         return "/v1/sessions/" + id;
     }
 
@@ -74,10 +87,15 @@ final class SidecarClient {
         if (r.statusCode() != 200) {
             throw new Refused(r.statusCode(), r.body());
         }
-        return Optional.of(RemoteSession.fromJson(r.body()));
+        try {
+            return Optional.of(RemoteSession.fromJson(r.body()));
+        } catch (IllegalArgumentException e) {
+            throw new Refused(r.statusCode(), "a malformed session (" + e.getMessage() + ")");
+        }
     }
 
     void create(String id, int maxInactiveSeconds, Map<String, byte[]> attributes) throws IOException {
+        path(id);
         String body = "{\"id\":" + Json.quote(id) + ",\"maxInactiveSeconds\":" + maxInactiveSeconds
             + ",\"attributes\":" + Json.attributes(attributes) + "}";
         HttpResponse<String> r = send(req("/v1/sessions").header("Content-Type", "application/json")
@@ -129,6 +147,7 @@ final class SidecarClient {
 
     /** Session-fixation protection: the session under a new id. */
     void rename(String id, String newId) throws IOException {
+        path(newId);
         HttpResponse<String> r = send(req(path(id) + "/rename").header("Content-Type", "application/json")
             .POST(json("{\"newId\":" + Json.quote(newId) + "}")).build());
         if (r.statusCode() != 200) {

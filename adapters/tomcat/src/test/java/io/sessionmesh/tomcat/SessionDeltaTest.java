@@ -1,0 +1,79 @@
+package io.sessionmesh.tomcat;
+
+import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertFalse;
+import static org.junit.Assert.assertNull;
+import static org.junit.Assert.assertTrue;
+
+import java.util.Map;
+import java.util.Set;
+import org.apache.catalina.core.StandardContext;
+import org.junit.Before;
+import org.junit.Test;
+
+/** Delta tracking: what a request changed is what gets sent. */
+public class SessionDeltaTest {
+    private SessionMeshSession s;
+
+    @Before
+    public void session() {
+        SessionMeshManager m = new SessionMeshManager();
+        m.setContext(new StandardContext());
+        s = new SessionMeshSession(m);
+        s.setValid(true);
+        s.setId("ABC.node1", false);
+    }
+
+    @Test
+    public void setAndRemoveAreRecordedPerAttribute() {
+        s.setAttribute("user", "alice");
+        s.setAttribute("cart", 3);
+        assertEquals(Set.of("user", "cart"), s.dirty);
+        assertTrue(s.removed.isEmpty());
+        s.removeAttribute("cart");
+        assertEquals(Set.of("user"), s.dirty);
+        assertEquals(Set.of("cart"), s.removed);
+        s.setAttribute("cart", 4); // set again after a removal: a set, not a removal
+        assertEquals(Set.of("user", "cart"), s.dirty);
+        assertTrue(s.removed.isEmpty());
+        s.setAttribute("user", null); // null is a removal, as in the Servlet spec
+        assertEquals(Set.of("cart"), s.dirty);
+        assertEquals(Set.of("user"), s.removed);
+        s.clearDeltas();
+        assertFalse(s.hasDeltas());
+    }
+
+    @Test
+    public void readsAreRecordedForSaveModeAlwaysButPeekIsNot() {
+        s.setAttribute("cart", new java.util.ArrayList<>(java.util.List.of(1)));
+        s.clearDeltas();
+        assertNull(s.getAttribute("missing"));
+        assertTrue(s.read.isEmpty());
+        s.peek("cart");
+        assertTrue(s.read.isEmpty());
+        s.getAttribute("cart");
+        assertEquals(Set.of("cart"), s.read);
+        assertFalse("a read is not a change", s.hasDeltas());
+    }
+
+    @Test
+    public void theSidecarsCopyWinsExceptForChangesNotSentYet() {
+        s.setAttribute("old", "gone elsewhere");
+        s.setAttribute("kept", "local");
+        s.clearDeltas();
+        s.setAttribute("mine", "unsent"); // changed here, not flushed yet
+        s.removeAttribute("kept");        // removed here, not flushed yet
+        RemoteSession r = new RemoteSession("ABC", 1000L, 5000L, 600, 605000L, Map.of());
+        s.takeRemote(r, Map.of("kept", "remote", "other", "from node2"));
+        assertNull("removed on another member", s.getAttribute("old"));
+        assertNull("the local removal is not undone", s.getAttribute("kept"));
+        assertEquals("unsent", s.getAttribute("mine"));
+        assertEquals("from node2", s.getAttribute("other"));
+        assertEquals(1000L, s.getCreationTimeInternal());
+        assertEquals(600, s.getMaxInactiveInterval());
+        assertTrue(s.getLastAccessedTimeInternal() >= 5000L);
+        // Loading is not a change of its own.
+        assertEquals(Set.of("mine"), s.dirty);
+        assertEquals(Set.of("kept"), s.removed);
+    }
+}

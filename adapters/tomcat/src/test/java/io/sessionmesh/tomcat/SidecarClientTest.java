@@ -1,0 +1,93 @@
+package io.sessionmesh.tomcat;
+
+import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertFalse;
+import static org.junit.Assert.assertThrows;
+import static org.junit.Assert.assertTrue;
+
+import com.sun.net.httpserver.HttpServer;
+import java.io.IOException;
+import java.net.InetSocketAddress;
+import java.nio.charset.StandardCharsets;
+import java.time.Duration;
+import java.util.List;
+import java.util.Map;
+import java.util.concurrent.CopyOnWriteArrayList;
+import org.junit.After;
+import org.junit.Before;
+import org.junit.Test;
+
+/** The wire format against a stand-in HTTP server on loopback (port 0). */
+public class SidecarClientTest {
+    private HttpServer server;
+    private final List<String> seen = new CopyOnWriteArrayList<>();
+    private volatile int status = 204;
+    private volatile String answer = "";
+    private SidecarClient client;
+
+    @Before
+    public void start() throws IOException {
+        server = HttpServer.create(new InetSocketAddress("127.0.0.1", 0), 0);
+        server.createContext("/", ex -> {
+            String body = new String(ex.getRequestBody().readAllBytes(), StandardCharsets.UTF_8);
+            seen.add(ex.getRequestMethod() + " " + ex.getRequestURI() + " "
+                + ex.getRequestHeaders().getFirst("Authorization") + " " + body);
+            byte[] out = answer.getBytes(StandardCharsets.UTF_8);
+            ex.sendResponseHeaders(status, out.length == 0 ? -1 : out.length);
+            if (out.length > 0) {
+                ex.getResponseBody().write(out);
+            }
+            ex.close();
+        });
+        server.start();
+        client = new SidecarClient("http://127.0.0.1:" + server.getAddress().getPort() + "/", "tok",
+            Duration.ofSeconds(2));
+    }
+
+    @After
+    public void stop() {
+        server.stop(0);
+    }
+
+    @Test
+    public void aDeltaIsOnePatchOfTheChangedAttributes() throws IOException {
+        client.patch("ABC.node1", Map.of("user", new byte[] {1, 2, 3}), List.of("cart"), null);
+        assertEquals(List.of("PATCH /v1/sessions/ABC.node1 Bearer tok {\"set\":{\"user\":\"AQID\"},\"remove\":[\"cart\"]}"),
+            seen);
+    }
+
+    @Test
+    public void aMissingSessionIsEmptyAndAMalformedOneIsRefused() throws IOException {
+        status = 404;
+        assertFalse(client.get("ABC", false).isPresent());
+        assertEquals("GET /v1/sessions/ABC?touch=false Bearer tok ", seen.get(0));
+        status = 200;
+        answer = "<html>proxy error</html>";
+        SidecarClient.Refused e = assertThrows(SidecarClient.Refused.class, () -> client.get("ABC", false));
+        assertEquals(200, e.status);
+        answer = "{\"id\":\"ABC\",\"attributes\":{\"a\":\"not base64!\"}}";
+        assertThrows(SidecarClient.Refused.class, () -> client.get("ABC", false));
+        answer = "{\"id\":\"ABC\",\"createdMs\":1,\"maxInactiveSeconds\":60,\"attributes\":{\"a\":\"AQID\"}}";
+        assertEquals(60, client.get("ABC", true).get().maxInactiveSeconds);
+    }
+
+    @Test
+    public void aForgedSessionIdNeverReachesTheSidecar() {
+        for (String id : new String[] {"../cluster", "a/b", "a?touch=true", "a#b", "a%2e", "a b", "", "é",
+            "x".repeat(301)}) {
+            assertFalse(id, SidecarClient.validId(id));
+            assertThrows(id, SidecarClient.Refused.class, () -> client.get(id, false));
+            assertThrows(id, SidecarClient.Refused.class, () -> client.delete(id));
+            assertThrows(id, SidecarClient.Refused.class, () -> client.rename("ABC", id));
+        }
+        assertTrue(seen.isEmpty());
+        assertTrue(SidecarClient.validId("0123456789ABCDEF0123456789ABCDEF.node-1_a"));
+    }
+
+    @Test
+    public void anUnreachableSidecarIsAnIOExceptionNotARefusal() {
+        server.stop(0);
+        IOException e = assertThrows(IOException.class, () -> client.touch("ABC"));
+        assertFalse(e instanceof SidecarClient.Refused);
+    }
+}
