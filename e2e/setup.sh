@@ -75,9 +75,10 @@ fi
 step "the Tomcat Manager (adapters/tomcat, Maven offline, with its JUnit tests)"
 if [ "$check_only" = 1 ]; then
   [ -f adapters/tomcat/target/sessionmesh-tomcat-0.1.0.jar ] || echo "   missing: the adapter jar (built by this script)"
+  [ -f e2e/tomcat/webapp/WEB-INF/classes/e2e/Events.class ] || echo "   missing: the Tomcat test app classes (built by this script)"
 elif have mvn; then
-  (cd adapters/tomcat && mvn -B -o -q -Dmaven.repo.local=/usr/share/maven-repo package) ||
-    fail "building adapters/tomcat failed; run: cd adapters/tomcat && mvn -o -Dmaven.repo.local=/usr/share/maven-repo package"
+  bash e2e/tomcat/build.sh ||
+    fail "building adapters/tomcat or the test app failed; run: bash e2e/tomcat/build.sh"
 fi
 
 step "Go with Sprig (renders the Helm chart as Helm does)"

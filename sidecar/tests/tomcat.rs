@@ -17,25 +17,46 @@ fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// The adapter jar, built with Maven offline if it is not there yet.
+/// The adapter jar and the test app's listener classes, built
+/// (`e2e/tomcat/build.sh`: Maven offline, javac) if they are not there yet.
 fn adapter() {
     let jar = root().join("adapters/tomcat/target/sessionmesh-tomcat-0.1.0.jar");
-    if jar.is_file() {
+    let classes = root().join("e2e/tomcat/webapp/WEB-INF/classes/e2e/Events.class");
+    if jar.is_file() && classes.is_file() {
         return;
     }
-    let mvn = require("mvn");
-    let st = std::process::Command::new(mvn)
-        .args([
-            "-B",
-            "-o",
-            "-q",
-            "-Dmaven.repo.local=/usr/share/maven-repo",
-            "package",
-        ])
-        .current_dir(root().join("adapters/tomcat"))
+    require("mvn");
+    require("javac");
+    let st = std::process::Command::new("bash")
+        .arg(root().join("e2e/tomcat/build.sh"))
         .status()
-        .expect("mvn");
-    assert!(st.success(), "building adapters/tomcat failed");
+        .expect("bash");
+    assert!(st.success(), "e2e/tomcat/build.sh failed");
+}
+
+fn app(st: &Stack, i: usize) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], st.app_ports[i]))
+}
+
+/// A user of node `i` (no load balancer) carrying `cookie`.
+fn on(st: &Stack, i: usize, cookie: &str) -> User {
+    let mut u = User::new(app(st, i));
+    u.jar.insert("JSESSIONID".into(), cookie.to_owned());
+    u
+}
+
+/// The session events node `i` recorded since the last call.
+async fn events(st: &Stack, i: usize) -> Vec<String> {
+    let r = User::new(app(st, i)).get("/events").await.expect("events");
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_value(r.json()).expect("a JSON array")
+}
+
+/// The Manager's JMX attributes on node `i`.
+async fn jmx(st: &Stack, i: usize) -> serde_json::Value {
+    let r = User::new(app(st, i)).get("/jmx").await.expect("jmx");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
 }
 
 async fn tomcats() -> Stack {
@@ -107,7 +128,7 @@ async fn a_tomcat_user_stays_logged_in_through_sigkill_with_no_failed_request() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_stickiness_every_tomcat_sees_the_latest_session_and_a_logout_everywhere() {
     let st = tomcats().await;
-    let app = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], st.app_ports[i]));
+    let app = |i: usize| app(&st, i);
     let mut u = User::new(app(0));
     let r = u.get("/login?user=bob").await.expect("login");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -150,16 +171,23 @@ async fn without_stickiness_every_tomcat_sees_the_latest_session_and_a_logout_ev
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tomcat_keeps_serving_while_its_sidecar_is_down_and_catches_up() {
     let mut st = tomcats().await;
-    let app = |st: &Stack, i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], st.app_ports[i]));
     let mut u = User::new(app(&st, 0));
     assert_eq!(u.get("/login?user=carol").await.expect("login").status, 200);
     assert_eq!(u.get("/whoami").await.expect("whoami").json()["visits"], 1);
     st.cl.kill(0);
-    for n in 2..=4 {
+    // Five seconds without the sidecar: every request is answered.
+    let t = Instant::now();
+    let mut n = 1;
+    while t.elapsed() < Duration::from_secs(5) {
         let r = u.get("/whoami").await.expect("whoami");
+        n += 1;
         assert_eq!(r.status, 200, "served from local memory: {}", r.text());
         assert_eq!(r.json()["visits"], n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let m = jmx(&st, 0).await;
+    assert_eq!(m["sidecarReachable"], false, "{m}");
+    assert!(m["degradedRequests"].as_u64() >= Some(n - 1), "{m}");
     // Back on the address the Tomcat knows.
     let http = st.cl.nodes[0].http.expect("address").to_string();
     st.cl
@@ -167,15 +195,137 @@ async fn a_tomcat_keeps_serving_while_its_sidecar_is_down_and_catches_up() {
         .expect("restart the sidecar");
     assert!(st.cl.wait_ready(0, Duration::from_secs(15)).await);
     let r = u.get("/whoami").await.expect("whoami");
+    n += 1;
     assert_eq!(
         r.json()["visits"],
-        5,
+        n,
         "local changes kept over the cluster's older copy"
     );
+    assert_eq!(jmx(&st, 0).await["sidecarReachable"], true);
     // Another Tomcat now sees what node1 did while its sidecar was away.
     let cookie = u.session_cookie().cloned().expect("cookie");
-    let mut v = User::new(app(&st, 2));
-    v.jar.insert("JSESSIONID".into(), cookie);
+    let mut v = on(&st, 2, &cookie);
     let r = v.get("/whoami").await.expect("whoami");
-    assert_eq!(r.json()["visits"], 6, "{}", r.text());
+    assert_eq!(r.json()["visits"], n + 1, "{}", r.text());
+}
+
+/// Listeners fire as with StandardManager: created, id changes and attribute
+/// events where they happen, activation when a session arrives on a node,
+/// and at expiry `sessionDestroyed` (with `valueUnbound`) once, on the node
+/// that served the session last; a copy left on a node the session moved
+/// away from is dropped silently. The jvmRoute suffix is rebound on arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_fire_as_with_standard_manager_and_expiry_ends_the_session_once() {
+    let st = tomcats().await;
+    let mut u = User::new(app(&st, 0));
+    let r = u.get("/login?user=erin&ttl=2").await.expect("login");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        events(&st, 0).await,
+        ["created", "idChanged", "added:user", "added:visits"]
+    );
+    assert_eq!(u.get("/bind").await.expect("bind").status, 200);
+    assert_eq!(events(&st, 0).await, ["bound:bound", "added:bound"]);
+    let cookie = u.session_cookie().cloned().expect("cookie");
+    assert!(cookie.ends_with(&format!(".{}", st.cl.nodes[0].route)));
+
+    // On node2 the session arrives: activated, not created; its route rebound.
+    let mut v = on(&st, 1, &cookie);
+    let r = v.get("/whoami").await.expect("whoami");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap_or_default().to_owned();
+    assert!(id.ends_with(&format!(".{}", st.cl.nodes[1].route)), "{id}");
+    assert_eq!(
+        cookie.split('.').next(),
+        id.split('.').next(),
+        "same session"
+    );
+    assert_eq!(v.session_cookie(), Some(&id), "the new cookie is sent");
+    assert_eq!(
+        events(&st, 1).await,
+        ["activate", "idChanged", "replaced:visits"]
+    );
+
+    // Then node1 serves it again, later (so node2's copy is one it moved away from).
+    tokio::time::sleep(Duration::from_millis(2 * 250 + 100)).await;
+    let mut w = on(&st, 0, &id);
+    assert_eq!(w.get("/whoami").await.expect("whoami").json()["visits"], 2);
+
+    // Expiry: sessionDestroyed on node1 only, then the attributes unbound
+    // (Tomcat's order; the events are read until the last one is there).
+    let t = Instant::now();
+    let mut on1 = Vec::new();
+    while !on1.iter().any(|e| e == "removed:user") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no sessionDestroyed on node1: {on1:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        on1.extend(events(&st, 0).await);
+    }
+    let on2 = events(&st, 1).await;
+    println!("events: node1 {on1:?}, node2 {on2:?}");
+    let at = |e: &str| on1.iter().position(|x| x == e);
+    assert!(at("destroyed") < at("unbound:bound"), "{on1:?}");
+    assert!(at("unbound:bound").is_some(), "{on1:?}");
+    assert_eq!(on1.iter().filter(|e| *e == "destroyed").count(), 1);
+    assert!(!on2.contains(&"destroyed".to_owned()), "node2: {on2:?}");
+    assert!(
+        on2.contains(&"passivate".to_owned()),
+        "node2 drops its copy: {on2:?}"
+    );
+    assert_eq!(
+        events(&st, 2).await,
+        Vec::<String>::new(),
+        "node3 never held it"
+    );
+    assert!(jmx(&st, 0).await["expiredSessions"].as_u64() >= Some(1));
+    assert_eq!(jmx(&st, 1).await["expiredSessions"], 0);
+    // Gone everywhere.
+    let r = on(&st, 2, &id).get("/whoami").await.expect("whoami");
+    assert_eq!(r.status, 401, "{}", r.text());
+}
+
+/// Login renames the session (session fixation protection): the id from
+/// before the login is refused everywhere. A logout on one node is final on
+/// every node, with one `sessionDestroyed`, where the logout happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_session_id_at_login_and_logout_are_final_on_every_node() {
+    let st = tomcats().await;
+    let mut u = User::new(app(&st, 0));
+    assert_eq!(u.get("/bind").await.expect("anonymous session").status, 200);
+    let before = u.session_cookie().cloned().expect("cookie");
+    assert_eq!(u.get("/login?user=frank").await.expect("login").status, 200);
+    let after = u.session_cookie().cloned().expect("cookie");
+    assert_ne!(before, after, "login changes the session id");
+    let r = on(&st, 2, &before).get("/whoami").await.expect("whoami");
+    assert_eq!(r.status, 401, "the pre-login id still works: {}", r.text());
+    let r = on(&st, 1, &after).get("/whoami").await.expect("whoami");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["user"], "frank");
+    let _ = events(&st, 0).await;
+    let _ = events(&st, 1).await;
+
+    assert_eq!(
+        on(&st, 1, &after)
+            .get("/logout")
+            .await
+            .expect("logout")
+            .status,
+        200
+    );
+    for i in 0..3 {
+        let r = on(&st, i, &after).get("/whoami").await.expect("whoami");
+        assert_eq!(
+            r.status,
+            401,
+            "node{} after the logout: {}",
+            i + 1,
+            r.text()
+        );
+    }
+    assert!(events(&st, 1).await.contains(&"destroyed".to_owned()));
+    let on1 = events(&st, 0).await;
+    assert!(!on1.contains(&"destroyed".to_owned()), "node1: {on1:?}");
+    assert_eq!(jmx(&st, 1).await["replicationErrors"], 0);
 }

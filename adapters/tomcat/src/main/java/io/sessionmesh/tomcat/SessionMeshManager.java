@@ -271,6 +271,9 @@ public class SessionMeshManager extends ManagerBase {
             s.setCreationTime(r.createdMs);
             s.setMaxInactiveInterval(r.maxInactiveSeconds);
             s.setId(id, false); // adds it here; sessionCreated fired where it was created
+            s.takeRemote(r, decode(r.attributes));
+            s.activate(); // arrived on this node: sessionDidActivate, as after a restore
+            return s;
         }
         s.takeRemote(r, decode(r.attributes));
         return s;
@@ -332,10 +335,11 @@ public class SessionMeshManager extends ManagerBase {
             if (s.pendingCreate) {
                 client.create(id, s.getMaxInactiveInterval(), set);
                 s.pendingCreate = false;
-            } else if (set.isEmpty() && s.removed.isEmpty()) {
+            } else if (set.isEmpty() && s.removed.isEmpty() && !s.timeoutDirty) {
                 client.touch(id);
             } else {
-                client.patch(id, set, new ArrayList<>(s.removed), null);
+                client.patch(id, set, new ArrayList<>(s.removed),
+                    s.timeoutDirty ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null);
             }
             s.clearDeltas();
             ok();
@@ -349,21 +353,46 @@ public class SessionMeshManager extends ManagerBase {
         }
     }
 
-    /** Whether the sidecar no longer has the session (expired or invalidated
-     *  everywhere). If it has it, the local access times are brought up to date. */
-    boolean goneEverywhere(SessionMeshSession s) {
+    /** How much later another node must have served a session for this
+     *  node's idle copy to count as moved away (clocks of members differ a little). */
+    static final long MOVED_SLACK_MS = 250;
+
+    /** What to do with a local copy that has been idle here. */
+    enum Copy { KEEP, MOVED, EXPIRED, INVALIDATED, UNKNOWN }
+
+    boolean inRequest() {
+        return fresh.get() != null;
+    }
+
+    /** Asks the sidecar about a copy idle here (background expiry check):
+     *  expired there (this node, the last to serve it, fires sessionDestroyed),
+     *  invalidated or served since by another node (dropped here without
+     *  listeners: it lives on, or its end was announced where it happened). */
+    Copy checkCopy(SessionMeshSession s) {
         try {
-            Optional<RemoteSession> r = client.get(s.getIdInternal(), false);
+            SidecarClient.Lookup l = client.lookup(s.getIdInternal(), false);
             ok();
-            if (r.isEmpty()) {
-                return !s.pendingCreate;
+            if (l.status == 410) {
+                return Copy.INVALIDATED;
             }
-            s.takeRemote(r.get(), Map.of());
-            return s.getIdleTimeInternal() >= s.getMaxInactiveInterval() * 1000L;
+            if (l.session == null) {
+                return Copy.EXPIRED;
+            }
+            if (l.session.lastAccessedMs > s.servedHereMs + MOVED_SLACK_MS && !s.hasDeltas()) {
+                return Copy.MOVED;
+            }
+            s.takeTimes(l.session);
+            return Copy.KEEP;
         } catch (IOException e) {
             unreachable("expiry check", e);
-            return false;
+            return Copy.UNKNOWN;
         }
+    }
+
+    /** Drops a local copy without ending the session (sessionWillPassivate). */
+    void dropCopy(SessionMeshSession s) {
+        s.passivate();
+        sessions.remove(s.getIdInternal());
     }
 
     /** An invalidation (or expiry) here: final on every member. */

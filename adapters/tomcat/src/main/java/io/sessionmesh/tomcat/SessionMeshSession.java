@@ -22,6 +22,10 @@ public class SessionMeshSession extends StandardSession {
     volatile transient boolean pendingCreate;
     /** Filled from the sidecar: no deltas, no listeners. */
     private transient boolean loading;
+    /** setMaxInactiveInterval since the last flush: sent with the next delta. */
+    volatile transient boolean timeoutDirty;
+    /** When this node last served the session (0: never). */
+    volatile transient long servedHereMs;
 
     public SessionMeshSession(Manager manager) {
         super(manager);
@@ -68,10 +72,11 @@ public class SessionMeshSession extends StandardSession {
     }
 
     boolean hasDeltas() {
-        return !dirty.isEmpty() || !removed.isEmpty();
+        return !dirty.isEmpty() || !removed.isEmpty() || timeoutDirty;
     }
 
     void clearDeltas() {
+        timeoutDirty = false;
         dirty.clear();
         removed.clear();
         read.clear();
@@ -92,6 +97,16 @@ public class SessionMeshSession extends StandardSession {
                     attributes.put(e.getKey(), e.getValue());
                 }
             }
+            takeTimes(r);
+        } finally {
+            loading = false;
+        }
+    }
+
+    /** Takes the sidecar's access times and timeout only (not the attributes). */
+    void takeTimes(RemoteSession r) {
+        loading = true;
+        try {
             creationTime = r.createdMs;
             if (r.lastAccessedMs > lastAccessedTime) {
                 lastAccessedTime = r.lastAccessedMs;
@@ -99,7 +114,7 @@ public class SessionMeshSession extends StandardSession {
             if (r.lastAccessedMs > thisAccessedTime) {
                 thisAccessedTime = r.lastAccessedMs;
             }
-            if (r.maxInactiveSeconds > 0) {
+            if (r.maxInactiveSeconds > 0 && !timeoutDirty) {
                 maxInactiveInterval = r.maxInactiveSeconds;
             }
         } finally {
@@ -107,22 +122,51 @@ public class SessionMeshSession extends StandardSession {
         }
     }
 
+    @Override
+    public void setMaxInactiveInterval(int interval) {
+        boolean changed = interval != maxInactiveInterval;
+        super.setMaxInactiveInterval(interval);
+        if (changed && !loading) {
+            timeoutDirty = true;
+        }
+    }
+
+    @Override
+    public void access() {
+        super.access();
+        servedHereMs = System.currentTimeMillis();
+    }
+
     /** Expiry is the sidecar's: a session idle here may be in use on another
-     *  member. It is expired here (with sessionDestroyed on this node) only
-     *  once the sidecar no longer has it. */
+     *  member. A copy idle here for half its timeout is checked with the
+     *  sidecar (Manager.checkCopy): expired there, it expires here with
+     *  sessionDestroyed; served since by another member, or invalidated, the
+     *  copy is dropped silently. During a request the valve's fresh read has
+     *  already decided. */
     @Override
     public boolean isValid() {
         if (!isValid) {
             return false;
         }
-        if (expiring) {
-            return true;
+        if (expiring || maxInactiveInterval <= 0 || pendingCreate) {
+            return isValid;
         }
-        if (maxInactiveInterval > 0 && getIdleTimeInternal() >= maxInactiveInterval * 1000L) {
-            SessionMeshManager m = (SessionMeshManager) manager;
-            if (m.goneEverywhere(this)) {
+        SessionMeshManager m = (SessionMeshManager) manager;
+        long halfMs = Math.max(1000L, maxInactiveInterval * 500L);
+        if (m.inRequest() || getIdleTimeInternal() < halfMs) {
+            return isValid;
+        }
+        switch (m.checkCopy(this)) {
+            case EXPIRED:
                 expire(true);
-            }
+                break;
+            case MOVED:
+            case INVALIDATED:
+                m.dropCopy(this);
+                isValid = false;
+                break;
+            default:
+                break;
         }
         return isValid;
     }

@@ -80,15 +80,31 @@ final class SidecarClient {
 
     /** The session, or empty when it does not exist, expired or was invalidated. */
     Optional<RemoteSession> get(String id, boolean touch) throws IOException {
+        return Optional.ofNullable(lookup(id, touch).session);
+    }
+
+    /** What the sidecar knows of a session: 200 with its copy, 404 (unknown
+     *  or expired), or 410 (invalidated: final). */
+    static final class Lookup {
+        final int status;
+        final RemoteSession session;
+
+        Lookup(int status, RemoteSession session) {
+            this.status = status;
+            this.session = session;
+        }
+    }
+
+    Lookup lookup(String id, boolean touch) throws IOException {
         HttpResponse<String> r = send(req(path(id) + (touch ? "" : "?touch=false")).GET().build());
         if (r.statusCode() == 404 || r.statusCode() == 410) {
-            return Optional.empty();
+            return new Lookup(r.statusCode(), null);
         }
         if (r.statusCode() != 200) {
             throw new Refused(r.statusCode(), r.body());
         }
         try {
-            return Optional.of(RemoteSession.fromJson(r.body()));
+            return new Lookup(200, RemoteSession.fromJson(r.body()));
         } catch (IllegalArgumentException e) {
             throw new Refused(r.statusCode(), "a malformed session (" + e.getMessage() + ")");
         }
@@ -96,7 +112,8 @@ final class SidecarClient {
 
     void create(String id, int maxInactiveSeconds, Map<String, byte[]> attributes) throws IOException {
         path(id);
-        String body = "{\"id\":" + Json.quote(id) + ",\"maxInactiveSeconds\":" + maxInactiveSeconds
+        // Tomcat: 0 or less never expires; the sidecar: 0 never expires.
+        String body = "{\"id\":" + Json.quote(id) + ",\"maxInactiveSeconds\":" + Math.max(0, maxInactiveSeconds)
             + ",\"attributes\":" + Json.attributes(attributes) + "}";
         HttpResponse<String> r = send(req("/v1/sessions").header("Content-Type", "application/json")
             .POST(json(body)).build());

@@ -76,4 +76,30 @@ public class SessionDeltaTest {
         assertEquals(Set.of("mine"), s.dirty);
         assertEquals(Set.of("kept"), s.removed);
     }
+
+    @Test
+    public void aNewTimeoutIsADeltaAndIsNotUndoneByTheSidecarsCopy() {
+        s.setMaxInactiveInterval(1800);
+        s.clearDeltas();
+        s.setMaxInactiveInterval(1800);
+        assertFalse("unchanged", s.hasDeltas());
+        s.setMaxInactiveInterval(2);
+        assertTrue(s.timeoutDirty);
+        s.takeRemote(new RemoteSession("ABC", 1L, 2L, 1800, 0L, Map.of()), Map.of());
+        assertEquals(2, s.getMaxInactiveInterval());
+        s.clearDeltas();
+        s.takeRemote(new RemoteSession("ABC", 1L, 2L, 600, 0L, Map.of()), Map.of());
+        assertEquals(600, s.getMaxInactiveInterval());
+        assertFalse(s.hasDeltas());
+    }
+
+    @Test
+    public void takingTheTimesKeepsTheAttributes() {
+        s.setAttribute("user", "alice");
+        s.clearDeltas();
+        s.takeTimes(new RemoteSession("ABC", 1L, 9000L, 60, 0L, Map.of()));
+        assertEquals("alice", s.getAttribute("user"));
+        assertEquals(60, s.getMaxInactiveInterval());
+        assertTrue(s.getLastAccessedTimeInternal() >= 9000L);
+    }
 }

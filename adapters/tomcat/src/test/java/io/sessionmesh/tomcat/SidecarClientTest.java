@@ -57,6 +57,15 @@ public class SidecarClientTest {
     }
 
     @Test
+    public void aTimeoutChangeIsSentAndNeverExpiringIsZero() throws IOException {
+        client.patch("ABC", Map.of(), List.of(), 2);
+        status = 201;
+        client.create("DEF", -1, Map.of());
+        assertEquals(List.of("PATCH /v1/sessions/ABC Bearer tok {\"set\":{},\"remove\":[],\"maxInactiveSeconds\":2}",
+            "POST /v1/sessions Bearer tok {\"id\":\"DEF\",\"maxInactiveSeconds\":0,\"attributes\":{}}"), seen);
+    }
+
+    @Test
     public void aMissingSessionIsEmptyAndAMalformedOneIsRefused() throws IOException {
         status = 404;
         assertFalse(client.get("ABC", false).isPresent());

@@ -1,0 +1,1 @@
+<%@ page contentType="application/json" session="false" %><%= e2e.Events.drain() %>

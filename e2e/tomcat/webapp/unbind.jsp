@@ -1,0 +1,3 @@
+<%@ page contentType="application/json" %><%
+session.removeAttribute("bound");
+%>{"node":"<%= System.getProperty("node") %>"}
