@@ -448,3 +448,75 @@ async fn the_local_api_refuses_requests_a_browser_can_forge() {
     );
     assert_eq!(raw_status(a, "GET /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer 0123456789abcdef0123456789abcdef\r\n\r\n"), 200);
 }
+
+/// `ETag` and `If-None-Match`: a copy at the current version is answered
+/// `304` with no body; a touch keeps the version; a write, here or on a peer,
+/// changes it. A `PATCH` names the version it was applied to and the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_checks_its_copy_with_etags() {
+    let cl = started(2, &["--send", "sync"]).await;
+    let (mut a, mut b) = (cl.client(0), cl.client(1));
+    let r = a
+        .post("/v1/sessions", r#"{"id":"E1"}"#)
+        .await
+        .expect("post");
+    assert_eq!(r.status, 201);
+    let created = r.headers["etag"].to_str().expect("etag").to_owned();
+    let r = get(&mut a, created.clone()).await;
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert_eq!(r.headers["etag"], created.as_str());
+    assert_eq!(get(&mut a, "\"0\"".into()).await.status, 200);
+    // A touch keeps the version.
+    assert_eq!(
+        a.post("/v1/sessions/E1/touch", "")
+            .await
+            .expect("touch")
+            .status,
+        204
+    );
+    assert_eq!(get(&mut a, created.clone()).await.status, 304);
+    // A PATCH: applied to the created version, answered with the new one.
+    let r = a
+        .request(
+            hyper::Method::PATCH,
+            "/v1/sessions/E1",
+            r#"{"set":{"u":"YQ=="}}"#,
+        )
+        .await
+        .expect("patch");
+    assert_eq!(r.status, 204);
+    assert_eq!(r.headers["sessionmesh-prior-etag"], created.as_str());
+    let patched = r.headers["etag"].to_str().expect("etag").to_owned();
+    assert_ne!(patched, created);
+    assert_eq!(get(&mut a, created.clone()).await.status, 200, "stale copy");
+    assert_eq!(get(&mut a, patched.clone()).await.status, 304);
+    // The peer holds the same version; its own write changes it for both.
+    assert_eq!(get(&mut b, patched.clone()).await.status, 304);
+    let r = b
+        .request(
+            hyper::Method::PATCH,
+            "/v1/sessions/E1",
+            r#"{"remove":["u"]}"#,
+        )
+        .await
+        .expect("patch");
+    assert_eq!(r.headers["sessionmesh-prior-etag"], patched.as_str());
+    let r = get(&mut a, patched).await;
+    assert_eq!(r.status, 200, "a peer's write is seen as a new version");
+    assert_eq!(r.json()["attributes"], serde_json::json!({}));
+}
+
+async fn get(
+    c: &mut sessionmesh_sidecar::demo::client::Client,
+    tag: String,
+) -> sessionmesh_sidecar::demo::client::Reply {
+    c.request_with(
+        hyper::Method::GET,
+        "/v1/sessions/E1?touch=false",
+        &[("if-none-match", tag)],
+        "",
+    )
+    .await
+    .expect("get")
+}

@@ -1,8 +1,8 @@
 //! `sessionmesh-bench [scenario]`: figures for a 3-member cluster on loopback,
 //! printed as `name value unit` lines. Scenarios: demo (wrk through HAProxy),
-//! failover, rolling, store (versus redis-server), writes, lag, detect (SIGKILL
-//! and SIGSTOP),
-//! transfer (includes rss), all (default).
+//! failover, rolling, store (versus redis-server), resp, tomcat (the Tomcat
+//! Manager versus StandardManager and DeltaManager), writes, lag, detect
+//! (SIGKILL and SIGSTOP), transfer (includes rss), all (default).
 
 use sessionmesh_sidecar::demo::localcluster::{cpu_seconds, metric, rss_bytes, LocalCluster};
 use sessionmesh_sidecar::demo::stack::{AppSpec, LbChoice, Stack, User};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 mod cluster;
 mod demo;
 mod redis;
+mod tomcat;
 
 use cluster::*;
 use demo::*;
@@ -134,9 +135,11 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         "rolling" => rolling().await?,
         "store" => store(secs).await?,
         "resp" => resp(quick).await?,
+        "tomcat" => tomcat::tomcat(secs, demo_rounds(quick)).await?,
         "all" => {
             resp(quick).await?;
             demo(secs, demo_rounds(quick)).await?;
+            tomcat::tomcat(secs, demo_rounds(quick)).await?;
             failover(if quick { 3 } else { 11 }).await?;
             rolling().await?;
             store(secs).await?;
@@ -147,7 +150,7 @@ pub(crate) async fn main() -> anyhow::Result<()> {
             detect_hung(if quick { 3 } else { 10 }).await?;
             transfer(if quick { 10_000 } else { 100_000 }).await?;
         }
-        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, resp, writes, lag, detect, transfer, all"),
+        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, resp, tomcat, writes, lag, detect, transfer, all"),
     }
     Ok(())
 }

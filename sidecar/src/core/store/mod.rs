@@ -151,6 +151,22 @@ pub struct Session {
 }
 
 impl Session {
+    /// What a reader of the session sees, as a fingerprint (the HTTP API's
+    /// `ETag`): the live attributes by their write stamps, the timeout and the
+    /// last clear. Not the access time, so a touch keeps it; any write of an
+    /// attribute, here or replicated from a peer, changes it.
+    pub fn etag(&self) -> u64 {
+        let mut buf = Vec::with_capacity(32 + 24 * self.attrs.len());
+        buf.extend_from_slice(&self.max_inactive_ms.to_le_bytes());
+        push_hlc(&mut buf, &self.cleared);
+        for (k, a) in self.attrs.iter().filter(|(_, a)| a.value.is_some()) {
+            buf.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            buf.extend_from_slice(k.as_bytes());
+            push_hlc(&mut buf, &a.hlc);
+        }
+        fnv1a(&buf)
+    }
+
     pub fn expires_at_ms(&self) -> Option<u64> {
         (self.max_inactive_ms > 0)
             .then(|| self.last_accessed_ms.saturating_add(self.max_inactive_ms))

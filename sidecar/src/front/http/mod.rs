@@ -20,7 +20,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -501,7 +501,9 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
         (&Method::GET, ["metrics"]) => probes::metrics(h).await,
         (&Method::POST, ["v1", "sessions"]) => sessions::create(req, h, &q).await,
         (&Method::GET, ["v1", "sessions"]) => sessions::list(h, &q).await,
-        (&Method::GET, ["v1", "sessions", id]) => sessions::get(h, &q, id).await,
+        (&Method::GET, ["v1", "sessions", id]) => {
+            sessions::get(h, &q, id, req.headers().get(IF_NONE_MATCH)).await
+        }
         (&Method::PATCH, ["v1", "sessions", id]) => sessions::patch(req, h, &q, id).await,
         (&Method::DELETE, ["v1", "sessions", id]) => sessions::delete(h, &q, id).await,
         (&Method::POST, ["v1", "sessions", id, "touch"]) => sessions::touch(h, id).await,

@@ -15,10 +15,58 @@ pub(super) async fn create(req: Request<Incoming>, h: &Handle, q: &Query) -> Res
     let mi = max_inactive(b.max_inactive_seconds)?;
     write(h, id.clone(), ops, mi, mode).await?;
     let s = read(h, id.clone(), false).await?;
-    Ok(json_resp(
-        StatusCode::CREATED,
-        &session_json(&id, &s, &h.jvm_route),
+    Ok(with_etag(
+        json_resp(StatusCode::CREATED, &session_json(&id, &s, &h.jvm_route)),
+        s.etag(),
     ))
+}
+
+/// A session's `ETag`: its version (`Session::etag`) in quotes.
+fn etag(version: u64) -> hyper::header::HeaderValue {
+    hyper::header::HeaderValue::from_str(&format!("\"{version:016x}\""))
+        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("\"\""))
+}
+
+fn with_etag(mut r: Resp, version: u64) -> Resp {
+    r.headers_mut().insert(ETAG, etag(version));
+    r
+}
+
+/// On a write's answer: the version the write was applied to.
+const PRIOR_ETAG: &str = "sessionmesh-prior-etag";
+
+/// A write that reports the session's version before and after it, read in
+/// the same transaction: a client whose copy was at the prior version holds,
+/// with its own change applied, exactly the new one.
+async fn write_versioned(
+    h: &Handle,
+    id: SessionId,
+    ops: Vec<Op>,
+    mi: Option<u64>,
+    mode: Option<SendMode>,
+) -> Result<(Option<u64>, Option<u64>), Resp> {
+    let r = h
+        .txn(move |tx| {
+            let (now, grace) = (tx.now(), tx.core().cfg.touch_flush_ms);
+            let key = id.clone();
+            let version =
+                move |c: &crate::core::Core| c.store.get(&key, now, grace).ok().map(Session::etag);
+            let before = version(tx.core());
+            match tx.write(id, ops, mi, mode, None) {
+                Ok(None) => Step::Ready(Ok((before, version(tx.core())))),
+                Ok(Some(t)) => {
+                    let after = version(tx.core());
+                    Step::after(move |r| r[t.0].clone().map(|()| (before, after)))
+                }
+                Err(e) => Step::Ready(Err(e)),
+            }
+        })
+        .await;
+    match r {
+        None => Err(unavailable()),
+        Some(Err(e)) => Err(write_err(e)),
+        Some(Ok(v)) => Ok(v),
+    }
 }
 
 pub(super) async fn list(h: &Handle, q: &Query) -> Result<Resp, Resp> {
@@ -51,13 +99,26 @@ pub(super) async fn list(h: &Handle, q: &Query) -> Result<Resp, Resp> {
     ))
 }
 
-pub(super) async fn get(h: &Handle, q: &Query, id: &str) -> Result<Resp, Resp> {
+/// The session; `304 Not Modified` (no body) when `If-None-Match` names its
+/// current version, so a client can check its copy cheaply.
+pub(super) async fn get(
+    h: &Handle,
+    q: &Query,
+    id: &str,
+    if_none_match: Option<&hyper::header::HeaderValue>,
+) -> Result<Resp, Resp> {
     let id = sid(id)?;
     let touch = q.get("touch").is_none_or(|t| t != "false");
     let s = read(h, id.clone(), touch).await?;
-    Ok(json_resp(
-        StatusCode::OK,
-        &session_json(&id, &s, &h.jvm_route),
+    let v = s.etag();
+    if if_none_match.is_some_and(|m| m.as_bytes() == etag(v).as_bytes()) {
+        let mut r = no_content();
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        return Ok(with_etag(r, v));
+    }
+    Ok(with_etag(
+        json_resp(StatusCode::OK, &session_json(&id, &s, &h.jvm_route)),
+        v,
     ))
 }
 
@@ -73,8 +134,16 @@ pub(super) async fn patch(
     let mut ops = decode_attrs(b.set)?;
     ops.extend(b.remove.into_iter().map(|name| Op::Remove { name }));
     ops.push(Op::Touch);
-    write(h, id, ops, max_inactive(b.max_inactive_seconds)?, mode).await?;
-    Ok(no_content())
+    let mi = max_inactive(b.max_inactive_seconds)?;
+    let (before, after) = write_versioned(h, id, ops, mi, mode).await?;
+    let mut r = no_content();
+    if let Some(a) = after {
+        r = with_etag(r, a);
+    }
+    if let Some(b) = before {
+        r.headers_mut().insert(PRIOR_ETAG, etag(b));
+    }
+    Ok(r)
 }
 
 pub(super) async fn delete(h: &Handle, q: &Query, id: &str) -> Result<Resp, Resp> {

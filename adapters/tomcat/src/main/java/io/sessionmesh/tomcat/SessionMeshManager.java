@@ -12,7 +12,6 @@ import java.util.HashMap;
 import java.util.LinkedHashMap;
 import java.util.LinkedHashSet;
 import java.util.Map;
-import java.util.Optional;
 import java.util.Set;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.regex.Pattern;
@@ -59,6 +58,7 @@ public class SessionMeshManager extends ManagerBase {
     private final AtomicLong replicationErrors = new AtomicLong();
     private final AtomicLong degradedRequests = new AtomicLong();
     private final AtomicLong remoteReads = new AtomicLong();
+    private final AtomicLong notModified = new AtomicLong();
     /** Sessions read from the sidecar during the current request, by requested id. */
     private final ThreadLocal<Map<String, Session>> fresh = new ThreadLocal<>();
 
@@ -118,6 +118,10 @@ public class SessionMeshManager extends ManagerBase {
         return remoteReads.get();
     }
 
+    public long getNotModifiedReads() {
+        return notModified.get();
+    }
+
     public boolean isSidecarReachable() {
         return reachable;
     }
@@ -153,6 +157,9 @@ public class SessionMeshManager extends ManagerBase {
             sessions.remove(s.getIdInternal());
         }
         super.stopInternal();
+        if (client != null) {
+            client.close();
+        }
     }
 
     /** Nothing to load: the sidecar holds the sessions. */
@@ -204,7 +211,7 @@ public class SessionMeshManager extends ManagerBase {
         Session s = super.createSession(sessionId);
         SessionMeshSession sm = (SessionMeshSession) s;
         try {
-            client.create(s.getIdInternal(), s.getMaxInactiveInterval(), Map.of());
+            sm.etag = client.create(s.getIdInternal(), s.getMaxInactiveInterval(), Map.of());
             ok();
         } catch (SidecarClient.Refused e) {
             replicationErrors.incrementAndGet();
@@ -231,13 +238,21 @@ public class SessionMeshManager extends ManagerBase {
             return f.get(id);
         }
         Session local = sessions.get(id);
+        SessionMeshSession mine = local instanceof SessionMeshSession ? (SessionMeshSession) local : null;
         Session result;
         try {
-            Optional<RemoteSession> remote = client.get(id, false);
+            // A local copy at the sidecar's version is answered 304, no body.
+            String known = mine != null && !mine.pendingCreate ? mine.etag : null;
+            SidecarClient.Lookup l = client.lookup(id, false, known);
             ok();
-            remoteReads.incrementAndGet();
-            if (remote.isPresent()) {
-                result = fromRemote(local, id, remote.get());
+            if (l.status == 304 && mine != null) {
+                notModified.incrementAndGet();
+                result = mine;
+            } else if (l.session != null) {
+                remoteReads.incrementAndGet();
+                SessionMeshSession s = fromRemote(local, id, l.session);
+                s.etag = l.etag;
+                result = s;
             } else if (local instanceof SessionMeshSession && ((SessionMeshSession) local).pendingCreate) {
                 result = local; // created here while the sidecar was away
             } else {
@@ -262,7 +277,7 @@ public class SessionMeshManager extends ManagerBase {
         return result;
     }
 
-    private Session fromRemote(Session local, String id, RemoteSession r) {
+    private SessionMeshSession fromRemote(Session local, String id, RemoteSession r) {
         SessionMeshSession s = local instanceof SessionMeshSession ? (SessionMeshSession) local : null;
         if (s == null) {
             s = (SessionMeshSession) createEmptySession();
@@ -333,13 +348,16 @@ public class SessionMeshManager extends ManagerBase {
         String id = s.getIdInternal();
         try {
             if (s.pendingCreate) {
-                client.create(id, s.getMaxInactiveInterval(), set);
+                s.etag = client.create(id, s.getMaxInactiveInterval(), set);
                 s.pendingCreate = false;
             } else if (set.isEmpty() && s.removed.isEmpty() && !s.timeoutDirty) {
-                client.touch(id);
+                client.touch(id); // keeps the version
             } else {
-                client.patch(id, set, new ArrayList<>(s.removed),
+                SidecarClient.Written w = client.patch(id, set, new ArrayList<>(s.removed),
                     s.timeoutDirty ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null);
+                // The copy here is the new version only if the delta was applied
+                // to the version it was read at (no write from elsewhere between).
+                s.etag = w.prior != null && w.prior.equals(s.etag) ? w.etag : null;
             }
             s.clearDeltas();
             ok();
@@ -370,7 +388,7 @@ public class SessionMeshManager extends ManagerBase {
      *  listeners: it lives on, or its end was announced where it happened). */
     Copy checkCopy(SessionMeshSession s) {
         try {
-            SidecarClient.Lookup l = client.lookup(s.getIdInternal(), false);
+            SidecarClient.Lookup l = client.lookup(s.getIdInternal(), false, null);
             ok();
             if (l.status == 410) {
                 return Copy.INVALIDATED;
@@ -429,6 +447,9 @@ public class SessionMeshManager extends ManagerBase {
             try {
                 client.rename(old, newId);
                 ok();
+                if (session instanceof SessionMeshSession) {
+                    ((SessionMeshSession) session).etag = null;
+                }
             } catch (IOException e) {
                 replicationErrors.incrementAndGet();
                 log.warn("sessionmesh: renaming a session in the sidecar failed: " + e);

@@ -24,6 +24,8 @@ public class SessionMeshSession extends StandardSession {
     private transient boolean loading;
     /** setMaxInactiveInterval since the last flush: sent with the next delta. */
     volatile transient boolean timeoutDirty;
+    /** The sidecar's version (ETag) this copy is known to match; null: unknown. */
+    volatile transient String etag;
     /** When this node last served the session (0: never). */
     volatile transient long servedHereMs;
 

@@ -51,7 +51,9 @@ public class SidecarClientTest {
 
     @Test
     public void aDeltaIsOnePatchOfTheChangedAttributes() throws IOException {
-        client.patch("ABC.node1", Map.of("user", new byte[] {1, 2, 3}), List.of("cart"), null);
+        SidecarClient.Written w =
+            client.patch("ABC.node1", Map.of("user", new byte[] {1, 2, 3}), List.of("cart"), null);
+        assertEquals(null, w.etag);
         assertEquals(List.of("PATCH /v1/sessions/ABC.node1 Bearer tok {\"set\":{\"user\":\"AQID\"},\"remove\":[\"cart\"]}"),
             seen);
     }
