@@ -117,6 +117,23 @@ async fn lost_after_sigkill(st: &mut Stack) -> anyhow::Result<usize> {
     Ok(lost)
 }
 
+/// Every stack, with its users logged in.
+async fn start_all() -> anyhow::Result<(Vec<(&'static str, Stack)>, Vec<PathBuf>)> {
+    let mut stacks = Vec::new();
+    let mut scripts = Vec::new();
+    for kind in KINDS {
+        let t = Instant::now();
+        let st = start(kind).await?;
+        println!(
+            "# tomcat: {kind} stack up in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        scripts.push(users_script(&st).await?);
+        stacks.push((kind, st));
+    }
+    Ok((stacks, scripts))
+}
+
 pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
     let Some(_) = which("java") else {
         println!("# tomcat: skipped, Java is not installed (e2e/setup.sh installs it)");
@@ -133,20 +150,7 @@ pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
          each request writes the session",
         loadavg()
     );
-    let mut stacks = Vec::new();
-    for kind in KINDS {
-        let t = Instant::now();
-        let st = start(kind).await?;
-        println!(
-            "# tomcat: {kind} stack up in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        stacks.push((kind, st));
-    }
-    let mut scripts = Vec::new();
-    for (_, st) in &stacks {
-        scripts.push(users_script(st).await?);
-    }
+    let (mut stacks, scripts) = start_all().await?;
     // Requests/s, p99, and CPU µs per request of [sidecars, Tomcats, HAProxy].
     let run = |k: usize, secs: u64| -> anyhow::Result<(f64, f64, [f64; 3])> {
         let (kind, st) = &stacks[k];
@@ -188,7 +192,22 @@ pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
             ratios[k].push(this[k] / this[0]);
         }
     }
-    for (k, (kind, _)) in stacks.iter().enumerate() {
+    report(&mut rps, &mut p99, &mut ratios);
+    for (kind, st) in stacks.iter_mut().skip(1) {
+        let lost = lost_after_sigkill(st).await?;
+        figure(
+            &format!("tomcat_lost_of_{LOSS_SESSIONS}_after_sigkill_{kind}"),
+            lost as f64,
+            "sessions",
+        );
+    }
+    println!("# tomcat: load average at end {}", loadavg());
+    Ok(())
+}
+
+/// Medians (and the ratios' ranges) over the rounds, per stack.
+fn report(rps: &mut [Vec<f64>], p99: &mut [Vec<f64>], ratios: &mut [Vec<f64>]) {
+    for (k, kind) in KINDS.iter().enumerate() {
         figure(
             &format!("tomcat_rps_c{CONNS}_{kind}"),
             pct(&mut rps[k], 0.5),
@@ -210,14 +229,4 @@ pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
             figure(&format!("tomcat_ratio_{kind}_max"), hi, "ratio");
         }
     }
-    for (kind, st) in stacks.iter_mut().skip(1) {
-        let lost = lost_after_sigkill(st).await?;
-        figure(
-            &format!("tomcat_lost_of_{LOSS_SESSIONS}_after_sigkill_{kind}"),
-            lost as f64,
-            "sessions",
-        );
-    }
-    println!("# tomcat: load average at end {}", loadavg());
-    Ok(())
 }
