@@ -1,3 +1,3 @@
 <%@ page contentType="application/json" %><%
 session.removeAttribute("bound");
-%>{"node":"<%= System.getProperty("node") %>"}
+%>{"node":"<%= System.getProperty("node", String.valueOf(System.getenv("HOSTNAME"))) %>"}

@@ -414,8 +414,9 @@ impl Stack {
         );
         self.start_app(i)?;
         self.set_maint(i, false)?;
+        // A JVM app under load takes seconds to start.
         anyhow::ensure!(
-            self.wait_lb_up(i, Duration::from_secs(10)).await,
+            self.wait_lb_up(i, Duration::from_secs(60)).await,
             "load balancer never saw node{} up again",
             i + 1
         );

@@ -140,7 +140,9 @@ public class SessionMeshManager extends ManagerBase {
         client = new SidecarClient(base, System.getenv("SESSIONMESH_API_TOKEN"), Duration.ofMillis(timeoutMs));
         ignore = ignorePattern == null || ignorePattern.isEmpty() ? null : Pattern.compile(ignorePattern);
         getContext().getPipeline().addValve(new SessionMeshValve(this));
-        log.info("sessionmesh: sessions of " + getContext().getName() + " are kept by the sidecar at " + base
+        String name = getContext().getName();
+        log.info("sessionmesh: sessions of " + (name == null || name.isEmpty() ? "/ (ROOT)" : name)
+            + " are kept by the sidecar at " + base
             + " (saveMode " + saveMode + ")");
         setState(LifecycleState.STARTING);
     }
