@@ -117,6 +117,46 @@ async fn lost_after_sigkill(st: &mut Stack) -> anyhow::Result<usize> {
     Ok(lost)
 }
 
+/// Requests/s, p99, and CPU µs per request of [sidecars, Tomcats, HAProxy].
+fn run_wrk(
+    (kind, st): &(&'static str, Stack),
+    script: &std::path::Path,
+    secs: u64,
+) -> anyhow::Result<(f64, f64, [f64; 3])> {
+    let before = stack_cpu(st);
+    let url = format!("http://{}/whoami", st.lb_addr);
+    let (rps, _p50, p99, bad) = wrk(&url, CONNS, secs, script)?;
+    let after = stack_cpu(st);
+    if bad > 0 {
+        println!("# tomcat: {kind}: {bad} requests failed or were logged out (non-2xx)");
+    }
+    let reqs = rps * secs as f64;
+    Ok((rps, p99, [0, 1, 2].map(|i| (after[i] - before[i]) / reqs)))
+}
+
+/// JIT warm-up: a JVM under this load keeps compiling for a minute or more,
+/// and its throughput grows by steps; runs until the last three agree within
+/// 5% (at least 6 runs, at most 24).
+fn warm_up(
+    kind: &str,
+    mut run: impl FnMut() -> anyhow::Result<f64>,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    loop {
+        seen.push(run()?);
+        let n = seen.len();
+        let tail = &seen[n.saturating_sub(3)..];
+        let (lo, hi) = tail
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+        if (n >= 6 && hi <= 1.05 * lo) || n >= 24 {
+            println!("# tomcat: {kind} warmed up in {n} runs of {secs} s: {seen:.0?} req/s");
+            return Ok(());
+        }
+    }
+}
+
 /// Every stack, with its users logged in.
 async fn start_all() -> anyhow::Result<(Vec<(&'static str, Stack)>, Vec<PathBuf>)> {
     let mut stacks = Vec::new();
@@ -151,40 +191,9 @@ pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
         loadavg()
     );
     let (mut stacks, scripts) = start_all().await?;
-    // Requests/s, p99, and CPU µs per request of [sidecars, Tomcats, HAProxy].
-    let run = |k: usize, secs: u64| -> anyhow::Result<(f64, f64, [f64; 3])> {
-        let (kind, st) = &stacks[k];
-        let before = stack_cpu(st);
-        let (rps, _p50, p99, bad) = wrk(
-            &format!("http://{}/whoami", st.lb_addr),
-            CONNS,
-            secs,
-            &scripts[k],
-        )?;
-        let after = stack_cpu(st);
-        if bad > 0 {
-            println!("# tomcat: {kind}: {bad} requests failed or were logged out (non-2xx)");
-        }
-        let reqs = rps * secs as f64;
-        Ok((rps, p99, [0, 1, 2].map(|i| (after[i] - before[i]) / reqs)))
-    };
-    // JIT warm-up: a JVM under this load keeps compiling for a minute or
-    // more, and its throughput grows by steps; runs of `secs` until the last
-    // three agree within 5% (at least 6 runs, at most 24).
+    let run = |k: usize, secs: u64| run_wrk(&stacks[k], &scripts[k], secs);
     for (k, (kind, _)) in stacks.iter().enumerate() {
-        let mut seen = Vec::new();
-        loop {
-            seen.push(run(k, secs)?.0);
-            let n = seen.len();
-            let tail = &seen[n.saturating_sub(3)..];
-            let (lo, hi) = tail
-                .iter()
-                .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
-            if (n >= 6 && hi <= 1.05 * lo) || n >= 24 {
-                println!("# tomcat: {kind} warmed up in {n} runs of {secs} s: {seen:.0?} req/s");
-                break;
-            }
-        }
+        warm_up(kind, || Ok(run(k, secs)?.0), secs)?;
     }
     let mut rps: Vec<Vec<f64>> = vec![Vec::new(); stacks.len()];
     let mut p99: Vec<Vec<f64>> = vec![Vec::new(); stacks.len()];
