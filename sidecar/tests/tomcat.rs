@@ -341,12 +341,13 @@ async fn a_rolling_restart_of_every_tomcat_under_200_users_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     // requests, failed, sessions lost, counter regressions
     let stats: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let failures = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     let mut users = Vec::new();
     for n in 0..200 {
         let mut u = User::new(st.lb_addr);
         let r = u.get(&format!("/login?user=r{n}")).await.expect("login");
         assert_eq!(r.status, 200, "{}", r.text());
-        let (stop, stats) = (stop.clone(), stats.clone());
+        let (stop, stats, failures) = (stop.clone(), stats.clone(), failures.clone());
         users.push(tokio::spawn(async move {
             let mut last = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -363,8 +364,19 @@ async fn a_rolling_restart_of_every_tomcat_under_200_users_loses_nothing() {
                         stats[2].fetch_add(1, Ordering::Relaxed);
                         return;
                     }
-                    _ => {
+                    other => {
                         stats[1].fetch_add(1, Ordering::Relaxed);
+                        let what = match other {
+                            Ok(r) => format!(
+                                "HTTP {} {}",
+                                r.status,
+                                r.text().chars().take(60).collect::<String>()
+                            ),
+                            Err(e) => format!("{e:#}").chars().take(80).collect(),
+                        };
+                        if let Ok(mut f) = failures.lock() {
+                            *f.entry(what).or_insert(0u64) += 1;
+                        }
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 }
@@ -381,9 +393,14 @@ async fn a_rolling_restart_of_every_tomcat_under_200_users_loses_nothing() {
     }
     let s: Vec<u64> = stats.iter().map(|a| a.load(Ordering::Relaxed)).collect();
     println!(
-        "rolling restart of 3 Tomcats: requests {} failed {} lost {} regressions {}",
-        s[0], s[1], s[2], s[3]
+        "rolling restart of 3 Tomcats: requests {} failed {} lost {} regressions {}; failures {:?}",
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        failures.lock().map(|f| f.clone()).unwrap_or_default()
     );
+    println!("load balancer: {}", st.lb_report());
     assert!(s[0] > 1000, "too little load to mean anything");
     assert_eq!(s[2], 0, "sessions lost in a rolling restart");
     assert_eq!(s[3], 0, "counter regressions in a rolling restart");

@@ -371,6 +371,23 @@ impl Stack {
         }
     }
 
+    /// Waits until the app of node `i` answers `GET /health` with 200 itself.
+    pub async fn wait_app_healthy(&self, i: usize, within: Duration) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.app_ports[i]));
+        let t = Instant::now();
+        while t.elapsed() < within {
+            let mut c = crate::demo::client::Client::new(addr);
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), c.get("/health")).await
+            {
+                if r.status == 200 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     pub async fn wait_lb_up(&self, i: usize, within: Duration) -> bool {
         let t = Instant::now();
         while t.elapsed() < within {
@@ -413,8 +430,15 @@ impl Stack {
             i + 1
         );
         self.start_app(i)?;
-        self.set_maint(i, false)?;
+        // Out of maintenance only once the app answers: HAProxy takes a server
+        // out of MAINT as UP with its last check result, from before the stop.
         // A JVM app under load takes seconds to start.
+        anyhow::ensure!(
+            self.wait_app_healthy(i, Duration::from_secs(60)).await,
+            "the app of node{} never answered /health after the restart",
+            i + 1
+        );
+        self.set_maint(i, false)?;
         anyhow::ensure!(
             self.wait_lb_up(i, Duration::from_secs(60)).await,
             "load balancer never saw node{} up again",
