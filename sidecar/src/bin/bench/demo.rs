@@ -102,21 +102,29 @@ pub(crate) async fn cookie_script(st: &Stack, users: usize) -> anyhow::Result<Pa
                     .join("; "),
             );
         }
-        let script = st.cl.dir.join("cookies.lua");
-        let list = cookies
-            .iter()
-            .map(|c| format!("{c:?}"))
-            .collect::<Vec<_>>()
-            .join(",\n  ");
-        std::fs::write(
-            &script,
-            format!(
-                "cookies = {{\n  {list}\n}}\ncounter = math.random(1, #cookies)\nrequest = function()\n  counter = counter + 1\n  \
-                 return wrk.format(\"GET\", \"/\", {{ [\"Cookie\"] = cookies[(counter % #cookies) + 1] }})\nend\n"
-            ),
-        )?;
-        Ok(script)
+        write_script(&st.cl.dir.join("cookies.lua"), &cookies, "/")
     }
+}
+
+/// A wrk script that sends `GET path` with each of `cookies` in turn.
+pub(crate) fn write_script(
+    script: &std::path::Path,
+    cookies: &[String],
+    path: &str,
+) -> anyhow::Result<PathBuf> {
+    let list = cookies
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect::<Vec<_>>()
+        .join(",\n  ");
+    std::fs::write(
+        script,
+        format!(
+            "cookies = {{\n  {list}\n}}\ncounter = math.random(1, #cookies)\nrequest = function()\n  counter = counter + 1\n  \
+             return wrk.format(\"GET\", \"{path}\", {{ [\"Cookie\"] = cookies[(counter % #cookies) + 1] }})\nend\n"
+        ),
+    )?;
+    Ok(script.to_owned())
 }
 
 /// What a user pays for clustering: the demo app behind HAProxy, every request

@@ -5,7 +5,7 @@
 //! stack (`e2e/tomcat/run.sh`, bench profile) behind HAProxy; every request
 //! writes the session (`/whoami` counts visits).
 
-use crate::demo::{stack_cpu, wrk};
+use crate::demo::{stack_cpu, write_script, wrk};
 use crate::*;
 use sessionmesh_sidecar::demo::localcluster::free_port;
 
@@ -72,20 +72,7 @@ async fn users_script(st: &Stack) -> anyhow::Result<PathBuf> {
                 .join("; "),
         );
     }
-    let list = cookies
-        .iter()
-        .map(|c| format!("{c:?}"))
-        .collect::<Vec<_>>()
-        .join(",\n  ");
-    let script = st.cl.dir.join("tomcat-users.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "cookies = {{\n  {list}\n}}\ncounter = math.random(1, #cookies)\nrequest = function()\n  counter = counter + 1\n  \
-             return wrk.format(\"GET\", \"/whoami\", {{ [\"Cookie\"] = cookies[(counter % #cookies) + 1] }})\nend\n"
-        ),
-    )?;
-    Ok(script)
+    write_script(&st.cl.dir.join("tomcat-users.lua"), &cookies, "/whoami")
 }
 
 /// Sessions lost when the Tomcat (and sidecar) that created them is killed
