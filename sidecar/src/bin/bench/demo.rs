@@ -94,16 +94,19 @@ pub(crate) async fn cookie_script(st: &Stack, users: usize) -> anyhow::Result<Pa
         for _ in 0..users {
             let mut u = User::new(st.lb_addr);
             u.visit().await?;
-            cookies.push(
-                u.jar
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            );
+            cookies.push(cookie_header(&u));
         }
         write_script(&st.cl.dir.join("cookies.lua"), &cookies, "/")
     }
+}
+
+/// A user's cookies as one `Cookie` header value.
+pub(crate) fn cookie_header(u: &User) -> String {
+    u.jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A wrk script that sends `GET path` with each of `cookies` in turn.

@@ -5,7 +5,7 @@
 //! stack (`e2e/tomcat/run.sh`, bench profile) behind HAProxy; every request
 //! writes the session (`/whoami` counts visits).
 
-use crate::demo::{stack_cpu, write_script, wrk};
+use crate::demo::{cookie_header, stack_cpu, write_script, wrk};
 use crate::*;
 use sessionmesh_sidecar::demo::localcluster::free_port;
 
@@ -64,13 +64,7 @@ async fn users_script(st: &Stack) -> anyhow::Result<PathBuf> {
         let mut u = User::new(st.lb_addr);
         let r = u.get(&format!("/login?user=u{n}")).await?;
         anyhow::ensure!(r.status == 200, "login: {}", r.status);
-        cookies.push(
-            u.jar
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
+        cookies.push(cookie_header(&u));
     }
     write_script(&st.cl.dir.join("tomcat-users.lua"), &cookies, "/whoami")
 }
