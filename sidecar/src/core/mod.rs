@@ -14,6 +14,7 @@
 //! - nothing here logs session contents or whole session ids.
 
 mod anti_entropy;
+mod changes;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
@@ -228,6 +229,8 @@ pub struct Core {
     /// Peers to run an anti-entropy round with as soon as possible.
     ae_wanted: BTreeSet<String>,
     timers: Timers,
+    /// Sessions changed since the runtime last took them (`changes.rs`).
+    changes: Option<Vec<SessionId>>,
 }
 
 impl Core {
@@ -250,6 +253,7 @@ impl Core {
             dirty_touch: HashSet::new(),
             ae_wanted: BTreeSet::new(),
             timers: Timers::new(&cfg, now_ms),
+            changes: None,
             me,
             cfg,
         };

@@ -284,6 +284,7 @@ impl Core {
                 continue;
             }
             self.store.apply(&d, now_ms);
+            self.note_change(&d);
             self.stats.deltas_applied += 1;
         }
     }

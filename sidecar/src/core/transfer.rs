@@ -168,7 +168,11 @@ impl Core {
                 self.refuse_over_limits(from, &e);
                 continue;
             }
+            let id = self.changes.is_some().then(|| st.id.clone());
             if self.store.merge(st, now_ms) == crate::core::store::Applied::Changed {
+                if let Some(id) = id {
+                    self.note_changed_id(&id);
+                }
                 changed += 1;
             }
         }

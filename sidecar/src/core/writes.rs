@@ -161,6 +161,7 @@ impl Core {
             self.store.remove_if_expired(&d.id, now_ms, grace);
         }
         self.store.apply(&d, now_ms);
+        self.note_change(&d);
         self.dirty_touch.remove(&d.id);
         let waits = self.replicate(d, now_ms);
         let mode = mode.unwrap_or(self.cfg.send);

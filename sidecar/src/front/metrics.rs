@@ -133,6 +133,17 @@ fn io(r: &mut Registry, h: &Handle) {
         "Local HTTP connections closed at once: --http-max-connections were open",
         h.io.http_refused.load(Ordering::Relaxed),
     );
+    r.register(
+        "change_watchers",
+        "Apps watching for changed sessions (GET /v1/changes)",
+        ConstGauge::new(h.watchers.count() as i64),
+    );
+    counter(
+        r,
+        "change_watchers_dropped",
+        "Change watchers dropped for falling too far behind",
+        h.watchers.dropped.load(Ordering::Relaxed),
+    );
     counter(
         r,
         "redis_auth_failures",
@@ -292,6 +303,7 @@ mod tests {
             core_beat: Arc::new(AtomicU64::new(crate::node::mono_ms())),
             test_hooks: false,
             settings: Default::default(),
+            watchers: Arc::default(),
         };
         (st, h)
     }

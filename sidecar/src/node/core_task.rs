@@ -35,6 +35,7 @@ pub(super) struct CoreTask {
     pub(super) io_tx: mpsc::Sender<IoEvent>,
     pub(super) tracker: TaskTracker,
     pub(super) net_cancel: CancellationToken,
+    pub(super) watchers: Arc<super::watch::Watchers>,
 }
 
 /// Lets peer connections in only while the core task is going round its loop.
@@ -61,7 +62,9 @@ impl CoreTask {
         shutdown: CancellationToken,
     ) {
         let (tracker, net_cancel) = (self.tracker.clone(), self.net_cancel.clone());
+        let watchers = self.watchers.clone();
         self.run(mf, cmd_rx, io_rx, shutdown).await;
+        watchers.close_all();
         net_cancel.cancel();
         tracker.close();
         if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
@@ -284,6 +287,16 @@ impl CoreTask {
     }
 
     fn flush(&mut self) {
+        // Changed sessions go to the watching apps before this round's
+        // messages (acknowledgements among them) go to the peers.
+        if self.watchers.count() == 0 {
+            self.core.unwatch_changes();
+        } else {
+            let changes = self.core.take_changes(now_ms());
+            if !changes.is_empty() {
+                self.watchers.publish(&super::watch::encode(&changes));
+            }
+        }
         for o in self.core.drain(now_ms()) {
             match o {
                 Output::Send { to, msg } => {

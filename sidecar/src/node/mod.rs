@@ -16,6 +16,7 @@ mod core_task;
 mod links;
 mod reload;
 pub mod txn;
+pub mod watch;
 
 use core_task::{CoreGate, CoreTask};
 use links::{accept_loop, Listener};
@@ -183,6 +184,8 @@ pub struct Handle {
     pub test_hooks: bool,
     /// The cluster-wide settings this member runs with (`/v1/cluster`).
     pub settings: sessionmesh_api::ClusterSettings,
+    /// Apps watching for changed sessions (`GET /v1/changes`).
+    pub watchers: Arc<watch::Watchers>,
 }
 
 /// The settings a SessionCluster gives every member, as this member uses them.
@@ -275,6 +278,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     let ready = Arc::new(AtomicBool::new(false));
     let known = Arc::new(RwLock::new(mf.names()));
     let core_beat = Arc::new(std::sync::atomic::AtomicU64::new(mono_ms()));
+    let watchers = Arc::new(watch::Watchers::default());
     let handle = Handle {
         cmd_tx,
         ready: ready.clone(),
@@ -286,6 +290,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         core_beat: core_beat.clone(),
         test_hooks: cfg.test_hooks,
         settings: settings_of(&core_cfg),
+        watchers: watchers.clone(),
     };
     // A core silent for this long answers no peer: probes fail and the peers
     // declare it dead, as they would a hung process.
@@ -326,6 +331,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         io_tx,
         tracker: tracker.clone(),
         net_cancel: net_cancel.clone(),
+        watchers,
     };
     let done = tokio::spawn(runner.run_to_end(mf, cmd_rx, io_rx, shutdown));
     Ok(Started {

@@ -12,13 +12,14 @@ use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
 use crate::node::{Command, Handle, Step};
+mod changes;
 mod probes;
 mod sessions;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
@@ -205,25 +206,32 @@ pub async fn connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let stop = shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let (handle, token) = (handle.clone(), token.clone());
+        let (handle, token, stop) = (handle.clone(), token.clone(), stop.clone());
         async move {
             if probes_only && !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
-                return Ok::<_, std::convert::Infallible>(err(
+                return Ok::<_, std::convert::Infallible>(left(err(
                     StatusCode::NOT_FOUND,
                     "no_route",
                     "only probes are served here",
-                ));
+                )));
             }
             // The probe port is reached by the kubelet with the pod's IP
             // as Host, and serves nothing a page could abuse.
             if !probes_only {
                 let token = token.as_deref().map(|t| t.as_slice());
                 if let Some(r) = refuse_forgeable(&req, token) {
-                    return Ok(r);
+                    return Ok(left(r));
+                }
+                if req.uri().path() == "/v1/changes" {
+                    return Ok(match changes::watch(&req, &handle, &stop).await {
+                        Ok(r) => r.map(Either::Right),
+                        Err(r) => left(r),
+                    });
                 }
             }
-            Ok::<_, std::convert::Infallible>(route(req, &handle).await)
+            Ok(left(route(req, &handle).await))
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -242,6 +250,10 @@ pub async fn connection<I>(
             let _ = conn.await;
         }
     }
+}
+
+fn left(r: Resp) -> Response<Either<Full<Bytes>, changes::ChangeBody>> {
+    r.map(Either::Left)
 }
 
 /// Counts a connection as open for as long as it lives.

@@ -1,0 +1,92 @@
+//! `GET /v1/changes`: a stream of the sessions that change, for an app that
+//! keeps copies of sessions (a near cache, as the Tomcat Manager does) and
+//! must never serve one that changed here or on another member.
+//!
+//! The answer is `200`, chunked, `text/plain`, and never ends while the member
+//! runs. Its first line is `ready`: from then on every change to a session
+//! that the HTTP API can name is sent as a line `"<version>" <id>` (the
+//! session's `ETag` now) or `- <id>` (gone: invalidated, renamed away),
+//! written before the acknowledgement of the change leaves this member. A
+//! watcher that falls more than 4 MiB behind is dropped: the stream ends.
+
+use super::*;
+use crate::node::watch::Subscription;
+use hyper::body::{Body, Frame};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+/// The stream's body: the chunks the core task sends, until it drops this
+/// watcher or the member stops.
+pub struct ChangeBody {
+    first: Option<Bytes>,
+    sub: Subscription,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Body for ChangeBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let me = self.get_mut();
+        if let Some(b) = me.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if me.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        match me.sub.rx.poll_recv(cx) {
+            Poll::Ready(Some(b)) => {
+                me.sub.queued.fetch_sub(b.len(), Ordering::Relaxed);
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Subscribes, turns the core's change log on, then answers `ready`.
+pub(super) async fn watch(
+    req: &Request<Incoming>,
+    h: &Handle,
+    stop: &CancellationToken,
+) -> Result<Response<ChangeBody>, Resp> {
+    if req.method() != Method::GET {
+        return Err(err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "GET /v1/changes",
+        ));
+    }
+    let sub = h.watchers.subscribe();
+    // Every change of a round after this one is recorded: what the app reads
+    // after `ready` is covered.
+    h.txn(|tx| {
+        tx.core_mut().watch_changes();
+        Step::Ready(())
+    })
+    .await
+    .ok_or_else(unavailable)?;
+    let body = ChangeBody {
+        first: Some(Bytes::from_static(b"ready\n")),
+        sub,
+        stop: Box::pin(stop.clone().cancelled_owned()),
+    };
+    let mut r = Response::new(body);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    Ok(r)
+}
