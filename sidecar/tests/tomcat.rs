@@ -148,6 +148,36 @@ async fn without_stickiness_every_tomcat_sees_the_latest_session_and_a_logout_ev
             i + 1
         );
     }
+    // Sticky again on node1, whose copy the change stream shows current: served
+    // without asking the sidecar. Then one request on node2 and back to node1
+    // with the same cookie: node1's copy is stale and must not be served.
+    let mut u = on(&st, 0, &cookie);
+    let mut visits = u.get("/whoami").await.expect("whoami").json()["visits"]
+        .as_u64()
+        .expect("visits");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while jmx(&st, 0).await["changeStreamConnected"] != true {
+        assert!(Instant::now() < deadline, "node1 has no change stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hits = jmx(&st, 0).await["nearCacheHits"].as_u64().expect("hits");
+    for k in 0..6 {
+        let holder = if k % 3 == 2 { 1 } else { 0 };
+        let mut v = on(&st, holder, &cookie);
+        let r = v.get("/whoami").await.expect("whoami");
+        visits += 1;
+        assert_eq!(
+            r.json()["visits"],
+            visits,
+            "visit {k} on node{}",
+            holder + 1
+        );
+    }
+    let m = jmx(&st, 0).await;
+    assert!(
+        m["nearCacheHits"].as_u64().expect("hits") > hits,
+        "node1 served its current copy without asking: {m}"
+    );
     // Logout on node2: node1 and node3 (which hold local copies) see it at once.
     let mut v = User::new(app(1));
     v.jar.insert("JSESSIONID".into(), cookie.clone());

@@ -13,6 +13,7 @@ import java.util.LinkedHashMap;
 import java.util.LinkedHashSet;
 import java.util.Map;
 import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.regex.Pattern;
 import org.apache.catalina.LifecycleException;
@@ -32,9 +33,11 @@ import org.apache.juli.logging.LogFactory;
  * <pre>{@code <Manager className="io.sessionmesh.tomcat.SessionMeshManager" sidecar="http://127.0.0.1:7070"/>}</pre>
  *
  * <ul>
- * <li>Every request reads the session from the sidecar once (no stale local
- * copy after a session moved away and back, an invalidation elsewhere is seen
- * at once); changes go back as one delta of the attributes that changed.</li>
+ * <li>A request is served from the local copy when the sidecar's change
+ * stream ({@link ChangeStream}) shows it current; otherwise the copy is
+ * checked with the sidecar first (a conditional GET). So a session that moved
+ * away and back, or was invalidated elsewhere, is never served stale. Changes
+ * go back as one delta of the attributes that changed.</li>
  * <li>If the sidecar is unreachable, the local copy serves (a warning, the
  * {@code degradedRequests} counter) and changes are sent when it returns.</li>
  * </ul>
@@ -51,6 +54,7 @@ public class SessionMeshManager extends ManagerBase {
     private String saveMode = ON_SET_ATTRIBUTE;
     private String ignorePattern = ".*\\.(ico|png|gif|jpe?g|svg|webp|css|js|map|woff2?|ttf)$";
     private int timeoutMs = 2000;
+    private boolean nearCache = true;
 
     private volatile SidecarClient client;
     private volatile Pattern ignore;
@@ -59,6 +63,11 @@ public class SessionMeshManager extends ManagerBase {
     private final AtomicLong degradedRequests = new AtomicLong();
     private final AtomicLong remoteReads = new AtomicLong();
     private final AtomicLong notModified = new AtomicLong();
+    private final AtomicLong nearCacheHits = new AtomicLong();
+    private volatile ChangeStream changes;
+    /** Sessions being read from the sidecar with no local copy yet: the last
+     *  version the change stream named meanwhile ("" for none). */
+    private final ConcurrentHashMap<String, String> inFlight = new ConcurrentHashMap<>();
     /** Sessions read from the sidecar during the current request, by requested id. */
     private final ThreadLocal<Map<String, Session>> fresh = new ThreadLocal<>();
 
@@ -104,7 +113,24 @@ public class SessionMeshManager extends ManagerBase {
         this.timeoutMs = timeoutMs;
     }
 
+    public boolean isNearCache() {
+        return nearCache;
+    }
+
+    public void setNearCache(boolean nearCache) {
+        this.nearCache = nearCache;
+    }
+
     // ---- counters (JMX, mbeans-descriptors.xml) ----
+
+    public long getNearCacheHits() {
+        return nearCacheHits.get();
+    }
+
+    public boolean isChangeStreamConnected() {
+        ChangeStream cs = changes;
+        return cs != null && cs.connected();
+    }
 
     public long getReplicationErrors() {
         return replicationErrors.get();
@@ -137,13 +163,24 @@ public class SessionMeshManager extends ManagerBase {
     protected synchronized void startInternal() throws LifecycleException {
         super.startInternal();
         String base = sidecar.startsWith("http") ? sidecar : "http://" + sidecar;
-        client = new SidecarClient(base, System.getenv("SESSIONMESH_API_TOKEN"), Duration.ofMillis(timeoutMs));
+        String token = System.getenv("SESSIONMESH_API_TOKEN");
+        client = new SidecarClient(base, token, Duration.ofMillis(timeoutMs));
+        if (nearCache) {
+            try {
+                String ctx = getContext().getName();
+                changes = new ChangeStream(client.host(), client.port(), token, timeoutMs, this::changed,
+                    ctx == null || ctx.isEmpty() ? "" : "-" + ctx.replace('/', '-'));
+                changes.start();
+            } catch (IOException e) {
+                throw new LifecycleException("sessionmesh: cannot watch the sidecar's changes", e);
+            }
+        }
         ignore = ignorePattern == null || ignorePattern.isEmpty() ? null : Pattern.compile(ignorePattern);
         getContext().getPipeline().addValve(new SessionMeshValve(this));
         String name = getContext().getName();
         log.info("sessionmesh: sessions of " + (name == null || name.isEmpty() ? "/ (ROOT)" : name)
             + " are kept by the sidecar at " + base
-            + " (saveMode " + saveMode + ")");
+            + " (saveMode " + saveMode + ", nearCache " + nearCache + ")");
         setState(LifecycleState.STARTING);
     }
 
@@ -159,6 +196,10 @@ public class SessionMeshManager extends ManagerBase {
             sessions.remove(s.getIdInternal());
         }
         super.stopInternal();
+        if (changes != null) {
+            changes.stop();
+            changes = null;
+        }
         if (client != null) {
             client.close();
         }
@@ -212,8 +253,10 @@ public class SessionMeshManager extends ManagerBase {
     public Session createSession(String sessionId) {
         Session s = super.createSession(sessionId);
         SessionMeshSession sm = (SessionMeshSession) s;
+        long epoch = prepareCheck(sm);
         try {
             sm.etag = client.create(s.getIdInternal(), s.getMaxInactiveInterval(), Map.of());
+            sm.validEpoch = epoch;
             ok();
         } catch (SidecarClient.Refused e) {
             replicationErrors.incrementAndGet();
@@ -230,6 +273,49 @@ public class SessionMeshManager extends ManagerBase {
         return s;
     }
 
+    /** A line of the change stream: the copy here (if any) is current only at that version. */
+    private void changed(String id, String etag) {
+        String b = base(id);
+        inFlight.computeIfPresent(b, (k, v) -> etag);
+        mark(sessions.get(b), etag);
+        String route = getJvmRoute();
+        if (route != null && !route.isEmpty()) {
+            mark(sessions.get(b + "." + route), etag);
+        }
+    }
+
+    private static void mark(Session s, String etag) {
+        if (s instanceof SessionMeshSession) {
+            ((SessionMeshSession) s).pushed = etag;
+        }
+    }
+
+    /** Whether the copy here can be served without asking the sidecar: the
+     *  change stream is up, the copy was checked in its current epoch, and no
+     *  line has named another version since. A copy under another member's
+     *  route (not yet rebound) is always checked. */
+    private boolean current(SessionMeshSession s, String id, ChangeStream cs) {
+        String route = getJvmRoute();
+        boolean ours = id.indexOf('.') < 0 || route != null && id.endsWith("." + route);
+        String tag = s.etag;
+        String p = s.pushed;
+        return ours && cs.connected() && tag != null && s.validEpoch == cs.epoch() && (p == null || p.equals(tag));
+    }
+
+    /** Before a new session is created in the sidecar: forgets the lines seen
+     *  for it so far, and returns the epoch its version counts for (-1: none). */
+    private long prepareCheck(SessionMeshSession s) {
+        ChangeStream cs = changes;
+        if (cs == null) {
+            return -1;
+        }
+        synchronized (cs.lock()) {
+            cs.drainLocked();
+            s.pushed = null;
+            return cs.epoch();
+        }
+    }
+
     @Override
     public Session findSession(String id) throws IOException {
         if (!SidecarClient.validId(id)) {
@@ -241,42 +327,83 @@ public class SessionMeshManager extends ManagerBase {
         }
         Session local = sessions.get(id);
         SessionMeshSession mine = local instanceof SessionMeshSession ? (SessionMeshSession) local : null;
-        Session result;
+        ChangeStream cs = changes;
+        if (mine != null && cs != null && !mine.pendingCreate) {
+            cs.drain();
+            if (current(mine, id, cs)) {
+                nearCacheHits.incrementAndGet();
+                if (f != null) {
+                    f.put(id, mine);
+                }
+                return mine;
+            }
+        }
+        Session result = check(id, local, mine, cs);
+        if (f != null) {
+            f.put(id, result);
+        }
+        return result;
+    }
+
+    /** Reads the session from the sidecar (a conditional GET when the copy
+     *  here has a version). */
+    private Session check(String id, Session local, SessionMeshSession mine, ChangeStream cs) {
+        String b = base(id);
+        long epoch = -1;
+        boolean registered = false;
+        if (cs != null) {
+            synchronized (cs.lock()) {
+                cs.drainLocked();
+                if (mine != null) {
+                    mine.pushed = null;
+                }
+                registered = inFlight.putIfAbsent(b, "") == null;
+                epoch = cs.epoch();
+            }
+        }
         try {
             // A local copy at the sidecar's version is answered 304, no body.
             String known = mine != null && !mine.pendingCreate ? mine.etag : null;
             SidecarClient.Lookup l = client.lookup(id, false, known);
             ok();
+            String seen = registered ? inFlight.remove(b) : null;
+            registered = false;
+            SessionMeshSession s;
             if (l.status == 304 && mine != null) {
                 notModified.incrementAndGet();
-                result = mine;
+                s = mine;
             } else if (l.session != null) {
                 remoteReads.incrementAndGet();
-                SessionMeshSession s = fromRemote(local, id, l.session);
+                s = fromRemote(local, id, l.session);
                 s.etag = l.etag;
-                result = s;
-            } else if (local instanceof SessionMeshSession && ((SessionMeshSession) local).pendingCreate) {
-                result = local; // created here while the sidecar was away
+            } else if (mine != null && mine.pendingCreate) {
+                return local; // created here while the sidecar was away
             } else {
                 // Invalidated on another member, or expired: not served from an old copy.
                 if (local != null) {
                     sessions.remove(local.getIdInternal());
                 }
-                result = null;
+                return null;
             }
+            // Trusted from now on only if nothing else read it meanwhile.
+            s.validEpoch = seen != null ? epoch : -1;
+            if (seen != null && !seen.isEmpty()) {
+                s.pushed = seen;
+            }
+            return s;
         } catch (SidecarClient.Refused e) {
             replicationErrors.incrementAndGet();
             log.warn("sessionmesh: reading a session failed: " + e.getMessage());
-            result = local;
+            return local;
         } catch (IOException e) {
             unreachable("read", e);
             degradedRequests.incrementAndGet();
-            result = local;
+            return local;
+        } finally {
+            if (registered) {
+                inFlight.remove(b);
+            }
         }
-        if (f != null) {
-            f.put(id, result);
-        }
-        return result;
     }
 
     private SessionMeshSession fromRemote(Session local, String id, RemoteSession r) {

@@ -26,6 +26,11 @@ public class SessionMeshSession extends StandardSession {
     volatile transient boolean timeoutDirty;
     /** The sidecar's version (ETag) this copy is known to match; null: unknown. */
     volatile transient String etag;
+    /** The last version the change stream named for this session ({@code -}:
+     *  gone), since the copy was last checked; null: none. */
+    volatile transient String pushed;
+    /** The change stream's epoch in which this copy was last checked (-1: never). */
+    volatile transient long validEpoch = -1;
     /** When this node last served the session (0: never). */
     volatile transient long servedHereMs;
 

@@ -124,6 +124,14 @@ final class SidecarClient {
         this.timeoutMs = (int) Math.max(1, Math.min(Integer.MAX_VALUE, timeout.toMillis()));
     }
 
+    String host() {
+        return host;
+    }
+
+    int port() {
+        return port;
+    }
+
     /** Closes the idle connections (the Manager stops). */
     void close() {
         Conn c;
