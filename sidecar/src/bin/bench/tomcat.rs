@@ -23,6 +23,18 @@ const KINDS: [&str; 5] = [
     "deltamanager_async",
 ];
 
+/// The stacks of this run: all, or those `BENCH_TOMCAT_STACKS` names
+/// (comma-separated; StandardManager, the reference, always comes first).
+fn kinds() -> Vec<&'static str> {
+    let wanted = std::env::var("BENCH_TOMCAT_STACKS").unwrap_or_default();
+    KINDS
+        .into_iter()
+        .filter(|k| {
+            *k == "standard" || wanted.is_empty() || wanted.split(',').any(|w| w.trim() == *k)
+        })
+        .collect()
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -142,7 +154,7 @@ fn warm_up(
 async fn start_all() -> anyhow::Result<(Vec<(&'static str, Stack)>, Vec<PathBuf>)> {
     let mut stacks = Vec::new();
     let mut scripts = Vec::new();
-    for kind in KINDS {
+    for kind in kinds() {
         let t = Instant::now();
         let st = start(kind).await?;
         println!(
@@ -219,7 +231,7 @@ pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
 
 /// Medians (and the ratios' ranges) over the rounds, per stack.
 fn report(rps: &mut [Vec<f64>], p99: &mut [Vec<f64>], ratios: &mut [Vec<f64>]) {
-    for (k, kind) in KINDS.iter().enumerate() {
+    for (k, kind) in kinds().iter().enumerate() {
         figure(
             &format!("tomcat_rps_c{CONNS}_{kind}"),
             pct(&mut rps[k], 0.5),
