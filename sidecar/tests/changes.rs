@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 struct Watcher {
     s: TcpStream,
     got: Vec<u8>,
+    /// What the member calls this watcher (`ready <id>`).
+    id: u32,
 }
 
 impl Watcher {
@@ -22,8 +24,13 @@ impl Watcher {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.write_all(b"GET /v1/changes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .expect("send");
-        let mut w = Watcher { s, got: Vec::new() };
-        w.wait_for(b"ready\n", Duration::from_secs(10));
+        let mut w = Watcher {
+            s,
+            got: Vec::new(),
+            id: 0,
+        };
+        w.wait_for(b"ready ", Duration::from_secs(10));
+        w.wait_for(b"\n", Duration::from_secs(10));
         let head = String::from_utf8_lossy(&w.got).to_string();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert!(
@@ -31,6 +38,10 @@ impl Watcher {
                 .contains("transfer-encoding: chunked"),
             "{head}"
         );
+        let after = &head[head.find("ready ").expect("ready") + 6..];
+        w.id = after[..after.find('\n').expect("line")]
+            .parse()
+            .expect("watcher id");
         w
     }
 
@@ -100,29 +111,40 @@ fn line(etag: &str, id: &str) -> Vec<u8> {
 
 /// In `sync` mode a write on one member is in the watcher's socket on
 /// another member by the time the write is answered: checked with a read that
-/// does not wait, after every one of 200 writes.
+/// does not wait, after every one of 200 writes. Only sessions the watched
+/// member's API has used are streamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_write_is_in_the_watchers_socket_before_the_write_is_answered() {
     let cl = started(3, &["--send", "sync"]).await;
     let mut w = Watcher::open(http(&cl, 1));
     let mut a = cl.client(0);
-    let r = a
-        .post("/v1/sessions", r#"{"id":"C1"}"#)
-        .await
-        .expect("post");
-    assert_eq!(r.status, 201);
-    w.take_available();
-    let tag = r.headers["etag"].to_str().expect("etag").to_owned();
-    assert!(
-        w.has(&line(&tag, "C1")),
-        "{:?}",
-        String::from_utf8_lossy(&w.got)
-    );
+    for id in ["C0", "C1"] {
+        let r = a
+            .post("/v1/sessions", format!(r#"{{"id":"{id}"}}"#))
+            .await
+            .expect("post");
+        assert_eq!(r.status, 201);
+    }
+    // C1 is read on the watched member, C0 never is.
+    let mut b = cl.client(1);
+    let r = b.get("/v1/sessions/C1?touch=false").await.expect("get");
+    assert_eq!(r.status, 200);
     for i in 0..200 {
         let body = format!(
             r#"{{"set":{{"n":"{}"}}}}"#,
             if i % 2 == 0 { "MA==" } else { "MQ==" }
         );
+        for id in ["C0", "C1"] {
+            let r = a
+                .request(
+                    hyper::Method::PATCH,
+                    &format!("/v1/sessions/{id}"),
+                    body.clone(),
+                )
+                .await
+                .expect("patch");
+            assert_eq!(r.status, 204);
+        }
         let r = a
             .request(hyper::Method::PATCH, "/v1/sessions/C1", body)
             .await
@@ -142,6 +164,46 @@ async fn a_peer_write_is_in_the_watchers_socket_before_the_write_is_answered() {
     );
     w.take_available();
     assert!(w.has(b"- C1\n"), "the invalidation is in the stream");
+    assert!(!w.has(b" C0\n"), "C0 was never used on the watched member");
+}
+
+/// A watcher's own writes (`Sessionmesh-Watcher`) are not echoed back to it;
+/// another watcher, and writes without the header, are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watchers_own_writes_are_not_echoed_to_it() {
+    let cl = started(1, &[]).await;
+    let mut c = cl.client(0);
+    let mut me = Watcher::open(http(&cl, 0));
+    let mut other = Watcher::open(http(&cl, 0));
+    assert_ne!(me.id, other.id);
+    let headers = [
+        ("content-type", "application/json".to_owned()),
+        ("sessionmesh-watcher", me.id.to_string()),
+    ];
+    let r = c
+        .request_with(
+            hyper::Method::POST,
+            "/v1/sessions",
+            &headers,
+            r#"{"id":"O1"}"#,
+        )
+        .await
+        .expect("post");
+    assert_eq!(r.status, 201);
+    let own = r.headers["etag"].to_str().expect("etag").to_owned();
+    other.wait_for(&line(&own, "O1"), Duration::from_secs(5));
+    let r = c
+        .request(
+            hyper::Method::PATCH,
+            "/v1/sessions/O1",
+            r#"{"set":{"n":"MA=="}}"#,
+        )
+        .await
+        .expect("patch");
+    assert_eq!(r.status, 204);
+    let theirs = r.headers["etag"].to_str().expect("etag").to_owned();
+    me.wait_for(&line(&theirs, "O1"), Duration::from_secs(5));
+    assert!(!me.has(&line(&own, "O1")), "its own create was echoed");
 }
 
 /// Writes on the watched member itself, renames (the old id gone, the new one

@@ -15,6 +15,7 @@
 
 mod anti_entropy;
 mod changes;
+pub use changes::Change;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
@@ -230,7 +231,7 @@ pub struct Core {
     ae_wanted: BTreeSet<String>,
     timers: Timers,
     /// Sessions changed since the runtime last took them (`changes.rs`).
-    changes: Option<Vec<SessionId>>,
+    changes: Option<changes::Changes>,
 }
 
 impl Core {

@@ -284,7 +284,7 @@ impl Core {
                 continue;
             }
             self.store.apply(&d, now_ms);
-            self.note_change(&d);
+            self.note_change(&d, false);
             self.stats.deltas_applied += 1;
         }
     }

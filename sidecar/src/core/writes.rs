@@ -74,6 +74,7 @@ impl Core {
         self.check_serving()?;
         let grace = self.cfg.touch_flush_ms;
         let s = self.store.get(id, now_ms, grace)?.clone();
+        self.note_read(id);
         if touch && now_ms > s.last_accessed_ms {
             let d = Delta {
                 id: id.clone(),
@@ -161,7 +162,7 @@ impl Core {
             self.store.remove_if_expired(&d.id, now_ms, grace);
         }
         self.store.apply(&d, now_ms);
-        self.note_change(&d);
+        self.note_change(&d, true);
         self.dirty_touch.remove(&d.id);
         let waits = self.replicate(d, now_ms);
         let mode = mode.unwrap_or(self.cfg.send);

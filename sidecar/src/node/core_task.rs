@@ -294,7 +294,7 @@ impl CoreTask {
         } else {
             let changes = self.core.take_changes(now_ms());
             if !changes.is_empty() {
-                self.watchers.publish(&super::watch::encode(&changes));
+                self.watchers.publish(&changes);
             }
         }
         for o in self.core.drain(now_ms()) {

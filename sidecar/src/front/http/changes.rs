@@ -3,11 +3,13 @@
 //! must never serve one that changed here or on another member.
 //!
 //! The answer is `200`, chunked, `text/plain`, and never ends while the member
-//! runs. Its first line is `ready`: from then on every change to a session
-//! that the HTTP API can name is sent as a line `"<version>" <id>` (the
-//! session's `ETag` now) or `- <id>` (gone: invalidated, renamed away),
-//! written before the acknowledgement of the change leaves this member. A
-//! watcher that falls more than 4 MiB behind is dropped: the stream ends.
+//! runs. Its first line is `ready <watcher>`: from then on every change to a
+//! session that the local API has read or written (an app holds copies of no
+//! other) is sent as a line `"<version>" <id>` (the session's `ETag` now) or
+//! `- <id>` (gone: invalidated, renamed away), written before the
+//! acknowledgement of the change leaves this member. Writes that carry
+//! `Sessionmesh-Watcher: <watcher>` are not echoed to that watcher. A watcher
+//! that falls more than 4 MiB behind is dropped: the stream ends.
 
 use super::*;
 use crate::node::watch::Subscription;
@@ -75,7 +77,7 @@ pub(super) async fn watch(
     .await
     .ok_or_else(unavailable)?;
     let body = ChangeBody {
-        first: Some(Bytes::from_static(b"ready\n")),
+        first: Some(Bytes::from(format!("ready {}\n", sub.id))),
         sub,
         stop: Box::pin(stop.clone().cancelled_owned()),
     };

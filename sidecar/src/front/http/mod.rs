@@ -231,7 +231,12 @@ pub async fn connection<I>(
                     });
                 }
             }
-            Ok(left(route(req, &handle).await))
+            let watcher = req
+                .headers()
+                .get("sessionmesh-watcher")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0u32);
+            Ok(left(WATCHER.scope(watcher, route(req, &handle)).await))
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -458,6 +463,31 @@ fn max_inactive(secs: Option<u64>) -> Result<Option<u64>, Resp> {
     }
 }
 
+tokio::task_local! {
+    /// The change watcher a request says it is (`Sessionmesh-Watcher`).
+    static WATCHER: u32;
+}
+
+/// The watcher the request under way named (0: none).
+fn origin() -> u32 {
+    WATCHER.try_with(|w| *w).unwrap_or(0)
+}
+
+/// A local write, marked as `origin`'s own so its stream does not echo it.
+fn tx_write(
+    tx: &mut crate::node::Tx<'_>,
+    origin: u32,
+    id: SessionId,
+    ops: Vec<Op>,
+    mi: Option<u64>,
+    mode: Option<SendMode>,
+) -> Result<Option<crate::node::Ticket>, WriteError> {
+    tx.core_mut().set_change_origin(origin);
+    let r = tx.write(id, ops, mi, mode, None);
+    tx.core_mut().set_change_origin(0);
+    r
+}
+
 async fn write(
     h: &Handle,
     id: SessionId,
@@ -465,8 +495,9 @@ async fn write(
     mi: Option<u64>,
     mode: Option<SendMode>,
 ) -> Result<(), Resp> {
+    let origin = origin();
     let r = h
-        .txn(move |tx| match tx.write(id, ops, mi, mode, None) {
+        .txn(move |tx| match tx_write(tx, origin, id, ops, mi, mode) {
             Ok(None) => Step::Ready(Ok(())),
             Ok(Some(t)) => Step::after(move |r| r[t.0].clone()),
             Err(e) => Step::Ready(Err(e)),

@@ -45,6 +45,7 @@ async fn write_versioned(
     mi: Option<u64>,
     mode: Option<SendMode>,
 ) -> Result<(Option<u64>, Option<u64>), Resp> {
+    let origin = origin();
     let r = h
         .txn(move |tx| {
             let (now, grace) = (tx.now(), tx.core().cfg.touch_flush_ms);
@@ -52,7 +53,7 @@ async fn write_versioned(
             let version =
                 move |c: &crate::core::Core| c.store.get(&key, now, grace).ok().map(Session::etag);
             let before = version(tx.core());
-            match tx.write(id, ops, mi, mode, None) {
+            match tx_write(tx, origin, id, ops, mi, mode) {
                 Ok(None) => Step::Ready(Ok((before, version(tx.core())))),
                 Ok(Some(t)) => {
                     let after = version(tx.core());

@@ -4,8 +4,6 @@ import java.io.EOFException;
 import java.io.IOException;
 import java.net.InetSocketAddress;
 import java.nio.ByteBuffer;
-import java.nio.channels.SelectionKey;
-import java.nio.channels.Selector;
 import java.nio.channels.SocketChannel;
 import java.nio.charset.StandardCharsets;
 import java.util.Locale;
@@ -21,10 +19,13 @@ import org.apache.juli.logging.LogFactory;
  * <p>In sync mode the sidecar writes a change into this socket before the
  * write elsewhere is acknowledged, so a request that follows that write finds
  * the line in the socket: {@link #drain()} reads what is there, without
- * waiting, before a copy is trusted. A thread keeps reading meanwhile (so the
- * sidecar never drops a slow reader) and reconnects when the stream ends; each
- * start and end of the stream is a new {@link #epoch()}, and a copy checked
- * in another epoch is checked again.
+ * waiting, before a copy is trusted. A thread reads it every few milliseconds
+ * meanwhile (so the sidecar never drops a slow reader) and reconnects when the
+ * stream ends; each start and end of the stream is a new {@link #epoch()}, and
+ * a copy checked in another epoch is checked again. The sidecar streams only
+ * sessions this node has read or written, and not the writes that name this
+ * stream ({@code Sessionmesh-Watcher}, sent by {@link SidecarClient}): with
+ * sticky sessions the stream is nearly silent.
  */
 final class ChangeStream implements Runnable {
     private static final Log log = LogFactory.getLog(ChangeStream.class);
@@ -49,9 +50,15 @@ final class ChangeStream implements Runnable {
         private int lineLen;
         private long remaining;
         private boolean ready;
+        private int watcher;
 
         boolean isReady() {
             return ready;
+        }
+
+        /** What the sidecar calls this stream ({@code ready <n>}; 0: not said). */
+        int watcher() {
+            return watcher;
         }
 
         void feed(byte[] b, int off, int len, Sink sink) throws IOException {
@@ -142,7 +149,12 @@ final class ChangeStream implements Runnable {
             }
             String l = new String(line, 0, lineLen, StandardCharsets.ISO_8859_1);
             lineLen = 0;
-            if (l.equals("ready")) {
+            if (l.equals("ready") || l.startsWith("ready ")) {
+                try {
+                    watcher = l.length() > 6 ? Integer.parseInt(l.substring(6)) : 0;
+                } catch (NumberFormatException e) {
+                    throw new IOException("malformed change stream line: " + l.substring(0, Math.min(l.length(), 40)));
+                }
                 ready = true;
                 return;
             }
@@ -165,7 +177,7 @@ final class ChangeStream implements Runnable {
     private final String name;
     private final Object lock = new Object();
     private final ByteBuffer buf = ByteBuffer.allocate(64 * 1024);
-    private final Selector selector;
+    private final SidecarClient client;
     private SocketChannel channel; // guarded by lock
     private Parser parser; // guarded by lock
     private volatile boolean connected;
@@ -174,14 +186,18 @@ final class ChangeStream implements Runnable {
     private volatile String lastProblem;
     private Thread thread;
 
-    ChangeStream(String host, int port, String token, int timeoutMs, Sink sink, String name) throws IOException {
+    /** How often the thread reads the stream when no request does. */
+    static final long POLL_MS = 10;
+
+    ChangeStream(String host, int port, String token, int timeoutMs, Sink sink, String name,
+                 SidecarClient client) {
         this.address = new InetSocketAddress(host, port);
         this.request = "GET /v1/changes HTTP/1.1\r\nHost: " + host + ":" + port + "\r\n"
             + (token == null || token.isEmpty() ? "" : "Authorization: Bearer " + token + "\r\n") + "\r\n";
         this.timeoutMs = timeoutMs;
         this.sink = sink;
         this.name = name;
-        this.selector = Selector.open();
+        this.client = client;
     }
 
     void start() {
@@ -195,7 +211,6 @@ final class ChangeStream implements Runnable {
         synchronized (lock) {
             closeLocked();
         }
-        selector.wakeup();
         if (thread != null) {
             thread.interrupt();
             try {
@@ -203,11 +218,6 @@ final class ChangeStream implements Runnable {
             } catch (InterruptedException e) {
                 Thread.currentThread().interrupt();
             }
-        }
-        try {
-            selector.close();
-        } catch (IOException ignored) {
-            // closing anyway
         }
     }
 
@@ -252,6 +262,9 @@ final class ChangeStream implements Runnable {
                 if (!connected && parser.isReady()) {
                     connected = true;
                     epoch++;
+                    if (client != null) {
+                        client.watcher(parser.watcher());
+                    }
                     log.info("sessionmesh: watching the sidecar's changes: current local copies are served without asking it");
                 }
             }
@@ -270,6 +283,9 @@ final class ChangeStream implements Runnable {
         lastProblem = p;
         connected = false;
         epoch++;
+        if (client != null) {
+            client.watcher(0);
+        }
     }
 
     private void closeLocked() {
@@ -293,7 +309,6 @@ final class ChangeStream implements Runnable {
                 c.write(req);
             }
             c.configureBlocking(false);
-            c.register(selector, SelectionKey.OP_READ);
         } catch (IOException e) {
             c.close();
             throw e;
@@ -317,8 +332,7 @@ final class ChangeStream implements Runnable {
                 if (!open) {
                     connect();
                 }
-                selector.select(1000);
-                selector.selectedKeys().clear();
+                Thread.sleep(POLL_MS);
                 drain();
                 if (connected) {
                     backoffMs = 100;
@@ -333,6 +347,8 @@ final class ChangeStream implements Runnable {
                 synchronized (lock) {
                     lostLocked(e);
                 }
+            } catch (InterruptedException e) {
+                return;
             }
             try {
                 Thread.sleep(backoffMs);

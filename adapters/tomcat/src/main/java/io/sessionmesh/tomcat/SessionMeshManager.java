@@ -166,14 +166,10 @@ public class SessionMeshManager extends ManagerBase {
         String token = System.getenv("SESSIONMESH_API_TOKEN");
         client = new SidecarClient(base, token, Duration.ofMillis(timeoutMs));
         if (nearCache) {
-            try {
-                String ctx = getContext().getName();
-                changes = new ChangeStream(client.host(), client.port(), token, timeoutMs, this::changed,
-                    ctx == null || ctx.isEmpty() ? "" : "-" + ctx.replace('/', '-'));
-                changes.start();
-            } catch (IOException e) {
-                throw new LifecycleException("sessionmesh: cannot watch the sidecar's changes", e);
-            }
+            String ctx = getContext().getName();
+            changes = new ChangeStream(client.host(), client.port(), token, timeoutMs, this::changed,
+                ctx == null || ctx.isEmpty() ? "" : "-" + ctx.replace('/', '-'), client);
+            changes.start();
         }
         ignore = ignorePattern == null || ignorePattern.isEmpty() ? null : Pattern.compile(ignorePattern);
         getContext().getPipeline().addValve(new SessionMeshValve(this));

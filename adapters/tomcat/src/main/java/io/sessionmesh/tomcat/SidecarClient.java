@@ -124,6 +124,14 @@ final class SidecarClient {
         this.timeoutMs = (int) Math.max(1, Math.min(Integer.MAX_VALUE, timeout.toMillis()));
     }
 
+    /** The change stream this node watches (0: none): named on writes, which
+     *  the sidecar then does not echo back to it. */
+    private volatile int watcher;
+
+    void watcher(int id) {
+        watcher = id;
+    }
+
     String host() {
         return host;
     }
@@ -183,6 +191,10 @@ final class SidecarClient {
         }
         if (ifNoneMatch != null) {
             h.append("If-None-Match: ").append(ifNoneMatch).append("\r\n");
+        }
+        int w = watcher;
+        if (w > 0 && !"GET".equals(method)) {
+            h.append("Sessionmesh-Watcher: ").append(w).append("\r\n");
         }
         if (body != null) {
             h.append("Content-Type: application/json\r\n");

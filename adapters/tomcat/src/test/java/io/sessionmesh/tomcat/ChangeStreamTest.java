@@ -39,13 +39,14 @@ public class ChangeStreamTest {
 
     @Test
     public void linesAreTheSameWhateverTheReadsSplitAndReadyIsSeen() throws IOException {
-        String stream = HEAD + chunk("ready\n") + chunk("\"00000000000000ab\" A1\n- B2\n") + chunk("\"01\" C3.node1\n");
+        String stream = HEAD + chunk("ready 12\n") + chunk("\"00000000000000ab\" A1\n- B2\n") + chunk("\"01\" C3.node1\n");
         List<String> whole = parse(new ChangeStream.Parser(), stream, stream.length());
         assertEquals(List.of("\"00000000000000ab\" A1", "- B2", "\"01\" C3.node1"), whole);
         for (int step = 1; step < 9; step++) {
             ChangeStream.Parser p = new ChangeStream.Parser();
             assertEquals("split every " + step, whole, parse(p, stream, step));
             assertTrue(p.isReady());
+            assertEquals(12, p.watcher());
         }
         ChangeStream.Parser p = new ChangeStream.Parser();
         parse(p, HEAD, 1);
@@ -61,6 +62,7 @@ public class ChangeStreamTest {
             {HEAD + "123456789\r\n", "chunk size"},
             {HEAD + "4\r\nready\n\r\n", "no line end"},
             {HEAD + chunk("what is this\n"), "line"},
+            {HEAD + chunk("ready x\n"), "line"},
             {HEAD + chunk("\"01\" a/b\n"), "line"},
             {HEAD + chunk("x".repeat(2000)), "too long"},
             {"HTTP/1.1 200 OK\r\n" + "X: " + "y".repeat(20000), "too long"},
@@ -87,7 +89,7 @@ public class ChangeStreamTest {
         List<String> lines = new CopyOnWriteArrayList<>();
         try (ServerSocket server = new ServerSocket(0, 10, InetAddress.getLoopbackAddress())) {
             ChangeStream cs = new ChangeStream("127.0.0.1", server.getLocalPort(), "tok", 2000,
-                (id, tag) -> lines.add(tag + " " + id), "-test");
+                (id, tag) -> lines.add(tag + " " + id), "-test", null);
             cs.start();
             try {
                 long before = cs.epoch();

@@ -21,6 +21,7 @@ import org.junit.Test;
 public class SidecarClientTest {
     private HttpServer server;
     private final List<String> seen = new CopyOnWriteArrayList<>();
+    private final List<String> watchers = new CopyOnWriteArrayList<>();
     private volatile int status = 204;
     private volatile String answer = "";
     private SidecarClient client;
@@ -30,6 +31,7 @@ public class SidecarClientTest {
         server = HttpServer.create(new InetSocketAddress("127.0.0.1", 0), 0);
         server.createContext("/", ex -> {
             String body = new String(ex.getRequestBody().readAllBytes(), StandardCharsets.UTF_8);
+            watchers.add(ex.getRequestMethod() + " " + ex.getRequestHeaders().getFirst("Sessionmesh-Watcher"));
             seen.add(ex.getRequestMethod() + " " + ex.getRequestURI() + " "
                 + ex.getRequestHeaders().getFirst("Authorization") + " " + body);
             byte[] out = answer.getBytes(StandardCharsets.UTF_8);
@@ -47,6 +49,19 @@ public class SidecarClientTest {
     @After
     public void stop() {
         server.stop(0);
+    }
+
+    @Test
+    public void writesNameTheChangeStreamSoTheSidecarDoesNotEchoThem() throws IOException {
+        client.patch("A", Map.of(), List.of(), null);
+        client.watcher(7);
+        client.patch("A", Map.of(), List.of(), null);
+        status = 404;
+        client.lookup("A", false, null);
+        client.watcher(0);
+        status = 204;
+        client.delete("A");
+        assertEquals(List.of("PATCH null", "PATCH 7", "GET null", "DELETE null"), watchers);
     }
 
     @Test
