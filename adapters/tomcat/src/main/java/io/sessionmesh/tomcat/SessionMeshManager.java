@@ -10,7 +10,6 @@ import java.time.Duration;
 import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.LinkedHashMap;
-import java.util.LinkedHashSet;
 import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
@@ -455,44 +454,43 @@ public class SessionMeshManager extends ManagerBase {
         if (!s.isValid()) {
             return;
         }
-        Set<String> names = new LinkedHashSet<>(s.dirty);
-        if (ALWAYS.equals(saveMode)) {
-            names.addAll(s.read);
-        }
-        if (s.pendingCreate) {
-            names.addAll(s.names());
-        }
-        Map<String, byte[]> set = new LinkedHashMap<>();
-        for (String n : names) {
-            Object v = s.peek(n);
-            byte[] bytes = v == null ? null : encode(n, v);
-            if (bytes != null) {
-                set.put(n, bytes);
+        synchronized (s.flushLock) {
+            SessionMeshSession.Deltas d = s.take(ALWAYS.equals(saveMode));
+            boolean creating = s.pendingCreate;
+            if (creating) {
+                d.set.addAll(s.names());
             }
-        }
-        String id = s.getIdInternal();
-        try {
-            if (s.pendingCreate) {
-                s.etag = client.create(id, s.getMaxInactiveInterval(), set);
-                s.pendingCreate = false;
-            } else if (set.isEmpty() && s.removed.isEmpty() && !s.timeoutDirty) {
-                client.touch(id); // keeps the version
-            } else {
-                SidecarClient.Written w = client.patch(id, set, new ArrayList<>(s.removed),
-                    s.timeoutDirty ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null);
-                // The copy here is the new version only if the delta was applied
-                // to the version it was read at (no write from elsewhere between).
-                s.etag = w.prior != null && w.prior.equals(s.etag) ? w.etag : null;
+            Map<String, byte[]> set = new LinkedHashMap<>();
+            for (String n : d.set) {
+                Object v = s.peek(n);
+                byte[] bytes = v == null ? null : encode(n, v);
+                if (bytes != null) {
+                    set.put(n, bytes);
+                }
             }
-            s.clearDeltas();
-            ok();
-        } catch (SidecarClient.Refused e) {
-            replicationErrors.incrementAndGet();
-            log.warn("sessionmesh: the sidecar refused a session's changes: " + e.getMessage());
-            s.clearDeltas();
-        } catch (IOException e) {
-            // Kept: sent by the next flush of this session once the sidecar is back.
-            unreachable("write", e);
+            String id = s.getIdInternal();
+            try {
+                if (creating) {
+                    s.etag = client.create(id, s.getMaxInactiveInterval(), set);
+                    s.pendingCreate = false;
+                } else if (set.isEmpty() && d.removed.isEmpty() && !d.timeout) {
+                    client.touch(id); // keeps the version
+                } else {
+                    SidecarClient.Written w = client.patch(id, set, new ArrayList<>(d.removed),
+                        d.timeout ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null);
+                    // The copy here is the new version only if the delta was applied
+                    // to the version it was read at (no write from elsewhere between).
+                    s.etag = w.prior != null && w.prior.equals(s.etag) ? w.etag : null;
+                }
+                ok();
+            } catch (SidecarClient.Refused e) {
+                replicationErrors.incrementAndGet();
+                log.warn("sessionmesh: the sidecar refused a session's changes: " + e.getMessage());
+            } catch (IOException e) {
+                // Kept: sent by the next flush of this session once the sidecar is back.
+                s.restore(d);
+                unreachable("write", e);
+            }
         }
     }
 

@@ -82,6 +82,62 @@ public class SessionMeshSession extends StandardSession {
         return !dirty.isEmpty() || !removed.isEmpty() || timeoutDirty;
     }
 
+    /** The changes one flush sends, taken out of the session: what another
+     *  request changes meanwhile stays for that request's own flush. */
+    static final class Deltas {
+        final Set<String> set = new java.util.LinkedHashSet<>();
+        final Set<String> removed = new java.util.LinkedHashSet<>();
+        boolean timeout;
+
+        boolean isEmpty() {
+            return set.isEmpty() && removed.isEmpty() && !timeout;
+        }
+    }
+
+    /** Takes the changes to send (with the attributes read, for saveMode ALWAYS). */
+    Deltas take(boolean withRead) {
+        Deltas d = new Deltas();
+        d.timeout = timeoutDirty;
+        timeoutDirty = false;
+        for (String n : dirty) {
+            if (dirty.remove(n)) {
+                d.set.add(n);
+            }
+        }
+        for (String n : removed) {
+            if (removed.remove(n)) {
+                d.removed.add(n);
+            }
+        }
+        for (String n : read) {
+            if (read.remove(n) && withRead && !d.removed.contains(n)) {
+                d.set.add(n);
+            }
+        }
+        return d;
+    }
+
+    /** Puts back changes that could not be sent, unless changed again since. */
+    void restore(Deltas d) {
+        for (String n : d.set) {
+            if (!removed.contains(n)) {
+                dirty.add(n);
+            }
+        }
+        for (String n : d.removed) {
+            if (!dirty.contains(n)) {
+                removed.add(n);
+            }
+        }
+        if (d.timeout) {
+            timeoutDirty = true;
+        }
+    }
+
+    /** Serializes this session's flushes on this node, so that each applies to
+     *  the version the one before produced. */
+    final transient Object flushLock = new Object();
+
     void clearDeltas() {
         timeoutDirty = false;
         dirty.clear();

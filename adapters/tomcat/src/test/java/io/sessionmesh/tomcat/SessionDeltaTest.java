@@ -102,4 +102,25 @@ public class SessionDeltaTest {
         assertEquals(60, s.getMaxInactiveInterval());
         assertTrue(s.getLastAccessedTimeInternal() >= 9000L);
     }
+
+    @Test
+    public void aFlushTakesTheChangesAndPutsBackOnlyWhatWasNotChangedSince() {
+        s.setAttribute("a", 1);
+        s.setAttribute("b", 2);
+        s.removeAttribute("c");
+        SessionMeshSession.Deltas d = s.take(false);
+        assertEquals(Set.of("a", "b"), d.set);
+        assertEquals(Set.of("c"), d.removed);
+        assertFalse("taken out", s.hasDeltas());
+        // Another request changes the session while the delta is on its way.
+        s.removeAttribute("a");
+        s.setAttribute("d", 4);
+        s.restore(d);
+        assertEquals(Set.of("b", "d"), s.dirty);
+        assertEquals(Set.of("a", "c"), s.removed);
+        s.clearDeltas();
+        s.getAttribute("b");
+        assertEquals("ALWAYS sends what was read", Set.of("b"), s.take(true).set);
+        assertTrue(s.read.isEmpty());
+    }
 }
