@@ -278,7 +278,6 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
     let ready = Arc::new(AtomicBool::new(false));
     let known = Arc::new(RwLock::new(mf.names()));
     let core_beat = Arc::new(std::sync::atomic::AtomicU64::new(mono_ms()));
-    let watchers = Arc::new(watch::Watchers::default());
     let handle = Handle {
         cmd_tx,
         ready: ready.clone(),
@@ -290,7 +289,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         core_beat: core_beat.clone(),
         test_hooks: cfg.test_hooks,
         settings: settings_of(&core_cfg),
-        watchers: watchers.clone(),
+        watchers: Arc::default(),
     };
     // A core silent for this long answers no peer: probes fail and the peers
     // declare it dead, as they would a hung process.
@@ -331,7 +330,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Resu
         io_tx,
         tracker: tracker.clone(),
         net_cancel: net_cancel.clone(),
-        watchers,
+        watchers: handle.watchers.clone(),
     };
     let done = tokio::spawn(runner.run_to_end(mf, cmd_rx, io_rx, shutdown));
     Ok(Started {

@@ -92,3 +92,28 @@ pub(super) async fn watch(
     );
     Ok(r)
 }
+
+tokio::task_local! {
+    /// The change watcher a request says it is (`Sessionmesh-Watcher`).
+    pub(super) static WATCHER: u32;
+}
+
+/// The watcher the request under way named (0: none).
+pub(super) fn origin() -> u32 {
+    WATCHER.try_with(|w| *w).unwrap_or(0)
+}
+
+/// A local write, marked as `origin`'s own so its stream does not echo it.
+pub(super) fn tx_write(
+    tx: &mut crate::node::Tx<'_>,
+    origin: u32,
+    id: SessionId,
+    ops: Vec<Op>,
+    mi: Option<u64>,
+    mode: Option<SendMode>,
+) -> Result<Option<crate::node::Ticket>, WriteError> {
+    tx.core_mut().set_change_origin(origin);
+    let r = tx.write(id, ops, mi, mode, None);
+    tx.core_mut().set_change_origin(0);
+    r
+}

@@ -13,6 +13,7 @@ use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
 use crate::node::{Command, Handle, Step};
 mod changes;
+use changes::{origin, tx_write, WATCHER};
 mod probes;
 mod sessions;
 
@@ -461,31 +462,6 @@ fn max_inactive(secs: Option<u64>) -> Result<Option<u64>, Resp> {
         Some(s) => Ok(Some(s * 1000)),
         None => Ok(None),
     }
-}
-
-tokio::task_local! {
-    /// The change watcher a request says it is (`Sessionmesh-Watcher`).
-    static WATCHER: u32;
-}
-
-/// The watcher the request under way named (0: none).
-fn origin() -> u32 {
-    WATCHER.try_with(|w| *w).unwrap_or(0)
-}
-
-/// A local write, marked as `origin`'s own so its stream does not echo it.
-fn tx_write(
-    tx: &mut crate::node::Tx<'_>,
-    origin: u32,
-    id: SessionId,
-    ops: Vec<Op>,
-    mi: Option<u64>,
-    mode: Option<SendMode>,
-) -> Result<Option<crate::node::Ticket>, WriteError> {
-    tx.core_mut().set_change_origin(origin);
-    let r = tx.write(id, ops, mi, mode, None);
-    tx.core_mut().set_change_origin(0);
-    r
 }
 
 async fn write(
