@@ -94,7 +94,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut out = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), read_answers(&mut client, &mut out)).await;
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), read_answers(&mut client, &mut out)).await;
         assert!(read.is_ok(), "the connection did not finish within 5 s");
         if read == Ok(Ended::Stream) {
             // GET /v1/changes: a stream that lasts as long as the connection.

@@ -153,7 +153,7 @@ final class ChangeStream implements Runnable {
                 try {
                     watcher = l.length() > 6 ? Integer.parseInt(l.substring(6)) : 0;
                 } catch (NumberFormatException e) {
-                    throw new IOException("malformed change stream line: " + l.substring(0, Math.min(l.length(), 40)));
+                    throw new IOException("malformed change stream line: " + l.substring(0, Math.min(l.length(), 12)));
                 }
                 ready = true;
                 return;
@@ -164,7 +164,7 @@ final class ChangeStream implements Runnable {
             boolean okTag = tag.equals("-") || tag.length() >= 2 && tag.charAt(0) == '"'
                 && tag.charAt(tag.length() - 1) == '"';
             if (!okTag || !SidecarClient.validId(id)) {
-                throw new IOException("malformed change stream line: " + l.substring(0, Math.min(l.length(), 40)));
+                throw new IOException("malformed change stream line: " + l.substring(0, Math.min(l.length(), 12)));
             }
             sink.changed(id, tag);
         }
