@@ -122,6 +122,26 @@ impl std::fmt::Display for SendMode {
     }
 }
 
+impl ReplicationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::All => "all",
+            ReplicationMode::Backup => "backup",
+        }
+    }
+}
+
+impl std::str::FromStr for ReplicationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(ReplicationMode::All),
+            "backup" => Ok(ReplicationMode::Backup),
+            _ => Err(format!("replication mode must be all or backup, not {s:?}")),
+        }
+    }
+}
+
 impl std::str::FromStr for SendMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -415,10 +435,10 @@ impl SessionClusterSpec {
                 format!("must be at least twice heartbeatInterval ({hb} ms)"),
             ));
         }
-        if self.replication.mode == ReplicationMode::Backup {
+        if !(1..=5).contains(&self.replication.backups) {
             return Err(err(
-                "spec.replication.mode",
-                "backup mode is not implemented yet; use all".into(),
+                "spec.replication.backups",
+                format!("must be 1 to 5, not {}", self.replication.backups),
             ));
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! flags (`to_args`); the sidecar parses the same flags into the same type
 //! (it is a `clap::Args`), and both call `validate`.
 
-use crate::cluster::{parse_duration_ms, SendMode, SessionClusterSpec, SpecError};
+use crate::cluster::{parse_duration_ms, ReplicationMode, SendMode, SessionClusterSpec, SpecError};
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +12,12 @@ pub struct ClusterSettings {
     /// async: a write returns after the local apply; sync: after every live member acknowledged it.
     #[arg(long, env = "SESSIONMESH_SEND", default_value = "async")]
     pub send: SendMode,
+    /// all: every member holds every session; backup: an owner plus --backups copies.
+    #[arg(long, env = "SESSIONMESH_REPLICATION", default_value = "all")]
+    pub replication: ReplicationMode,
+    /// Copies besides the owner in backup mode (1 to 5).
+    #[arg(long, default_value_t = 1)]
+    pub backups: u8,
     /// Heartbeat period.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_interval_ms: u64,
@@ -36,6 +42,8 @@ impl Default for ClusterSettings {
     fn default() -> Self {
         ClusterSettings {
             send: SendMode::Async,
+            replication: ReplicationMode::All,
+            backups: 1,
             heartbeat_interval_ms: 100,
             suspect_after_ms: 500,
             probe_timeout_ms: 300,
@@ -67,6 +75,8 @@ impl ClusterSettings {
         )?;
         let s = ClusterSettings {
             send: spec.replication.send,
+            replication: spec.replication.mode,
+            backups: spec.replication.backups,
             heartbeat_interval_ms: ms(
                 "spec.failureDetection.heartbeatInterval",
                 &fd.heartbeat_interval,
@@ -89,6 +99,12 @@ impl ClusterSettings {
 
     /// What both ends check; the field names are the spec's.
     pub fn validate(&self) -> Result<(), SpecError> {
+        if !(1..=5).contains(&self.backups) {
+            return Err(err(
+                "spec.replication.backups",
+                format!("must be 1 to 5, not {}", self.backups),
+            ));
+        }
         if self.heartbeat_interval_ms == 0 {
             return Err(err(
                 "spec.failureDetection.heartbeatInterval",
@@ -135,6 +151,8 @@ impl ClusterSettings {
     pub fn to_args(&self) -> Vec<String> {
         [
             ("--send", self.send.as_str().to_owned()),
+            ("--replication", self.replication.as_str().to_owned()),
+            ("--backups", self.backups.to_string()),
             (
                 "--heartbeat-interval-ms",
                 self.heartbeat_interval_ms.to_string(),
@@ -174,7 +192,7 @@ mod tests {
     #[test]
     fn every_spec_field_survives_the_round_trip_through_flags() {
         let spec: SessionClusterSpec = serde_json::from_value(serde_json::json!({
-            "replication": {"send": "sync"},
+            "replication": {"send": "sync", "mode": "backup", "backups": 2},
             "failureDetection": {"heartbeatInterval": "150ms", "suspectAfter": "2s", "probeTimeout": "450ms"},
             "sessions": {"maxInactiveInterval": "45m", "maxSessionBytes": 65536, "maxSessions": 1234},
         }))
@@ -184,6 +202,8 @@ mod tests {
             s,
             ClusterSettings {
                 send: SendMode::Sync,
+                replication: ReplicationMode::Backup,
+                backups: 2,
                 heartbeat_interval_ms: 150,
                 suspect_after_ms: 2000,
                 probe_timeout_ms: 450,
@@ -223,6 +243,20 @@ mod tests {
         assert_eq!(
             parse(&s.to_args()).validate().unwrap_err().field,
             "spec.failureDetection.probeTimeout"
+        );
+        let mut spec: SessionClusterSpec = serde_json::from_str("{}").expect("spec");
+        spec.replication.backups = 0;
+        assert_eq!(
+            ClusterSettings::from_spec(&spec).unwrap_err().field,
+            "spec.replication.backups"
+        );
+        let s = ClusterSettings {
+            backups: 9,
+            ..ClusterSettings::default()
+        };
+        assert_eq!(
+            parse(&s.to_args()).validate().unwrap_err().field,
+            "spec.replication.backups"
         );
     }
 }

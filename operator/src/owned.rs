@@ -159,8 +159,17 @@ pub(crate) async fn ensure_sidecar_rbac(
 }
 
 /// A PodDisruptionBudget so voluntary disruptions (drains, upgrades) take at
-/// most one member at a time: each leaving member hands over before the next
-/// goes. policy/v1 (1.21+), else policy/v1beta1.
+/// most one member at a time in `all` mode (each leaving member hands over
+/// before the next goes), and at most `backups` in backup mode: with K
+/// members away at once every session still has a copy, even one whose
+/// handover had not finished. policy/v1 (1.21+), else policy/v1beta1.
+pub(crate) fn pdb_max_unavailable(spec: &sessionmesh_api::SessionClusterSpec) -> u8 {
+    match spec.replication.mode {
+        sessionmesh_api::ReplicationMode::All => 1,
+        sessionmesh_api::ReplicationMode::Backup => spec.replication.backups.max(1),
+    }
+}
+
 pub(crate) async fn ensure_pdb(
     ctx: &Ctx,
     sc: &SessionCluster,
@@ -173,6 +182,7 @@ pub(crate) async fn ensure_pdb(
         .map(|o| vec![o])
         .unwrap_or_default();
     let pdb_name = format!("{name}-members");
+    let max_unavailable = pdb_max_unavailable(&sc.spec);
     let mut last = None;
     for version in ["v1", "v1beta1"] {
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -184,7 +194,7 @@ pub(crate) async fn ensure_pdb(
         let body = json!({
             "apiVersion": format!("policy/{version}"), "kind": "PodDisruptionBudget",
             "metadata": {"name": pdb_name, "ownerReferences": owner, "labels": {"app.kubernetes.io/managed-by": MANAGER}},
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {CLUSTER_LABEL: name}}}
+            "spec": {"maxUnavailable": max_unavailable, "selector": {"matchLabels": {CLUSTER_LABEL: name}}}
         });
         match api
             .patch(

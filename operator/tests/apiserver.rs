@@ -184,6 +184,42 @@ async fn members_get_unique_routes_membership_and_status_and_survive_operator_re
         pdb.data["spec"]["selector"]["matchLabels"]["sessionmesh.io/cluster"],
         "web"
     );
+    // Backup mode is accepted, and the budget follows K.
+    let scs: Api<SessionCluster> = Api::namespaced(env.client.clone(), "shop");
+    scs.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replication": {"mode": "backup", "backups": 2}}})),
+    )
+    .await
+    .expect("backup mode");
+    eventually(Duration::from_secs(20), "maxUnavailable 2", || async {
+        pdbs.get("web-members")
+            .await
+            .ok()
+            .filter(|p| p.data["spec"]["maxUnavailable"] == 2)
+    })
+    .await;
+    let st = status(&env, "shop", "web").await.expect("status");
+    assert_eq!(
+        cond(&st, "Degraded").map(|c| c.status.as_str()),
+        Some("False"),
+        "backup mode is a valid spec"
+    );
+    scs.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replication": {"mode": "all"}}})),
+    )
+    .await
+    .expect("back to all");
+    eventually(Duration::from_secs(20), "maxUnavailable 1", || async {
+        pdbs.get("web-members")
+            .await
+            .ok()
+            .filter(|p| p.data["spec"]["maxUnavailable"] == 1)
+    })
+    .await;
     let role = Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(env.client.clone(), "shop")
         .get("web-sessionmesh-sidecar")
         .await

@@ -44,7 +44,7 @@ async fn every_spec_field_reaches_a_running_sidecar() {
         .await
         .expect("secret");
     let spec = json!({
-        "replication": {"mode": "all", "send": "sync"},
+        "replication": {"mode": "backup", "backups": 2, "send": "sync"},
         "receiverPorts": {"first": port, "last": port},
         "jvmRoute": {"prefix": "tc"},
         "failureDetection": {"heartbeatInterval": "150ms", "suspectAfter": "900ms", "probeTimeout": "400ms"},
@@ -171,6 +171,8 @@ async fn every_spec_field_reaches_a_running_sidecar() {
         got,
         ClusterSettings {
             send: SendMode::Sync,
+            replication: sessionmesh_api::ReplicationMode::Backup,
+            backups: 2,
             heartbeat_interval_ms: 150,
             suspect_after_ms: 900,
             probe_timeout_ms: 400,

@@ -129,6 +129,10 @@ struct RunArgs {
     /// connections but never answer, before it serves with an empty store.
     #[arg(long, default_value_t = 30_000)]
     silent_peer_wait_ms: u64,
+    /// Backup mode: how long a member that holds no copy of a session waits
+    /// for the session's holders to send it.
+    #[arg(long, default_value_t = 500)]
+    fetch_timeout_ms: u64,
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
     #[arg(long, default_value_t = 5000)]
@@ -391,6 +395,9 @@ fn core_config(a: &RunArgs) -> CoreConfig {
         max_frame_bytes: a.max_frame_bytes,
         max_clock_skew_ms: a.max_clock_skew_ms,
         silent_peer_wait_ms: a.silent_peer_wait_ms,
+        backups: (a.settings.replication == sessionmesh_api::ReplicationMode::Backup)
+            .then_some(usize::from(a.settings.backups)),
+        fetch_timeout_ms: a.fetch_timeout_ms,
     }
 }
 

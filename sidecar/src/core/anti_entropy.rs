@@ -43,12 +43,25 @@ pub(super) fn reconcile(
 }
 
 impl Core {
+    /// The digest compared with `peer`: in backup mode, of the sessions both hold.
+    fn ae_digest(&self, peer: &str) -> Vec<u64> {
+        self.store
+            .bucket_digest_where(|id| self.holds(peer, id) && self.holds(&self.me.name, id))
+    }
+
+    fn ae_entries(&self, peer: &str, buckets: &[u16]) -> Vec<(SessionId, u64)> {
+        self.store
+            .bucket_entries_where(buckets, MAX_DETAIL_ENTRIES, |id| {
+                self.holds(peer, id) && self.holds(&self.me.name, id)
+            })
+    }
+
     pub(super) fn on_ae_digest(&mut self, name: &str, round: u64, buckets: Vec<u64>) {
-        let diff = differing_buckets(&buckets, &self.store.bucket_digest());
+        let diff = differing_buckets(&buckets, &self.ae_digest(name));
         if diff.is_empty() {
             return;
         }
-        let entries = self.store.bucket_entries(&diff, MAX_DETAIL_ENTRIES);
+        let entries = self.ae_entries(name, &diff);
         let detail = PeerMsg::AeDetail {
             round,
             buckets: diff,
@@ -63,7 +76,7 @@ impl Core {
         buckets: Vec<u16>,
         theirs: Vec<(SessionId, u64)>,
     ) {
-        let mine = self.store.bucket_entries(&buckets, MAX_DETAIL_ENTRIES);
+        let mine = self.ae_entries(name, &buckets);
         let (push, pull) = reconcile(&mine, &theirs);
         if !push.is_empty() || !pull.is_empty() {
             debug!(peer = %name, push = push.len(), pull = pull.len(), "anti-entropy found differences");
@@ -127,13 +140,13 @@ impl Core {
             }
         }
         targets.extend(std::mem::take(&mut self.ae_wanted));
-        let buckets = self.store.bucket_digest();
+        let all = self.backup.is_none().then(|| self.store.bucket_digest());
         for t in targets {
             if self.peers.get(&t).is_some_and(|p| p.connected) {
                 self.stats.ae_rounds += 1;
                 let round = self.next_id;
                 self.next_id += 1;
-                let buckets = buckets.clone();
+                let buckets = all.clone().unwrap_or_else(|| self.ae_digest(&t));
                 self.send(&t, PeerMsg::AeDigest { round, buckets });
             } else if self.detector.state(&t).is_some_and(|s| s.is_live()) {
                 // Not connected yet: try again on a later tick.

@@ -67,6 +67,27 @@ pub enum PeerMsg {
     Clock {
         hlc: Hlc,
     },
+    /// Backup mode: the receiver's copies of these sessions, please.
+    Fetch {
+        fetch: u64,
+        ids: Vec<SessionId>,
+    },
+    /// The answer to `Fetch`: the sessions the sender has (tombstones too).
+    Fetched {
+        fetch: u64,
+        states: Vec<SessionState>,
+    },
+    /// Backup mode: sessions the receiver now holds. `round` 0 asks for no
+    /// acknowledgement; `done` ends what the sender had to hand over.
+    Copies {
+        round: u64,
+        states: Vec<SessionState>,
+        done: bool,
+    },
+    /// Every session of round `round` is merged.
+    CopiesAck {
+        round: u64,
+    },
 }
 
 impl PeerMsg {
@@ -86,6 +107,10 @@ impl PeerMsg {
             PeerMsg::Leave => "leave",
             PeerMsg::LeaveAck => "leave_ack",
             PeerMsg::Clock { .. } => "clock",
+            PeerMsg::Fetch { .. } => "fetch",
+            PeerMsg::Fetched { .. } => "fetched",
+            PeerMsg::Copies { .. } => "copies",
+            PeerMsg::CopiesAck { .. } => "copies_ack",
         }
     }
 }

@@ -14,13 +14,17 @@
 //! - nothing here logs session contents or whole session ids.
 
 mod anti_entropy;
+mod backup;
+pub use backup::BackupStats;
 mod changes;
 pub use changes::Change;
 pub mod detector;
 pub mod hlc;
 pub mod identity;
+mod leave;
 pub mod message;
 mod peers;
+pub mod placement;
 mod replication;
 pub mod store;
 mod timers;
@@ -76,6 +80,11 @@ pub struct CoreConfig {
     /// How long a starting member waits for peers that accept connections but
     /// never answer (hung) before it serves with an empty store, loudly.
     pub silent_peer_wait_ms: u64,
+    /// Backup mode with this many copies besides the owner; `None`: every
+    /// member holds every session (`all` mode).
+    pub backups: Option<usize>,
+    /// How long a member that holds no copy waits for a session's holders.
+    pub fetch_timeout_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -99,6 +108,8 @@ impl Default for CoreConfig {
             max_frame_bytes: 64 << 20,
             max_clock_skew_ms: 1_000,
             silent_peer_wait_ms: 30_000,
+            backups: None,
+            fetch_timeout_ms: 500,
         }
     }
 }
@@ -147,6 +158,11 @@ pub enum Output {
     WriteDone {
         write: u64,
         result: Result<(), WriteError>,
+    },
+    /// Backup mode: the sessions a transaction waits for arrived (or the
+    /// fetch gave up); the transaction may run (see `fetch_for`).
+    FetchDone {
+        fetch: u64,
     },
 }
 
@@ -232,6 +248,8 @@ pub struct Core {
     timers: Timers,
     /// Sessions changed since the runtime last took them (`changes.rs`).
     changes: Option<changes::Changes>,
+    /// Backup mode's state; `None` in `all` mode.
+    backup: Option<backup::Backup>,
 }
 
 impl Core {
@@ -255,10 +273,14 @@ impl Core {
             ae_wanted: BTreeSet::new(),
             timers: Timers::new(&cfg, now_ms),
             changes: None,
+            backup: None,
             me,
             cfg,
         };
         core.set_members(peers, now_ms);
+        if let Some(k) = core.cfg.backups {
+            core.backup = Some(backup::Backup::new(k, core.live_members(), now_ms));
+        }
         core
     }
 
@@ -446,6 +468,14 @@ impl Core {
             } => self.on_ae_detail(&name, buckets, entries),
             PeerMsg::AePull { ids } => self.on_ae_pull(&name, ids),
             PeerMsg::AeStates { states } => self.on_ae_states(&name, states, now_ms),
+            PeerMsg::Fetch { fetch, ids } => self.on_fetch(&name, fetch, ids),
+            PeerMsg::Fetched { fetch, states } => self.on_fetched(&name, fetch, states, now_ms),
+            PeerMsg::Copies {
+                round,
+                states,
+                done,
+            } => self.on_copies(&name, round, states, done, now_ms),
+            PeerMsg::CopiesAck { round } => self.on_copies_ack(&name, round),
         }
     }
 
@@ -478,6 +508,7 @@ impl Core {
             self.sweep(now_ms);
         }
         self.tick_anti_entropy(now_ms);
+        self.tick_backup(now_ms);
         self.check_pending(now_ms);
     }
 
@@ -540,42 +571,6 @@ impl Core {
             self.stats.clock_quarantined += dropped as u64;
             let peers: Vec<String> = self.peers.keys().cloned().collect();
             self.ae_wanted.extend(peers);
-        }
-    }
-
-    // ---- leaving -----------------------------------------------------------
-
-    /// Stops serving the app; replication keeps draining.
-    pub fn begin_leave(&mut self) {
-        self.phase = Phase::Leaving;
-    }
-
-    /// True once every live, connected member has acknowledged everything.
-    pub fn flushed(&self) -> bool {
-        self.peers.iter().all(|(n, p)| {
-            p.out.is_empty() || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live())
-        })
-    }
-
-    /// True once every connected, live member confirmed our `Leave`.
-    pub fn leave_acknowledged(&self) -> bool {
-        self.peers.iter().all(|(n, p)| {
-            p.left_ack || !p.connected || !self.detector.state(n).is_some_and(|s| s.is_live())
-        })
-    }
-
-    pub fn announce_leave(&mut self) {
-        let names: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connected)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in names {
-            self.outbox.push(Output::Send {
-                to: n,
-                msg: PeerMsg::Leave,
-            });
         }
     }
 }

@@ -125,8 +125,12 @@ impl Core {
                 let acts = self.detector.new_generation(&from.name, now_ms);
                 self.run_actions(acts, now_ms);
                 self.check_pending(now_ms);
+                self.backup_peer_restarted(&from.name);
             }
-            None => p.gen = Some(from.generation),
+            None => {
+                p.gen = Some(from.generation);
+                self.backup_peer_restarted(&from.name);
+            }
         }
         let acts = self.detector.heard(&from.name, now_ms);
         self.run_actions(acts, now_ms);

@@ -303,8 +303,18 @@ impl Core {
         let d = Arc::new(d);
         let mut waits = Vec::new();
         let hard_cap = self.cfg.max_queue_bytes.saturating_mul(2);
+        let holders: Option<Vec<&str>> = self
+            .backup
+            .as_ref()
+            .map(|b| crate::core::placement::holders(&b.view, &d.id, b.copies));
         for (name, p) in self.peers.iter_mut() {
             if !self.detector.state(name).is_some_and(|s| s.is_live()) {
+                continue;
+            }
+            if holders
+                .as_ref()
+                .is_some_and(|h| !h.contains(&name.as_str()))
+            {
                 continue;
             }
             if p.out.bytes + size > hard_cap {

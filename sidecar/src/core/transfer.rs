@@ -240,6 +240,25 @@ impl Core {
     }
 
     fn tick_starting(&mut self, now_ms: u64) {
+        if self.backup.is_some() {
+            // Backup mode: the peers hand over what this member holds (see
+            // `backup.rs`); it is ready when every ready peer said it is done.
+            let ready = self.transfer_candidates();
+            if !ready.is_empty() {
+                let waited_ms = now_ms.saturating_sub(self.started_ms);
+                if self.backup_start_done(&ready) {
+                    info!(
+                        peers = ready.len(),
+                        "backup mode: every ready peer handed over; member is ready"
+                    );
+                    self.phase = Phase::Ready;
+                } else if waited_ms > 4 * self.cfg.transfer_stall_ms {
+                    warn!(waited_ms, "backup mode: not every ready peer handed over in time; ready anyway (missing copies are fetched on demand and repaired)");
+                    self.phase = Phase::Ready;
+                }
+                return;
+            }
+        }
         if let Some(src) = self.transfer_candidates().first().cloned() {
             self.start_transfer(src, None, now_ms, BTreeSet::new());
             return;

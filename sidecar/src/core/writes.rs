@@ -85,7 +85,12 @@ impl Core {
                 ops: vec![Op::Touch],
             };
             self.store.apply(&d, now_ms);
-            self.dirty_touch.insert(id.clone());
+            if self.holds(&self.me.name, id) {
+                self.dirty_touch.insert(id.clone());
+            } else {
+                // A fetched copy is dropped soon: its touch goes out now.
+                self.replicate(d, now_ms);
+            }
         }
         Ok(s)
     }

@@ -119,7 +119,7 @@ impl CoreTask {
         io_rx: &mut mpsc::Receiver<IoEvent>,
     ) {
         info!("leaving: flushing replication queues");
-        self.core.begin_leave();
+        self.core.begin_leave(now_ms());
         self.flush();
         let deadline = tokio::time::Instant::now() + self.cfg.leave_timeout;
         let mut tick = tokio::time::interval(self.cfg.tick);
@@ -255,10 +255,12 @@ impl CoreTask {
     fn on_cmd(&mut self, cmd: Command) {
         let now = now_ms();
         match cmd {
-            Command::Txn(job) => {
-                self.pending
-                    .run(&mut self.core, now, &mut self.next_write, job);
-            }
+            Command::Txn(ids, job) => match self.core.fetch_for(&ids, now) {
+                Some(fetch) => self.pending.park(fetch, job),
+                None => self
+                    .pending
+                    .run(&mut self.core, now, &mut self.next_write, job),
+            },
             Command::Freeze { ms } => {
                 warn!(ms, "test hook: freezing the core task");
                 self.frozen = Some(Duration::from_millis(ms));
@@ -297,6 +299,7 @@ impl CoreTask {
                 self.watchers.publish(&changes);
             }
         }
+        let mut fetched = Vec::new();
         for o in self.core.drain(now_ms()) {
             match o {
                 Output::Send { to, msg } => {
@@ -353,7 +356,21 @@ impl CoreTask {
                     });
                 }
                 Output::WriteDone { write, result } => self.pending.complete(write, result),
+                Output::FetchDone { fetch } => {
+                    if let Some(job) = self.pending.unpark(fetch) {
+                        fetched.push(job);
+                    }
+                }
             }
+        }
+        if !fetched.is_empty() {
+            // Their sessions are here: run them, and send what they wrote.
+            for job in fetched {
+                self.pending
+                    .run(&mut self.core, now_ms(), &mut self.next_write, job);
+            }
+            self.flush();
+            return;
         }
         let r = self.core.is_ready();
         if self.ready.swap(r, Ordering::Relaxed) != r {

@@ -9,7 +9,7 @@
 //! leave, and returns.
 
 use crate::core::detector::MemberState;
-use crate::core::identity::{Generation, NodeId};
+use crate::core::identity::{Generation, NodeId, SessionId};
 use crate::core::message::PeerMsg;
 
 mod core_task;
@@ -94,8 +94,9 @@ impl std::fmt::Display for MembershipSource {
 
 /// What the core task is asked to do.
 pub enum Command {
-    /// A front-end's transaction (see `txn`).
-    Txn(txn::TxnFn),
+    /// A front-end's transaction (see `txn`), and the sessions it works on:
+    /// in backup mode those this member holds no copy of are fetched first.
+    Txn(Vec<SessionId>, txn::TxnFn),
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -192,6 +193,12 @@ pub struct Handle {
 fn settings_of(c: &CoreConfig) -> sessionmesh_api::ClusterSettings {
     sessionmesh_api::ClusterSettings {
         send: c.send,
+        replication: if c.backups.is_some() {
+            sessionmesh_api::ReplicationMode::Backup
+        } else {
+            sessionmesh_api::ReplicationMode::All
+        },
+        backups: c.backups.map_or(1, |k| u8::try_from(k).unwrap_or(u8::MAX)),
         heartbeat_interval_ms: c.heartbeat_interval_ms,
         suspect_after_ms: c.detector.suspect_after_ms,
         probe_timeout_ms: c.detector.probe_timeout_ms,
@@ -221,9 +228,19 @@ impl Handle {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Step<T> + Send + 'static,
     ) -> Option<T> {
+        self.txn_on(Vec::new(), f).await
+    }
+
+    /// A transaction on the sessions `ids`: in backup mode, those this member
+    /// holds no copy of are fetched from their holders before it runs.
+    pub async fn txn_on<T: Send + 'static>(
+        &self,
+        ids: Vec<SessionId>,
+        f: impl FnOnce(&mut Tx<'_>) -> Step<T> + Send + 'static,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.cmd_tx
-            .send(Command::Txn(txn::boxed(f, tx)))
+            .send(Command::Txn(ids, txn::boxed(f, tx)))
             .await
             .ok()?;
         rx.await.ok()

@@ -108,9 +108,22 @@ pub struct Pending {
     writes: HashMap<u64, (u64, usize)>,
     txns: HashMap<u64, Open>,
     next: u64,
+    /// Transactions not run yet: their sessions are being fetched from
+    /// their holders (backup mode), by fetch.
+    parked: HashMap<u64, TxnFn>,
 }
 
 impl Pending {
+    /// Holds `job` until fetch `fetch` is done.
+    pub fn park(&mut self, fetch: u64, job: TxnFn) {
+        self.parked.insert(fetch, job);
+    }
+
+    /// The transaction that waited for fetch `fetch`, to run now.
+    pub fn unpark(&mut self, fetch: u64) -> Option<TxnFn> {
+        self.parked.remove(&fetch)
+    }
+
     /// Runs `job` on `core`, and its continuation at once if it made no
     /// waiting write.
     pub fn run(&mut self, core: &mut Core, now: u64, next_write: &mut u64, job: TxnFn) {

@@ -72,6 +72,8 @@ pub struct Sim {
     pub drop_rate: f64,
     pub delay_ms: (u64, u64),
     pub write_results: HashMap<(String, u64), Result<(), WriteError>>,
+    /// Backup mode: fetches that finished, per member.
+    pub fetches_done: BTreeSet<(String, u64)>,
     next_write: u64,
     tick_ms: u64,
     next_tick: u64,
@@ -102,6 +104,7 @@ impl Sim {
             drop_rate: 0.0,
             delay_ms: (1, 3),
             write_results: HashMap::new(),
+            fetches_done: BTreeSet::new(),
             next_write: 1,
             tick_ms: 10,
             next_tick: 0,
@@ -145,8 +148,9 @@ impl Sim {
 
     /// Graceful leave: stop serving, wait for acknowledgements (bounded), announce.
     pub fn leave(&mut self, name: &str, max_wait_ms: u64) {
+        let now = self.now;
         if let Some(n) = self.nodes.get_mut(name) {
-            n.core.begin_leave();
+            n.core.begin_leave(now);
         }
         let deadline = self.now + max_wait_ms;
         while self.now < deadline && !self.nodes.get(name).is_some_and(|n| n.core.flushed()) {
@@ -290,6 +294,9 @@ impl Sim {
                 }
                 Output::WriteDone { write, result } => {
                     self.write_results.insert((name.to_owned(), write), result);
+                }
+                Output::FetchDone { fetch } => {
+                    self.fetches_done.insert((name.to_owned(), fetch));
                 }
             }
         }
@@ -444,6 +451,43 @@ impl Sim {
         Some(String::from_utf8_lossy(v).into_owned())
     }
 
+    /// What the runtime does before a transaction on `id` runs on `node`:
+    /// in backup mode, fetch the session from its holders when `node` holds
+    /// no copy, waiting (virtual time) until the fetch is done.
+    pub fn fetch(&mut self, node: &str, id: &str) {
+        let now = self.now;
+        let (Ok(sid), Some(n)) = (SessionId::parse(id), self.nodes.get_mut(node)) else {
+            return;
+        };
+        let Some(f) = n.core.fetch_for(&[sid], now) else {
+            return;
+        };
+        // A restarted member numbers its fetches afresh.
+        let key = (node.to_owned(), f);
+        self.fetches_done.remove(&key);
+        self.dispatch(node);
+        self.run_until(5_000, |s| s.fetches_done.contains(&key));
+    }
+
+    /// `fetch`, then a write, as a front-end's transaction on `node` would.
+    pub fn set_anywhere(
+        &mut self,
+        node: &str,
+        id: &str,
+        name: &str,
+        value: &str,
+        mode: SendMode,
+    ) -> u64 {
+        self.fetch(node, id);
+        self.set(node, id, name, value, mode)
+    }
+
+    /// `fetch`, then a read of one attribute.
+    pub fn value_anywhere(&mut self, node: &str, id: &str, name: &str) -> Option<String> {
+        self.fetch(node, id);
+        self.value(node, id, name)
+    }
+
     pub fn state_seen(&self, observer: &str, target: &str) -> Option<MemberState> {
         self.nodes.get(observer)?.core.member_state(target)
     }
@@ -460,5 +504,7 @@ impl Sim {
     }
 }
 
+#[cfg(test)]
+mod backup_tests;
 #[cfg(test)]
 mod tests;

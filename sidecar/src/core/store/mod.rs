@@ -287,6 +287,7 @@ pub struct Store {
 
 mod apply;
 mod checks;
+mod expiry;
 
 pub const BUCKETS: usize = 256;
 
@@ -364,64 +365,6 @@ impl Store {
         }
     }
 
-    /// Removes every entry carrying a timestamp past `limit_wall_ms`. Such an
-    /// entry can only come from a clock that was wrong when it was written, and
-    /// would win every merge against the writes made since. Returns how many.
-    pub fn drop_beyond(&mut self, limit_wall_ms: u64) -> usize {
-        let beyond: Vec<SessionId> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| match e {
-                Entry::Live(s) => {
-                    s.version().wall_ms > limit_wall_ms || s.cleared.wall_ms > limit_wall_ms
-                }
-                Entry::Tombstone { hlc, .. } => hlc.wall_ms > limit_wall_ms,
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &beyond {
-            if let Some(Entry::Live(s)) = self.entries.remove(id) {
-                self.remove_live_accounting(id, &s);
-            }
-        }
-        beyond.len()
-    }
-
-    /// Removes expired sessions, and tombstones and removed-attribute markers
-    /// older than `tombstone_ttl_ms`. Returns how many sessions expired.
-    pub fn sweep(&mut self, now_ms: u64, grace_ms: u64, tombstone_ttl_ms: u64) -> usize {
-        let mut expired_ids = Vec::new();
-        let mut dead_tombs = Vec::new();
-        for (id, e) in self.entries.iter_mut() {
-            match e {
-                Entry::Live(s) => {
-                    if expired(s, now_ms, grace_ms) {
-                        expired_ids.push(id.clone());
-                    } else {
-                        s.attrs.retain(|_, a| {
-                            a.value.is_some()
-                                || a.removed_at_ms.saturating_add(tombstone_ttl_ms) > now_ms
-                        });
-                    }
-                }
-                Entry::Tombstone { at_ms, .. } => {
-                    if at_ms.saturating_add(tombstone_ttl_ms) <= now_ms {
-                        dead_tombs.push(id.clone());
-                    }
-                }
-            }
-        }
-        for id in &expired_ids {
-            if let Some(Entry::Live(s)) = self.entries.remove(id) {
-                self.remove_live_accounting(id, &s);
-            }
-        }
-        for id in dead_tombs {
-            self.entries.remove(&id);
-        }
-        expired_ids.len()
-    }
-
     /// Live session ids after `cursor`, in order.
     pub fn list(
         &self,
@@ -477,6 +420,29 @@ impl Store {
         (out, None)
     }
 
+    /// Whether any entry (live, expired or a tombstone) exists for `id`.
+    pub fn has(&self, id: &SessionId) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    /// Every id with an entry, in order.
+    pub fn ids(&self) -> Vec<SessionId> {
+        self.entries.keys().cloned().collect()
+    }
+
+    /// Removes an entry without leaving a tombstone: this member no longer
+    /// holds a copy (backup mode). Returns whether there was one.
+    pub fn forget(&mut self, id: &SessionId) -> bool {
+        match self.entries.remove(id) {
+            Some(Entry::Live(s)) => {
+                self.remove_live_accounting(id, &s);
+                true
+            }
+            Some(Entry::Tombstone { .. }) => true,
+            None => false,
+        }
+    }
+
     pub fn state(&self, id: &SessionId) -> Option<SessionState> {
         self.entries.get(id).map(|e| SessionState {
             id: id.clone(),
@@ -486,8 +452,13 @@ impl Store {
 
     /// Digest of every bucket: a wrapping sum of entry hashes (order-free).
     pub fn bucket_digest(&self) -> Vec<u64> {
+        self.bucket_digest_where(|_| true)
+    }
+
+    /// `bucket_digest` over the entries whose id passes `keep`.
+    pub fn bucket_digest_where(&self, keep: impl Fn(&SessionId) -> bool) -> Vec<u64> {
         let mut b = vec![0u64; BUCKETS];
-        for (id, e) in &self.entries {
+        for (id, e) in self.entries.iter().filter(|(id, _)| keep(id)) {
             b[bucket_of(id)] = b[bucket_of(id)].wrapping_add(entry_hash(id, e));
         }
         b
@@ -495,6 +466,16 @@ impl Store {
 
     /// (id, hash) of every entry in the given buckets.
     pub fn bucket_entries(&self, buckets: &[u16], max: usize) -> Vec<(SessionId, u64)> {
+        self.bucket_entries_where(buckets, max, |_| true)
+    }
+
+    /// `bucket_entries` of the entries whose id passes `keep`.
+    pub fn bucket_entries_where(
+        &self,
+        buckets: &[u16],
+        max: usize,
+        keep: impl Fn(&SessionId) -> bool,
+    ) -> Vec<(SessionId, u64)> {
         let mut want = [false; BUCKETS];
         for b in buckets {
             if let Some(w) = want.get_mut(*b as usize) {
@@ -503,7 +484,7 @@ impl Store {
         }
         self.entries
             .iter()
-            .filter(|(id, _)| want[bucket_of(id)])
+            .filter(|(id, _)| want[bucket_of(id)] && keep(id))
             .take(max)
             .map(|(id, e)| (id.clone(), entry_hash(id, e)))
             .collect()
