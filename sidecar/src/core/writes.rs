@@ -169,7 +169,14 @@ impl Core {
         self.store.apply(&d, now_ms);
         self.note_change(&d, true);
         self.dirty_touch.remove(&d.id);
+        let renamed = d.ops.iter().find_map(|o| match o {
+            Op::Rename { to } => Some(to.clone()),
+            _ => None,
+        });
         let waits = self.replicate(d, now_ms);
+        if let Some(to) = renamed {
+            self.backup_renamed(to, now_ms);
+        }
         let mode = mode.unwrap_or(self.cfg.send);
         let backpressure = self
             .peers

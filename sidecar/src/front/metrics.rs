@@ -28,6 +28,9 @@ pub fn render(st: &Status, h: &Handle) -> String {
     status(&mut r, st, h);
     io(&mut r, h);
     core_stats(&mut r, st);
+    if let Some(b) = &st.backup {
+        backup(&mut r, b);
+    }
     let members = Family::<StateLabel, Gauge>::default();
     for (state, n) in &st.states {
         let label = StateLabel {
@@ -164,6 +167,67 @@ fn io(r: &mut Registry, h: &Handle) {
 }
 
 /// What the core counted.
+/// Backup mode: fetches, rebalancing and copies (only in backup mode).
+fn backup(r: &mut Registry, b: &crate::core::BackupStats) {
+    let gauge = |r: &mut Registry, name: &str, help: &str, v: u64| {
+        r.register(name, help, ConstGauge::new(v as i64));
+    };
+    gauge(
+        r,
+        "backup_under_replicated",
+        "Sessions this member holds with fewer than 1 + backups copies known (copies in flight, or too few live members)",
+        b.under_replicated,
+    );
+    gauge(
+        r,
+        "backup_copies_in_flight",
+        "Sessions this member handed to another holder and not yet acknowledged",
+        b.copies_in_flight,
+    );
+    counter(
+        r,
+        "backup_fetches",
+        "Fetches of sessions this member holds no copy of",
+        b.fetches,
+    );
+    counter(
+        r,
+        "backup_fetch_timeouts",
+        "Fetches that gave up on a holder",
+        b.fetch_timeouts,
+    );
+    counter(
+        r,
+        "backup_rebalances",
+        "Rebalancing passes after a membership change",
+        b.rebalances,
+    );
+    counter(
+        r,
+        "backup_copies_sent",
+        "Sessions sent to their new holders",
+        b.copies_sent,
+    );
+    counter(
+        r,
+        "backup_copies_acked",
+        "Sessions the receiving holder acknowledged",
+        b.copies_acked,
+    );
+    counter(
+        r,
+        "backup_copies_received",
+        "Sessions received as a new holder",
+        b.copies_received,
+    );
+    counter(
+        r,
+        "backup_surplus_dropped",
+        "Copies dropped after handing them to their holders",
+        b.surplus_dropped,
+    );
+}
+
 fn core_stats(r: &mut Registry, st: &Status) {
     let t = &st.stats;
     counter(
@@ -290,6 +354,11 @@ mod tests {
             payload_bytes: 10,
             queue: (0, 0),
             states: vec![(MemberState::Alive, 2), (MemberState::Dead, 1)],
+            backup: Some(crate::core::BackupStats {
+                under_replicated: 4,
+                rebalances: 2,
+                ..Default::default()
+            }),
         };
         let (cmd_tx, _) = tokio::sync::mpsc::channel(1);
         let h = Handle {
@@ -313,6 +382,14 @@ mod tests {
         let (st, h) = sample();
         let text = render(&st, &h);
         assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+        assert!(
+            text.contains("\nsessionmesh_backup_under_replicated 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nsessionmesh_backup_rebalances_total 2\n"),
+            "{text}"
+        );
         let mut types = BTreeMap::new();
         let mut helps = 0;
         for l in text.lines() {

@@ -283,6 +283,7 @@ impl CoreTask {
                     payload_bytes: self.core.store.payload_bytes(),
                     queue: self.core.queue_totals(),
                     states: self.core.state_counts().to_vec(),
+                    backup: self.core.backup_stats(),
                 });
             }
         }

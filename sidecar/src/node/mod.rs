@@ -126,6 +126,9 @@ pub struct Status {
     pub queue: (usize, usize),
     #[serde(skip)]
     pub states: Vec<(MemberState, usize)>,
+    /// Backup mode's counters; `None` in `all` mode.
+    #[serde(skip)]
+    pub backup: Option<crate::core::BackupStats>,
 }
 
 #[derive(Debug, Clone, Serialize)]

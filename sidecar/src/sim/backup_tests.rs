@@ -285,3 +285,41 @@ fn a_write_on_a_member_without_a_copy_goes_to_the_holders_only() {
         );
     }
 }
+
+#[test]
+fn a_renamed_session_is_found_under_its_new_id_on_every_member() {
+    let list = names(7);
+    let refs: Vec<&str> = list.iter().map(String::as_str).collect();
+    let mut sim = Sim::new(9, &refs, cfg(1));
+    assert!(sim.run_until(5_000, all_ready));
+    sim.fetch("m000", "before");
+    sim.create("m000", "before");
+    let w = sim.set("m000", "before", "user", "ann", SendMode::Sync);
+    assert!(sim.run_until(1_000, |s| s.write_results.contains_key(&("m000".into(), w))));
+    sim.fetch("m003", "before");
+    let w = sim.write(
+        "m003",
+        "before",
+        vec![Op::Rename { to: sid("after") }],
+        SendMode::Sync,
+    );
+    assert!(sim.run_until(1_000, |s| s.write_results.contains_key(&("m003".into(), w))));
+    assert_eq!(sim.write_results[&("m003".into(), w)], Ok(()));
+    for name in &list {
+        assert_eq!(
+            sim.value_anywhere(name, "after", "user").as_deref(),
+            Some("ann"),
+            "{name}"
+        );
+        assert_eq!(
+            sim.value_anywhere(name, "before", "user"),
+            None,
+            "{name}: the old id is gone"
+        );
+    }
+    let ids = vec!["after".to_owned()];
+    assert!(
+        wait(&mut sim, 12_000, |s| placed(s, &ids, 2)),
+        "the new id on its holders only"
+    );
+}

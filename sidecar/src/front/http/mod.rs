@@ -473,10 +473,12 @@ async fn write(
 ) -> Result<(), Resp> {
     let origin = origin();
     let r = h
-        .txn(move |tx| match tx_write(tx, origin, id, ops, mi, mode) {
-            Ok(None) => Step::Ready(Ok(())),
-            Ok(Some(t)) => Step::after(move |r| r[t.0].clone()),
-            Err(e) => Step::Ready(Err(e)),
+        .txn_on(keys(&id, &ops), move |tx| {
+            match tx_write(tx, origin, id, ops, mi, mode) {
+                Ok(None) => Step::Ready(Ok(())),
+                Ok(Some(t)) => Step::after(move |r| r[t.0].clone()),
+                Err(e) => Step::Ready(Err(e)),
+            }
         })
         .await;
     match r {
@@ -486,9 +488,19 @@ async fn write(
     }
 }
 
+/// The sessions a write works on: its own, and a rename's new id.
+fn keys(id: &SessionId, ops: &[Op]) -> Vec<SessionId> {
+    let mut k = vec![id.clone()];
+    k.extend(ops.iter().filter_map(|o| match o {
+        Op::Rename { to } => Some(to.clone()),
+        _ => None,
+    }));
+    k
+}
+
 async fn read(h: &Handle, id: SessionId, touch: bool) -> Result<Session, Resp> {
     let r = h
-        .txn(move |tx| {
+        .txn_on(vec![id.clone()], move |tx| {
             let now = tx.now();
             Step::Ready(tx.core_mut().read(&id, touch, now))
         })

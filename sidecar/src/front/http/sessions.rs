@@ -47,7 +47,7 @@ async fn write_versioned(
 ) -> Result<(Option<u64>, Option<u64>), Resp> {
     let origin = origin();
     let r = h
-        .txn(move |tx| {
+        .txn_on(super::keys(&id, &ops), move |tx| {
             let (now, grace) = (tx.now(), tx.core().cfg.touch_flush_ms);
             let key = id.clone();
             let version =

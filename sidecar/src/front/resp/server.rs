@@ -298,9 +298,13 @@ impl Client<'_> {
         self.flush().await?;
         let scans = self.scans.clone();
         let db = self.conn.db;
+        let mut keys = commands::keys_of(db, &cmds);
+        for (d, k, _) in &watched {
+            keys.extend(commands::key_ids(*d, std::slice::from_ref(k)));
+        }
         let r = self
             .h
-            .txn(move |tx| {
+            .txn_on(keys, move |tx| {
                 let mut st = scans.lock().unwrap_or_else(|p| p.into_inner());
                 commands::exec_multi(tx, &mut st, db, &cmds, &watched)
             })
@@ -318,9 +322,10 @@ impl Client<'_> {
         self.flush().await?;
         let keys = keys.to_vec();
         let db = self.conn.db;
+        let ids = commands::key_ids(db, &keys);
         let r = self
             .h
-            .txn(move |tx| {
+            .txn_on(ids, move |tx| {
                 let v: Vec<(u8, Bytes, u64)> = keys
                     .into_iter()
                     .map(|k| {
@@ -444,8 +449,9 @@ async fn flush(
         std::mem::take(batch).into_iter().unzip();
     let n = cmds.len();
     let scans = scans.clone();
+    let keys = commands::keys_of(db, &cmds);
     let r = h
-        .txn(move |tx| {
+        .txn_on(keys, move |tx| {
             // Only ever locked on the core task: never contended.
             let mut st = scans.lock().unwrap_or_else(|p| p.into_inner());
             commands::exec(tx, &mut st, db, &cmds)

@@ -190,6 +190,34 @@ impl Ctx<'_, '_> {
     }
 }
 
+/// The sessions a batch of commands works on, for the runtime to fetch
+/// first in backup mode. Malformed keys are left to the commands to refuse.
+pub fn keys_of(db: u8, cmds: &[Vec<Bytes>]) -> Vec<SessionId> {
+    let mut out = Vec::new();
+    for cmd in cmds {
+        let Some(name) = cmd.first().map(upper) else {
+            continue;
+        };
+        let args = cmd.get(1..).unwrap_or_default();
+        let keys: Vec<&Bytes> = match name.as_str() {
+            "MSET" => args.iter().step_by(2).collect(),
+            "MGET" | "DEL" | "UNLINK" | "EXISTS" => args.iter().collect(),
+            "RENAME" | "RENAMENX" => args.iter().take(2).collect(),
+            "SCAN" | "DBSIZE" | "FLUSHDB" | "FLUSHALL" | "PING" | "ECHO" | "TIME" | "UNWATCH" => {
+                Vec::new()
+            }
+            _ => args.iter().take(1).collect(),
+        };
+        out.extend(keys.into_iter().filter_map(|k| key_in(db, k).ok()));
+    }
+    out
+}
+
+/// The sessions of a list of keys (WATCH), malformed ones left out.
+pub fn key_ids(db: u8, keys: &[Bytes]) -> Vec<SessionId> {
+    keys.iter().filter_map(|k| key_in(db, k).ok()).collect()
+}
+
 fn key_in(db: u8, b: &Bytes) -> Result<SessionId, Value> {
     SessionId::key(b)
         .map(|k| SessionId::in_db(db, k))
