@@ -2,7 +2,8 @@
 //! printed as `name value unit` lines. Scenarios: demo (wrk through HAProxy),
 //! failover, rolling, store (versus redis-server), resp, tomcat (the Tomcat
 //! Manager versus StandardManager and DeltaManager), writes, lag, detect
-//! (SIGKILL and SIGSTOP), transfer (includes rss), all (default).
+//! (SIGKILL and SIGSTOP), transfer (includes rss), backup (backup mode
+//! against all mode at 3, 5 and 9 members), all (default).
 
 use sessionmesh_sidecar::demo::localcluster::{cpu_seconds, metric, rss_bytes, LocalCluster};
 use sessionmesh_sidecar::demo::stack::{AppSpec, LbChoice, Stack, User};
@@ -10,6 +11,7 @@ use sessionmesh_sidecar::node::now_ms;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod backup;
 mod cluster;
 mod demo;
 mod redis;
@@ -136,6 +138,7 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         "store" => store(secs).await?,
         "resp" => resp(quick).await?,
         "tomcat" => tomcat::tomcat(secs, demo_rounds(quick)).await?,
+        "backup" => backup::backup(secs, quick).await?,
         "all" => {
             resp(quick).await?;
             demo(secs, demo_rounds(quick)).await?;
@@ -149,8 +152,9 @@ pub(crate) async fn main() -> anyhow::Result<()> {
             detect(if quick { 5 } else { 21 }).await?;
             detect_hung(if quick { 3 } else { 10 }).await?;
             transfer(if quick { 10_000 } else { 100_000 }).await?;
+            backup::backup(secs, quick).await?;
         }
-        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, resp, tomcat, writes, lag, detect, transfer, all"),
+        other => anyhow::bail!("unknown scenario {other:?}: demo, failover, rolling, store, resp, tomcat, backup, writes, lag, detect, transfer, all"),
     }
     Ok(())
 }
