@@ -222,6 +222,41 @@ async fn nine(backup: bool, sessions: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU of an idle member holding `sessions` small sessions (no peers): what
+/// the periodic sweep and timers cost when nothing happens.
+async fn idle(sessions: usize) -> anyhow::Result<()> {
+    let cl = cluster(1, &[]).await?;
+    let conns = 32;
+    let mut tasks = Vec::new();
+    for t in 0..conns {
+        let mut c = cl.client(0);
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < sessions {
+                let body = format!(r#"{{"id":"I{i:08}","attributes":{{"u":"dXNlcg=="}}}}"#);
+                let _ = c.post("/v1/sessions", body).await;
+                i += conns;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let stored = metric(&mut cl.client(0), "sessionmesh_sessions").await;
+    anyhow::ensure!(stored as usize == sessions, "stored {stored} of {sessions}");
+    let pid = cl.pid(0).unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (c0, t0) = (cpu_seconds(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let pct = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    figure(
+        &format!("idle_cpu_pct_{}k_sessions", sessions / 1000),
+        pct,
+        "%",
+    );
+    Ok(())
+}
+
 pub(crate) async fn backup(secs: u64, quick: bool) -> anyhow::Result<()> {
     println!(
         "# backup: sync writes of 1 KiB at 16 connections; load {}",
@@ -234,6 +269,7 @@ pub(crate) async fn backup(secs: u64, quick: bool) -> anyhow::Result<()> {
     let sessions = if quick { 10_000 } else { 100_000 };
     nine(true, sessions).await?;
     nine(false, sessions).await?;
+    idle(if quick { 100_000 } else { 1_000_000 }).await?;
     println!("# backup: done; load {}", loadavg());
     Ok(())
 }
