@@ -7,9 +7,10 @@
 //!   and streamed to the holders: the owner and backups get it directly.
 //! - **Reads anywhere**: before a transaction runs, the runtime asks
 //!   `fetch_for` for the sessions it names. A member that holds no copy (or
-//!   holds none yet) fetches the session from its live holders, and as many
-//!   members ranked next (where copies are while they move), and runs the
-//!   transaction when every one answered or the fetch timed out. Such copies
+//!   holds none yet) fetches the session from its first live holder; if that
+//!   one lacks it or goes away, from the other holders and as many members
+//!   ranked next (where copies are while they move). The transaction runs
+//!   when the answers are in or the fetch timed out. Such copies
 //!   are never served without a fetch, and are dropped a second later.
 //! - **Rebalancing**: when the live members change (or one restarts and
 //!   lost its copies), each member walks its store once. For every session
@@ -59,6 +60,10 @@ pub struct BackupStats {
 struct Fetch {
     waiting: BTreeSet<String>,
     deadline_ms: u64,
+    /// Sessions some answer held.
+    received: BTreeSet<SessionId>,
+    /// Whom to ask next for what the first answers lacked; `None` once asked.
+    later: Option<BTreeMap<String, Vec<SessionId>>>,
 }
 
 #[derive(Debug)]
@@ -185,21 +190,28 @@ impl Core {
             return None;
         }
         let me = self.me.name.as_str();
-        let mut per: BTreeMap<String, Vec<SessionId>> = BTreeMap::new();
+        // First the first live holder (normally the owner); if it lacks a
+        // session or goes away, the others of twice as many as hold it: while
+        // copies move (a rebalance, a view that lags the detector) the old
+        // holders rank next.
+        let mut first: BTreeMap<String, Vec<SessionId>> = BTreeMap::new();
+        let mut later: BTreeMap<String, Vec<SessionId>> = BTreeMap::new();
         for id in ids {
             if placement::holds(&b.view, me, id, b.copies) && self.store.has(id) {
                 continue;
             }
-            // Twice as many as hold it: while copies move (a rebalance, a
-            // view that lags the detector) the old holders rank next.
+            let mut asked = false;
             for h in placement::holders(&b.view, id, 2 * b.copies) {
                 let up = self.peers.get(h).is_some_and(|p| p.connected);
-                if h != me && up {
-                    per.entry(h.to_owned()).or_default().push(id.clone());
+                if h == me || !up {
+                    continue;
                 }
+                let into = if asked { &mut later } else { &mut first };
+                into.entry(h.to_owned()).or_default().push(id.clone());
+                asked = true;
             }
         }
-        if per.is_empty() {
+        if first.is_empty() {
             return None;
         }
         let fetch = self.next_id;
@@ -210,14 +222,47 @@ impl Core {
         b.fetches.insert(
             fetch,
             Fetch {
-                waiting: per.keys().cloned().collect(),
+                waiting: first.keys().cloned().collect(),
                 deadline_ms: now_ms + timeout,
+                received: BTreeSet::new(),
+                later: Some(later),
             },
         );
-        for (to, ids) in per {
+        for (to, ids) in first {
             self.send(&to, PeerMsg::Fetch { fetch, ids });
         }
         Some(fetch)
+    }
+
+    /// Every member asked has answered (or is gone): asks the next ones for
+    /// what no answer held, once; else the fetch is done.
+    fn fetch_next(&mut self, fetch: u64) {
+        let Some(f) = self.backup.as_mut().and_then(|b| b.fetches.get_mut(&fetch)) else {
+            return;
+        };
+        let mut next: Vec<(String, Vec<SessionId>)> = Vec::new();
+        if let Some(later) = f.later.take() {
+            for (to, ids) in later {
+                let ids: Vec<SessionId> = ids
+                    .into_iter()
+                    .filter(|i| !f.received.contains(i))
+                    .collect();
+                if !ids.is_empty() {
+                    next.push((to, ids));
+                }
+            }
+        }
+        if next.is_empty() {
+            if let Some(b) = self.backup.as_mut() {
+                b.fetches.remove(&fetch);
+            }
+            self.outbox.push(Output::FetchDone { fetch });
+            return;
+        }
+        f.waiting = next.iter().map(|(to, _)| to.clone()).collect();
+        for (to, ids) in next {
+            self.send(&to, PeerMsg::Fetch { fetch, ids });
+        }
     }
 
     pub(super) fn on_fetch(&mut self, from: &str, fetch: u64, ids: Vec<SessionId>) {
@@ -243,15 +288,23 @@ impl Core {
         let me = self.me.name.clone();
         let ids: Vec<SessionId> = states.iter().map(|s| s.id.clone()).collect();
         self.merge_remote(from, states, now_ms);
-        let not_held: Vec<SessionId> = ids.into_iter().filter(|id| !self.holds(&me, id)).collect();
-        if let Some(b) = self.backup.as_mut() {
-            for id in not_held {
-                b.cached.insert(id, now_ms);
-            }
-            if b.fetches.get(&fetch).is_some_and(|f| f.waiting.is_empty()) {
-                b.fetches.remove(&fetch);
-                self.outbox.push(Output::FetchDone { fetch });
-            }
+        let not_held: Vec<SessionId> = ids
+            .iter()
+            .filter(|id| !self.holds(&me, id))
+            .cloned()
+            .collect();
+        let Some(b) = self.backup.as_mut() else {
+            return;
+        };
+        for id in not_held {
+            b.cached.insert(id, now_ms);
+        }
+        let Some(f) = b.fetches.get_mut(&fetch) else {
+            return;
+        };
+        f.received.extend(ids);
+        if f.waiting.is_empty() {
+            self.fetch_next(fetch);
         }
     }
 
@@ -427,20 +480,25 @@ impl Core {
         let Some(b) = self.backup.as_mut() else {
             return;
         };
-        let mut done = Vec::new();
+        let (mut done, mut next) = (Vec::new(), Vec::new());
         for (id, f) in b.fetches.iter_mut() {
             f.waiting
                 .retain(|w| live.contains(w) && connected.contains(w));
-            if f.waiting.is_empty() || now_ms >= f.deadline_ms {
+            if now_ms >= f.deadline_ms {
                 if !f.waiting.is_empty() {
                     b.stats.fetch_timeouts += 1;
                 }
                 done.push(*id);
+            } else if f.waiting.is_empty() {
+                next.push(*id);
             }
         }
         for fetch in done {
             b.fetches.remove(&fetch);
             self.outbox.push(Output::FetchDone { fetch });
+        }
+        for fetch in next {
+            self.fetch_next(fetch);
         }
     }
 

@@ -250,6 +250,8 @@ pub struct Core {
     changes: Option<changes::Changes>,
     /// Backup mode's state; `None` in `all` mode.
     backup: Option<backup::Backup>,
+    /// Where the next sweep starts (`None`: from the beginning).
+    sweep_cursor: Option<SessionId>,
 }
 
 impl Core {
@@ -274,6 +276,7 @@ impl Core {
             timers: Timers::new(&cfg, now_ms),
             changes: None,
             backup: None,
+            sweep_cursor: None,
             me,
             cfg,
         };
@@ -551,29 +554,38 @@ impl Core {
     }
 
     /// Drops expired sessions and old tombstones, and what was stamped beyond
-    /// the clock bound.
+    /// the clock bound: a slice of the store each time (`SWEEP_BUDGET`
+    /// entries), so a store of a million sessions is swept over a minute, at
+    /// a small steady cost, and one of a few thousand every second.
     fn sweep(&mut self, now_ms: u64) {
-        let n = self
-            .store
-            .sweep(now_ms, self.cfg.touch_flush_ms, self.cfg.tombstone_ttl_ms);
-        self.stats.expired += n as u64;
         // What was stamped while a clock was wrong (ours, before it was
         // corrected) would win every later merge: drop it and let
-        // anti-entropy bring the cluster's version back.
-        if self.clock_skew().is_some() {
-            return;
-        }
-        let dropped = self
-            .store
-            .drop_beyond(now_ms.saturating_add(self.cfg.max_clock_skew_ms));
-        if dropped > 0 {
-            warn!(entries = dropped, "dropped entries stamped beyond this member's clock bound; anti-entropy repairs them");
-            self.stats.clock_quarantined += dropped as u64;
+        // anti-entropy bring the cluster's version back. Not while our own
+        // clock is the odd one out.
+        let beyond = self
+            .clock_skew()
+            .is_none()
+            .then(|| now_ms.saturating_add(self.cfg.max_clock_skew_ms));
+        let swept = self.store.sweep_part(
+            self.sweep_cursor.as_ref(),
+            SWEEP_BUDGET,
+            now_ms,
+            (self.cfg.touch_flush_ms, self.cfg.tombstone_ttl_ms),
+            beyond,
+        );
+        self.sweep_cursor = swept.next;
+        self.stats.expired += swept.expired as u64;
+        if swept.beyond > 0 {
+            warn!(entries = swept.beyond, "dropped entries stamped beyond this member's clock bound; anti-entropy repairs them");
+            self.stats.clock_quarantined += swept.beyond as u64;
             let peers: Vec<String> = self.peers.keys().cloned().collect();
             self.ae_wanted.extend(peers);
         }
     }
 }
+
+/// Entries one sweep looks at.
+const SWEEP_BUDGET: usize = 20_000;
 
 fn max_hlc(st: &SessionState) -> Option<crate::core::hlc::Hlc> {
     match &st.entry {

@@ -288,6 +288,7 @@ pub struct Store {
 mod apply;
 mod checks;
 mod expiry;
+pub use expiry::Swept;
 
 pub const BUCKETS: usize = 256;
 

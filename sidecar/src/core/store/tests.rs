@@ -527,3 +527,47 @@ fn digests_agree_after_merge() {
     assert_eq!(a.bucket_digest(), b.bucket_digest());
     assert_eq!(a.fingerprint(), b.fingerprint());
 }
+
+#[test]
+fn a_sweep_in_parts_covers_the_whole_store_once_per_pass() {
+    let mut st = Store::new(Limits::default());
+    for i in 0..25 {
+        let id = SessionId::parse(&format!("p{i:02}")).expect("id");
+        let d = Delta {
+            id,
+            hlc: Hlc {
+                wall_ms: 10,
+                logical: 0,
+                node: 1,
+            },
+            created_ms: 10,
+            last_accessed_ms: 10,
+            // Every other session expires at 1010.
+            max_inactive_ms: if i % 2 == 0 { 1_000 } else { 1_000_000 },
+            ops: vec![Op::Create, Op::MaxInactive],
+        };
+        st.apply(&d, 10);
+    }
+    let (mut cursor, mut expired, mut parts) = (None, 0, 0);
+    loop {
+        let s = st.sweep_part(cursor.as_ref(), 10, 5_000, (0, 60_000), None);
+        expired += s.expired;
+        parts += 1;
+        cursor = s.next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        (parts, expired),
+        (3, 13),
+        "25 entries in parts of 10; 13 expired"
+    );
+    assert_eq!(st.live_count(), 12);
+    let s = st.sweep_part(None, 10, 5_000, (0, 60_000), Some(5));
+    assert_eq!(
+        s.beyond, 10,
+        "stamped at 10 > 5: the first part's 10 entries go"
+    );
+    assert_eq!(st.live_count(), 2);
+}
