@@ -95,6 +95,22 @@ pub(super) struct Backup {
 }
 
 impl Backup {
+    /// A round is over (acknowledged or given up): its sessions are one
+    /// round less in flight. Returns those no round holds any more.
+    fn release(&mut self, ids: Vec<SessionId>) -> Vec<SessionId> {
+        let mut settled = Vec::new();
+        for id in ids {
+            if let Some(n) = self.in_flight.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight.remove(&id);
+                    settled.push(id);
+                }
+            }
+        }
+        settled
+    }
+
     pub(super) fn new(backups: usize, view: Vec<String>, now_ms: u64) -> Self {
         Backup {
             copies: backups + 1,
@@ -118,6 +134,8 @@ impl Core {
         self.backup.as_ref().map(|b| b.copies)
     }
 
+    /// The view's size, for the simulator's diagnostics.
+    #[cfg(test)]
     pub fn backup_view_len(&self) -> usize {
         self.backup.as_ref().map_or(0, |b| b.view.len())
     }
@@ -344,17 +362,7 @@ impl Core {
             return;
         }
         b.stats.copies_acked += r.ids.len() as u64;
-        let mut settled = Vec::new();
-        for id in r.ids {
-            if let Some(n) = b.in_flight.get_mut(&id) {
-                *n -= 1;
-                if *n == 0 {
-                    b.in_flight.remove(&id);
-                    settled.push(id);
-                }
-            }
-        }
-        for id in settled {
+        for id in b.release(r.ids) {
             let cached = self
                 .backup
                 .as_ref()
@@ -515,14 +523,7 @@ impl Core {
             .collect();
         for k in gone {
             if let Some(r) = b.rounds.remove(&k) {
-                for id in r.ids {
-                    if let Some(n) = b.in_flight.get_mut(&id) {
-                        *n -= 1;
-                        if *n == 0 {
-                            b.in_flight.remove(&id);
-                        }
-                    }
-                }
+                b.release(r.ids);
             }
         }
     }
