@@ -44,9 +44,11 @@ pub(super) fn reconcile(
 
 impl Core {
     /// The digest compared with `peer`: in backup mode, of the sessions both hold.
-    fn ae_digest(&self, peer: &str) -> Vec<u64> {
-        self.store
-            .bucket_digest_where(|id| self.holds(peer, id) && self.holds(&self.me.name, id))
+    fn ae_digest(&mut self, peer: &str) -> Vec<u64> {
+        match self.backup {
+            None => self.store.bucket_digest(),
+            Some(_) => self.pair_digest(peer),
+        }
     }
 
     fn ae_entries(&self, peer: &str, buckets: &[u16]) -> Vec<(SessionId, u64)> {
@@ -140,13 +142,12 @@ impl Core {
             }
         }
         targets.extend(std::mem::take(&mut self.ae_wanted));
-        let all = self.backup.is_none().then(|| self.store.bucket_digest());
         for t in targets {
             if self.peers.get(&t).is_some_and(|p| p.connected) {
                 self.stats.ae_rounds += 1;
                 let round = self.next_id;
                 self.next_id += 1;
-                let buckets = all.clone().unwrap_or_else(|| self.ae_digest(&t));
+                let buckets = self.ae_digest(&t);
                 self.send(&t, PeerMsg::AeDigest { round, buckets });
             } else if self.detector.state(&t).is_some_and(|s| s.is_live()) {
                 // Not connected yet: try again on a later tick.

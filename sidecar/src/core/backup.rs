@@ -31,6 +31,7 @@ use crate::core::store::{Entry, SessionState};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
+mod digest;
 mod rebalance;
 
 /// A fetched copy of a session this member does not hold is dropped after this.
@@ -92,6 +93,7 @@ pub(super) struct Backup {
     done_from: BTreeSet<String>,
     next_leftover_ms: u64,
     pub(super) stats: BackupStats,
+    pairs: digest::PairDigests,
 }
 
 impl Backup {
@@ -124,6 +126,7 @@ impl Backup {
             done_from: BTreeSet::new(),
             next_leftover_ms: now_ms,
             stats: BackupStats::default(),
+            pairs: digest::PairDigests::default(),
         }
     }
 }
@@ -168,7 +171,7 @@ impl Core {
 
     /// Whether the view is the live members and no peer restarted since,
     /// checked without allocating (it runs every tick).
-    fn view_current(&self) -> bool {
+    pub(super) fn view_current(&self) -> bool {
         let Some(b) = self.backup.as_ref() else {
             return true;
         };
@@ -465,6 +468,7 @@ impl Core {
         if !self.view_current() {
             self.maybe_rebalance(now_ms);
         }
+        self.refresh_pair_digests(false);
         let due = self
             .backup
             .as_ref()

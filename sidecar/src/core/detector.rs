@@ -80,6 +80,9 @@ struct Probe {
 #[derive(Debug, Clone)]
 pub struct PeerHealth {
     pub state: MemberState,
+    /// Whether anything came from the member since this one started: until
+    /// then `Alive` is only the benefit of the doubt.
+    pub heard: bool,
     pub last_heard_ms: u64,
     pub since_ms: u64,
     probe: Option<Probe>,
@@ -104,10 +107,19 @@ impl Detector {
     pub fn add(&mut self, peer: &str, now_ms: u64) {
         self.peers.entry(peer.to_owned()).or_insert(PeerHealth {
             state: MemberState::Alive,
+            heard: false,
             last_heard_ms: now_ms,
             since_ms: now_ms,
             probe: None,
         });
+    }
+
+    /// How many members count as live without ever having been heard from.
+    pub fn unheard_live(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| !p.heard && p.state.is_live())
+            .count()
     }
 
     pub fn remove(&mut self, peer: &str) {
@@ -159,6 +171,7 @@ impl Detector {
             return out;
         };
         p.last_heard_ms = now_ms;
+        p.heard = true;
         if matches!(p.state, MemberState::Suspect | MemberState::Dead) {
             self.set(peer, MemberState::Alive, now_ms, "heard from", &mut out);
         }
@@ -170,6 +183,7 @@ impl Detector {
         let mut out = Vec::new();
         if let Some(p) = self.peers.get_mut(peer) {
             p.last_heard_ms = now_ms;
+            p.heard = true;
         }
         self.set(peer, MemberState::Alive, now_ms, "new generation", &mut out);
         out

@@ -260,7 +260,7 @@ impl Core {
         let mut core = Core {
             clock: HlcClock::new(node_tag as u32, cfg.max_clock_skew_ms),
             detector: Detector::new(cfg.detector.clone()),
-            store: Store::new(cfg.limits.clone()),
+            store: Store::new(cfg.limits.clone()).journaled(cfg.backups.is_some()),
             stats: Stats::default(),
             peers: BTreeMap::new(),
             outbox: Vec::new(),

@@ -245,6 +245,12 @@ impl Core {
             // `backup.rs`); it is ready when every ready peer said it is done.
             let ready = self.transfer_candidates();
             if !ready.is_empty() {
+                // Placement must be over the members that are really live: a
+                // member never heard from (dead before this one started) would
+                // take the place of a holder, and a sync write would count it.
+                if self.detector.unheard_live() > 0 || !self.view_current() {
+                    return;
+                }
                 let waited_ms = now_ms.saturating_sub(self.started_ms);
                 if self.backup_start_done(&ready) {
                     info!(

@@ -66,6 +66,49 @@ fn placed(sim: &Sim, ids: &[String], copies: usize) -> bool {
     })
 }
 
+/// Every up member's kept per-peer digests equal a walk of its store
+/// (asserted), and whether every two members' digests of what they share
+/// agree.
+fn pair_digests_agree(sim: &mut Sim, seed: u64, when: &str) -> bool {
+    let up = up_names(sim);
+    let mut kept = BTreeMap::new();
+    for n in &up {
+        for p in up.iter().filter(|p| *p != n) {
+            let node = sim.nodes.get_mut(n).expect("up member");
+            let d = node.core.pair_digest(p);
+            assert_eq!(
+                d,
+                node.core.scanned_pair_digest(p),
+                "seed {seed}, {when}: {n}'s kept digest for {p} differs from its store"
+            );
+            kept.insert((n.clone(), p.clone()), d);
+        }
+    }
+    kept.iter()
+        .all(|((n, p), d)| kept.get(&(p.clone(), n.clone())) == Some(d))
+}
+
+/// Every two members agree on what they share: at once when `repair` is
+/// false (every acknowledged write reached every holder), else after
+/// anti-entropy, comparing the kept digests, repaired the rest. Each member
+/// compares with one random peer a round, so a given pair meets about every
+/// N / 2 rounds: allow 2 N.
+fn check_pair_digests(sim: &mut Sim, seed: u64, when: &str, repair: bool) {
+    let rounds = if repair {
+        2 * up_names(sim).len() as u64
+    } else {
+        0
+    };
+    let end = sim.now + rounds * sim.cfg.anti_entropy_interval_ms;
+    while !pair_digests_agree(sim, seed, when) {
+        assert!(
+            sim.now < end,
+            "seed {seed}, {when}: members still disagree on what they share"
+        );
+        sim.run_for(250);
+    }
+}
+
 /// `run_until` for costly conditions: checked every 50 ms of virtual time.
 fn wait(sim: &mut Sim, ms: u64, cond: impl Fn(&Sim) -> bool) -> bool {
     let end = sim.now + ms;
@@ -162,6 +205,7 @@ fn scenario(seed: u64, members: usize, k: usize) {
         "seed {seed}: sessions not on exactly {copies} members after writes"
     );
     check_reads(&mut sim, &acked, "1", seed, "all up");
+    check_pair_digests(&mut sim, seed, "all up", false);
 
     // K members die at once: the holders of one session, the worst case for it,
     // while writes to every session are under way.
@@ -201,6 +245,7 @@ fn scenario(seed: u64, members: usize, k: usize) {
         "seed {seed}: copies not on the new placement after a join and a restart"
     );
     check_reads(&mut sim, &acked3, "3", seed, "after join and restart");
+    check_pair_digests(&mut sim, seed, "after join and restart", false);
 
     // A partition: a quarter of the members apart for two seconds, writes on
     // both sides; afterwards every copy agrees and placement is restored.
@@ -225,6 +270,7 @@ fn scenario(seed: u64, members: usize, k: usize) {
             })),
         "seed {seed}: copies did not converge after the partition healed"
     );
+    check_pair_digests(&mut sim, seed, "after the partition healed", true);
 }
 
 #[test]

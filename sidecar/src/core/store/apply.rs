@@ -7,6 +7,20 @@ use super::*;
 impl Store {
     /// Applies a delta, local or remote.
     pub fn apply(&mut self, d: &Delta, now_ms: u64) -> Applied {
+        let to = d.ops.iter().find_map(|op| match op {
+            Op::Rename { to } if *to != d.id => Some(to),
+            _ => None,
+        });
+        let before = (self.hash_now(&d.id), to.map(|t| self.hash_now(t)));
+        let applied = self.apply_inner(d, now_ms);
+        self.rehash(&d.id, before.0);
+        if let (Some(t), Some(h)) = (to, before.1) {
+            self.rehash(t, h);
+        }
+        applied
+    }
+
+    fn apply_inner(&mut self, d: &Delta, now_ms: u64) -> Applied {
         // An invalidation ends the id whatever else happened, in any order.
         if d.ops.contains(&Op::Invalidate) {
             let before = self.entries.get(&d.id).cloned();
@@ -155,7 +169,7 @@ impl Store {
         };
         self.tombstone(from, hlc, now_ms, false);
         if let Some(s) = moved {
-            self.merge(
+            self.merge_inner(
                 SessionState {
                     id: to.clone(),
                     entry: Entry::Live(s),
@@ -167,6 +181,14 @@ impl Store {
 
     /// Joins a full state into the store (transfer, anti-entropy).
     pub fn merge(&mut self, st: SessionState, now_ms: u64) -> Applied {
+        let id = st.id.clone();
+        let before = self.hash_now(&id);
+        let applied = self.merge_inner(st, now_ms);
+        self.rehash(&id, before);
+        applied
+    }
+
+    fn merge_inner(&mut self, st: SessionState, now_ms: u64) -> Applied {
         let SessionState { id, entry } = st;
         match entry {
             Entry::Live(s) => self.merge_live_state(id, s, now_ms),

@@ -1,7 +1,7 @@
 //! Dropping what must go: expired sessions, old tombstones, and entries
 //! stamped beyond the clock bound.
 
-use super::{expired, Entry, Store};
+use super::{expired, session_hash, Attr, Entry, Store};
 use crate::core::identity::SessionId;
 use std::ops::Bound;
 
@@ -38,6 +38,8 @@ impl Store {
         };
         let mut out = Swept::default();
         let (mut expired_ids, mut dead, mut seen) = (Vec::new(), Vec::new(), 0);
+        // Sessions that lost old removal markers, with their hash before.
+        let mut trimmed = Vec::new();
         let mut last: Option<&SessionId> = None;
         for (id, e) in self.entries.range_mut((start, Bound::Unbounded)) {
             if seen == budget {
@@ -54,9 +56,16 @@ impl Store {
                     dead.push(id.clone());
                 }
                 Entry::Live(s) if expired(s, now_ms, grace_ms) => expired_ids.push(id.clone()),
-                Entry::Live(s) => s.attrs.retain(|_, a| {
-                    a.value.is_some() || a.removed_at_ms.saturating_add(tombstone_ttl_ms) > now_ms
-                }),
+                Entry::Live(s) => {
+                    let keep = |a: &Attr| {
+                        a.value.is_some()
+                            || a.removed_at_ms.saturating_add(tombstone_ttl_ms) > now_ms
+                    };
+                    if !s.attrs.values().all(keep) {
+                        trimmed.push((id.clone(), session_hash(id, s)));
+                        s.attrs.retain(|_, a| keep(a));
+                    }
+                }
                 Entry::Tombstone { hlc, .. } if past(hlc.wall_ms) => {
                     out.beyond += 1;
                     dead.push(id.clone());
@@ -69,6 +78,9 @@ impl Store {
             }
         }
         out.expired = expired_ids.len();
+        for (id, before) in trimmed {
+            self.rehash(&id, before);
+        }
         for id in expired_ids.iter().chain(&dead) {
             self.forget(id);
         }

@@ -277,16 +277,41 @@ pub enum Applied {
     Ignored,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
     entries: BTreeMap<SessionId, Entry>,
     live: usize,
     payload: usize,
     pub limits: Limits,
+    /// Per bucket, the wrapping sum of its entries' hashes, kept up to date on
+    /// every change, so a digest costs `BUCKETS` additions, not a store walk.
+    sums: Vec<u64>,
+    /// When on (backup mode), every change of an entry's hash, for the
+    /// caller's own digests: `(id, hash before, hash after)`, 0 for absent.
+    journal: Option<Vec<Change>>,
+    journal_lost: bool,
+}
+
+/// One change of an entry's hash (0 for absent): see `Store::take_journal`.
+pub type Change = (SessionId, u64, u64);
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            entries: BTreeMap::new(),
+            live: 0,
+            payload: 0,
+            limits: Limits::default(),
+            sums: vec![0; BUCKETS],
+            journal: None,
+            journal_lost: false,
+        }
+    }
 }
 
 mod apply;
 mod checks;
+mod digest;
 mod expiry;
 pub use expiry::Swept;
 
@@ -357,12 +382,8 @@ impl Store {
 
     /// Drops an expired session so its id can be created afresh.
     pub fn remove_if_expired(&mut self, id: &SessionId, now_ms: u64, grace_ms: u64) {
-        if let Some(Entry::Live(s)) = self.entries.get(id) {
-            if expired(s, now_ms, grace_ms) {
-                if let Some(Entry::Live(s)) = self.entries.remove(id) {
-                    self.remove_live_accounting(id, &s);
-                }
-            }
+        if matches!(self.entries.get(id), Some(Entry::Live(s)) if expired(s, now_ms, grace_ms)) {
+            self.forget(id);
         }
     }
 
@@ -434,14 +455,17 @@ impl Store {
     /// Removes an entry without leaving a tombstone: this member no longer
     /// holds a copy (backup mode). Returns whether there was one.
     pub fn forget(&mut self, id: &SessionId) -> bool {
-        match self.entries.remove(id) {
+        let before = self.hash_now(id);
+        let found = match self.entries.remove(id) {
             Some(Entry::Live(s)) => {
                 self.remove_live_accounting(id, &s);
                 true
             }
             Some(Entry::Tombstone { .. }) => true,
             None => false,
-        }
+        };
+        self.rehash(id, before);
+        found
     }
 
     pub fn state(&self, id: &SessionId) -> Option<SessionState> {
@@ -449,50 +473,6 @@ impl Store {
             id: id.clone(),
             entry: e.clone(),
         })
-    }
-
-    /// Digest of every bucket: a wrapping sum of entry hashes (order-free).
-    pub fn bucket_digest(&self) -> Vec<u64> {
-        self.bucket_digest_where(|_| true)
-    }
-
-    /// `bucket_digest` over the entries whose id passes `keep`.
-    pub fn bucket_digest_where(&self, keep: impl Fn(&SessionId) -> bool) -> Vec<u64> {
-        let mut b = vec![0u64; BUCKETS];
-        for (id, e) in self.entries.iter().filter(|(id, _)| keep(id)) {
-            b[bucket_of(id)] = b[bucket_of(id)].wrapping_add(entry_hash(id, e));
-        }
-        b
-    }
-
-    /// (id, hash) of every entry in the given buckets.
-    pub fn bucket_entries(&self, buckets: &[u16], max: usize) -> Vec<(SessionId, u64)> {
-        self.bucket_entries_where(buckets, max, |_| true)
-    }
-
-    /// `bucket_entries` of the entries whose id passes `keep`.
-    pub fn bucket_entries_where(
-        &self,
-        buckets: &[u16],
-        max: usize,
-        keep: impl Fn(&SessionId) -> bool,
-    ) -> Vec<(SessionId, u64)> {
-        let mut want = [false; BUCKETS];
-        for b in buckets {
-            if let Some(w) = want.get_mut(*b as usize) {
-                *w = true;
-            }
-        }
-        self.entries
-            .iter()
-            .filter(|(id, _)| want[bucket_of(id)] && keep(id))
-            .take(max)
-            .map(|(id, e)| (id.clone(), entry_hash(id, e)))
-            .collect()
-    }
-
-    pub fn entry_hash_of(&self, id: &SessionId) -> Option<u64> {
-        self.entries.get(id).map(|e| entry_hash(id, e))
     }
 
     /// Hash of the whole store's replicated content (tests use it to check convergence).
@@ -523,24 +503,30 @@ pub fn bucket_of(id: &SessionId) -> usize {
 /// Stable hash of an entry's replicated content. Access time is left out: touches
 /// are coalesced and may legitimately differ for a moment.
 fn entry_hash(id: &SessionId, e: &Entry) -> u64 {
-    let mut buf = Vec::with_capacity(64);
-    buf.extend_from_slice(id.as_str().as_bytes());
     match e {
         Entry::Tombstone { hlc, reusable, .. } => {
+            let mut buf = Vec::with_capacity(64);
+            buf.extend_from_slice(id.as_str().as_bytes());
             buf.push(if *reusable { 0xfe } else { 0xff });
             push_hlc(&mut buf, hlc);
+            fnv1a(&buf)
         }
-        Entry::Live(s) => {
-            buf.push(1);
-            buf.extend_from_slice(&s.max_inactive_ms.to_le_bytes());
-            push_hlc(&mut buf, &s.meta_hlc);
-            push_hlc(&mut buf, &s.cleared);
-            for (k, a) in s.attrs.iter() {
-                buf.extend_from_slice(k.as_bytes());
-                buf.push(a.value.is_some() as u8);
-                push_hlc(&mut buf, &a.hlc);
-            }
-        }
+        Entry::Live(s) => session_hash(id, s),
+    }
+}
+
+/// `entry_hash` of a live session.
+fn session_hash(id: &SessionId, s: &Session) -> u64 {
+    let mut buf = Vec::with_capacity(64 + 32 * s.attrs.len());
+    buf.extend_from_slice(id.as_str().as_bytes());
+    buf.push(1);
+    buf.extend_from_slice(&s.max_inactive_ms.to_le_bytes());
+    push_hlc(&mut buf, &s.meta_hlc);
+    push_hlc(&mut buf, &s.cleared);
+    for (k, a) in s.attrs.iter() {
+        buf.extend_from_slice(k.as_bytes());
+        buf.push(a.value.is_some() as u8);
+        push_hlc(&mut buf, &a.hlc);
     }
     fnv1a(&buf)
 }
@@ -551,5 +537,7 @@ fn push_hlc(buf: &mut Vec<u8>, h: &Hlc) {
     buf.extend_from_slice(&h.node.to_le_bytes());
 }
 
+#[cfg(test)]
+mod digest_tests;
 #[cfg(test)]
 mod tests;

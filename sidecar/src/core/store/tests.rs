@@ -2,17 +2,17 @@
 
 use super::*;
 
-fn id(s: &str) -> SessionId {
+pub(super) fn id(s: &str) -> SessionId {
     SessionId::parse(s).unwrap()
 }
-fn h(w: u64, n: u32) -> Hlc {
+pub(super) fn h(w: u64, n: u32) -> Hlc {
     Hlc {
         wall_ms: w,
         logical: 0,
         node: n,
     }
 }
-fn delta(i: &str, hlc: Hlc, ops: Vec<Op>) -> Delta {
+pub(super) fn delta(i: &str, hlc: Hlc, ops: Vec<Op>) -> Delta {
     Delta {
         id: id(i),
         hlc,
