@@ -141,3 +141,48 @@ async fn k2_a_sigkill_of_a_sessions_owner_and_backup_together_keeps_the_user_log
         "the surviving holder rebalanced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_on_a_member_without_a_copy_fetches_only_an_id_the_client_chose() {
+    let st = stack("1").await;
+    let addr = st.cl.nodes[0].http.expect("http");
+    let mut c = sessionmesh_sidecar::demo::client::Client::new(addr);
+    let fetches = "sessionmesh_backup_fetches_total";
+    let before = metric(&st, 0, fetches).await.expect("fetch counter");
+    // Ids the sidecar makes up: most land on other members, none is fetched.
+    for _ in 0..20 {
+        let r = c
+            .post("/v1/sessions", r#"{"attributes":{"u":"dXNlcg=="}}"#)
+            .await
+            .expect("create");
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert!(
+            r.text().contains("dXNlcg=="),
+            "the answer holds the session: {}",
+            r.text()
+        );
+    }
+    assert_eq!(
+        metric(&st, 0, fetches).await,
+        Some(before),
+        "a made-up id was fetched"
+    );
+    // A client's id that member 0 does not hold: fetched once, so that a
+    // second create of it is refused there as on its holders.
+    let all = names(&st);
+    let id = (0..)
+        .map(|n| format!("chosen{n}"))
+        .find(|id| !placement::holds(&all, &all[0], &SessionId::parse(id).expect("id"), 2))
+        .expect("an id member 0 does not hold");
+    let body = format!(r#"{{"id":"{id}"}}"#);
+    let r = c.post("/v1/sessions", body.clone()).await.expect("create");
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(metric(&st, 0, fetches).await, Some(before + 1.0));
+    let again = c.post("/v1/sessions", body).await.expect("create again");
+    assert_eq!(
+        again.status,
+        409,
+        "a duplicate on a member without a copy: {}",
+        again.text()
+    );
+}

@@ -192,6 +192,8 @@ async fn nine(backup: bool, sessions: usize) -> anyhow::Result<()> {
     }
     let names: Vec<String> = cl.nodes.iter().map(|x| x.name.clone()).collect();
     let (mut remote, mut local) = (Vec::new(), Vec::new());
+    // One kept-alive connection per member, as an application holds.
+    let mut clients: Vec<_> = all.iter().map(|i| cl.client(*i)).collect();
     for s in 0..2_000 {
         let id = format!("T{:08}", (s * 37) % sessions);
         let h = placement::holders(&names, &SessionId::parse(&id)?, 2);
@@ -200,7 +202,7 @@ async fn nine(backup: bool, sessions: usize) -> anyhow::Result<()> {
             .find(|i| !h.contains(&names[*i].as_str()))
             .unwrap_or(0);
         for (on, into) in [(other, &mut remote), (holder, &mut local)] {
-            let mut c = cl.client(on);
+            let c = &mut clients[on];
             let t = Instant::now();
             let r = c.get(&format!("/v1/sessions/{id}?touch=false")).await?;
             if r.status == 404 && loaded < sessions {
@@ -228,14 +230,16 @@ async fn nine(backup: bool, sessions: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU of an idle member holding `sessions` small sessions (no peers): what
-/// the periodic sweep and timers cost when nothing happens.
-async fn idle(sessions: usize) -> anyhow::Result<()> {
-    let cl = cluster(1, &[]).await?;
+/// CPU of idle members holding `sessions` small sessions each: what the
+/// periodic sweep, timers and (with peers) anti-entropy rounds cost when
+/// nothing happens. With `members` > 1 they run in `all` mode, so each holds
+/// every session and every anti-entropy round compares the whole store.
+async fn idle(sessions: usize, members: usize) -> anyhow::Result<()> {
+    let cl = cluster(members, &[]).await?;
     let conns = 32;
     let mut tasks = Vec::new();
     for t in 0..conns {
-        let mut c = cl.client(0);
+        let mut c = cl.client(t % members);
         tasks.push(tokio::spawn(async move {
             let mut i = t;
             while i < sessions {
@@ -248,18 +252,36 @@ async fn idle(sessions: usize) -> anyhow::Result<()> {
     for t in tasks {
         t.await?;
     }
-    let stored = metric(&mut cl.client(0), "sessionmesh_sessions").await;
-    anyhow::ensure!(stored as usize == sessions, "stored {stored} of {sessions}");
-    let pid = cl.pid(0).unwrap_or(0);
+    for m in 0..members {
+        let stored = metric(&mut cl.client(m), "sessionmesh_sessions").await;
+        anyhow::ensure!(
+            stored as usize == sessions,
+            "member {m} stored {stored} of {sessions}"
+        );
+    }
+    let pids: Vec<u32> = (0..members).filter_map(|m| cl.pid(m)).collect();
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (c0, t0) = (cpu_seconds(pid), Instant::now());
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let pct = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
-    figure(
-        &format!("idle_cpu_pct_{}k_sessions", sessions / 1000),
-        pct,
-        "%",
-    );
+    let (c0, t0) = (cpu(&pids), Instant::now());
+    // Two anti-entropy intervals (5 s each) and more.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let pct = (cpu(&pids) - c0) / t0.elapsed().as_secs_f64() * 100.0 / members as f64;
+    let name = match members {
+        1 => format!("idle_cpu_pct_{}k_sessions", sessions / 1000),
+        n => format!("idle_cpu_pct_{}k_sessions_{n}_members", sessions / 1000),
+    };
+    figure(&name, pct, "%");
+    Ok(())
+}
+
+/// The idle figures alone (`bench idle`): one member, and two that compare
+/// stores by anti-entropy.
+pub(crate) async fn idle_figures(quick: bool) -> anyhow::Result<()> {
+    let sessions = if quick { 100_000 } else { 1_000_000 };
+    println!("# idle: {sessions} sessions per member; load {}", loadavg());
+    idle(sessions, 1).await?;
+    idle(sessions, 2).await?;
+    println!("# idle: done; load {}", loadavg());
     Ok(())
 }
 
@@ -275,7 +297,7 @@ pub(crate) async fn backup(secs: u64, quick: bool) -> anyhow::Result<()> {
     let sessions = if quick { 10_000 } else { 100_000 };
     nine(true, sessions).await?;
     nine(false, sessions).await?;
-    idle(if quick { 100_000 } else { 1_000_000 }).await?;
+    idle_figures(quick).await?;
     println!("# backup: done; load {}", loadavg());
     Ok(())
 }

@@ -139,6 +139,7 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         "resp" => resp(quick).await?,
         "tomcat" => tomcat::tomcat(secs, demo_rounds(quick)).await?,
         "backup" => backup::backup(secs, quick).await?,
+        "idle" => backup::idle_figures(quick).await?,
         "all" => {
             resp(quick).await?;
             demo(secs, demo_rounds(quick)).await?;

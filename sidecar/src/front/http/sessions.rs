@@ -6,15 +6,41 @@ use super::*;
 pub(super) async fn create(req: Request<Incoming>, h: &Handle, q: &Query) -> Result<Resp, Resp> {
     let mode = send_mode(q)?;
     let b: CreateBody = parse_json(&body(req, max_body(h)).await?)?;
-    let id = match b.id {
-        Some(raw) => sid(&raw)?,
-        None => SessionId::random(),
+    // An id the sidecar makes up exists nowhere: nothing to fetch first (in
+    // backup mode). A client's id may exist on its holders: fetched, so a
+    // duplicate is refused there too.
+    let (id, fetch) = match b.id {
+        Some(raw) => {
+            let id = sid(&raw)?;
+            (id.clone(), vec![id])
+        }
+        None => (SessionId::random(), Vec::new()),
     };
     let mut ops = vec![Op::Create];
     ops.extend(decode_attrs(b.attributes)?);
     let mi = max_inactive(b.max_inactive_seconds)?;
-    write(h, id.clone(), ops, mi, mode).await?;
-    let s = read(h, id.clone(), false).await?;
+    let origin = origin();
+    let key = id.clone();
+    // The answer is read in the write's own transaction: a member that holds
+    // no copy (backup mode) drops its copy soon, and need not fetch it back.
+    let r = h
+        .txn_on(fetch, move |tx| {
+            let written = tx_write(tx, origin, key.clone(), ops, mi, mode);
+            let grace = tx.core().cfg.touch_flush_ms;
+            let s = tx.core().store.get(&key, tx.now(), grace).ok().cloned();
+            match written {
+                Ok(None) => Step::Ready(Ok(s)),
+                Ok(Some(t)) => Step::after(move |r| r[t.0].clone().map(|()| s)),
+                Err(e) => Step::Ready(Err(e)),
+            }
+        })
+        .await;
+    let s = match r {
+        None => return Err(unavailable()),
+        Some(Err(e)) => return Err(write_err(e)),
+        Some(Ok(Some(s))) => s,
+        Some(Ok(None)) => read(h, id.clone(), false).await?,
+    };
     Ok(with_etag(
         json_resp(StatusCode::CREATED, &session_json(&id, &s, &h.jvm_route)),
         s.etag(),
