@@ -137,6 +137,16 @@ impl Core {
         self.backup.as_ref().map(|b| b.copies)
     }
 
+    /// A write made here to a session this member does not hold (a create
+    /// that fetched nothing): its copy goes a second later, as a fetched one.
+    pub(super) fn backup_wrote_unheld(&mut self, id: &SessionId, now_ms: u64) {
+        if !self.holds(&self.me.name, id) {
+            if let Some(b) = self.backup.as_mut() {
+                b.cached.entry(id.clone()).or_insert(now_ms);
+            }
+        }
+    }
+
     /// The view's size, for the simulator's diagnostics.
     #[cfg(test)]
     pub fn backup_view_len(&self) -> usize {

@@ -173,6 +173,9 @@ impl Core {
             Op::Rename { to } => Some(to.clone()),
             _ => None,
         });
+        if self.backup.is_some() {
+            self.backup_wrote_unheld(&d.id, now_ms);
+        }
         let waits = self.replicate(d, now_ms);
         if let Some(to) = renamed {
             self.backup_renamed(to, now_ms);
