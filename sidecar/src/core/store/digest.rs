@@ -77,13 +77,8 @@ impl Store {
         b
     }
 
-    /// (id, hash) of every entry in the given buckets.
-    pub fn bucket_entries(&self, buckets: &[u16], max: usize) -> Vec<(SessionId, u64)> {
-        self.bucket_entries_where(buckets, max, |_| true)
-    }
-
-    /// `bucket_entries` of the entries whose id passes `keep`. A walk of the
-    /// store, made only when digests differ.
+    /// (id, hash) of every entry in the given buckets whose id passes
+    /// `keep`. A walk of the store, made only when digests differ.
     pub fn bucket_entries_where(
         &self,
         buckets: &[u16],

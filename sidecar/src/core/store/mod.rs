@@ -12,7 +12,7 @@
 //! - `payload_bytes` is the sum of id, attribute name and value lengths of live sessions.
 
 use crate::core::hlc::Hlc;
-use crate::core::identity::{fnv1a, SessionId};
+use crate::core::identity::{fnv1a, Fnv1a, SessionId};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -156,15 +156,15 @@ impl Session {
     /// last clear. Not the access time, so a touch keeps it; any write of an
     /// attribute, here or replicated from a peer, changes it.
     pub fn etag(&self) -> u64 {
-        let mut buf = Vec::with_capacity(32 + 24 * self.attrs.len());
-        buf.extend_from_slice(&self.max_inactive_ms.to_le_bytes());
-        push_hlc(&mut buf, &self.cleared);
+        let mut h = Fnv1a::new();
+        h.write(&self.max_inactive_ms.to_le_bytes());
+        write_hlc(&mut h, &self.cleared);
         for (k, a) in self.attrs.iter().filter(|(_, a)| a.value.is_some()) {
-            buf.extend_from_slice(&(k.len() as u64).to_le_bytes());
-            buf.extend_from_slice(k.as_bytes());
-            push_hlc(&mut buf, &a.hlc);
+            h.write(&(k.len() as u64).to_le_bytes());
+            h.write(k.as_bytes());
+            write_hlc(&mut h, &a.hlc);
         }
-        fnv1a(&buf)
+        h.finish()
     }
 
     pub fn expires_at_ms(&self) -> Option<u64> {
@@ -505,11 +505,11 @@ pub fn bucket_of(id: &SessionId) -> usize {
 fn entry_hash(id: &SessionId, e: &Entry) -> u64 {
     match e {
         Entry::Tombstone { hlc, reusable, .. } => {
-            let mut buf = Vec::with_capacity(64);
-            buf.extend_from_slice(id.as_str().as_bytes());
-            buf.push(if *reusable { 0xfe } else { 0xff });
-            push_hlc(&mut buf, hlc);
-            fnv1a(&buf)
+            let mut h = Fnv1a::new();
+            h.write(id.as_str().as_bytes());
+            h.write(&[if *reusable { 0xfe } else { 0xff }]);
+            write_hlc(&mut h, hlc);
+            h.finish()
         }
         Entry::Live(s) => session_hash(id, s),
     }
@@ -517,24 +517,24 @@ fn entry_hash(id: &SessionId, e: &Entry) -> u64 {
 
 /// `entry_hash` of a live session.
 fn session_hash(id: &SessionId, s: &Session) -> u64 {
-    let mut buf = Vec::with_capacity(64 + 32 * s.attrs.len());
-    buf.extend_from_slice(id.as_str().as_bytes());
-    buf.push(1);
-    buf.extend_from_slice(&s.max_inactive_ms.to_le_bytes());
-    push_hlc(&mut buf, &s.meta_hlc);
-    push_hlc(&mut buf, &s.cleared);
+    let mut h = Fnv1a::new();
+    h.write(id.as_str().as_bytes());
+    h.write(&[1]);
+    h.write(&s.max_inactive_ms.to_le_bytes());
+    write_hlc(&mut h, &s.meta_hlc);
+    write_hlc(&mut h, &s.cleared);
     for (k, a) in s.attrs.iter() {
-        buf.extend_from_slice(k.as_bytes());
-        buf.push(a.value.is_some() as u8);
-        push_hlc(&mut buf, &a.hlc);
+        h.write(k.as_bytes());
+        h.write(&[a.value.is_some() as u8]);
+        write_hlc(&mut h, &a.hlc);
     }
-    fnv1a(&buf)
+    h.finish()
 }
 
-fn push_hlc(buf: &mut Vec<u8>, h: &Hlc) {
-    buf.extend_from_slice(&h.wall_ms.to_le_bytes());
-    buf.extend_from_slice(&h.logical.to_le_bytes());
-    buf.extend_from_slice(&h.node.to_le_bytes());
+fn write_hlc(h: &mut Fnv1a, t: &Hlc) {
+    h.write(&t.wall_ms.to_le_bytes());
+    h.write(&t.logical.to_le_bytes());
+    h.write(&t.node.to_le_bytes());
 }
 
 #[cfg(test)]
