@@ -188,6 +188,9 @@ async fn every_documented_operation_answers_with_a_documented_status() {
                 .replace("{name}", "a");
             let body = match (method, path) {
                 ("post", "/v1/sessions") => format!(r#"{{"id":"{id}new"}}"#),
+                ("post", "/v1/batch") => {
+                    format!(r#"{{"writes":[{{"id":"{id}","set":{{"b":"eQ=="}}}}]}}"#)
+                }
                 ("patch", _) => r#"{"set":{"b":"eQ=="},"remove":["a"]}"#.to_owned(),
                 ("post", p) if p.ends_with("/rename") => format!(r#"{{"newId":"{id}renamed"}}"#),
                 ("put", _) => "value".to_owned(),

@@ -421,6 +421,13 @@ async fn a_rolling_restart_of_every_tomcat_under_200_users_loses_nothing() {
     for u in users {
         u.await.expect("user");
     }
+    // node1 served its share of 200 busy users since its restart: requests
+    // that finished together shared batches (group commit).
+    let m = jmx(&st, 0).await;
+    let (batches, batched) = (m["writeBatches"].as_u64(), m["batchedWrites"].as_u64());
+    println!("node1 group commit: {batched:?} writes in {batches:?} batches");
+    assert!(batches > Some(0), "no write went through a batch: {m}");
+    assert!(batched > batches, "no batch carried two writes: {m}");
     let s: Vec<u64> = stats.iter().map(|a| a.load(Ordering::Relaxed)).collect();
     println!(
         "rolling restart of 3 Tomcats: requests {} failed {} lost {} regressions {}; failures {:?}",

@@ -12,6 +12,7 @@ use crate::core::identity::SessionId;
 use crate::core::store::{Op, Session, StoreError};
 use crate::core::{SendMode, WriteError};
 use crate::node::{Command, Handle, Step};
+mod batch;
 mod changes;
 use changes::{origin, tx_write, WATCHER};
 mod probes;
@@ -300,21 +301,27 @@ fn no_content() -> Resp {
 }
 
 fn write_err(e: WriteError) -> Resp {
-    match &e {
+    let (status, code) = write_status(&e);
+    err(status, code, &e)
+}
+
+/// A write error's status and code (the same in a batch's results).
+fn write_status(e: &WriteError) -> (StatusCode, &'static str) {
+    match e {
         WriteError::Store(s) => match s {
-            StoreError::NotFound => err(StatusCode::NOT_FOUND, "not_found", &e),
-            StoreError::Invalidated => err(StatusCode::GONE, "invalidated", &e),
-            StoreError::Exists => err(StatusCode::CONFLICT, "exists", &e),
+            StoreError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            StoreError::Invalidated => (StatusCode::GONE, "invalidated"),
+            StoreError::Exists => (StatusCode::CONFLICT, "exists"),
             StoreError::AttrTooLarge { .. } | StoreError::SessionTooLarge { .. } => {
-                err(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e)
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
             }
-            StoreError::Full { .. } => err(StatusCode::INSUFFICIENT_STORAGE, "store_full", &e),
-            StoreError::BadName { .. } => err(StatusCode::BAD_REQUEST, "bad_attribute_name", &e),
+            StoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "store_full"),
+            StoreError::BadName { .. } => (StatusCode::BAD_REQUEST, "bad_attribute_name"),
         },
-        WriteError::NotReady => err(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e),
-        WriteError::Leaving => err(StatusCode::SERVICE_UNAVAILABLE, "leaving", &e),
-        WriteError::Timeout(_) => err(StatusCode::GATEWAY_TIMEOUT, "replication_timeout", &e),
-        WriteError::ClockSkew { .. } => err(StatusCode::SERVICE_UNAVAILABLE, "clock_skew", &e),
+        WriteError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+        WriteError::Leaving => (StatusCode::SERVICE_UNAVAILABLE, "leaving"),
+        WriteError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "replication_timeout"),
+        WriteError::ClockSkew { .. } => (StatusCode::SERVICE_UNAVAILABLE, "clock_skew"),
     }
 }
 
@@ -531,6 +538,7 @@ async fn handle(req: Request<Incoming>, h: &Handle) -> Result<Resp, Resp> {
         (&Method::GET, ["v1", "cluster"]) => probes::cluster(h).await,
         (&Method::GET, ["metrics"]) => probes::metrics(h).await,
         (&Method::POST, ["v1", "sessions"]) => sessions::create(req, h, &q).await,
+        (&Method::POST, ["v1", "batch"]) => batch::batch(req, h, &q).await,
         (&Method::GET, ["v1", "sessions"]) => sessions::list(h, &q).await,
         (&Method::GET, ["v1", "sessions", id]) => {
             sessions::get(h, &q, id, req.headers().get(IF_NONE_MATCH)).await

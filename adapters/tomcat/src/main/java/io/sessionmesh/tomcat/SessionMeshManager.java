@@ -10,6 +10,7 @@ import java.time.Duration;
 import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
@@ -54,6 +55,7 @@ public class SessionMeshManager extends ManagerBase {
     private String ignorePattern = ".*\\.(ico|png|gif|jpe?g|svg|webp|css|js|map|woff2?|ttf)$";
     private int timeoutMs = 2000;
     private boolean nearCache = true;
+    private boolean groupCommit = true;
 
     private volatile SidecarClient client;
     private volatile Pattern ignore;
@@ -64,6 +66,7 @@ public class SessionMeshManager extends ManagerBase {
     private final AtomicLong notModified = new AtomicLong();
     private final AtomicLong nearCacheHits = new AtomicLong();
     private volatile ChangeStream changes;
+    private volatile GroupCommit commit;
     /** Sessions being read from the sidecar with no local copy yet: the last
      *  version the change stream named meanwhile ("" for none). */
     private final ConcurrentHashMap<String, String> inFlight = new ConcurrentHashMap<>();
@@ -120,7 +123,29 @@ public class SessionMeshManager extends ManagerBase {
         this.nearCache = nearCache;
     }
 
+    public boolean isGroupCommit() {
+        return groupCommit;
+    }
+
+    /** Whether the writes of requests finishing together go to the sidecar
+     *  as one batch (default true); false sends each on its own. */
+    public void setGroupCommit(boolean groupCommit) {
+        this.groupCommit = groupCommit;
+    }
+
     // ---- counters (JMX, mbeans-descriptors.xml) ----
+
+    /** Batches of writes sent (group commit). */
+    public long getWriteBatches() {
+        GroupCommit g = commit;
+        return g == null ? 0 : g.batches();
+    }
+
+    /** Writes sent in batches: with {@link #getWriteBatches()}, the mean batch size. */
+    public long getBatchedWrites() {
+        GroupCommit g = commit;
+        return g == null ? 0 : g.writes();
+    }
 
     public long getNearCacheHits() {
         return nearCacheHits.get();
@@ -164,6 +189,8 @@ public class SessionMeshManager extends ManagerBase {
         String base = sidecar.startsWith("http") ? sidecar : "http://" + sidecar;
         String token = System.getenv("SESSIONMESH_API_TOKEN");
         client = new SidecarClient(base, token, Duration.ofMillis(timeoutMs));
+        SidecarClient c = client;
+        commit = groupCommit ? new GroupCommit(c::batch, BATCH_MAX_WRITES, BATCH_MAX_CHARS) : null;
         if (nearCache) {
             String ctx = getContext().getName();
             changes = new ChangeStream(client.host(), client.port(), token, timeoutMs, this::changed,
@@ -175,7 +202,7 @@ public class SessionMeshManager extends ManagerBase {
         String name = getContext().getName();
         log.info("sessionmesh: sessions of " + (name == null || name.isEmpty() ? "/ (ROOT)" : name)
             + " are kept by the sidecar at " + base
-            + " (saveMode " + saveMode + ", nearCache " + nearCache + ")");
+            + " (saveMode " + saveMode + ", nearCache " + nearCache + ", groupCommit " + groupCommit + ")");
         setState(LifecycleState.STARTING);
     }
 
@@ -474,10 +501,16 @@ public class SessionMeshManager extends ManagerBase {
                     s.etag = client.create(id, s.getMaxInactiveInterval(), set);
                     s.pendingCreate = false;
                 } else if (set.isEmpty() && d.removed.isEmpty() && !d.timeout) {
-                    client.touch(id); // keeps the version
+                    try {
+                        write(SidecarClient.BatchWrite.touch(id)); // keeps the version
+                    } catch (SidecarClient.Refused e) {
+                        if (e.status != 404 && e.status != 410) {
+                            throw e;
+                        }
+                    }
                 } else {
-                    SidecarClient.Written w = client.patch(id, set, new ArrayList<>(d.removed),
-                        d.timeout ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null);
+                    SidecarClient.Written w = write(SidecarClient.BatchWrite.patch(id, set, d.removed,
+                        d.timeout ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null));
                     // The copy here is the new version only if the delta was applied
                     // to the version it was read at (no write from elsewhere between).
                     s.etag = w.prior != null && w.prior.equals(s.etag) ? w.etag : null;
@@ -492,6 +525,25 @@ public class SessionMeshManager extends ManagerBase {
                 unreachable("write", e);
             }
         }
+    }
+
+    /** Largest write (characters of JSON) that joins a batch; a larger one goes alone. */
+    static final int BATCH_MAX_CHARS = 256 * 1024;
+    /** Writes in one batch at most (the sidecar takes up to 256). */
+    static final int BATCH_MAX_WRITES = 64;
+
+    /** One session's write: with the other requests' writes under way
+     *  (group commit), or alone. */
+    private SidecarClient.Written write(SidecarClient.BatchWrite w) throws IOException {
+        GroupCommit g = commit;
+        if (g != null && w.size() <= BATCH_MAX_CHARS) {
+            return g.submit(w);
+        }
+        Object r = client.batch(List.of(w)).get(0);
+        if (r instanceof SidecarClient.Refused) {
+            throw (SidecarClient.Refused) r;
+        }
+        return (SidecarClient.Written) r;
     }
 
     /** How much later another node must have served a session for this

@@ -428,7 +428,19 @@ final class SidecarClient {
     Written patch(String id, Map<String, byte[]> set, Collection<String> remove, Integer maxInactiveSeconds)
         throws IOException {
         String p = path(id);
-        StringBuilder b = new StringBuilder("{\"set\":").append(Json.attributes(set)).append(",\"remove\":[");
+        StringBuilder b = new StringBuilder(64);
+        delta(b, set, remove, maxInactiveSeconds);
+        Answer r = call("PATCH", p, null, b.append('}').toString());
+        if (r.status != 204) {
+            throw new Refused(r.status, r.text());
+        }
+        return new Written(r.priorEtag, r.etag);
+    }
+
+    /** A delta's JSON fields, from the opening brace on (the caller closes it). */
+    private static void delta(StringBuilder b, Map<String, byte[]> set, Collection<String> remove,
+                              Integer maxInactiveSeconds) {
+        b.append("{\"set\":").append(Json.attributes(set)).append(",\"remove\":[");
         boolean first = true;
         for (String n : remove) {
             if (!first) {
@@ -441,12 +453,121 @@ final class SidecarClient {
         if (maxInactiveSeconds != null) {
             b.append(",\"maxInactiveSeconds\":").append(maxInactiveSeconds);
         }
-        b.append('}');
-        Answer r = call("PATCH", p, null, b.toString());
-        if (r.status != 204) {
+    }
+
+    /** One write of a batch: a delta, or (touch) an access only. */
+    static final class BatchWrite {
+        final String id;
+        /** The body of the same write sent alone as a PATCH; null: a touch. */
+        final String patch;
+
+        private BatchWrite(String id, String patch) {
+            this.id = id;
+            this.patch = patch;
+        }
+
+        static BatchWrite patch(String id, Map<String, byte[]> set, Collection<String> remove,
+                                Integer maxInactiveSeconds) throws Refused {
+            path(id);
+            StringBuilder b = new StringBuilder(64);
+            delta(b, set, remove, maxInactiveSeconds);
+            return new BatchWrite(id, b.append('}').toString());
+        }
+
+        static BatchWrite touch(String id) throws Refused {
+            path(id);
+            return new BatchWrite(id, null);
+        }
+
+        /** Characters the write adds to a batch. */
+        int size() {
+            return id.length() + (patch == null ? 24 : patch.length() + 8);
+        }
+
+        /** The write as one of {@code POST /v1/batch}'s {@code writes}. */
+        void appendTo(StringBuilder b) {
+            if (patch == null) {
+                b.append("{\"op\":\"touch\",\"id\":").append(Json.quote(id)).append('}');
+            } else {
+                b.append(patch, 0, patch.length() - 1).append(",\"id\":").append(Json.quote(id)).append('}');
+            }
+        }
+    }
+
+    /** Whether the sidecar has {@code POST /v1/batch} (an older one answers 404: writes go one by one). */
+    private volatile boolean batchUnsupported;
+
+    /** Several sessions' writes in one request and one transaction of the
+     *  sidecar; each succeeds or fails by itself. The result of each write,
+     *  in order: its versions, or its refusal as a {@link Refused}. Transport
+     *  failures throw, for the whole batch. */
+    java.util.List<Object> batch(java.util.List<BatchWrite> writes) throws IOException {
+        if (batchUnsupported) {
+            return oneByOne(writes);
+        }
+        StringBuilder b = new StringBuilder(64 * writes.size() + 16).append("{\"writes\":[");
+        for (int i = 0; i < writes.size(); i++) {
+            if (i > 0) {
+                b.append(',');
+            }
+            writes.get(i).appendTo(b);
+        }
+        Answer r = call("POST", "/v1/batch", null, b.append("]}").toString());
+        if (r.status == 404 && !r.text().contains("\"error\"")) {
+            batchUnsupported = true;
+            return oneByOne(writes);
+        }
+        if (r.status != 200) {
             throw new Refused(r.status, r.text());
         }
-        return new Written(r.priorEtag, r.etag);
+        return results(r.text(), writes.size());
+    }
+
+    @SuppressWarnings("unchecked")
+    static java.util.List<Object> results(String body, int expected) throws Refused {
+        Object v;
+        try {
+            v = Json.parse(body);
+        } catch (IllegalArgumentException e) {
+            throw new Refused(0, "a malformed batch answer (" + e.getMessage() + ")");
+        }
+        Object rs = v instanceof Map ? ((Map<String, Object>) v).get("results") : null;
+        if (!(rs instanceof java.util.List) || ((java.util.List<Object>) rs).size() != expected) {
+            throw new Refused(0, "a batch answer without one result per write");
+        }
+        java.util.List<Object> out = new java.util.ArrayList<>(expected);
+        for (Object o : (java.util.List<Object>) rs) {
+            Map<String, Object> m = o instanceof Map ? (Map<String, Object>) o : Map.of();
+            int status = m.get("status") instanceof Number ? ((Number) m.get("status")).intValue() : 0;
+            if (status == 204) {
+                Object prior = m.get("priorEtag");
+                Object etag = m.get("etag");
+                out.add(new Written(prior instanceof String ? (String) prior : null,
+                    etag instanceof String ? (String) etag : null));
+            } else {
+                out.add(new Refused(status, String.valueOf(m.get("error")) + ": " + m.get("message")));
+            }
+        }
+        return out;
+    }
+
+    /** The writes as single requests (a sidecar without batches). */
+    private java.util.List<Object> oneByOne(java.util.List<BatchWrite> writes) throws IOException {
+        java.util.List<Object> out = new java.util.ArrayList<>(writes.size());
+        for (BatchWrite w : writes) {
+            try {
+                if (w.patch == null) {
+                    touch(w.id);
+                    out.add(new Written(null, null));
+                } else {
+                    Answer r = call("PATCH", path(w.id), null, w.patch);
+                    out.add(r.status == 204 ? new Written(r.priorEtag, r.etag) : new Refused(r.status, r.text()));
+                }
+            } catch (Refused e) {
+                out.add(e);
+            }
+        }
+        return out;
     }
 
     void touch(String id) throws IOException {
