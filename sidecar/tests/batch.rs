@@ -16,6 +16,14 @@ async fn etag_of(c: &mut Client, id: &str) -> Option<String> {
     (r.status == 200).then(|| r.headers["etag"].to_str().expect("etag").to_owned())
 }
 
+async fn create(c: &mut Client, id: &str) {
+    let r = c
+        .post("/v1/sessions", format!(r#"{{"id":"{id}"}}"#))
+        .await
+        .expect("create");
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
 async fn batch(c: &mut Client, query: &str, body: Value) -> (u16, Value) {
     let r = c
         .post(&format!("/v1/batch{query}"), body.to_string())
@@ -29,11 +37,7 @@ async fn a_batch_applies_each_write_as_if_sent_alone_and_answers_each() {
     let cl = started(2, &["--send", "sync"]).await;
     let (mut a, mut b) = (cl.client(0), cl.client(1));
     for id in ["BA1", "BA2", "BA3"] {
-        let r = a
-            .post("/v1/sessions", format!(r#"{{"id":"{id}"}}"#))
-            .await
-            .expect("create");
-        assert_eq!(r.status, 201);
+        create(&mut a, id).await;
     }
     let tag1 = etag_of(&mut a, "BA1").await.expect("BA1");
     let tag2 = etag_of(&mut a, "BA2").await.expect("BA2");
@@ -80,11 +84,7 @@ async fn a_batch_applies_each_write_as_if_sent_alone_and_answers_each() {
 async fn a_malformed_batch_is_refused_whole_and_applies_nothing() {
     let cl = started(1, &[]).await;
     let mut a = cl.client(0);
-    let r = a
-        .post("/v1/sessions", r#"{"id":"BM1"}"#)
-        .await
-        .expect("create");
-    assert_eq!(r.status, 201);
+    create(&mut a, "BM1").await;
     let before = etag_of(&mut a, "BM1").await.expect("BM1");
     let good = json!({"id": "BM1", "set": {"a": "eA=="}});
     let cases = [

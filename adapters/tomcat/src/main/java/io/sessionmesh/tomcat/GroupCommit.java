@@ -48,8 +48,9 @@ final class GroupCommit {
     private final ReentrantLock lock = new ReentrantLock();
     private ArrayList<Pending> queue = new ArrayList<>(); // guarded by lock
     private boolean sending; // guarded by lock
-    private long batches;
-    private long writes;
+    /** Written under lock only. */
+    private volatile long batches;
+    private volatile long writes;
 
     GroupCommit(Sender sender, int maxWrites, int maxChars) {
         this.sender = sender;
@@ -59,22 +60,12 @@ final class GroupCommit {
 
     /** Batches sent so far. */
     long batches() {
-        lock.lock();
-        try {
-            return batches;
-        } finally {
-            lock.unlock();
-        }
+        return batches;
     }
 
     /** Writes sent so far. */
     long writes() {
-        lock.lock();
-        try {
-            return writes;
-        } finally {
-            lock.unlock();
-        }
+        return writes;
     }
 
     /** Writes waiting for the next batch (tests). */
@@ -120,22 +111,22 @@ final class GroupCommit {
         return (SidecarClient.Written) me.result;
     }
 
-    /** Sends batches until {@code me} is answered, then passes the lead on. */
+    /** Sends batches until {@code me} is answered, then passes the lead on
+     *  (also when sending failed with an Error: no request is left parked). */
     private void lead(Pending me) {
-        for (;;) {
-            List<Pending> batch = take();
-            send(batch);
+        try {
+            do {
+                send(take());
+            } while (!me.done);
+        } finally {
             lock.lock();
             try {
                 if (queue.isEmpty()) {
                     sending = false;
-                    return;
-                }
-                if (me.done) {
+                } else {
                     Pending next = queue.get(0);
                     next.lead = true;
                     LockSupport.unpark(next.thread);
-                    return;
                 }
             } finally {
                 lock.unlock();
@@ -179,6 +170,7 @@ final class GroupCommit {
         }
         List<Object> results = null;
         IOException failure = null;
+        Error fatal = null;
         try {
             results = sender.send(ws);
             if (results.size() != batch.size()) {
@@ -188,6 +180,10 @@ final class GroupCommit {
             failure = e;
         } catch (RuntimeException e) {
             failure = new SidecarClient.Refused(0, "the batch failed: " + e);
+        } catch (Error e) {
+            // The waiting requests get an answer before the error goes on up.
+            failure = new SidecarClient.Refused(0, "the batch failed: " + e);
+            fatal = e;
         }
         for (int i = 0; i < batch.size(); i++) {
             Pending p = batch.get(i);
@@ -201,6 +197,9 @@ final class GroupCommit {
             if (p.thread != Thread.currentThread()) {
                 LockSupport.unpark(p.thread);
             }
+        }
+        if (fatal != null) {
+            throw fatal;
         }
     }
 }

@@ -72,23 +72,31 @@ public class GroupCommitTest {
         }
     }
 
+    /** Submits "A", held in the sender; then {@code ids}, in this order, while
+     *  it is held; releases it; the results once every thread is done. */
+    private static Map<String, Object> whileFirstHeld(GroupCommit g, Recorder r, List<String> ids)
+        throws Exception {
+        Map<String, Object> results = new ConcurrentHashMap<>();
+        List<Thread> threads = new ArrayList<>();
+        threads.add(submit(g, "A", results));
+        assertTrue(r.inFirst.await(10, TimeUnit.SECONDS));
+        for (String id : ids) {
+            threads.add(submit(g, id, results));
+            waitQueued(g, threads.size() - 1);
+        }
+        r.release.countDown();
+        for (Thread t : threads) {
+            t.join(10_000);
+        }
+        assertEquals(ids.size() + 1, results.size());
+        return results;
+    }
+
     @Test
     public void writesArrivingDuringABatchGoTogetherAndEachGetsItsOwnResult() throws Exception {
         Recorder r = new Recorder();
         GroupCommit g = new GroupCommit(r, 64, 1 << 20);
-        Map<String, Object> results = new ConcurrentHashMap<>();
-        Thread first = submit(g, "A", results);
-        assertTrue(r.inFirst.await(10, TimeUnit.SECONDS));
-        List<Thread> rest = new ArrayList<>();
-        for (String id : List.of("B", "C", "GONE1", "D")) {
-            rest.add(submit(g, id, results));
-        }
-        waitQueued(g, 4);
-        r.release.countDown();
-        first.join(10_000);
-        for (Thread t : rest) {
-            t.join(10_000);
-        }
+        Map<String, Object> results = whileFirstHeld(g, r, List.of("B", "C", "GONE1", "D"));
         assertEquals(2, r.batches.size());
         assertEquals(List.of("A"), r.batches.get(0));
         assertEquals(List.of("B", "C", "GONE1", "D"), r.batches.get(1));
@@ -106,19 +114,7 @@ public class GroupCommitTest {
     public void aBatchIsBoundedAndATransportFailureReachesEveryWriteInIt() throws Exception {
         Recorder r = new Recorder();
         GroupCommit g = new GroupCommit(r, 2, 1 << 20);
-        Map<String, Object> results = new ConcurrentHashMap<>();
-        Thread first = submit(g, "A", results);
-        assertTrue(r.inFirst.await(10, TimeUnit.SECONDS));
-        List<Thread> rest = new ArrayList<>();
-        for (String id : List.of("B", "FAIL", "C")) {
-            rest.add(submit(g, id, results));
-            waitQueued(g, rest.size()); // in this order
-        }
-        r.release.countDown();
-        first.join(10_000);
-        for (Thread t : rest) {
-            t.join(10_000);
-        }
+        Map<String, Object> results = whileFirstHeld(g, r, List.of("B", "FAIL", "C"));
         assertEquals(List.of(List.of("A"), List.of("B", "FAIL"), List.of("C")), r.batches);
         assertEquals("\"e-A\"", results.get("A"));
         assertTrue(results.get("B") instanceof IOException);
