@@ -1,16 +1,9 @@
 package io.sessionmesh.tomcat;
 
-import java.io.ByteArrayInputStream;
-import java.io.ByteArrayOutputStream;
 import java.io.IOException;
-import java.io.NotSerializableException;
-import java.io.ObjectInputStream;
-import java.io.ObjectOutputStream;
 import java.time.Duration;
-import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.LinkedHashMap;
-import java.util.List;
 import java.util.Map;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
@@ -21,7 +14,6 @@ import org.apache.catalina.LifecycleState;
 import org.apache.catalina.Session;
 import org.apache.catalina.session.ManagerBase;
 import org.apache.catalina.session.StandardSession;
-import org.apache.catalina.util.CustomObjectInputStream;
 import org.apache.juli.logging.Log;
 import org.apache.juli.logging.LogFactory;
 
@@ -446,34 +438,9 @@ public class SessionMeshManager extends ManagerBase {
     }
 
     private Map<String, Object> decode(Map<String, byte[]> attrs) {
-        Map<String, Object> out = new LinkedHashMap<>();
         ClassLoader cl = getContext().getLoader() != null ? getContext().getLoader().getClassLoader()
             : Thread.currentThread().getContextClassLoader();
-        for (Map.Entry<String, byte[]> e : attrs.entrySet()) {
-            try (ObjectInputStream in = new CustomObjectInputStream(new ByteArrayInputStream(e.getValue()), cl)) {
-                out.put(e.getKey(), in.readObject());
-            } catch (IOException | ClassNotFoundException ex) {
-                replicationErrors.incrementAndGet();
-                log.warn("sessionmesh: attribute " + e.getKey() + " cannot be read here: " + ex);
-            }
-        }
-        return out;
-    }
-
-    private byte[] encode(String name, Object value) {
-        ByteArrayOutputStream b = new ByteArrayOutputStream();
-        try (ObjectOutputStream out = new ObjectOutputStream(b)) {
-            out.writeObject(value);
-        } catch (NotSerializableException e) {
-            replicationErrors.incrementAndGet();
-            log.warn("sessionmesh: attribute " + name + " is not Serializable and stays on this node: " + e);
-            return null;
-        } catch (IOException e) {
-            replicationErrors.incrementAndGet();
-            log.warn("sessionmesh: attribute " + name + " cannot be serialized: " + e);
-            return null;
-        }
-        return b.toByteArray();
+        return Serialization.decode(attrs, cl, replicationErrors);
     }
 
     /** After a request: the session's changes to the sidecar, as one delta. */
@@ -490,7 +457,7 @@ public class SessionMeshManager extends ManagerBase {
             Map<String, byte[]> set = new LinkedHashMap<>();
             for (String n : d.set) {
                 Object v = s.peek(n);
-                byte[] bytes = v == null ? null : encode(n, v);
+                byte[] bytes = v == null ? null : Serialization.encode(n, v, replicationErrors);
                 if (bytes != null) {
                     set.put(n, bytes);
                 }
@@ -533,17 +500,10 @@ public class SessionMeshManager extends ManagerBase {
     static final int BATCH_MAX_WRITES = 64;
 
     /** One session's write: with the other requests' writes under way
-     *  (group commit), or alone. */
+     *  (group commit), or alone as a PATCH (too large, or groupCommit off). */
     private SidecarClient.Written write(SidecarClient.BatchWrite w) throws IOException {
         GroupCommit g = commit;
-        if (g != null && w.size() <= BATCH_MAX_CHARS) {
-            return g.submit(w);
-        }
-        Object r = client.batch(List.of(w)).get(0);
-        if (r instanceof SidecarClient.Refused) {
-            throw (SidecarClient.Refused) r;
-        }
-        return (SidecarClient.Written) r;
+        return g != null && w.size() <= BATCH_MAX_CHARS ? g.submit(w) : client.write(w);
     }
 
     /** How much later another node must have served a session for this

@@ -53,9 +53,9 @@ public class SidecarClientTest {
 
     @Test
     public void writesNameTheChangeStreamSoTheSidecarDoesNotEchoThem() throws IOException {
-        client.patch("A", Map.of(), List.of(), null);
+        client.write(SidecarClient.BatchWrite.patch("A", Map.of(), List.of(), null));
         client.watcher(7);
-        client.patch("A", Map.of(), List.of(), null);
+        client.write(SidecarClient.BatchWrite.patch("A", Map.of(), List.of(), null));
         status = 404;
         client.lookup("A", false, null);
         client.watcher(0);
@@ -67,7 +67,7 @@ public class SidecarClientTest {
     @Test
     public void aDeltaIsOnePatchOfTheChangedAttributes() throws IOException {
         SidecarClient.Written w =
-            client.patch("ABC.node1", Map.of("user", new byte[] {1, 2, 3}), List.of("cart"), null);
+            client.write(SidecarClient.BatchWrite.patch("ABC.node1", Map.of("user", new byte[] {1, 2, 3}), List.of("cart"), null));
         assertEquals(null, w.etag);
         assertEquals(List.of("PATCH /v1/sessions/ABC.node1 Bearer tok {\"set\":{\"user\":\"AQID\"},\"remove\":[\"cart\"]}"),
             seen);
@@ -75,11 +75,52 @@ public class SidecarClientTest {
 
     @Test
     public void aTimeoutChangeIsSentAndNeverExpiringIsZero() throws IOException {
-        client.patch("ABC", Map.of(), List.of(), 2);
+        client.write(SidecarClient.BatchWrite.patch("ABC", Map.of(), List.of(), 2));
         status = 201;
         client.create("DEF", -1, Map.of());
         assertEquals(List.of("PATCH /v1/sessions/ABC Bearer tok {\"set\":{},\"remove\":[],\"maxInactiveSeconds\":2}",
             "POST /v1/sessions Bearer tok {\"id\":\"DEF\",\"maxInactiveSeconds\":0,\"attributes\":{}}"), seen);
+    }
+
+    @Test
+    public void aBatchIsOnePostWithOneResultPerWrite() throws IOException {
+        status = 200;
+        answer = "{\"results\":[{\"status\":204,\"etag\":\"\\\"e\\\"\",\"priorEtag\":\"\\\"p\\\"\"},"
+            + "{\"status\":410,\"error\":\"invalidated\",\"message\":\"gone\"}]}";
+        List<Object> r = client.batch(List.of(
+            SidecarClient.BatchWrite.patch("A.node1", Map.of("n", new byte[] {7}), List.of("x"), 60),
+            SidecarClient.BatchWrite.touch("B")));
+        assertEquals(List.of("POST /v1/batch Bearer tok {\"writes\":[{\"set\":{\"n\":\"Bw==\"},\"remove\":[\"x\"],"
+            + "\"maxInactiveSeconds\":60,\"id\":\"A.node1\"},{\"op\":\"touch\",\"id\":\"B\"}]}"), seen);
+        assertEquals("\"p\"", ((SidecarClient.Written) r.get(0)).prior);
+        assertEquals("\"e\"", ((SidecarClient.Written) r.get(0)).etag);
+        assertEquals(410, ((SidecarClient.Refused) r.get(1)).status);
+        // Not one result per write, or not JSON: the whole batch is refused.
+        answer = "{\"results\":[]}";
+        assertThrows(SidecarClient.Refused.class, () -> client.batch(List.of(SidecarClient.BatchWrite.touch("B"))));
+        answer = "{\"results\":";
+        assertThrows(SidecarClient.Refused.class, () -> client.batch(List.of(SidecarClient.BatchWrite.touch("B"))));
+        status = 400;
+        answer = "{\"error\":\"bad_request\",\"message\":\"write 0: no\"}";
+        assertEquals(400, assertThrows(SidecarClient.Refused.class,
+            () -> client.batch(List.of(SidecarClient.BatchWrite.touch("B")))).status);
+    }
+
+    @Test
+    public void aSidecarWithoutBatchesGetsTheWritesOneByOne() throws IOException {
+        status = 404;
+        answer = "{\"error\":\"no_route\",\"message\":\"no such endpoint: /v1/batch\"}";
+        List<SidecarClient.BatchWrite> ws = List.of(
+            SidecarClient.BatchWrite.patch("A", Map.of(), List.of("x"), null), SidecarClient.BatchWrite.touch("B"));
+        List<Object> r = client.batch(ws);
+        // The PATCH answered 404 (this stand-in answers 404 to all): refused alone; a touch of a gone session is no error.
+        assertEquals(404, ((SidecarClient.Refused) r.get(0)).status);
+        assertTrue(r.get(1) instanceof SidecarClient.Written);
+        status = 204;
+        client.batch(ws);
+        assertEquals(List.of("POST /v1/batch", "PATCH /v1/sessions/A", "POST /v1/sessions/B/touch",
+            "PATCH /v1/sessions/A", "POST /v1/sessions/B/touch"),
+            seen.stream().map(l -> l.split(" ")[0] + " " + l.split(" ")[1]).collect(java.util.stream.Collectors.toList()));
     }
 
     @Test
