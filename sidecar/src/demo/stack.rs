@@ -203,9 +203,12 @@ impl Stack {
         for i in 0..n {
             st.start_app(i)?;
         }
+        // DeltaManager's start waits up to 60 s for another member's state
+        // (its own timeout), and under load it can take that long: a
+        // deadline past it.
         for i in 0..n {
             anyhow::ensure!(
-                st.wait_lb_up(i, Duration::from_secs(60)).await,
+                st.wait_lb_up(i, Duration::from_secs(120)).await,
                 "load balancer never saw node{} up; app log:\n{}",
                 i + 1,
                 std::fs::read_to_string(st.cl.dir.join(format!("app{}.log", i + 1)))

@@ -222,6 +222,14 @@ pub(crate) async fn tomcat(secs: u64, rounds: usize) -> anyhow::Result<()> {
         let app = std::net::SocketAddr::from(([127, 0, 0, 1], st.app_ports[0]));
         let j = User::new(app).get("/jmx").await?.json();
         println!("# tomcat: {kind} node1 Manager counters (JMX): {j}");
+        if let (Some(w), Some(b)) = (j["batchedWrites"].as_f64(), j["writeBatches"].as_f64()) {
+            // Group commit: how many requests' writes shared one call to the sidecar.
+            figure(
+                &format!("tomcat_writes_per_batch_{kind}"),
+                w / b.max(1.0),
+                "writes",
+            );
+        }
     }
     for (kind, st) in stacks.iter_mut().skip(1) {
         let lost = lost_after_sigkill(st).await?;
