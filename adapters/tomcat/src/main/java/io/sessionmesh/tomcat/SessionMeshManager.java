@@ -324,10 +324,19 @@ public class SessionMeshManager extends ManagerBase {
             return -1;
         }
         synchronized (cs.lock()) {
-            cs.drainLocked();
-            s.pushed = null;
-            return cs.epoch();
+            return restartLocked(cs, s);
         }
+    }
+
+    /** With the stream's lock held: applies what the stream has delivered,
+     *  forgets the lines seen for {@code s} so far, and returns the epoch a
+     *  version read from now on counts for. */
+    private static long restartLocked(ChangeStream cs, SessionMeshSession s) {
+        cs.drainLocked();
+        if (s != null) {
+            s.pushed = null;
+        }
+        return cs.epoch();
     }
 
     @Override
@@ -367,12 +376,8 @@ public class SessionMeshManager extends ManagerBase {
         boolean registered = false;
         if (cs != null) {
             synchronized (cs.lock()) {
-                cs.drainLocked();
-                if (mine != null) {
-                    mine.pushed = null;
-                }
+                epoch = restartLocked(cs, mine);
                 registered = inFlight.putIfAbsent(b, "") == null;
-                epoch = cs.epoch();
             }
         }
         try {

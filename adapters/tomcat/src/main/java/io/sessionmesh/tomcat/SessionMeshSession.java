@@ -138,13 +138,6 @@ public class SessionMeshSession extends StandardSession {
      *  the version the one before produced. */
     final transient Object flushLock = new Object();
 
-    void clearDeltas() {
-        timeoutDirty = false;
-        dirty.clear();
-        removed.clear();
-        read.clear();
-    }
-
     /** Takes the sidecar's copy: its attributes and its access times. Local
      *  changes not yet flushed win over the remote values. */
     void takeRemote(RemoteSession r, Map<String, Object> values) {

@@ -13,7 +13,6 @@ import java.nio.charset.StandardCharsets;
 import java.util.Collection;
 import java.util.Locale;
 import java.util.Map;
-import java.util.Optional;
 import java.util.concurrent.ConcurrentLinkedDeque;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.regex.Pattern;
@@ -389,11 +388,6 @@ final class SidecarClient {
             throw new Refused(0, "not a session id the sidecar accepts");
         }
         return "/v1/sessions/" + id;
-    }
-
-    /** The session, or empty when it does not exist, expired or was invalidated. */
-    Optional<RemoteSession> get(String id, boolean touch) throws IOException {
-        return Optional.ofNullable(lookup(id, touch, null).session);
     }
 
     Lookup lookup(String id, boolean touch, String ifNoneMatch) throws IOException {

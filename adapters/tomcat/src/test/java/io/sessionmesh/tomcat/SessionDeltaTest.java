@@ -39,14 +39,14 @@ public class SessionDeltaTest {
         s.setAttribute("user", null); // null is a removal, as in the Servlet spec
         assertEquals(Set.of("cart"), s.dirty);
         assertEquals(Set.of("user"), s.removed);
-        s.clearDeltas();
+        s.take(false);
         assertFalse(s.hasDeltas());
     }
 
     @Test
     public void readsAreRecordedForSaveModeAlwaysButPeekIsNot() {
         s.setAttribute("cart", new java.util.ArrayList<>(java.util.List.of(1)));
-        s.clearDeltas();
+        s.take(false);
         assertNull(s.getAttribute("missing"));
         assertTrue(s.read.isEmpty());
         s.peek("cart");
@@ -60,7 +60,7 @@ public class SessionDeltaTest {
     public void theSidecarsCopyWinsExceptForChangesNotSentYet() {
         s.setAttribute("old", "gone elsewhere");
         s.setAttribute("kept", "local");
-        s.clearDeltas();
+        s.take(false);
         s.setAttribute("mine", "unsent"); // changed here, not flushed yet
         s.removeAttribute("kept");        // removed here, not flushed yet
         RemoteSession r = new RemoteSession("ABC", 1000L, 5000L, 600, 605000L, Map.of());
@@ -80,14 +80,14 @@ public class SessionDeltaTest {
     @Test
     public void aNewTimeoutIsADeltaAndIsNotUndoneByTheSidecarsCopy() {
         s.setMaxInactiveInterval(1800);
-        s.clearDeltas();
+        s.take(false);
         s.setMaxInactiveInterval(1800);
         assertFalse("unchanged", s.hasDeltas());
         s.setMaxInactiveInterval(2);
         assertTrue(s.timeoutDirty);
         s.takeRemote(new RemoteSession("ABC", 1L, 2L, 1800, 0L, Map.of()), Map.of());
         assertEquals(2, s.getMaxInactiveInterval());
-        s.clearDeltas();
+        s.take(false);
         s.takeRemote(new RemoteSession("ABC", 1L, 2L, 600, 0L, Map.of()), Map.of());
         assertEquals(600, s.getMaxInactiveInterval());
         assertFalse(s.hasDeltas());
@@ -96,7 +96,7 @@ public class SessionDeltaTest {
     @Test
     public void takingTheTimesKeepsTheAttributes() {
         s.setAttribute("user", "alice");
-        s.clearDeltas();
+        s.take(false);
         s.takeTimes(new RemoteSession("ABC", 1L, 9000L, 60, 0L, Map.of()));
         assertEquals("alice", s.getAttribute("user"));
         assertEquals(60, s.getMaxInactiveInterval());
@@ -118,7 +118,7 @@ public class SessionDeltaTest {
         s.restore(d);
         assertEquals(Set.of("b", "d"), s.dirty);
         assertEquals(Set.of("a", "c"), s.removed);
-        s.clearDeltas();
+        s.take(false);
         s.getAttribute("b");
         assertEquals("ALWAYS sends what was read", Set.of("b"), s.take(true).set);
         assertTrue(s.read.isEmpty());

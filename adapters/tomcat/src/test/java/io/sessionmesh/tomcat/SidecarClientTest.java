@@ -2,6 +2,7 @@ package io.sessionmesh.tomcat;
 
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertFalse;
+import static org.junit.Assert.assertNull;
 import static org.junit.Assert.assertThrows;
 import static org.junit.Assert.assertTrue;
 
@@ -126,16 +127,16 @@ public class SidecarClientTest {
     @Test
     public void aMissingSessionIsEmptyAndAMalformedOneIsRefused() throws IOException {
         status = 404;
-        assertFalse(client.get("ABC", false).isPresent());
+        assertNull(client.lookup("ABC", false, null).session);
         assertEquals("GET /v1/sessions/ABC?touch=false Bearer tok ", seen.get(0));
         status = 200;
         answer = "<html>proxy error</html>";
-        SidecarClient.Refused e = assertThrows(SidecarClient.Refused.class, () -> client.get("ABC", false));
+        SidecarClient.Refused e = assertThrows(SidecarClient.Refused.class, () -> client.lookup("ABC", false, null));
         assertEquals(200, e.status);
         answer = "{\"id\":\"ABC\",\"attributes\":{\"a\":\"not base64!\"}}";
-        assertThrows(SidecarClient.Refused.class, () -> client.get("ABC", false));
+        assertThrows(SidecarClient.Refused.class, () -> client.lookup("ABC", false, null));
         answer = "{\"id\":\"ABC\",\"createdMs\":1,\"maxInactiveSeconds\":60,\"attributes\":{\"a\":\"AQID\"}}";
-        assertEquals(60, client.get("ABC", true).get().maxInactiveSeconds);
+        assertEquals(60, client.lookup("ABC", true, null).session.maxInactiveSeconds);
     }
 
     @Test
@@ -143,7 +144,7 @@ public class SidecarClientTest {
         for (String id : new String[] {"../cluster", "a/b", "a?touch=true", "a#b", "a%2e", "a b", "", "é",
             "x".repeat(301)}) {
             assertFalse(id, SidecarClient.validId(id));
-            assertThrows(id, SidecarClient.Refused.class, () -> client.get(id, false));
+            assertThrows(id, SidecarClient.Refused.class, () -> client.lookup(id, false, null));
             assertThrows(id, SidecarClient.Refused.class, () -> client.delete(id));
             assertThrows(id, SidecarClient.Refused.class, () -> client.rename("ABC", id));
         }
