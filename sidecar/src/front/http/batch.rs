@@ -10,7 +10,7 @@
 use super::*;
 
 /// Writes in one batch at most.
-pub(super) const MAX_WRITES: usize = 256;
+const MAX_WRITES: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -62,7 +62,6 @@ impl Planned {
 }
 
 /// One write's result: the versions before and after it, or its error.
-#[derive(Clone)]
 enum Outcome {
     Done {
         before: Option<u64>,
@@ -90,15 +89,13 @@ fn plan(i: usize, w: BatchWrite) -> Result<Planned, Resp> {
         }
         return Ok(Planned::Touch { id });
     }
-    let mut ops = decode_attrs(w.set).map_err(|_| {
+    let ops = super::sessions::patch_ops(w.set, w.remove).map_err(|_| {
         err(
             StatusCode::BAD_REQUEST,
             "bad_base64",
             format!("write {i}: an attribute is not valid base64"),
         )
     })?;
-    ops.extend(w.remove.into_iter().map(|name| Op::Remove { name }));
-    ops.push(Op::Touch);
     let mi = max_inactive(w.max_inactive_seconds).map_err(|_| {
         err(
             StatusCode::BAD_REQUEST,
@@ -148,25 +145,24 @@ fn run(
     let mut out = Vec::with_capacity(planned.len());
     let mut waits = Vec::new();
     for p in planned {
-        let (now, grace) = (tx.now(), tx.core().cfg.touch_flush_ms);
         match p {
-            Planned::Touch { id } => out.push(match tx.core_mut().read(&id, true, now) {
-                Ok(_) => Outcome::Touched,
-                Err(e) => Outcome::Failed(e),
-            }),
+            Planned::Touch { id } => {
+                let now = tx.now();
+                out.push(match tx.core_mut().read(&id, true, now) {
+                    Ok(_) => Outcome::Touched,
+                    Err(e) => Outcome::Failed(e),
+                })
+            }
             Planned::Patch { id, ops, mi } => {
-                let key = id.clone();
-                let version = move |c: &crate::core::Core| {
-                    c.store.get(&key, now, grace).ok().map(Session::etag)
-                };
-                let before = version(tx.core());
-                match tx_write(tx, origin, id, ops, mi, mode) {
-                    Ok(t) => {
-                        if let Some(t) = t {
+                match super::sessions::versioned(tx, origin, id, ops, mi, mode) {
+                    Ok(v) => {
+                        if let Some(t) = v.ticket {
                             waits.push((out.len(), t));
                         }
-                        let after = version(tx.core());
-                        out.push(Outcome::Done { before, after });
+                        out.push(Outcome::Done {
+                            before: v.before,
+                            after: v.after,
+                        });
                     }
                     Err(e) => out.push(Outcome::Failed(e)),
                 }

@@ -74,17 +74,17 @@ async fn write_versioned(
     let origin = origin();
     let r = h
         .txn_on(super::keys(&id, &ops), move |tx| {
-            let (now, grace) = (tx.now(), tx.core().cfg.touch_flush_ms);
-            let key = id.clone();
-            let version =
-                move |c: &crate::core::Core| c.store.get(&key, now, grace).ok().map(Session::etag);
-            let before = version(tx.core());
-            match tx_write(tx, origin, id, ops, mi, mode) {
-                Ok(None) => Step::Ready(Ok((before, version(tx.core())))),
-                Ok(Some(t)) => {
-                    let after = version(tx.core());
-                    Step::after(move |r| r[t.0].clone().map(|()| (before, after)))
-                }
+            match versioned(tx, origin, id, ops, mi, mode) {
+                Ok(Versioned {
+                    before,
+                    after,
+                    ticket: None,
+                }) => Step::Ready(Ok((before, after))),
+                Ok(Versioned {
+                    before,
+                    after,
+                    ticket: Some(t),
+                }) => Step::after(move |r| r[t.0].clone().map(|()| (before, after))),
                 Err(e) => Step::Ready(Err(e)),
             }
         })
@@ -94,6 +94,48 @@ async fn write_versioned(
         Some(Err(e)) => Err(write_err(e)),
         Some(Ok(v)) => Ok(v),
     }
+}
+
+/// A write applied inside a transaction: the session's versions before and
+/// after it (`None`: no session), and its ticket if it waits for replication.
+pub(super) struct Versioned {
+    pub(super) before: Option<u64>,
+    pub(super) after: Option<u64>,
+    pub(super) ticket: Option<crate::node::Ticket>,
+}
+
+/// [`tx_write`], with the versions a `PATCH` answers in its `ETag` headers.
+pub(super) fn versioned(
+    tx: &mut crate::node::Tx<'_>,
+    origin: u32,
+    id: SessionId,
+    ops: Vec<Op>,
+    mi: Option<u64>,
+    mode: Option<SendMode>,
+) -> Result<Versioned, WriteError> {
+    let (now, grace) = (tx.now(), tx.core().cfg.touch_flush_ms);
+    let key = id.clone();
+    let version =
+        move |c: &crate::core::Core| c.store.get(&key, now, grace).ok().map(Session::etag);
+    let before = version(tx.core());
+    let ticket = tx_write(tx, origin, id, ops, mi, mode)?;
+    Ok(Versioned {
+        before,
+        after: version(tx.core()),
+        ticket,
+    })
+}
+
+/// The ops of a `PATCH`: the attributes set (base64), those removed, and the
+/// access itself.
+pub(super) fn patch_ops(
+    set: BTreeMap<String, String>,
+    remove: Vec<String>,
+) -> Result<Vec<Op>, Resp> {
+    let mut ops = decode_attrs(set)?;
+    ops.extend(remove.into_iter().map(|name| Op::Remove { name }));
+    ops.push(Op::Touch);
+    Ok(ops)
 }
 
 pub(super) async fn list(h: &Handle, q: &Query) -> Result<Resp, Resp> {
@@ -158,9 +200,7 @@ pub(super) async fn patch(
     let id = sid(id)?;
     let mode = send_mode(q)?;
     let b: PatchBody = parse_json(&body(req, max_body(h)).await?)?;
-    let mut ops = decode_attrs(b.set)?;
-    ops.extend(b.remove.into_iter().map(|name| Op::Remove { name }));
-    ops.push(Op::Touch);
+    let ops = patch_ops(b.set, b.remove)?;
     let mi = max_inactive(b.max_inactive_seconds)?;
     let (before, after) = write_versioned(h, id, ops, mi, mode).await?;
     let mut r = no_content();

@@ -473,13 +473,7 @@ public class SessionMeshManager extends ManagerBase {
                     s.etag = client.create(id, s.getMaxInactiveInterval(), set);
                     s.pendingCreate = false;
                 } else if (set.isEmpty() && d.removed.isEmpty() && !d.timeout) {
-                    try {
-                        write(SidecarClient.BatchWrite.touch(id)); // keeps the version
-                    } catch (SidecarClient.Refused e) {
-                        if (e.status != 404 && e.status != 410) {
-                            throw e;
-                        }
-                    }
+                    write(SidecarClient.BatchWrite.touch(id)); // keeps the version
                 } else {
                     SidecarClient.Written w = write(SidecarClient.BatchWrite.patch(id, set, d.removed,
                         d.timeout ? Integer.valueOf(Math.max(0, s.getMaxInactiveInterval())) : null));

@@ -10,7 +10,9 @@ import java.net.InetSocketAddress;
 import java.net.Socket;
 import java.net.URI;
 import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
 import java.util.Collection;
+import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 import java.util.concurrent.ConcurrentLinkedDeque;
@@ -97,6 +99,11 @@ final class SidecarClient {
     private static final int MAX_HEADERS = 100;
     /** Idle connections kept for reuse. */
     private static final int MAX_IDLE = 64;
+
+    /** 404 (unknown or expired) or 410 (invalidated). */
+    static boolean gone(int status) {
+        return status == 404 || status == 410;
+    }
 
     static boolean validId(String id) {
         return id != null && ID.matcher(id).matches();
@@ -495,7 +502,7 @@ final class SidecarClient {
      *  sidecar; each succeeds or fails by itself. The result of each write,
      *  in order: its versions, or its refusal as a {@link Refused}. Transport
      *  failures throw, for the whole batch. */
-    java.util.List<Object> batch(java.util.List<BatchWrite> writes) throws IOException {
+    List<Object> batch(List<BatchWrite> writes) throws IOException {
         if (batchUnsupported) {
             return oneByOne(writes);
         }
@@ -516,11 +523,12 @@ final class SidecarClient {
         if (r.status != 200) {
             throw new Refused(r.status, r.text());
         }
-        return results(r.text(), writes.size());
+        return results(r.text(), writes);
     }
 
     @SuppressWarnings("unchecked")
-    static java.util.List<Object> results(String body, int expected) throws Refused {
+    static List<Object> results(String body, List<BatchWrite> writes) throws Refused {
+        int expected = writes.size();
         Object v;
         try {
             v = Json.parse(body);
@@ -528,14 +536,17 @@ final class SidecarClient {
             throw new Refused(0, "a malformed batch answer (" + e.getMessage() + ")");
         }
         Object rs = v instanceof Map ? ((Map<String, Object>) v).get("results") : null;
-        if (!(rs instanceof java.util.List) || ((java.util.List<Object>) rs).size() != expected) {
+        if (!(rs instanceof List) || ((List<Object>) rs).size() != expected) {
             throw new Refused(0, "a batch answer without one result per write");
         }
-        java.util.List<Object> out = new java.util.ArrayList<>(expected);
-        for (Object o : (java.util.List<Object>) rs) {
+        List<Object> out = new ArrayList<>(expected);
+        for (int i = 0; i < expected; i++) {
+            Object o = ((List<Object>) rs).get(i);
             Map<String, Object> m = o instanceof Map ? (Map<String, Object>) o : Map.of();
             int status = m.get("status") instanceof Number ? ((Number) m.get("status")).intValue() : 0;
-            if (status == 204) {
+            if (writes.get(i).patch == null && gone(status)) {
+                out.add(new Written(null, null)); // as touch(): a session that is gone is no error
+            } else if (status == 204) {
                 Object prior = m.get("priorEtag");
                 Object etag = m.get("etag");
                 out.add(new Written(prior instanceof String ? (String) prior : null,
@@ -548,8 +559,8 @@ final class SidecarClient {
     }
 
     /** The writes as single requests (a sidecar without batches). */
-    private java.util.List<Object> oneByOne(java.util.List<BatchWrite> writes) throws IOException {
-        java.util.List<Object> out = new java.util.ArrayList<>(writes.size());
+    private List<Object> oneByOne(List<BatchWrite> writes) throws IOException {
+        List<Object> out = new ArrayList<>(writes.size());
         for (BatchWrite w : writes) {
             try {
                 out.add(write(w));
@@ -560,9 +571,11 @@ final class SidecarClient {
         return out;
     }
 
+    /** An access. A session that is gone (expired, or invalidated elsewhere)
+     *  is no error: the next request finds it gone. */
     void touch(String id) throws IOException {
         Answer r = call("POST", path(id) + "/touch", null, "");
-        if (r.status != 204 && r.status != 404 && r.status != 410) {
+        if (r.status != 204 && !gone(r.status)) {
             throw new Refused(r.status, r.text());
         }
     }
@@ -570,7 +583,7 @@ final class SidecarClient {
     /** Invalidation, final on every member. */
     void delete(String id) throws IOException {
         Answer r = call("DELETE", path(id), null, null);
-        if (r.status != 204 && r.status != 404 && r.status != 410) {
+        if (r.status != 204 && !gone(r.status)) {
             throw new Refused(r.status, r.text());
         }
     }

@@ -87,15 +87,19 @@ public class SidecarClientTest {
     public void aBatchIsOnePostWithOneResultPerWrite() throws IOException {
         status = 200;
         answer = "{\"results\":[{\"status\":204,\"etag\":\"\\\"e\\\"\",\"priorEtag\":\"\\\"p\\\"\"},"
+            + "{\"status\":410,\"error\":\"invalidated\",\"message\":\"gone\"},"
             + "{\"status\":410,\"error\":\"invalidated\",\"message\":\"gone\"}]}";
         List<Object> r = client.batch(List.of(
             SidecarClient.BatchWrite.patch("A.node1", Map.of("n", new byte[] {7}), List.of("x"), 60),
-            SidecarClient.BatchWrite.touch("B")));
+            SidecarClient.BatchWrite.touch("B"), SidecarClient.BatchWrite.patch("C", Map.of(), List.of(), null)));
         assertEquals(List.of("POST /v1/batch Bearer tok {\"writes\":[{\"set\":{\"n\":\"Bw==\"},\"remove\":[\"x\"],"
-            + "\"maxInactiveSeconds\":60,\"id\":\"A.node1\"},{\"op\":\"touch\",\"id\":\"B\"}]}"), seen);
+            + "\"maxInactiveSeconds\":60,\"id\":\"A.node1\"},{\"op\":\"touch\",\"id\":\"B\"},"
+            + "{\"set\":{},\"remove\":[],\"id\":\"C\"}]}"), seen);
         assertEquals("\"p\"", ((SidecarClient.Written) r.get(0)).prior);
         assertEquals("\"e\"", ((SidecarClient.Written) r.get(0)).etag);
-        assertEquals(410, ((SidecarClient.Refused) r.get(1)).status);
+        // A touch of a session that is gone is no error, as a single touch; a delta to it is refused.
+        assertEquals(null, ((SidecarClient.Written) r.get(1)).etag);
+        assertEquals(410, ((SidecarClient.Refused) r.get(2)).status);
         // Not one result per write, or not JSON: the whole batch is refused.
         answer = "{\"results\":[]}";
         assertThrows(SidecarClient.Refused.class, () -> client.batch(List.of(SidecarClient.BatchWrite.touch("B"))));
