@@ -148,7 +148,11 @@ fn warm_up(
             .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
         let settled = n >= 12 && hi <= 1.05 * lo;
         if settled || n >= 36 {
-            let how = if settled { "warmed up" } else { "did not settle" };
+            let how = if settled {
+                "warmed up"
+            } else {
+                "did not settle"
+            };
             println!("# tomcat: {kind} {how} in {n} runs of {secs} s: {seen:.0?} req/s");
             return Ok(());
         }
